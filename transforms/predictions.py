@@ -35,14 +35,14 @@ def _record_columns(record: ImageRecord, has_labels: bool) -> dict[str, Any]:
 
 
 def prediction_row(
-    record: ImageRecord,
-    result: PredictionResult,
+    inferred: tuple[ImageRecord, PredictionResult],
     *,
     classes: Sequence[str],
     top_k: int,
     model_id: str,
     has_labels: bool,
 ) -> dict[str, Any]:
+    record, result = inferred
     probabilities = result.inference
     ranked = np.argsort(-probabilities, kind="stable")[:top_k]
     return {
@@ -57,8 +57,9 @@ def prediction_row(
 
 
 def error_row(
-    record: ImageRecord, error: str, *, model_id: str, has_labels: bool
+    failure: tuple[ImageRecord, str], *, model_id: str, has_labels: bool
 ) -> dict[str, Any]:
+    record, error = failure
     return {
         **_record_columns(record, has_labels),
         "style": None,

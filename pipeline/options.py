@@ -1,0 +1,104 @@
+"""Command-line options, as Beam PipelineOptions so that Beam's own flags mix in freely."""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models.bundle import DEFAULT_BUNDLE
+from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+
+class CatalogOptions(PipelineOptions):
+    """What to read and where to write: shared by prediction and training."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--input",
+            help="A CSV or Parquet catalog (or a glob of shards), or a folder or glob of "
+            "images. URIs may be local paths, gs://, s3://, http(s)://: anything fsspec opens.",
+        )
+        parser.add_argument("--output", help="Folder (or URI) to write to.")
+        parser.add_argument("--uri_column", default="uri", help="The catalog's image column.")
+        parser.add_argument(
+            "--label_column",
+            default=None,
+            help="The catalog's label column (default: 'style', if the catalog has one).",
+        )
+        parser.add_argument(
+            "--batch_size", type=int, default=32, help="Images per model call (fixed)."
+        )
+        parser.add_argument(
+            "--backbone_weights",
+            default=None,
+            help="A local file of the backbone's ImageNet weights, for hosts that cannot "
+            "download them (ResNet50: Keras's ..._notop.h5 file).",
+        )
+        parser.add_argument(
+            "--max_image_pixels",
+            type=int,
+            default=DEFAULT_MAX_PIXELS,
+            help="Larger images are error rows (decompression-bomb guard).",
+        )
+        parser.add_argument(
+            "--max_image_bytes",
+            type=int,
+            default=DEFAULT_MAX_BYTES,
+            help="Larger files are error rows.",
+        )
+
+    def check_required(self) -> None:
+        """Beam parses every options class on every parse (workers, TestPipeline), so argparse's
+        `required=True` would fail them all: the entry points check here instead."""
+        missing = [f"--{name}" for name in ("input", "output") if not getattr(self, name)]
+        if missing:
+            raise SystemExit(f"artstyle: missing {' and '.join(missing)} (see --help)")
+
+
+class PredictOptions(CatalogOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
+        )
+        parser.add_argument("--top_k", type=int, default=5, help="Styles listed per image.")
+
+
+class TrainOptions(CatalogOptions):
+    """Training flags: every choice that shapes the model is one, and lands in the manifest."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument("--backbone", default="efficientnet_lite2", help="Backbone name.")
+        parser.add_argument(
+            "--features",
+            default="stage_stats",
+            help="'pooled' (last layer) or 'stage_stats' (plus channel statistics of stages).",
+        )
+        parser.add_argument("--model_id", default=None, help="Bundle id (default: derived).")
+        parser.add_argument("--split_column", default="split", help="Catalog's split column.")
+        parser.add_argument("--train_split", default="train", help="Rows to train on.")
+        parser.add_argument("--eval_split", default="val", help="Rows to report scores on.")
+        parser.add_argument(
+            "--embeddings",
+            default=None,
+            help="Where image features are written (default: OUTPUT.embeddings/).",
+        )
+        parser.add_argument(
+            "--reuse_embeddings",
+            action="store_true",
+            help="Fit the head on features written by an earlier run with the same backbone.",
+        )
+        parser.add_argument(
+            "--fold_fraction",
+            type=float,
+            default=0.1,
+            help="Share of each training style held out for early stopping and calibration.",
+        )
+        parser.add_argument("--hidden_units", type=int, default=0, help="0: linear head.")
+        parser.add_argument("--dropout", type=float, default=0.3)
+        parser.add_argument("--l2", type=float, default=1e-4)
+        parser.add_argument("--label_smoothing", type=float, default=0.1)
+        parser.add_argument("--learning_rate", type=float, default=1e-3)
+        parser.add_argument("--epochs", type=int, default=100, help="At most; early stopping.")
+        parser.add_argument("--seed", type=int, default=0)

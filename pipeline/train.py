@@ -1,0 +1,280 @@
+"""`python -m pipeline.train`: features of every catalog image, a head fitted on them, a bundle.
+
+1. A Beam pipeline, with the prediction pipeline's own reading and decoding, writes one
+   feature vector per image to Parquet (the expensive part: a backbone forward pass).
+2. A Keras head is fitted on the training split's features; a stratified fold held out of
+   that split decides when to stop and calibrates the confidence (temperature scaling).
+3. The evaluation split is scored once, and the bundle is written with its manifest:
+   data, flags, the exact command and the scores, so any figure can be reproduced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import keras
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from models.backbones import Backbone, feature_extractor, get_backbone
+from models.bundle import PREPROCESSING, save_bundle
+from models.head import HeadConfig, fit_head, fit_temperature, stratified_fold
+from models.scoring import Scoreboard
+from pipeline.options import TrainOptions
+from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
+from transforms.infer import InferImages
+from transforms.inference import KerasModelHandler
+
+EMBEDDING_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("features", pa.list_(pa.float32())),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def load_feature_extractor(
+    backbone: str, features: str, backbone_weights: str | None
+) -> keras.Model:
+    """Module-level, so that RunInference can pickle it as the model loader."""
+    return feature_extractor(get_backbone(backbone), features, weights_path=backbone_weights)
+
+
+def _split_of(record: ImageRecord, split_column: str) -> str | None:
+    return dict(record.extra).get(split_column)
+
+
+def embedding_row(
+    inferred: tuple[ImageRecord, PredictionResult], *, split_column: str
+) -> dict[str, Any]:
+    record, result = inferred
+    return {
+        "uri": record.uri,
+        "label": record.label,
+        "split": _split_of(record, split_column),
+        "features": result.inference.astype(np.float32).tolist(),
+        "error": None,
+    }
+
+
+def embedding_error_row(failure: tuple[ImageRecord, str], *, split_column: str) -> dict[str, Any]:
+    record, error = failure
+    return {
+        "uri": record.uri,
+        "label": record.label,
+        "split": _split_of(record, split_column),
+        "features": None,
+        "error": error,
+    }
+
+
+def build_embedding_graph(
+    pipeline: beam.Pipeline,
+    args: TrainOptions,
+    catalog: Catalog,
+    backbone: Backbone,
+    embeddings: str,
+) -> None:
+    extractor = KerasModelHandler(
+        partial(load_feature_extractor, backbone.name, args.features, args.backbone_weights),
+        args.batch_size,
+    )
+    records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
+    inferred, failures = records | "InferFeatures" >> InferImages(
+        extractor, backbone.input_size, args.max_image_bytes, args.max_image_pixels
+    )
+    vectors = inferred | "FeatureRows" >> beam.Map(embedding_row, split_column=args.split_column)
+    errors = failures | "ErrorRows" >> beam.Map(embedding_error_row, split_column=args.split_column)
+    _ = (
+        (vectors, errors)
+        | "AllRows" >> beam.Flatten()
+        | "WriteFeatures"
+        >> beam.io.WriteToParquet(
+            f"{embeddings}/features", EMBEDDING_SCHEMA, file_name_suffix=".parquet"
+        )
+    )
+
+
+def read_embeddings(embeddings: str) -> pd.DataFrame:
+    fs, path = fsspec.core.url_to_fs(embeddings)
+    files = sorted(fs.glob(f"{path}/features-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"No features-*.parquet under {embeddings!r}")
+    return pq.read_table(files, filesystem=fs).to_pandas()
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    features: np.ndarray
+    labels: np.ndarray  # class indices
+    names: np.ndarray  # label names, unknown ones included
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, classes: list[str]) -> LabelledSet:
+        index = {name: i for i, name in enumerate(classes)}
+        names = frame["label"].to_numpy(dtype=object)
+        features = np.stack(frame["features"].to_numpy()).astype(np.float32)
+        return cls(features, np.array([index.get(n, -1) for n in names]), names)
+
+
+def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Model, dict[str, Any]]:
+    """Fits the head on the training split; returns it with everything the manifest records."""
+    usable = frame[frame["error"].isna() & frame["label"].notna()]
+    train_frame = usable[usable["split"] == args.train_split] if args.split_column else usable
+    if train_frame.empty:
+        raise ValueError(f"No usable rows in split {args.train_split!r} to train on")
+    classes = sorted(train_frame["label"].unique())
+    train = LabelledSet.of(train_frame, classes)
+    fold = stratified_fold(train.labels, args.fold_fraction, args.seed)
+    config = HeadConfig(
+        hidden_units=args.hidden_units,
+        dropout=args.dropout,
+        l2=args.l2,
+        label_smoothing=args.label_smoothing,
+        learning_rate=args.learning_rate,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+    head, epochs = fit_head(
+        train.features[~fold],
+        train.labels[~fold],
+        train.features[fold],
+        train.labels[fold],
+        len(classes),
+        config,
+    )
+    fold_logits = head.predict(train.features[fold], verbose=0)
+    temperature = fit_temperature(fold_logits, train.labels[fold])
+    scores = {"fold": _score(head, temperature, train.features[fold], train.names[fold], classes)}
+    evaluation = usable[usable["split"] == args.eval_split]
+    if not evaluation.empty:
+        held_out = LabelledSet.of(evaluation, classes)
+        scores[args.eval_split] = _score(
+            head, temperature, held_out.features, held_out.names, classes
+        )
+    report = {
+        "classes": classes,
+        "head": {
+            "file": "head.keras",
+            "temperature": temperature,
+            "epochs": epochs,
+            **config.as_dict(),
+        },
+        "counts": {
+            "rows": len(frame),
+            "errors": int(frame["error"].notna().sum()),
+            "train": int((~fold).sum()),
+            "fold": int(fold.sum()),
+            "eval": len(evaluation),
+        },
+        "scores": scores,
+    }
+    return head, report
+
+
+def _score(
+    head: keras.Model, temperature: float, features: np.ndarray, names: list[str], classes
+) -> dict[str, Any]:
+    logits = head.predict(features, verbose=0) / temperature
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+    board = Scoreboard(tuple(classes))
+    board.add_probabilities(names, probabilities)
+    summary = board.summary()
+    summary["per_class_f1"] = {row["label"]: row["f1"] for row in board.per_class()}
+    return summary
+
+
+def catalog_digest(pattern: str) -> str:
+    """sha256 of the catalog file(s): the manifest says exactly which data trained it."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    digest = hashlib.sha256()
+    for name in sorted(fs.glob(path)):
+        digest.update(fs.cat_file(name))
+    return digest.hexdigest()
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    options = PipelineOptions(argv)
+    options.view_as(SetupOptions).save_main_session = False
+    args = options.view_as(TrainOptions)
+    args.check_required()
+    backbone = get_backbone(args.backbone)
+    catalog = open_catalog(args.input, uri_column=args.uri_column, label_column=args.label_column)
+    if not catalog.has_labels:
+        raise CatalogError("Training needs labels: name the label column with --label_column.")
+    output = args.output.rstrip("/")
+    embeddings = args.embeddings or f"{output}.embeddings"
+
+    started = time.perf_counter()
+    if not args.reuse_embeddings:
+        with beam.Pipeline(options=options) as pipeline:
+            build_embedding_graph(pipeline, args, catalog, backbone, embeddings)
+    embedding_seconds = time.perf_counter() - started
+    head, report = fit_bundle_head(read_embeddings(embeddings), args)
+    model_id = args.model_id or f"artstyle-{backbone.name}-{args.features}"
+    manifest = {
+        "id": model_id,
+        "version": datetime.now(UTC).strftime("%Y.%m.%d"),
+        "backbone": {
+            "name": backbone.name,
+            "weights": "imagenet",
+            "input_size": backbone.input_size,
+            "features": args.features,
+            "preprocessing": PREPROCESSING,
+        },
+        "head": report["head"],
+        "classes": report["classes"],
+        "training": {
+            "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
+            "catalog": args.input,
+            "catalog_sha256": catalog_digest(args.input),
+            "splits": {"train": args.train_split, "eval": args.eval_split},
+            "counts": report["counts"],
+            "embedding_seconds": round(embedding_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        },
+        "scores": report["scores"],
+    }
+    save_bundle(output, manifest, head)
+    print(training_summary(manifest, output))
+    return manifest
+
+
+def training_summary(manifest: dict[str, Any], output: str) -> str:
+    lines = [f"artstyle: trained {manifest['id']} -> {output}"]
+    for split, scores in manifest["scores"].items():
+        lines.append(
+            f"  {split}: top-1 {scores['top1']:.1%}  top-3 {scores['top3']:.1%}  "
+            f"macro F1 {scores['macro_f1']:.3f}  ECE {scores['ece']:.1%}  "
+            f"({scores['n_labelled']} images)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run()
+    except CatalogError as error:
+        raise SystemExit(f"artstyle: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared fixtures: small images made here, and a small real model bundle."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.bundle import save_bundle
+from models.head import HeadConfig, build_head
+
+CLASSES = ["Blue_Period", "Green_Period", "Red_Period"]
+COLOURS = {"Blue_Period": (30, 60, 200), "Green_Period": (40, 170, 60), "Red_Period": (210, 40, 30)}
+
+
+def painting(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72)) -> Path:
+    """A noisy field of one colour: stands in for a painting in a style of that colour."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(colour, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> str:
+    """EfficientNet-Lite0 (real ImageNet weights) with a seeded, untrained 3-style head."""
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    features = np.random.default_rng(0).normal(size=(16, 1280)).astype(np.float32)
+    head = build_head(features, len(CLASSES), HeadConfig(seed=0))
+    manifest = {
+        "id": "tiny-test-model",
+        "version": "0",
+        "backbone": {"name": "efficientnet_lite0", "weights": "imagenet", "input_size": 224,
+                     "features": "pooled", "preprocessing": "test"},
+        "head": {"file": "head.keras", "temperature": 1.0},
+        "classes": CLASSES,
+    }  # fmt: skip
+    save_bundle(str(path), manifest, head)
+    return str(path)
