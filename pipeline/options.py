@@ -9,7 +9,12 @@ from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 
 class CatalogOptions(PipelineOptions):
-    """What to read and where to write: shared by prediction and training."""
+    """What to read and where to write: shared by prediction and training.
+
+    Each options class here is a direct PipelineOptions subclass with flags of its own, the
+    way Beam's own views are: Beam parses every direct subclass to pass options to workers,
+    and would warn about (or conflict on) flags defined in a subclass of a subclass.
+    """
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
@@ -55,7 +60,9 @@ class CatalogOptions(PipelineOptions):
             raise SystemExit(f"artstyle: missing {' and '.join(missing)} (see --help)")
 
 
-class PredictOptions(CatalogOptions):
+class PredictOptions(PipelineOptions):
+    """Prediction flags, beside CatalogOptions."""
+
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
         parser.add_argument(
@@ -64,8 +71,9 @@ class PredictOptions(CatalogOptions):
         parser.add_argument("--top_k", type=int, default=5, help="Styles listed per image.")
 
 
-class TrainOptions(CatalogOptions):
-    """Training flags: every choice that shapes the model is one, and lands in the manifest."""
+class TrainOptions(PipelineOptions):
+    """Training flags, beside CatalogOptions: every choice that shapes the model is one, and
+    lands in the manifest."""
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:

@@ -16,7 +16,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.bundle import ModelBundle, load_classifier
-from pipeline.options import PredictOptions
+from pipeline.options import CatalogOptions, PredictOptions
 from transforms.catalog import Catalog, CatalogError, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
@@ -27,27 +27,29 @@ OUTPUT_PATTERNS = ("predictions-*.parquet", "metrics-*.parquet", "summary.json")
 
 
 def build_graph(
-    pipeline: beam.Pipeline, args: PredictOptions, catalog: Catalog, bundle: ModelBundle
+    pipeline: beam.Pipeline, options: PipelineOptions, catalog: Catalog, bundle: ModelBundle
 ) -> beam.PCollection[dict]:
     """Returns the prediction rows (also written to Parquet), for tests to inspect."""
+    io = options.view_as(CatalogOptions)
+    top_k = options.view_as(PredictOptions).top_k
     classifier = KerasModelHandler(
-        partial(load_classifier, bundle.path, args.backbone_weights), args.batch_size
+        partial(load_classifier, bundle.path, io.backbone_weights), io.batch_size
     )
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferStyles" >> InferImages(
-        classifier, bundle.input_size, args.max_image_bytes, args.max_image_pixels
+        classifier, bundle.input_size, io.max_image_bytes, io.max_image_pixels
     )
     predictions = inferred | "TopK" >> beam.Map(
-        prediction_row, classes=bundle.classes, top_k=args.top_k, **row_context
+        prediction_row, classes=bundle.classes, top_k=top_k, **row_context
     )
     errors = failures | "ErrorRows" >> beam.Map(error_row, **row_context)
     rows = (predictions, errors) | "AllRows" >> beam.Flatten()
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
-        f"{args.output}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
+        f"{io.output}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    _ = rows | "Evaluate" >> Evaluate(bundle.classes, args.output, bundle.id)
+    _ = rows | "Evaluate" >> Evaluate(bundle.classes, io.output, bundle.id)
     return rows
 
 
@@ -55,23 +57,23 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     """Runs the pipeline to the end and returns summary.json's content."""
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
-    args = options.view_as(PredictOptions)
-    args.check_required()
-    args.output = args.output.rstrip("/")
-    catalog = open_catalog(args.input, uri_column=args.uri_column, label_column=args.label_column)
-    bundle = ModelBundle.load(args.model)
-    _prepare_output(args.output)
+    io = options.view_as(CatalogOptions)
+    io.check_required()
+    io.output = io.output.rstrip("/")
+    catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
+    bundle = ModelBundle.load(options.view_as(PredictOptions).model)
+    _prepare_output(io.output)
 
     started = time.perf_counter()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    build_graph(pipeline, args, catalog, bundle)
+    build_graph(pipeline, options, catalog, bundle)
     result = pipeline.run()
     result.wait_until_finish()
     if result.state != beam.runners.runner.PipelineState.DONE:
         raise RuntimeError(f"The pipeline ended in state {result.state}")
-    with fsspec.open(f"{args.output}/summary.json") as f:
+    with fsspec.open(f"{io.output}/summary.json") as f:
         summary = json.load(f)
-    print(human_summary(summary, args.output, time.perf_counter() - started))
+    print(human_summary(summary, io.output, time.perf_counter() - started))
     return summary
 
 

@@ -34,7 +34,7 @@ from models.backbones import Backbone, feature_extractor, get_backbone
 from models.bundle import PREPROCESSING, save_bundle
 from models.head import HeadConfig, fit_head, fit_temperature, stratified_fold
 from models.scoring import Scoreboard
-from pipeline.options import TrainOptions
+from pipeline.options import CatalogOptions, TrainOptions
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
@@ -87,18 +87,19 @@ def embedding_error_row(failure: tuple[ImageRecord, str], *, split_column: str) 
 
 def build_embedding_graph(
     pipeline: beam.Pipeline,
-    args: TrainOptions,
+    options: PipelineOptions,
     catalog: Catalog,
     backbone: Backbone,
     embeddings: str,
 ) -> None:
+    io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     extractor = KerasModelHandler(
-        partial(load_feature_extractor, backbone.name, args.features, args.backbone_weights),
-        args.batch_size,
+        partial(load_feature_extractor, backbone.name, args.features, io.backbone_weights),
+        io.batch_size,
     )
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferFeatures" >> InferImages(
-        extractor, backbone.input_size, args.max_image_bytes, args.max_image_pixels
+        extractor, backbone.input_size, io.max_image_bytes, io.max_image_pixels
     )
     vectors = inferred | "FeatureRows" >> beam.Map(embedding_row, split_column=args.split_column)
     errors = failures | "ErrorRows" >> beam.Map(embedding_error_row, split_column=args.split_column)
@@ -213,19 +214,19 @@ def catalog_digest(pattern: str) -> str:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
-    args = options.view_as(TrainOptions)
-    args.check_required()
+    io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
+    io.check_required()
     backbone = get_backbone(args.backbone)
-    catalog = open_catalog(args.input, uri_column=args.uri_column, label_column=args.label_column)
+    catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")
-    output = args.output.rstrip("/")
+    output = io.output.rstrip("/")
     embeddings = args.embeddings or f"{output}.embeddings"
 
     started = time.perf_counter()
     if not args.reuse_embeddings:
         with beam.Pipeline(options=options) as pipeline:
-            build_embedding_graph(pipeline, args, catalog, backbone, embeddings)
+            build_embedding_graph(pipeline, options, catalog, backbone, embeddings)
     embedding_seconds = time.perf_counter() - started
     head, report = fit_bundle_head(read_embeddings(embeddings), args)
     model_id = args.model_id or f"artstyle-{backbone.name}-{args.features}"
@@ -243,8 +244,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "classes": report["classes"],
         "training": {
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
-            "catalog": args.input,
-            "catalog_sha256": catalog_digest(args.input),
+            "catalog": io.input,
+            "catalog_sha256": catalog_digest(io.input),
             "splits": {"train": args.train_split, "eval": args.eval_split},
             "counts": report["counts"],
             "embedding_seconds": round(embedding_seconds, 1),
@@ -252,9 +253,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "scores": report["scores"],
     }
-    save_bundle(output, manifest, head)
-    print(training_summary(manifest, output))
-    return manifest
+    bundle = save_bundle(output, manifest, head)
+    print(training_summary(bundle.manifest, output))
+    return bundle.manifest
 
 
 def training_summary(manifest: dict[str, Any], output: str) -> str:

@@ -15,7 +15,6 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from models.bundle import ModelBundle
-from pipeline.options import PredictOptions
 from pipeline.predict import build_graph, run
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import CatalogError, open_catalog
@@ -84,10 +83,9 @@ def _kind(row):
 
 def test_every_row_comes_out_once_with_its_error_kind(catalog_csv, tmp_path, tiny_bundle):
     argv = argv_for(catalog_csv, tmp_path / "out", tiny_bundle)
-    args = PipelineOptions(argv).view_as(PredictOptions)
-    catalog = open_catalog(args.input)
-    with TestPipeline(argv=argv) as pipeline:
-        rows = build_graph(pipeline, args, catalog, ModelBundle.load(tiny_bundle))
+    catalog = open_catalog(str(catalog_csv))
+    with TestPipeline(options=PipelineOptions(argv)) as pipeline:
+        rows = build_graph(pipeline, pipeline.options, catalog, ModelBundle.load(tiny_bundle))
         kinds = rows | beam.Map(lambda row: (row["uri"].removeprefix("images/"), _kind(row)))
         assert_that(kinds, equal_to(list(EXPECTED_KIND.items())))
 

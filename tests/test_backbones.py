@@ -1,0 +1,50 @@
+import json
+
+import numpy as np
+import pytest
+
+from models.backbones import feature_extractor, get_backbone
+from models.bundle import ModelBundle, load_classifier
+
+
+def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
+    """ImageNet weights for ResNet50 come from Keras's download or --backbone_weights; the
+    graph itself is tested here with random weights."""
+    model = feature_extractor(get_backbone("resnet50"), "stage_stats", weights=None)
+    assert model.input.shape[1:] == (224, 224, 3)
+    assert model.output.shape[-1] == 2048 + 2 * (256 + 512 + 1024)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    features = model.predict_on_batch(images)
+    assert features.shape == (2, 5632) and np.isfinite(features).all()
+
+
+def test_lite2_stage_statistics_have_the_expected_width():
+    pooled = feature_extractor(get_backbone("efficientnet_lite2"), "pooled", weights=None)
+    stats = feature_extractor(get_backbone("efficientnet_lite2"), "stage_stats", weights=None)
+    assert pooled.output.shape[-1] == 1280
+    assert stats.output.shape[-1] == 1280 + 2 * (48 + 88 + 120 + 208 + 352)
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="Unknown backbone 'vgg'"):
+        get_backbone("vgg")
+    with pytest.raises(ValueError, match="Unknown features 'gram'"):
+        feature_extractor(get_backbone("efficientnet_lite0"), "gram", weights=None)
+
+
+def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
+    bundle = ModelBundle.load(tiny_bundle)
+    assert bundle.input_size == 224 and len(bundle.classes) == 3
+    classifier = load_classifier(tiny_bundle)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    probabilities = np.asarray(classifier.predict_on_batch(images))
+    assert probabilities.shape == (2, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
+    with pytest.raises(ValueError, match="not a model bundle"):
+        ModelBundle.load(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="format"):
+        ModelBundle.load(str(tmp_path))
