@@ -33,6 +33,10 @@ PREPROCESSING = (
 )
 
 
+class BundleError(ValueError):
+    """The --model folder is not a usable bundle; raised before the pipeline starts."""
+
+
 @dataclass(frozen=True)
 class ModelBundle:
     path: str
@@ -45,9 +49,11 @@ class ModelBundle:
             with fsspec.open(manifest_path, "r") as f:
                 manifest = json.load(f)
         except FileNotFoundError:
-            raise ValueError(f"{path!r} is not a model bundle: it has no {MANIFEST_FILE}") from None
+            raise BundleError(
+                f"{path!r} is not a model bundle: it has no {MANIFEST_FILE}"
+            ) from None
         if manifest.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{manifest_path!r} is not in the {BUNDLE_FORMAT} format")
+            raise BundleError(f"{manifest_path!r} is not in the {BUNDLE_FORMAT} format")
         return cls(path, manifest)
 
     @property

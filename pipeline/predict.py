@@ -15,7 +15,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from models.bundle import ModelBundle, load_classifier
+from models.bundle import BundleError, ModelBundle, load_classifier
 from pipeline.options import CatalogOptions, PredictOptions
 from transforms.catalog import Catalog, CatalogError, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
@@ -118,5 +118,5 @@ def main() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     try:
         run()
-    except CatalogError as error:
+    except (CatalogError, BundleError) as error:
         raise SystemExit(f"artstyle: {error}") from None

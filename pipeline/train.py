@@ -31,7 +31,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.backbones import Backbone, feature_extractor, get_backbone
-from models.bundle import PREPROCESSING, save_bundle
+from models.bundle import PREPROCESSING, BundleError, save_bundle
 from models.head import HeadConfig, fit_head, fit_temperature, stratified_fold
 from models.scoring import Scoreboard
 from pipeline.options import CatalogOptions, TrainOptions
@@ -273,7 +273,7 @@ def main() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     try:
         run()
-    except CatalogError as error:
+    except (CatalogError, BundleError) as error:
         raise SystemExit(f"artstyle: {error}") from None
 
 

@@ -98,3 +98,11 @@ def test_a_folder_of_images_is_a_catalog_of_one_row_per_image(tmp_path):
     with TestPipeline() as pipeline:
         uris = pipeline | ReadCatalog(catalog) | beam.Map(lambda record: record.location)
         assert_that(uris, equal_to(expected))
+
+
+def test_malformed_csv_is_a_startup_error(tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("uri,style\na.jpg,Baroque\nb.jpg,Rococo,extra,fields\n")
+    catalog = open_catalog(str(path))
+    with pytest.raises(CatalogError, match="not valid CSV"), TestPipeline() as pipeline:
+        _ = pipeline | ReadCatalog(catalog)

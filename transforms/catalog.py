@@ -182,9 +182,12 @@ class ReadCatalog(beam.PTransform):
                 | "ToRecord" >> beam.Map(lambda uri: ImageRecord(uri, uri, None))
             )
         if catalog.format == "csv":
-            rows = pbegin | "ReadCsv" >> beam.io.ReadFromCsv(
-                catalog.pattern, dtype=str, keep_default_na=False
-            )
+            try:  # Beam reads a first chunk here, to learn the schema
+                rows = pbegin | "ReadCsv" >> beam.io.ReadFromCsv(
+                    catalog.pattern, dtype=str, keep_default_na=False
+                )
+            except pd.errors.ParserError as error:
+                raise CatalogError(f"{catalog.pattern!r} is not valid CSV: {error}") from None
             rows = rows | "AsDict" >> beam.Map(lambda row: row._asdict())
         else:
             rows = pbegin | "ReadParquet" >> beam.io.ReadFromParquet(catalog.pattern)
