@@ -1,0 +1,215 @@
+"""`python -m bench`: every measurement in one run, printed as a table and written as JSON.
+
+The sections run one after the other, never side by side, so none slows another: the
+model alone, decoding alone, the pipeline as a user runs it (a tiny catalog, N images,
+and optionally many more), and the original project's model-per-image way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.measure import (
+    BFLOAT16_FLAGS,
+    REPO_ROOT,
+    PipelineRun,
+    bfloat16_classifier,
+    bfloat16_flag,
+    decode_throughput,
+    model_paths,
+    pipeline_rates,
+    raw_throughput,
+    reload_throughput,
+    run_pipeline,
+    tile_batches,
+)
+from models.bundle import DEFAULT_BUNDLE, ModelBundle
+from transforms.images import decode_image, read_bytes
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", required=True, help="The JSON file to write.")
+    parser.add_argument("--images", type=int, default=2000, help="N: the pipeline's catalog.")
+    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
+    parser.add_argument("--batch_size", type=int, default=32, help="As the pipeline's flag.")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="A folder with catalog.csv (uri, style)."
+    )
+    parser.add_argument(
+        "--large_images", type=int, default=8000, help="The catalog for memory growth."
+    )
+    parser.add_argument("--skip_large", action="store_true", help="No large run (quick runs).")
+    parser.add_argument(
+        "--reload_images", type=int, default=200, help="Images for the model-per-image way."
+    )
+    parser.add_argument(
+        "--decode_images", type=int, default=500, help="Images to decode (at most N)."
+    )
+    parser.add_argument("--raw_batches", type=int, default=4, help="Batches per model path timed.")
+    args = parser.parse_args(argv)
+    if args.images <= args.batch_size:
+        parser.error("--images must exceed --batch_size: a batch is the start-up run's catalog")
+    return args
+
+
+def sample_catalog(data: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """`n` rows of `data`/catalog.csv with absolute URIs, in a seeded shuffle, so that any
+    prefix mixes styles and image sources (sizes) as the whole does; repeated when n is
+    larger than the catalog. Every run's catalog is a prefix of this one."""
+    catalog = pd.read_csv(data / "catalog.csv", dtype=str, keep_default_na=False)
+    order = np.random.default_rng(seed).permutation(len(catalog))
+    rows = catalog.iloc[np.resize(order, n)].reset_index(drop=True)
+    folder = str(data.resolve())
+    rows["uri"] = [os.path.join(folder, uri) for uri in rows["uri"]]
+    return rows
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    bundle = ModelBundle.load(args.model)
+    n_catalog = args.images if args.skip_large else max(args.images, args.large_images)
+    catalog = sample_catalog(args.data, n_catalog)
+    uris = catalog["uri"].tolist()
+    results: dict[str, Any] = {
+        "model": bundle.id,
+        "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_before": os.getloadavg()[0],
+    }
+    _progress("the model alone")
+    results |= measure_model(bundle, uris[: args.batch_size], args.batch_size, args.raw_batches)
+    _progress("decoding alone")
+    decode_uris = uris[: min(args.images, args.decode_images)]
+    results |= decode_throughput(decode_uris, bundle.input_size)
+    results["decode_images"] = len(decode_uris)
+    _progress("the pipeline")
+    results |= measure_pipeline(catalog, args)
+    _progress("a fresh model per image")
+    reload_uris = uris[: args.reload_images]
+    results["reload_images_per_s"] = reload_throughput(reload_uris, args.model)
+    results["reload_images"] = len(reload_uris)
+    results |= comparisons(results)
+    results["load_average_1min_after"] = os.getloadavg()[0]
+    return results
+
+
+def measure_model(bundle: ModelBundle, uris: list[str], batch_size: int, n_batches: int) -> dict:
+    """The classifier's paths over `n_batches` batches tiled from one batch of paintings."""
+    images = np.stack([decode_image(read_bytes(uri), size=bundle.input_size) for uri in uris])
+    flag = bfloat16_flag()
+    bfloat16_model = bfloat16_classifier(bundle) if flag else None
+    paths = model_paths(bundle.classifier(), batch_size, bfloat16_model)
+    inputs = tile_batches(images, batch_size, n_batches)
+    return {
+        **raw_throughput(paths, inputs, batch_size),
+        "raw_images": len(inputs),
+        "bfloat16": flag or f"not supported (no {' or '.join(BFLOAT16_FLAGS)} in /proc/cpuinfo)",
+    }
+
+
+def measure_pipeline(catalog: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
+    """A start-up run over one batch, a run over N images, and optionally a large run."""
+    with tempfile.TemporaryDirectory(prefix="artstyle-bench-") as folder:
+
+        def run(n: int) -> PipelineRun:
+            path = Path(folder) / f"catalog-{n}.csv"
+            catalog.head(n).to_csv(path, index=False)
+            return run_pipeline(path, Path(folder) / f"run-{n}", args.model, args.batch_size)
+
+        startup, main = run(args.batch_size), run(args.images)
+        large = None if args.skip_large else run(args.large_images)
+    rates = pipeline_rates(startup, main)
+    results = {
+        "pipeline_images_per_s": rates["images_per_s"],
+        "pipeline_images_per_s_with_startup": rates["images_per_s_with_startup"],
+        "startup_s": rates["startup_s"],
+        "startup_run_s": startup.wall_s,
+        "pipeline_run_s": main.wall_s,
+        "pipeline_images": main.n_images,
+        "pipeline_errors": main.n_errors,
+        "peak_rss_mb_startup": startup.peak_rss_mb,
+        "peak_rss_mb": main.peak_rss_mb,
+    }
+    return results | _large_results(startup, main, large)
+
+
+# What the large run adds; all None when it is skipped, so the JSON's keys never change.
+LARGE_KEYS = (
+    "large_images",
+    "large_errors",
+    "large_run_s",
+    "peak_rss_mb_large",
+    "peak_rss_large_vs_n",
+    "pipeline_images_per_s_large",
+)
+
+
+def _large_results(
+    startup: PipelineRun, main: PipelineRun, large: PipelineRun | None
+) -> dict[str, Any]:
+    """Memory growth from N to the large catalog, and whether throughput holds up there."""
+    if large is None:
+        return dict.fromkeys(LARGE_KEYS)
+    values = (
+        large.n_images,
+        large.n_errors,
+        large.wall_s,
+        large.peak_rss_mb,
+        large.peak_rss_mb / main.peak_rss_mb,
+        pipeline_rates(startup, large)["images_per_s"],
+    )
+    return dict(zip(LARGE_KEYS, values, strict=True))
+
+
+def comparisons(results: dict[str, Any]) -> dict[str, float | None]:
+    """The pipeline's rate (without start-up) against the model alone and the old way."""
+    pipeline = results["pipeline_images_per_s"]
+    return {
+        "pipeline_vs_raw": pipeline / results["raw_images_per_s"] if pipeline else None,
+        "per_image_reload_vs_pipeline": (
+            pipeline / results["reload_images_per_s"] if pipeline else None
+        ),
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    """`metric | value`, one row per result, in the order they were measured."""
+    width = max(len(key) for key in results)
+    rows = [f"{'metric':<{width}} | value", f"{'-' * width}-|-{'-' * 12}"]
+    rows += [f"{key:<{width}} | {_format(value)}" for key, value in results.items()]
+    return "\n".join(rows)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:,.2f}"
+    return str(value)
+
+
+def _progress(section: str) -> None:
+    print(f"bench: measuring {section} ...", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    results = benchmark(args)
+    print(table(results))
+    if results["pipeline_images_per_s"] is None:
+        print("note: the N-image run was not slower than the start-up run; use more --images")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,210 @@
+"""The benchmark's measurements, one function per section, each returning plain numbers.
+
+Every function takes its inputs ready-made (a model, arrays, URIs, a catalog file), so a
+test can run it on a handful of tiny images, and the CLI on thousands of real paintings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from models.bundle import ModelBundle
+from transforms.images import decode_image, read_bytes
+from transforms.inference import predict_in_fixed_batches
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# CPU flags that run bfloat16 matrix arithmetic natively; without them TensorFlow emulates
+# it in float32, and a bfloat16 timing would only measure the emulation.
+BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+# The model path the pipeline itself takes; the other paths are alternatives to it.
+PIPELINE_PATH = "fixed_batches"
+
+ModelPath = Callable[[np.ndarray], np.ndarray]  # (k * batch_size, size, size, 3) -> probabilities
+
+
+# --- 1. The model alone --------------------------------------------------------------------
+
+
+def bfloat16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU flag that makes bfloat16 worth timing here, or None."""
+    flags = set(Path(cpuinfo).read_text().split())
+    return next((flag for flag in BFLOAT16_FLAGS if flag in flags), None)
+
+
+def bfloat16_classifier(bundle: ModelBundle) -> keras.Model:
+    """The bundle's classifier with bfloat16 arithmetic and float32 weights (Keras's mixed
+    policy); the global policy is restored, so models built later are float32 again."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        return bundle.classifier()
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def model_paths(
+    model: keras.Model, batch_size: int, bfloat16_model: keras.Model | None = None
+) -> dict[str, ModelPath]:
+    """Ways to run the model over whole batches, the pipeline's own first.
+
+    All compute the same function; XLA fuses the graph differently, and bfloat16 rounds,
+    so each is compared with the pipeline's path before its speed means anything.
+    """
+    xla = tf.function(lambda batch: model(batch, training=False), jit_compile=True)
+    paths: dict[str, ModelPath] = {
+        PIPELINE_PATH: lambda x: predict_in_fixed_batches(model, x, batch_size),
+        "predict_on_batch": lambda x: _per_batch(model.predict_on_batch, x, batch_size),
+        "xla": lambda x: _per_batch(xla, x, batch_size),
+    }
+    if bfloat16_model is not None:
+        paths["bfloat16"] = lambda x: predict_in_fixed_batches(bfloat16_model, x, batch_size)
+    return paths
+
+
+def _per_batch(predict: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
+    """`predict` on each whole batch of `x` (whose length is a multiple of batch_size)."""
+    batches = [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
+    return np.concatenate([np.asarray(predict(batch), np.float32) for batch in batches])
+
+
+def tile_batches(images: np.ndarray, batch_size: int, n_batches: int) -> np.ndarray:
+    """`n_batches` full batches cut from `images` repeated: a few decoded paintings are
+    enough, since the model's cost does not depend on what the pixels show."""
+    return np.resize(images, (batch_size * n_batches, *images.shape[1:]))
+
+
+def raw_throughput(paths: dict[str, ModelPath], inputs: np.ndarray, batch_size: int) -> dict:
+    """Per path: images/s over `inputs`, the warm-up (tracing, compiling) it needed first,
+    and its largest difference in probability from the pipeline's path."""
+    results: dict[str, float] = {}
+    reference = None
+    for name, predict in paths.items():
+        warm_up_s, _ = _timed(predict, inputs[:batch_size])
+        seconds, outputs = _timed(predict, inputs)
+        reference = outputs if reference is None else reference
+        prefix = "raw" if name == PIPELINE_PATH else f"raw_{name}"
+        results[f"{prefix}_images_per_s"] = len(inputs) / seconds
+        results[f"{prefix}_warm_up_s"] = warm_up_s
+        if name != PIPELINE_PATH:
+            results[f"{prefix}_max_abs_diff"] = float(np.max(np.abs(outputs - reference)))
+    return results
+
+
+def _timed(function: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = function(x)
+    return time.perf_counter() - started, result
+
+
+# --- 2. Decoding alone ---------------------------------------------------------------------
+
+
+def decode_throughput(uris: Sequence[str], size: int) -> dict[str, float]:
+    """read_bytes + decode_image over `uris`, in this one thread.
+
+    Wall-clock images/s is what one worker gets on this machine as it is now; images per
+    CPU-second of this thread is what one core does, which holds even on a busy machine.
+    """
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    for uri in uris:
+        decode_image(read_bytes(uri), size=size)
+    wall_s, cpu_s = time.perf_counter() - started, time.thread_time() - cpu_started
+    return {
+        "decode_images_per_s": len(uris) / wall_s,
+        "decode_images_per_s_per_core": len(uris) / cpu_s,
+    }
+
+
+# --- 3. The whole pipeline, as its own process ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessRun:
+    wall_s: float  # from just before the process starts until it has exited
+    peak_rss_mb: float  # the kernel's high-water mark of its resident memory
+
+
+def run_process(command: Sequence[str], log_path: Path) -> ProcessRun:
+    """Runs `command` from the repository root, its output to `log_path`.
+
+    Peak memory is the child's own ru_maxrss, as os.wait4 returns it for exactly this child:
+    the kernel tracks it on every page fault, so no sampling interval can miss a short peak,
+    and, unlike getrusage(RUSAGE_CHILDREN), earlier children do not count. The pipeline
+    runs in one process (the DirectRunner runs Beam's workers in-process).
+    """
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall_s = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+    if process.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{tail}")
+    return ProcessRun(wall_s, usage.ru_maxrss / 1024)  # Linux reports kilobytes
+
+
+@dataclass(frozen=True)
+class PipelineRun(ProcessRun):
+    n_images: int
+    n_errors: int
+
+
+def run_pipeline(catalog: Path, output: Path, model: str, batch_size: int) -> PipelineRun:
+    """`python -m pipeline` over `catalog`, as a user runs it, with its summary's counts."""
+    command = [sys.executable, "-m", "pipeline", f"--input={catalog}", f"--output={output}",
+               f"--model={model}", f"--batch_size={batch_size}"]  # fmt: skip
+    process = run_process(command, output.with_suffix(".log"))
+    summary = json.loads((output / "summary.json").read_text())
+    return PipelineRun(
+        process.wall_s, process.peak_rss_mb, summary["n_images"], summary["n_errors"]
+    )
+
+
+def pipeline_rates(startup_run: PipelineRun, run: PipelineRun) -> dict[str, float | None]:
+    """Images/s with and without start-up, from a run over a tiny catalog and a larger one.
+
+    Both runs pay the same fixed cost (process start, imports, graph construction, model
+    load, and the end-of-run writes), so the extra images of the larger run over its extra
+    seconds is the rate once images flow, and the tiny run's time less its images at that
+    rate is the fixed cost: wall = startup + n / rate, through the two points. This needs no
+    hook inside the pipeline. When the larger run is not measurably slower (too few extra
+    images for the machine's noise), both are None rather than a meaningless number.
+    """
+    extra_s = run.wall_s - startup_run.wall_s
+    rate = (run.n_images - startup_run.n_images) / extra_s if extra_s > 0 else None
+    return {
+        "images_per_s": rate,
+        "images_per_s_with_startup": run.n_images / run.wall_s,
+        "startup_s": startup_run.wall_s - startup_run.n_images / rate if rate else None,
+    }
+
+
+# --- 4. The original project's way: a fresh model per image ---------------------------------
+
+
+def reload_throughput(uris: Sequence[str], bundle_path: str) -> float:
+    """Images/s when every image loads the model, predicts, and drops it, as the original
+    project's Flask demo did per request. Keras's global state is cleared after each, as a
+    fresh request would find it, so the last image costs what the first did."""
+    started = time.perf_counter()
+    for uri in uris:
+        bundle = ModelBundle.load(bundle_path)
+        image = decode_image(read_bytes(uri), size=bundle.input_size)
+        bundle.classifier().predict_on_batch(image[np.newaxis])
+        keras.utils.clear_session()
+    return len(uris) / (time.perf_counter() - started)

@@ -1,0 +1,102 @@
+"""The benchmark's arithmetic, and one whole run of it on a dozen made-up paintings."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.cli import main as bench
+from bench.cli import sample_catalog
+from bench.measure import (
+    PipelineRun,
+    bfloat16_flag,
+    model_paths,
+    pipeline_rates,
+    raw_throughput,
+    tile_batches,
+)
+from models.bundle import ModelBundle
+from tests.conftest import CLASSES, COLOURS, painting
+
+
+def test_rates_come_from_the_two_runs_through_a_straight_line():
+    # wall = 6 s of start-up + n / (10 images/s)
+    tiny = PipelineRun(wall_s=6.4, peak_rss_mb=900, n_images=4, n_errors=0)
+    main = PipelineRun(wall_s=206.0, peak_rss_mb=1000, n_images=2000, n_errors=0)
+    rates = pipeline_rates(tiny, main)
+    assert rates["images_per_s"] == pytest.approx(10.0)
+    assert rates["startup_s"] == pytest.approx(6.0)
+    assert rates["images_per_s_with_startup"] == pytest.approx(2000 / 206.0)
+
+
+def test_rates_are_unknown_when_the_larger_run_was_not_slower():
+    tiny = PipelineRun(wall_s=7.0, peak_rss_mb=900, n_images=4, n_errors=0)
+    main = PipelineRun(wall_s=6.9, peak_rss_mb=900, n_images=8, n_errors=0)
+    rates = pipeline_rates(tiny, main)
+    assert rates["images_per_s"] is None and rates["startup_s"] is None
+
+
+def test_bfloat16_is_timed_only_where_the_cpu_has_it(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t: fpu sse2 avx2 fma\n")
+    assert bfloat16_flag(str(cpuinfo)) is None
+    cpuinfo.write_text("flags\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert bfloat16_flag(str(cpuinfo)) == "avx512_bf16"
+
+
+def test_a_large_sample_repeats_the_catalog_in_one_shuffled_order(tmp_path):
+    pd.DataFrame({"uri": [f"{i}.jpg" for i in range(5)], "style": "x"}).to_csv(
+        tmp_path / "catalog.csv", index=False
+    )
+    sample = sample_catalog(tmp_path, 12)
+    assert len(sample) == 12
+    assert sample["uri"].iloc[:5].tolist() == sample["uri"].iloc[5:10].tolist()
+    assert sorted(sample["uri"].iloc[:5]) == sorted(str(tmp_path / f"{i}.jpg") for i in range(5))
+    assert sample_catalog(tmp_path, 3)["uri"].tolist() == sample["uri"].iloc[:3].tolist()
+
+
+def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle):
+    model = ModelBundle.load(tiny_bundle).classifier()
+    images = np.random.default_rng(0).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
+    inputs = tile_batches(images, batch_size=2, n_batches=2)
+    assert inputs.shape == (4, 224, 224, 3)
+    results = raw_throughput(model_paths(model, batch_size=2), inputs, batch_size=2)
+    assert results["raw_images_per_s"] > 0
+    for path in ("predict_on_batch", "xla"):
+        assert results[f"raw_{path}_images_per_s"] > 0
+        assert results[f"raw_{path}_max_abs_diff"] < 1e-4
+
+
+@pytest.fixture
+def painting_folder(tmp_path):
+    """The layout of ../shared/wikiart16: catalog.csv with uri and style, images beside it."""
+    rows = []
+    for style in CLASSES:
+        for i in range(4):
+            path = painting(tmp_path / "images" / style / f"{i}.jpg", COLOURS[style], seed=i)
+            rows.append({"uri": str(path.relative_to(tmp_path)), "style": style})
+    pd.DataFrame(rows).to_csv(tmp_path / "catalog.csv", index=False)
+    return tmp_path
+
+
+def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_path, tiny_bundle):
+    output = tmp_path / "bench.json"
+    argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
+            "--images=12", "--large_images=16", "--batch_size=4", "--reload_images=2",
+            "--decode_images=4", "--raw_batches=1"]  # fmt: skip
+    results = bench(argv)
+
+    assert json.loads(output.read_text()) == results
+    assert results["model"] == "tiny-test-model"
+    assert results["pipeline_images"] == 12 and results["pipeline_errors"] == 0
+    assert results["large_images"] == 16 and results["large_errors"] == 0
+    assert results["decode_images"] == 4 and results["reload_images"] == 2
+    for key in ("raw_images_per_s", "decode_images_per_s", "decode_images_per_s_per_core",
+                "reload_images_per_s", "pipeline_images_per_s_with_startup", "peak_rss_mb",
+                "peak_rss_mb_large"):  # fmt: skip
+        assert results[key] > 0, key
+    # Twelve images may not take measurably longer than four: then the rates are None.
+    for key in ("pipeline_images_per_s", "startup_s", "pipeline_vs_raw",
+                "per_image_reload_vs_pipeline"):  # fmt: skip
+        assert key in results
