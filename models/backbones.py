@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from models import efficientnet_lite
 
-FEATURE_KINDS = ("pooled", "stage_stats")
+FEATURE_KINDS = ("pooled", "stage_stats", "stage_covariance")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Backbone:
     build: Callable[..., keras.Model]  # build(weights=..., weights_path=...) -> keras.Model
     stage_layers: tuple[str, ...]  # middle-to-deep stage outputs: where texture and colour live
     last_layer: str  # the final feature map, before global pooling
+    # Early stages narrow enough for a channel covariance (C * (C + 1) / 2 features each).
+    covariance_layers: tuple[str, ...] = ()
 
 
 def _resnet50(weights: str | None = "imagenet", weights_path: str | None = None) -> keras.Model:
@@ -49,6 +52,7 @@ BACKBONES: dict[str, Backbone] = {
             build=partial(efficientnet_lite.build_efficientnet_lite, name),
             stage_layers=tuple(f"stage{i}_out" for i in range(3, 8)),
             last_layer="head_activation",
+            covariance_layers=("stage3_out", "stage4_out"),
         )
         for name in efficientnet_lite.INPUT_SIZES
     },
@@ -77,18 +81,43 @@ def feature_extractor(
     "pooled": the global average of the last feature map, the usual transfer-learning
     embedding. "stage_stats": that, plus the per-channel mean and standard deviation of
     each stage in `stage_layers`: style is as much texture and colour statistics of the
-    middle layers as it is objects in the last one.
+    middle layers as it is objects in the last one. "stage_covariance": that, plus the
+    channel covariance of the early `covariance_layers`, the texture statistic of neural
+    style transfer (a Gram matrix, centred), which says which features occur together.
     """
     if features not in FEATURE_KINDS:
         raise ValueError(f"Unknown features {features!r}; known: {', '.join(FEATURE_KINDS)}")
+    if features == "stage_covariance" and not backbone.covariance_layers:
+        raise ValueError(f"{backbone.name} has no layers for 'stage_covariance' features")
     model = backbone.build(weights=weights, weights_path=weights_path)
     pooled = layers.GlobalAveragePooling2D(name="pooled")(
         model.get_layer(backbone.last_layer).output
     )
     parts = [pooled]
-    if features == "stage_stats":
+    if features in ("stage_stats", "stage_covariance"):
         for name in backbone.stage_layers:
             stage = model.get_layer(name).output
             parts += [ops.mean(stage, axis=(1, 2)), ops.std(stage, axis=(1, 2))]
+    if features == "stage_covariance":
+        parts += [
+            channel_covariance(model.get_layer(name).output) for name in backbone.covariance_layers
+        ]
     vector = parts[0] if len(parts) == 1 else layers.Concatenate(name="features")(parts)
     return keras.Model(model.input, vector, name=f"{backbone.name}_{features}")
+
+
+def channel_covariance(feature_map):
+    """(batch, h, w, c) -> (batch, c * (c + 1) / 2): the upper triangle of each image's
+    channel covariance over positions, square-rooted with its sign kept (the usual power
+    normalisation of second-order features: it tames the few large entries)."""
+    channels = feature_map.shape[-1]
+    positions = ops.reshape(
+        feature_map, (-1, feature_map.shape[1] * feature_map.shape[2], channels)
+    )
+    centred = positions - ops.mean(positions, axis=1, keepdims=True)
+    covariance = ops.einsum("bpc,bpd->bcd", centred, centred) / positions.shape[1]
+    rows, cols = np.triu_indices(channels)
+    upper = ops.take(
+        ops.reshape(covariance, (-1, channels * channels)), rows * channels + cols, axis=1
+    )
+    return ops.sign(upper) * ops.sqrt(ops.abs(upper))

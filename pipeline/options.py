@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+import argparse
+import sys
+
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.bundle import DEFAULT_BUNDLE
 from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -81,7 +84,8 @@ class TrainOptions(PipelineOptions):
         parser.add_argument(
             "--features",
             default="stage_stats",
-            help="'pooled' (last layer) or 'stage_stats' (plus channel statistics of stages).",
+            help="'pooled' (last layer), 'stage_stats' (plus channel means and deviations of "
+            "stages) or 'stage_covariance' (plus channel covariances of early stages).",
         )
         parser.add_argument("--model_id", default=None, help="Bundle id (default: derived).")
         parser.add_argument("--split_column", default="split", help="Catalog's split column.")
@@ -110,3 +114,27 @@ class TrainOptions(PipelineOptions):
         parser.add_argument("--learning_rate", type=float, default=1e-3)
         parser.add_argument("--epochs", type=int, default=100, help="At most; early stopping.")
         parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_options(
+    argv: list[str] | None, views: tuple[type[PipelineOptions], ...], prog: str, about: str
+) -> PipelineOptions:
+    """PipelineOptions from `argv` (default: the command line), checked for our required flags.
+
+    Beam's parser answers --help with its own flags only; ours are listed here instead.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        parser = argparse.ArgumentParser(
+            prog=prog,
+            description=about,
+            epilog="Beam's own options (--runner, --direct_num_workers, ...) are accepted too.",
+        )
+        for view in views:
+            view._add_argparse_args(parser)
+        parser.print_help()
+        raise SystemExit(0)
+    options = PipelineOptions(argv)
+    options.view_as(SetupOptions).save_main_session = False
+    options.view_as(CatalogOptions).check_required()
+    return options

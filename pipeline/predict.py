@@ -13,16 +13,17 @@ from functools import partial
 
 import apache_beam as beam
 import fsspec
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.bundle import BundleError, ModelBundle, load_classifier
-from pipeline.options import CatalogOptions, PredictOptions
+from pipeline.options import CatalogOptions, PredictOptions, parse_options
 from transforms.catalog import Catalog, CatalogError, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
 from transforms.predictions import error_row, prediction_row, prediction_schema
 
+PREDICT_ABOUT = "Predicts the art style of every image of a catalog, with Apache Beam."
 OUTPUT_PATTERNS = ("predictions-*.parquet", "metrics-*.parquet", "summary.json")
 
 
@@ -55,10 +56,10 @@ def build_graph(
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
     """Runs the pipeline to the end and returns summary.json's content."""
-    options = PipelineOptions(argv)
-    options.view_as(SetupOptions).save_main_session = False
+    options = parse_options(
+        argv, (CatalogOptions, PredictOptions), "python -m pipeline", PREDICT_ABOUT
+    )
     io = options.view_as(CatalogOptions)
-    io.check_required()
     io.output = io.output.rstrip("/")
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     bundle = ModelBundle.load(options.view_as(PredictOptions).model)

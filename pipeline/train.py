@@ -28,17 +28,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import PredictionResult
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbones import Backbone, feature_extractor, get_backbone
 from models.bundle import PREPROCESSING, BundleError, save_bundle
 from models.head import HeadConfig, fit_head, fit_temperature, stratified_fold
 from models.scoring import Scoreboard
-from pipeline.options import CatalogOptions, TrainOptions
+from pipeline.options import CatalogOptions, TrainOptions, parse_options
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
 
+TRAIN_ABOUT = "Trains a style model bundle: backbone features, a fitted head, a manifest."
 EMBEDDING_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),
@@ -212,10 +213,10 @@ def catalog_digest(pattern: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    options = PipelineOptions(argv)
-    options.view_as(SetupOptions).save_main_session = False
+    options = parse_options(
+        argv, (CatalogOptions, TrainOptions), "python -m pipeline.train", TRAIN_ABOUT
+    )
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
-    io.check_required()
     backbone = get_backbone(args.backbone)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from models.backbones import feature_extractor, get_backbone
+from models.backbones import channel_covariance, feature_extractor, get_backbone
 from models.bundle import ModelBundle, load_classifier
 
 
@@ -48,3 +48,21 @@ def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="format"):
         ModelBundle.load(str(tmp_path))
+
+
+def test_channel_covariance_is_the_signed_root_of_numpys_covariance():
+    feature_map = np.random.default_rng(2).normal(size=(2, 5, 4, 3)).astype(np.float32)
+    got = np.asarray(channel_covariance(feature_map))
+    rows, cols = np.triu_indices(3)
+    for image, vector in zip(feature_map, got, strict=True):
+        covariance = np.cov(image.reshape(20, 3), rowvar=False, bias=True)[rows, cols]
+        np.testing.assert_allclose(vector, np.sign(covariance) * np.sqrt(np.abs(covariance)),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_lite2_covariance_features_add_the_early_stages_covariances():
+    model = feature_extractor(get_backbone("efficientnet_lite2"), "stage_covariance", weights=None)
+    stats_width = 1280 + 2 * (48 + 88 + 120 + 208 + 352)
+    assert model.output.shape[-1] == stats_width + 48 * 49 // 2 + 88 * 89 // 2
+    with pytest.raises(ValueError, match="resnet50 has no layers"):
+        feature_extractor(get_backbone("resnet50"), "stage_covariance", weights=None)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from models.bundle import ModelBundle
 from pipeline.predict import build_graph, run
+from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import CatalogError, open_catalog
 from transforms.predictions import prediction_schema
@@ -170,3 +171,19 @@ def test_catalog_without_uri_column_stops_at_start_with_a_clear_message(tmp_path
     assert cli.returncode != 0
     assert "no column 'uri'" in cli.stderr and "--uri_column" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+@pytest.mark.parametrize("entry_point", [run, train])
+def test_help_lists_the_tools_own_flags(entry_point, capsys):
+    with pytest.raises(SystemExit) as stop:
+        entry_point(["--help"])
+    assert stop.value.code == 0
+    listed = capsys.readouterr().out
+    assert "--input" in listed and "--batch_size" in listed
+    assert ("--top_k" in listed) == (entry_point is run)
+    assert ("--hidden_units" in listed) == (entry_point is train)
+
+
+def test_missing_input_and_output_is_a_clear_message():
+    with pytest.raises(SystemExit, match="missing --input and --output"):
+        run([])
