@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
 
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from models.bundle import DEFAULT_BUNDLE
+from models.bundle import DEFAULT_BUNDLE, BundleError
+from transforms.catalog import CatalogError
 from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 
@@ -138,3 +141,12 @@ def parse_options(
     options.view_as(SetupOptions).save_main_session = False
     options.view_as(CatalogOptions).check_required()
     return options
+
+
+def run_command(run: Callable[[], object]) -> None:
+    """An entry point's `main`: a bad catalog or bundle is a one-line message, not a trace."""
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run()
+    except (CatalogError, BundleError) as error:
+        raise SystemExit(f"artstyle: {error}") from None

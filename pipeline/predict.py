@@ -15,9 +15,9 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models.bundle import BundleError, ModelBundle, load_classifier
-from pipeline.options import CatalogOptions, PredictOptions, parse_options
-from transforms.catalog import Catalog, CatalogError, ReadCatalog, open_catalog
+from models.bundle import ModelBundle, load_classifier
+from pipeline.options import CatalogOptions, PredictOptions, parse_options, run_command
+from transforms.catalog import Catalog, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
@@ -116,8 +116,4 @@ def human_summary(summary: dict, output: str, seconds: float) -> str:
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    try:
-        run()
-    except (CatalogError, BundleError) as error:
-        raise SystemExit(f"artstyle: {error}") from None
+    run_command(run)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import shlex
 import sys
 import time
@@ -31,10 +30,10 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbones import Backbone, feature_extractor, get_backbone
-from models.bundle import PREPROCESSING, BundleError, save_bundle
+from models.bundle import PREPROCESSING, save_bundle
 from models.head import HeadConfig, fit_head, fit_temperature, stratified_fold
 from models.scoring import Scoreboard
-from pipeline.options import CatalogOptions, TrainOptions, parse_options
+from pipeline.options import CatalogOptions, TrainOptions, parse_options, run_command
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
@@ -271,11 +270,7 @@ def training_summary(manifest: dict[str, Any], output: str) -> str:
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    try:
-        run()
-    except (CatalogError, BundleError) as error:
-        raise SystemExit(f"artstyle: {error}") from None
+    run_command(run)
 
 
 if __name__ == "__main__":
