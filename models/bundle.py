@@ -99,7 +99,9 @@ def load_classifier(bundle_path: str, backbone_weights: str | None = None) -> ke
 def save_bundle(path: str, manifest: dict[str, Any], head: keras.Model) -> ModelBundle:
     os.makedirs(path, exist_ok=True)
     manifest = {"format": BUNDLE_FORMAT, **manifest}
-    head.save(os.path.join(path, HEAD_FILE))
+    # A fresh, uncompiled model over the same layers: the file then holds the weights alone,
+    # not the optimizer's state as well (twice the weights again, of no use to prediction).
+    keras.Model(head.input, head.output, name=head.name).save(os.path.join(path, HEAD_FILE))
     with open(os.path.join(path, MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.bundle import DEFAULT_BUNDLE, BundleError
+from models.head import HeadConfig
 from transforms.catalog import CatalogError
 from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -86,7 +87,7 @@ class TrainOptions(PipelineOptions):
         parser.add_argument("--backbone", default="efficientnet_lite2", help="Backbone name.")
         parser.add_argument(
             "--features",
-            default="stage_stats",
+            default="stage_covariance",
             help="'pooled' (last layer), 'stage_stats' (plus channel means and deviations of "
             "stages) or 'stage_covariance' (plus channel covariances of early stages).",
         )
@@ -110,13 +111,20 @@ class TrainOptions(PipelineOptions):
             default=0.1,
             help="Share of each training style held out for early stopping and calibration.",
         )
-        parser.add_argument("--hidden_units", type=int, default=0, help="0: linear head.")
-        parser.add_argument("--dropout", type=float, default=0.3)
-        parser.add_argument("--l2", type=float, default=1e-4)
-        parser.add_argument("--label_smoothing", type=float, default=0.1)
-        parser.add_argument("--learning_rate", type=float, default=1e-3)
-        parser.add_argument("--epochs", type=int, default=100, help="At most; early stopping.")
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--hidden_units",
+            type=int,
+            default=HeadConfig.hidden_units,
+            help="MLP head width; 0: linear.",
+        )
+        parser.add_argument("--dropout", type=float, default=HeadConfig.dropout)
+        parser.add_argument("--l2", type=float, default=HeadConfig.l2)
+        parser.add_argument("--label_smoothing", type=float, default=HeadConfig.label_smoothing)
+        parser.add_argument("--learning_rate", type=float, default=HeadConfig.learning_rate)
+        parser.add_argument(
+            "--epochs", type=int, default=HeadConfig.epochs, help="At most; early stopping."
+        )
+        parser.add_argument("--seed", type=int, default=HeadConfig.seed)
 
 
 def parse_options(

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from models.backbones import channel_covariance, feature_extractor, get_backbone
-from models.bundle import ModelBundle, load_classifier
+from models.bundle import ModelBundle, load_classifier, save_bundle
+from models.head import HeadConfig, build_head
 
 
 def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
@@ -66,3 +67,16 @@ def test_lite2_covariance_features_add_the_early_stages_covariances():
     assert model.output.shape[-1] == stats_width + 48 * 49 // 2 + 88 * 89 // 2
     with pytest.raises(ValueError, match="resnet50 has no layers"):
         feature_extractor(get_backbone("resnet50"), "stage_covariance", weights=None)
+
+
+def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
+    features = np.random.default_rng(3).normal(size=(8, 6)).astype(np.float32)
+    head = build_head(features, 3, HeadConfig(hidden_units=4, seed=0))
+    head.compile(optimizer="adam", loss="categorical_crossentropy")
+    head.fit(features, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)
+    bundle = save_bundle(str(tmp_path), {"id": "t"}, head)
+    loaded = bundle.load_head()
+    assert getattr(loaded, "optimizer", None) is None
+    logits = loaded.predict(features, verbose=0)
+    assert isinstance(logits, np.ndarray) and logits.shape == (8, 3)
+    np.testing.assert_allclose(logits, head.predict(features, verbose=0), rtol=1e-6)
