@@ -99,9 +99,10 @@ def load_classifier(bundle_path: str, backbone_weights: str | None = None) -> ke
 def save_bundle(path: str, manifest: dict[str, Any], head: keras.Model) -> ModelBundle:
     os.makedirs(path, exist_ok=True)
     manifest = {"format": BUNDLE_FORMAT, **manifest}
-    # A fresh, uncompiled model over the same layers: the file then holds the weights alone,
-    # not the optimizer's state as well (twice the weights again, of no use to prediction).
-    keras.Model(head.input, head.output, name=head.name).save(os.path.join(path, HEAD_FILE))
+    # A fresh, uncompiled one-in one-out model over the same layers: the file then holds the
+    # weights alone, not the optimizer's state too (twice the weights again, of no use here).
+    weights_only = keras.Model(head.inputs[0], head.outputs[0], name=head.name)
+    weights_only.save(os.path.join(path, HEAD_FILE))
     with open(os.path.join(path, MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")

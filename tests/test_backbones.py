@@ -1,5 +1,6 @@
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -77,6 +78,7 @@ def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
     bundle = save_bundle(str(tmp_path), {"id": "t"}, head)
     loaded = bundle.load_head()
     assert getattr(loaded, "optimizer", None) is None
+    assert not isinstance(loaded(keras.Input((6,))), list)  # as the classifier calls it
     logits = loaded.predict(features, verbose=0)
     assert isinstance(logits, np.ndarray) and logits.shape == (8, 3)
     np.testing.assert_allclose(logits, head.predict(features, verbose=0), rtol=1e-6)
