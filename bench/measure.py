@@ -7,7 +7,6 @@ test can run it on a handful of tiny images, and the CLI on thousands of real pa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -135,27 +134,43 @@ def decode_throughput(uris: Sequence[str], size: int) -> dict[str, float]:
 @dataclass(frozen=True)
 class ProcessRun:
     wall_s: float  # from just before the process starts until it has exited
-    peak_rss_mb: float  # the kernel's high-water mark of its resident memory
+    peak_rss_mb: float  # the kernel's high-water mark of its resident memory (VmHWM)
 
 
-def run_process(command: Sequence[str], log_path: Path) -> ProcessRun:
+def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.05) -> ProcessRun:
     """Runs `command` from the repository root, its output to `log_path`.
 
-    Peak memory is the child's own ru_maxrss, as os.wait4 returns it for exactly this child:
-    the kernel tracks it on every page fault, so no sampling interval can miss a short peak,
-    and, unlike getrusage(RUSAGE_CHILDREN), earlier children do not count. The pipeline
-    runs in one process (the DirectRunner runs Beam's workers in-process).
+    Peak memory is the kernel's high-water mark of the child's resident memory (VmHWM in
+    /proc/PID/status), read until it exits: the kernel updates it on every page fault, so
+    no sampling interval can miss a peak; only the last `poll_s` of the run go unseen. The
+    child's ru_maxrss (os.wait4) would be wrong here: Linux carries the memory of the
+    process it was forked from (this one, with a model loaded) into it across exec. The
+    pipeline runs in one process (the DirectRunner runs Beam's workers in-process).
     """
     with open(log_path, "wb") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        peak_kb = 0
+        while process.poll() is None:
+            peak_kb = max(peak_kb, _high_water_kb(process.pid))
+            time.sleep(poll_s)
         wall_s = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{tail}")
-    return ProcessRun(wall_s, usage.ru_maxrss / 1024)  # Linux reports kilobytes
+    return ProcessRun(wall_s, peak_kb / 1024)
+
+
+def _high_water_kb(pid: int) -> int:
+    """VmHWM of a running process; 0 once it has exited (its memory is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The benchmark's arithmetic, and one whole run of it on a dozen made-up paintings."""
 
 import json
+import resource
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from bench.measure import (
     model_paths,
     pipeline_rates,
     raw_throughput,
+    run_process,
     tile_batches,
 )
 from models.bundle import ModelBundle
@@ -100,3 +103,12 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     for key in ("pipeline_images_per_s", "startup_s", "pipeline_vs_raw",
                 "per_image_reload_vs_pipeline"):  # fmt: skip
         assert key in results
+
+
+def test_peak_memory_is_the_childs_own_not_this_process(tmp_path):
+    """This test process holds TensorFlow (over 300 MB); the child holds about 200 MB."""
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 300
+    allocate = "import time; block = b'x' * (200 << 20); time.sleep(0.5)"
+    run = run_process([sys.executable, "-c", allocate], tmp_path / "child.log")
+    assert 200 < run.peak_rss_mb < 300
+    assert run.wall_s > 0.5
