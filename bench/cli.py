@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decode_images", type=int, default=500, help="Images to decode (at most N)."
     )
-    parser.add_argument("--raw_batches", type=int, default=4, help="Batches per model path timed.")
+    parser.add_argument("--raw_batches", type=int, default=8, help="Batches per model path timed.")
     args = parser.parse_args(argv)
     if args.images <= args.batch_size:
         parser.error("--images must exceed --batch_size: a batch is the start-up run's catalog")
