@@ -17,9 +17,9 @@ from typing import Any
 
 import fsspec
 import keras
-from keras import ops
 
 from models.backbones import feature_extractor, get_backbone
+from models.head import calibrated_probabilities
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
 MANIFEST_FILE = "manifest.json"
@@ -86,8 +86,7 @@ class ModelBundle:
             weights_path=backbone_weights,
         )
         logits = self.load_head()(extractor.output)
-        temperature = self.manifest["head"]["temperature"]
-        probabilities = ops.softmax(logits / temperature, axis=-1)
+        probabilities = calibrated_probabilities(logits, self.manifest["head"]["temperature"])
         return keras.Model(extractor.input, probabilities, name="style_classifier")
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ def fit_head(
     )
     best_epoch = int(np.argmin(history.history["val_loss"])) + 1
     return head, best_epoch
+
+
+def calibrated_probabilities(logits, temperature: float):
+    """softmax(logits / T): the bundle's classifier and training's scores share this one
+    definition, so the confidence the pipeline prints is the one the manifest reports."""
+    return ops.softmax(logits / temperature, axis=-1)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -30,8 +30,14 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbones import Backbone, feature_extractor, get_backbone
-from models.bundle import PREPROCESSING, save_bundle
-from models.head import HeadConfig, fit_head, fit_temperature, stratified_fold
+from models.bundle import HEAD_FILE, PREPROCESSING, save_bundle
+from models.head import (
+    HeadConfig,
+    calibrated_probabilities,
+    fit_head,
+    fit_temperature,
+    stratified_fold,
+)
 from models.scoring import Scoreboard
 from pipeline.options import CatalogOptions, TrainOptions, parse_options, run_command
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
@@ -163,17 +169,16 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
     )
     fold_logits = head.predict(train.features[fold], verbose=0)
     temperature = fit_temperature(fold_logits, train.labels[fold])
-    scores = {"fold": _score(head, temperature, train.features[fold], train.names[fold], classes)}
+    scores = {"fold": _score(fold_logits, temperature, train.names[fold], classes)}
     evaluation = usable[usable["split"] == args.eval_split]
     if not evaluation.empty:
         held_out = LabelledSet.of(evaluation, classes)
-        scores[args.eval_split] = _score(
-            head, temperature, held_out.features, held_out.names, classes
-        )
+        eval_logits = head.predict(held_out.features, verbose=0)
+        scores[args.eval_split] = _score(eval_logits, temperature, held_out.names, classes)
     report = {
         "classes": classes,
         "head": {
-            "file": "head.keras",
+            "file": HEAD_FILE,
             "temperature": temperature,
             "epochs": epochs,
             **config.as_dict(),
@@ -191,10 +196,9 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
 
 
 def _score(
-    head: keras.Model, temperature: float, features: np.ndarray, names: list[str], classes
+    logits: np.ndarray, temperature: float, names: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
-    logits = head.predict(features, verbose=0) / temperature
-    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+    probabilities = keras.ops.convert_to_numpy(calibrated_probabilities(logits, temperature))
     board = Scoreboard(tuple(classes))
     board.add_probabilities(names, probabilities)
     summary = board.summary()

@@ -16,9 +16,9 @@ from transforms.images import (
     decode_image,
     read_bytes,
 )
+from transforms.inference import METRICS_NAMESPACE
 
 ERRORS = "errors"
-METRICS_NAMESPACE = "artstyle"
 
 
 class LoadImageFn(beam.DoFn):
