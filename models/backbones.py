@@ -73,10 +73,63 @@ def get_backbone(name: str) -> Backbone:
         raise ValueError(f"Unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
 
 
+def backbones_of(spec: str) -> list[Backbone]:
+    """A backbone name, or several joined by '+' (an ensemble: their features concatenated)."""
+    return [get_backbone(name) for name in spec.split("+")]
+
+
+def input_size_of(spec: str) -> int:
+    """The side the pipeline decodes images to: the first backbone's; the others resize."""
+    return backbones_of(spec)[0].input_size
+
+
 def feature_extractor(
-    backbone: Backbone, features: str, weights: str | None = "imagenet", weights_path=None
+    spec: str, features: str, weights: str | None = "imagenet", weights_path: str | None = None
 ) -> keras.Model:
-    """images (0..255) -> one feature vector per image.
+    """images (0..255) -> one feature vector per image, from one backbone or an ensemble.
+
+    In an ensemble ("efficientnet_lite2+efficientnet_lite0") each backbone sees the image at
+    its own input size (resized inside the model, so decoding stays one step) and the
+    vectors are concatenated: networks of different depth and resolution err on different
+    paintings, and one head fitted on both learns which to trust for which style.
+    """
+    backbones = backbones_of(spec)
+    if weights_path is not None and len(backbones) > 1:
+        raise ValueError("--backbone_weights names one backbone's weights; not for an ensemble")
+    size = backbones[0].input_size
+    images = keras.Input((size, size, 3), name="images")
+    vectors = [
+        backbone_features(backbone, features, weights, weights_path)(
+            _resized(images, backbone.input_size)
+        )
+        for backbone in backbones
+    ]
+    vector = vectors[0] if len(vectors) == 1 else layers.Concatenate(name="ensemble")(vectors)
+    return keras.Model(images, vector, name=f"{'_and_'.join(b.name for b in backbones)}_features")
+
+
+def with_mirror(extractor: keras.Model) -> keras.Model:
+    """images -> the features of each image and of its left-right mirror, concatenated.
+
+    A painting's style survives mirroring, so its mirror is a second training example for
+    free: one model call computes both, in the feature pass (prediction sees the image as is).
+    """
+    images = keras.Input(extractor.input.shape[1:], name="images")
+    mirrored = ops.flip(images, axis=2)
+    vectors = [extractor(images), extractor(mirrored)]
+    return keras.Model(images, layers.Concatenate(name="with_mirror")(vectors), name="with_mirror")
+
+
+def _resized(images, size: int):
+    if images.shape[1] == size:
+        return images
+    return layers.Resizing(size, size, interpolation="bilinear", antialias=True)(images)
+
+
+def backbone_features(
+    backbone: Backbone, features: str, weights: str | None, weights_path: str | None
+) -> keras.Model:
+    """images (0..255) -> one backbone's feature vector.
 
     "pooled": the global average of the last feature map, the usual transfer-learning
     embedding. "stage_stats": that, plus the per-channel mean and standard deviation of

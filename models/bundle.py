@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import keras
 
-from models.backbones import feature_extractor, get_backbone
+from models.backbones import feature_extractor
 from models.head import calibrated_probabilities
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
@@ -80,7 +80,7 @@ class ModelBundle:
         """images (0..255) -> style probabilities, calibrated by the bundle's temperature."""
         spec = self.manifest["backbone"]
         extractor = feature_extractor(
-            get_backbone(spec["name"]),
+            spec["name"],
             spec["features"],
             weights=spec["weights"],
             weights_path=backbone_weights,

@@ -84,7 +84,11 @@ class TrainOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument("--backbone", default="efficientnet_lite2", help="Backbone name.")
+        parser.add_argument(
+            "--backbone",
+            default="efficientnet_lite2",
+            help="Backbone name, or several joined by '+' (an ensemble: features concatenated).",
+        )
         parser.add_argument(
             "--features",
             default="stage_covariance",
@@ -104,6 +108,12 @@ class TrainOptions(PipelineOptions):
             "--reuse_embeddings",
             action="store_true",
             help="Fit the head on features written by an earlier run with the same backbone.",
+        )
+        parser.add_argument(
+            "--augment_mirror",
+            action="store_true",
+            help="Also fit the head on every training painting's left-right mirror "
+            "(the feature pass computes both: twice its time).",
         )
         parser.add_argument(
             "--fold_fraction",

@@ -4,7 +4,13 @@ import keras
 import numpy as np
 import pytest
 
-from models.backbones import channel_covariance, feature_extractor, get_backbone
+from models.backbones import (
+    channel_covariance,
+    feature_extractor,
+    get_backbone,
+    input_size_of,
+    with_mirror,
+)
 from models.bundle import ModelBundle, load_classifier, save_bundle
 from models.head import HeadConfig, build_head
 
@@ -12,7 +18,7 @@ from models.head import HeadConfig, build_head
 def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
     """ImageNet weights for ResNet50 come from Keras's download or --backbone_weights; the
     graph itself is tested here with random weights."""
-    model = feature_extractor(get_backbone("resnet50"), "stage_stats", weights=None)
+    model = feature_extractor("resnet50", "stage_stats", weights=None)
     assert model.input.shape[1:] == (224, 224, 3)
     assert model.output.shape[-1] == 2048 + 2 * (256 + 512 + 1024)
     images = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
@@ -21,8 +27,8 @@ def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
 
 
 def test_lite2_stage_statistics_have_the_expected_width():
-    pooled = feature_extractor(get_backbone("efficientnet_lite2"), "pooled", weights=None)
-    stats = feature_extractor(get_backbone("efficientnet_lite2"), "stage_stats", weights=None)
+    pooled = feature_extractor("efficientnet_lite2", "pooled", weights=None)
+    stats = feature_extractor("efficientnet_lite2", "stage_stats", weights=None)
     assert pooled.output.shape[-1] == 1280
     assert stats.output.shape[-1] == 1280 + 2 * (48 + 88 + 120 + 208 + 352)
 
@@ -31,7 +37,7 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="Unknown backbone 'vgg'"):
         get_backbone("vgg")
     with pytest.raises(ValueError, match="Unknown features 'gram'"):
-        feature_extractor(get_backbone("efficientnet_lite0"), "gram", weights=None)
+        feature_extractor("efficientnet_lite0", "gram", weights=None)
 
 
 def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
@@ -63,11 +69,11 @@ def test_channel_covariance_is_the_signed_root_of_numpys_covariance():
 
 
 def test_lite2_covariance_features_add_the_early_stages_covariances():
-    model = feature_extractor(get_backbone("efficientnet_lite2"), "stage_covariance", weights=None)
+    model = feature_extractor("efficientnet_lite2", "stage_covariance", weights=None)
     stats_width = 1280 + 2 * (48 + 88 + 120 + 208 + 352)
     assert model.output.shape[-1] == stats_width + 48 * 49 // 2 + 88 * 89 // 2
     with pytest.raises(ValueError, match="resnet50 has no layers"):
-        feature_extractor(get_backbone("resnet50"), "stage_covariance", weights=None)
+        feature_extractor("resnet50", "stage_covariance", weights=None)
 
 
 def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
@@ -82,3 +88,31 @@ def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
     logits = loaded.predict(features, verbose=0)
     assert isinstance(logits, np.ndarray) and logits.shape == (8, 3)
     np.testing.assert_allclose(logits, head.predict(features, verbose=0), rtol=1e-6)
+
+
+def test_an_ensemble_concatenates_its_backbones_features_at_their_own_sizes():
+    ensemble = feature_extractor("efficientnet_lite2+efficientnet_lite0", "pooled", weights=None)
+    assert input_size_of("efficientnet_lite2+efficientnet_lite0") == 260
+    assert ensemble.input.shape[1:] == (260, 260, 3)
+    images = np.random.default_rng(4).uniform(0, 255, (2, 260, 260, 3)).astype(np.float32)
+    features = np.asarray(ensemble.predict_on_batch(images))
+    assert features.shape == (2, 1280 + 1280) and np.isfinite(features).all()
+    lite0 = ensemble.get_layer("efficientnet_lite0_pooled")
+    assert lite0.input.shape[1:] == (224, 224, 3)  # resized inside the model, not at decoding
+    resized = keras.layers.Resizing(224, 224, antialias=True)(images)
+    np.testing.assert_allclose(
+        features[:, 1280:], lite0.predict_on_batch(resized), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_backbone_weights_file_is_for_a_single_backbone():
+    with pytest.raises(ValueError, match="not for an ensemble"):
+        feature_extractor("efficientnet_lite2+efficientnet_lite0", "pooled", weights_path="w.pth")
+
+
+def test_with_mirror_adds_the_features_of_the_left_right_mirror():
+    extractor = feature_extractor("efficientnet_lite0", "pooled", weights=None)
+    images = np.random.default_rng(5).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    both = np.asarray(with_mirror(extractor).predict_on_batch(images))
+    expected = [extractor.predict_on_batch(images), extractor.predict_on_batch(images[:, :, ::-1])]
+    np.testing.assert_allclose(both, np.concatenate(expected, axis=1), rtol=1e-4, atol=1e-4)
