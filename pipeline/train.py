@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models.backbones import Backbone, feature_extractor, get_backbone
+from models.backbones import backbones_of, feature_extractor, input_size_of, with_mirror
 from models.bundle import HEAD_FILE, PREPROCESSING, save_bundle
 from models.head import (
     HeadConfig,
@@ -51,16 +51,18 @@ EMBEDDING_SCHEMA = pa.schema(
         pa.field("label", pa.string()),
         pa.field("split", pa.string()),
         pa.field("features", pa.list_(pa.float32())),
+        pa.field("mirrored_features", pa.list_(pa.float32())),  # with --augment_mirror
         pa.field("error", pa.string()),
     ]
 )
 
 
-def load_feature_extractor(
-    backbone: str, features: str, backbone_weights: str | None
+def load_training_extractor(
+    backbone: str, features: str, weights_path: str | None, mirror: bool
 ) -> keras.Model:
     """Module-level, so that RunInference can pickle it as the model loader."""
-    return feature_extractor(get_backbone(backbone), features, weights_path=backbone_weights)
+    extractor = feature_extractor(backbone, features, weights_path=weights_path)
+    return with_mirror(extractor) if mirror else extractor
 
 
 def _split_of(record: ImageRecord, split_column: str) -> str | None:
@@ -68,14 +70,17 @@ def _split_of(record: ImageRecord, split_column: str) -> str | None:
 
 
 def embedding_row(
-    inferred: tuple[ImageRecord, PredictionResult], *, split_column: str
+    inferred: tuple[ImageRecord, PredictionResult], *, split_column: str, mirror: bool
 ) -> dict[str, Any]:
     record, result = inferred
+    vector = result.inference.astype(np.float32)
+    features, mirrored = np.split(vector, 2) if mirror else (vector, None)
     return {
         "uri": record.uri,
         "label": record.label,
         "split": _split_of(record, split_column),
-        "features": result.inference.astype(np.float32).tolist(),
+        "features": features.tolist(),
+        "mirrored_features": None if mirrored is None else mirrored.tolist(),
         "error": None,
     }
 
@@ -87,6 +92,7 @@ def embedding_error_row(failure: tuple[ImageRecord, str], *, split_column: str) 
         "label": record.label,
         "split": _split_of(record, split_column),
         "features": None,
+        "mirrored_features": None,
         "error": error,
     }
 
@@ -95,19 +101,26 @@ def build_embedding_graph(
     pipeline: beam.Pipeline,
     options: PipelineOptions,
     catalog: Catalog,
-    backbone: Backbone,
     embeddings: str,
 ) -> None:
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     extractor = KerasModelHandler(
-        partial(load_feature_extractor, backbone.name, args.features, io.backbone_weights),
+        partial(
+            load_training_extractor,
+            args.backbone,
+            args.features,
+            io.backbone_weights,
+            args.augment_mirror,
+        ),
         io.batch_size,
     )
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferFeatures" >> InferImages(
-        extractor, backbone.input_size, io.max_image_bytes, io.max_image_pixels
+        extractor, input_size_of(args.backbone), io.max_image_bytes, io.max_image_pixels
     )
-    vectors = inferred | "FeatureRows" >> beam.Map(embedding_row, split_column=args.split_column)
+    vectors = inferred | "FeatureRows" >> beam.Map(
+        embedding_row, split_column=args.split_column, mirror=args.augment_mirror
+    )
     errors = failures | "ErrorRows" >> beam.Map(embedding_error_row, split_column=args.split_column)
     _ = (
         (vectors, errors)
@@ -141,6 +154,16 @@ class LabelledSet:
         return cls(features, np.array([index.get(n, -1) for n in names]), names)
 
 
+def mirrored_features(frame: pd.DataFrame) -> np.ndarray:
+    column = frame.get("mirrored_features")
+    if column is None or column.isna().any():
+        raise ValueError(
+            "--augment_mirror: these embeddings hold no mirror features; "
+            "write them again (without --reuse_embeddings)"
+        )
+    return np.stack(column.to_numpy()).astype(np.float32)
+
+
 def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Model, dict[str, Any]]:
     """Fits the head on the training split; returns it with everything the manifest records."""
     usable = frame[frame["error"].isna() & frame["label"].notna()]
@@ -159,9 +182,13 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
         epochs=args.epochs,
         seed=args.seed,
     )
+    x_train, y_train = train.features[~fold], train.labels[~fold]
+    if args.augment_mirror:
+        x_train = np.concatenate([x_train, mirrored_features(train_frame)[~fold]])
+        y_train = np.concatenate([y_train, y_train])
     head, epochs = fit_head(
-        train.features[~fold],
-        train.labels[~fold],
+        x_train,
+        y_train,
         train.features[fold],
         train.labels[fold],
         len(classes),
@@ -187,6 +214,7 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
             "rows": len(frame),
             "errors": int(frame["error"].notna().sum()),
             "train": int((~fold).sum()),
+            "train_mirrored": int((~fold).sum()) if args.augment_mirror else 0,
             "fold": int(fold.sum()),
             "eval": len(evaluation),
         },
@@ -220,7 +248,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         argv, (CatalogOptions, TrainOptions), "python -m pipeline.train", TRAIN_ABOUT
     )
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
-    backbone = get_backbone(args.backbone)
+    backbones_of(args.backbone)  # an unknown name fails here, before any image is read
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")
@@ -230,17 +258,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     if not args.reuse_embeddings:
         with beam.Pipeline(options=options) as pipeline:
-            build_embedding_graph(pipeline, options, catalog, backbone, embeddings)
+            build_embedding_graph(pipeline, options, catalog, embeddings)
     embedding_seconds = time.perf_counter() - started
     head, report = fit_bundle_head(read_embeddings(embeddings), args)
-    model_id = args.model_id or f"artstyle-{backbone.name}-{args.features}"
+    model_id = args.model_id or f"artstyle-{args.backbone}-{args.features}"
     manifest = {
         "id": model_id,
         "version": datetime.now(UTC).strftime("%Y.%m.%d"),
         "backbone": {
-            "name": backbone.name,
+            "name": args.backbone,
             "weights": "imagenet",
-            "input_size": backbone.input_size,
+            "input_size": input_size_of(args.backbone),
             "features": args.features,
             "preprocessing": PREPROCESSING,
         },

@@ -8,6 +8,7 @@ import pytest
 
 from models.head import fit_temperature, stratified_fold
 from pipeline.predict import run as predict
+from pipeline.train import read_embeddings
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
 
@@ -52,7 +53,7 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert manifest["classes"] == CLASSES
     assert manifest["training"]["command"].startswith("python -m pipeline.train --input=")
     assert manifest["training"]["counts"] == {"rows": 24, "errors": 0, "train": 12, "fold": 6,
-                                              "eval": 6}  # fmt: skip
+                                              "train_mirrored": 0, "eval": 6}  # fmt: skip
     assert len(manifest["training"]["catalog_sha256"]) == 64
     val = manifest["scores"]["val"]
     assert val["n_labelled"] == 6 and val["top1"] >= 0.8  # colours are easy to tell apart
@@ -62,3 +63,27 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert summary["model"] == "colours"
     assert summary["top1"] == pytest.approx(val["top1"])
     assert summary["macro_f1"] == pytest.approx(val["macro_f1"])
+
+    with pytest.raises(ValueError, match="no mirror features"):
+        train([*argv, "--reuse_embeddings", "--augment_mirror"])
+
+
+def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled_catalog):
+    bundle = labelled_catalog / "ensemble"
+    argv = [f"--input={labelled_catalog / 'catalog.csv'}", f"--output={bundle}",
+            "--backbone=efficientnet_lite1+efficientnet_lite0", "--features=pooled",
+            "--augment_mirror", "--fold_fraction=0.34", "--epochs=40",
+            "--batch_size=8"]  # fmt: skip
+    manifest = train(argv)
+
+    assert manifest["backbone"]["name"] == "efficientnet_lite1+efficientnet_lite0"
+    assert manifest["backbone"]["input_size"] == 240
+    assert manifest["training"]["counts"]["train_mirrored"] == 12
+    embeddings = read_embeddings(f"{bundle}.embeddings")
+    features = np.stack(embeddings["features"].to_numpy())
+    mirrored = np.stack(embeddings["mirrored_features"].to_numpy())
+    assert features.shape == mirrored.shape == (24, 2 * 1280)
+    assert not np.allclose(features, mirrored)  # the paintings are not symmetric
+    summary = predict([f"--input={labelled_catalog / 'val.csv'}",
+                       f"--output={labelled_catalog / 'out'}", f"--model={bundle}"])  # fmt: skip
+    assert summary["top1"] == pytest.approx(manifest["scores"]["val"]["top1"])
