@@ -23,8 +23,8 @@ import apache_beam as beam
 import fsspec
 import keras
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -132,46 +132,77 @@ def build_embedding_graph(
     )
 
 
-def read_embeddings(embeddings: str) -> pd.DataFrame:
+def read_embeddings(embeddings: str) -> pa.Table:
+    """An Arrow table, not a DataFrame: pandas would hold every vector as a Python object,
+    several times the memory of the numbers themselves (gigabytes for an ensemble)."""
     fs, path = fsspec.core.url_to_fs(embeddings)
     files = sorted(fs.glob(f"{path}/features-*.parquet"))
     if not files:
         raise FileNotFoundError(f"No features-*.parquet under {embeddings!r}")
-    return pq.read_table(files, filesystem=fs).to_pandas()
+    return pq.read_table(files, filesystem=fs)
+
+
+def vectors(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column without nulls -> a (rows, width) float32 matrix."""
+    values = column.combine_chunks().flatten().to_numpy()
+    return values.reshape(len(column), -1).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
 class LabelledSet:
     features: np.ndarray
+    mirrored: np.ndarray | None  # the features of each image's mirror, if the pass made them
     labels: np.ndarray  # class indices
     names: np.ndarray  # label names, unknown ones included
 
     @classmethod
-    def of(cls, frame: pd.DataFrame, classes: list[str]) -> LabelledSet:
+    def of(cls, rows: pa.Table, classes: list[str]) -> LabelledSet:
         index = {name: i for i, name in enumerate(classes)}
-        names = frame["label"].to_numpy(dtype=object)
-        features = np.stack(frame["features"].to_numpy()).astype(np.float32)
-        return cls(features, np.array([index.get(n, -1) for n in names]), names)
-
-
-def mirrored_features(frame: pd.DataFrame) -> np.ndarray:
-    column = frame.get("mirrored_features")
-    if column is None or column.isna().any():
-        raise ValueError(
-            "--augment_mirror: these embeddings hold no mirror features; "
-            "write them again (without --reuse_embeddings)"
+        names = np.array(rows["label"].to_pylist(), dtype=object)
+        has_mirrors = (
+            "mirrored_features" in rows.column_names and rows["mirrored_features"].null_count == 0
         )
-    return np.stack(column.to_numpy()).astype(np.float32)
+        return cls(
+            vectors(rows["features"]),
+            vectors(rows["mirrored_features"]) if has_mirrors else None,
+            np.array([index.get(n, -1) for n in names]),
+            names,
+        )
 
 
-def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Model, dict[str, Any]]:
-    """Fits the head on the training split; returns it with everything the manifest records."""
-    usable = frame[frame["error"].isna() & frame["label"].notna()]
-    train_frame = usable[usable["split"] == args.train_split] if args.split_column else usable
-    if train_frame.empty:
+def rows_of_split(rows: pa.Table, split: str) -> pa.Table:
+    return rows.filter(pc.equal(rows["split"], split))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    classes: list[str]
+    train: LabelledSet
+    evaluation: LabelledSet | None
+    counts: dict[str, int]
+
+
+def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
+    """The splits' matrices, read from the feature files. The Arrow table (and the copies
+    its filters make) is let go on return: only the matrices stay through the fit."""
+    table = read_embeddings(embeddings)
+    usable = table.filter(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])))
+    train_rows = rows_of_split(usable, args.train_split) if args.split_column else usable
+    if train_rows.num_rows == 0:
         raise ValueError(f"No usable rows in split {args.train_split!r} to train on")
-    classes = sorted(train_frame["label"].unique())
-    train = LabelledSet.of(train_frame, classes)
+    classes = sorted(set(train_rows["label"].to_pylist()))
+    evaluation = rows_of_split(usable, args.eval_split)
+    return TrainingData(
+        classes,
+        LabelledSet.of(train_rows, classes),
+        LabelledSet.of(evaluation, classes) if evaluation.num_rows else None,
+        {"rows": table.num_rows, "errors": table.num_rows - table["error"].null_count},
+    )
+
+
+def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model, dict[str, Any]]:
+    """Fits the head on the training split; returns it with everything the manifest records."""
+    classes, train, held_out = data.classes, data.train, data.evaluation
     fold = stratified_fold(train.labels, args.fold_fraction, args.seed)
     config = HeadConfig(
         hidden_units=args.hidden_units,
@@ -184,7 +215,12 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
     )
     x_train, y_train = train.features[~fold], train.labels[~fold]
     if args.augment_mirror:
-        x_train = np.concatenate([x_train, mirrored_features(train_frame)[~fold]])
+        if train.mirrored is None:
+            raise ValueError(
+                "--augment_mirror: these embeddings hold no mirror features; "
+                "write them again (without --reuse_embeddings)"
+            )
+        x_train = np.concatenate([x_train, train.mirrored[~fold]])
         y_train = np.concatenate([y_train, y_train])
     head, epochs = fit_head(
         x_train,
@@ -197,9 +233,7 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
     fold_logits = head.predict(train.features[fold], verbose=0)
     temperature = fit_temperature(fold_logits, train.labels[fold])
     scores = {"fold": _score(fold_logits, temperature, train.names[fold], classes)}
-    evaluation = usable[usable["split"] == args.eval_split]
-    if not evaluation.empty:
-        held_out = LabelledSet.of(evaluation, classes)
+    if held_out is not None:
         eval_logits = head.predict(held_out.features, verbose=0)
         scores[args.eval_split] = _score(eval_logits, temperature, held_out.names, classes)
     report = {
@@ -211,12 +245,11 @@ def fit_bundle_head(frame: pd.DataFrame, args: TrainOptions) -> tuple[keras.Mode
             **config.as_dict(),
         },
         "counts": {
-            "rows": len(frame),
-            "errors": int(frame["error"].notna().sum()),
+            **data.counts,
             "train": int((~fold).sum()),
             "train_mirrored": int((~fold).sum()) if args.augment_mirror else 0,
             "fold": int(fold.sum()),
-            "eval": len(evaluation),
+            "eval": 0 if held_out is None else len(held_out.labels),
         },
         "scores": scores,
     }
@@ -260,7 +293,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         with beam.Pipeline(options=options) as pipeline:
             build_embedding_graph(pipeline, options, catalog, embeddings)
     embedding_seconds = time.perf_counter() - started
-    head, report = fit_bundle_head(read_embeddings(embeddings), args)
+    head, report = fit_bundle_head(training_data(embeddings, args), args)
     model_id = args.model_id or f"artstyle-{args.backbone}-{args.features}"
     manifest = {
         "id": model_id,

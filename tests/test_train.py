@@ -79,7 +79,7 @@ def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled
     assert manifest["backbone"]["name"] == "efficientnet_lite1+efficientnet_lite0"
     assert manifest["backbone"]["input_size"] == 240
     assert manifest["training"]["counts"]["train_mirrored"] == 12
-    embeddings = read_embeddings(f"{bundle}.embeddings")
+    embeddings = read_embeddings(f"{bundle}.embeddings").to_pandas()
     features = np.stack(embeddings["features"].to_numpy())
     mirrored = np.stack(embeddings["mirrored_features"].to_numpy())
     assert features.shape == mirrored.shape == (24, 2 * 1280)
