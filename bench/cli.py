@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pandas as pd
 
 from bench.measure import (
     BFLOAT16_FLAGS,
+    PIPELINE_PATH,
     REPO_ROOT,
     PipelineRun,
     bfloat16_classifier,
@@ -88,13 +90,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_1min_before": os.getloadavg()[0],
     }
     _progress("the model alone")
-    results |= measure_model(bundle, uris[: args.batch_size], args.batch_size, args.raw_batches)
+    model_results, time_model_again = measure_model(
+        bundle, uris[: args.batch_size], args.batch_size, args.raw_batches
+    )
+    results |= model_results
     _progress("decoding alone")
     decode_uris = uris[: min(args.images, args.decode_images)]
     results |= decode_throughput(decode_uris, bundle.input_size)
     results["decode_images"] = len(decode_uris)
     _progress("the pipeline")
     results |= measure_pipeline(catalog, args)
+    _progress("the model alone, again")
+    results |= bracketed_raw(results["raw_images_per_s"], time_model_again())
     _progress("a fresh model per image")
     reload_uris = uris[: args.reload_images]
     results["reload_images_per_s"] = reload_throughput(reload_uris, args.model)
@@ -104,17 +111,37 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def measure_model(bundle: ModelBundle, uris: list[str], batch_size: int, n_batches: int) -> dict:
-    """The classifier's paths over `n_batches` batches tiled from one batch of paintings."""
+def measure_model(
+    bundle: ModelBundle, uris: list[str], batch_size: int, n_batches: int
+) -> tuple[dict, Callable[[], float]]:
+    """The classifier's paths over `n_batches` batches tiled from one batch of paintings;
+    and a function that times the pipeline's path again, for after the pipeline's runs."""
     images = np.stack([decode_image(read_bytes(uri), size=bundle.input_size) for uri in uris])
     flag = bfloat16_flag()
     bfloat16_model = bfloat16_classifier(bundle) if flag else None
     paths = model_paths(bundle.classifier(), batch_size, bfloat16_model)
     inputs = tile_batches(images, batch_size, n_batches)
-    return {
+    results = {
         **raw_throughput(paths, inputs, batch_size),
         "raw_images": len(inputs),
         "bfloat16": flag or f"not supported (no {' or '.join(BFLOAT16_FLAGS)} in /proc/cpuinfo)",
+    }
+
+    def time_again() -> float:
+        pipeline_path = {PIPELINE_PATH: paths[PIPELINE_PATH]}
+        return raw_throughput(pipeline_path, inputs, batch_size)["raw_images_per_s"]
+
+    return results, time_again
+
+
+def bracketed_raw(before: float, after: float) -> dict[str, float]:
+    """The model alone, timed before and after the pipeline's runs: the pipeline is compared
+    with their mean, so a shared machine's load drifting between the two measurements
+    moves the ratio less, and the gap between them shows how much it drifted."""
+    return {
+        "raw_images_per_s_before": before,
+        "raw_images_per_s_after": after,
+        "raw_images_per_s": (before + after) / 2,
     }
 
 
