@@ -133,8 +133,8 @@ def build_embedding_graph(
 
 
 def read_embeddings(embeddings: str) -> pa.Table:
-    """An Arrow table, not a DataFrame: pandas would hold every vector as a Python object,
-    several times the memory of the numbers themselves (gigabytes for an ensemble)."""
+    """An Arrow table, not a DataFrame: converting would copy every vector once more, a
+    gigabyte and a half for an ensemble's features."""
     fs, path = fsspec.core.url_to_fs(embeddings)
     files = sorted(fs.glob(f"{path}/features-*.parquet"))
     if not files:
