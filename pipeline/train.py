@@ -151,23 +151,30 @@ def vectors(column: pa.ChunkedArray) -> np.ndarray:
 @dataclass(frozen=True)
 class LabelledSet:
     features: np.ndarray
-    mirrored: np.ndarray | None  # the features of each image's mirror, if the pass made them
+    mirrored: np.ndarray | None  # the features of each image's mirror, when training on them
     labels: np.ndarray  # class indices
     names: np.ndarray  # label names, unknown ones included
 
     @classmethod
-    def of(cls, rows: pa.Table, classes: list[str]) -> LabelledSet:
+    def of(cls, rows: pa.Table, classes: list[str], mirrored: bool = False) -> LabelledSet:
+        """`mirrored`: read the mirrors' features too (only training uses them)."""
         index = {name: i for i, name in enumerate(classes)}
         names = np.array(rows["label"].to_pylist(), dtype=object)
-        has_mirrors = (
-            "mirrored_features" in rows.column_names and rows["mirrored_features"].null_count == 0
-        )
         return cls(
             vectors(rows["features"]),
-            vectors(rows["mirrored_features"]) if has_mirrors else None,
+            _mirrored_vectors(rows) if mirrored else None,
             np.array([index.get(n, -1) for n in names]),
             names,
         )
+
+
+def _mirrored_vectors(rows: pa.Table) -> np.ndarray:
+    if "mirrored_features" not in rows.column_names or rows["mirrored_features"].null_count:
+        raise ValueError(
+            "--augment_mirror: these embeddings hold no mirror features; "
+            "write them again (without --reuse_embeddings)"
+        )
+    return vectors(rows["mirrored_features"])
 
 
 def rows_of_split(rows: pa.Table, split: str) -> pa.Table:
@@ -194,7 +201,7 @@ def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
     evaluation = rows_of_split(usable, args.eval_split)
     return TrainingData(
         classes,
-        LabelledSet.of(train_rows, classes),
+        LabelledSet.of(train_rows, classes, mirrored=args.augment_mirror),
         LabelledSet.of(evaluation, classes) if evaluation.num_rows else None,
         {"rows": table.num_rows, "errors": table.num_rows - table["error"].null_count},
     )
@@ -214,12 +221,7 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         seed=args.seed,
     )
     x_train, y_train = train.features[~fold], train.labels[~fold]
-    if args.augment_mirror:
-        if train.mirrored is None:
-            raise ValueError(
-                "--augment_mirror: these embeddings hold no mirror features; "
-                "write them again (without --reuse_embeddings)"
-            )
+    if train.mirrored is not None:
         x_train = np.concatenate([x_train, train.mirrored[~fold]])
         y_train = np.concatenate([y_train, y_train])
     head, epochs = fit_head(
@@ -247,7 +249,7 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         "counts": {
             **data.counts,
             "train": int((~fold).sum()),
-            "train_mirrored": int((~fold).sum()) if args.augment_mirror else 0,
+            "train_mirrored": 0 if train.mirrored is None else int((~fold).sum()),
             "fold": int(fold.sum()),
             "eval": 0 if held_out is None else len(held_out.labels),
         },
