@@ -142,7 +142,7 @@ def read_embeddings(embeddings: str) -> pa.Table:
     return pq.read_table(files, filesystem=fs)
 
 
-def vectors(column: pa.ChunkedArray) -> np.ndarray:
+def matrix_of(column: pa.ChunkedArray) -> np.ndarray:
     """A list<float> column without nulls -> a (rows, width) float32 matrix."""
     values = column.combine_chunks().flatten().to_numpy()
     return values.reshape(len(column), -1).astype(np.float32, copy=False)
@@ -161,20 +161,20 @@ class LabelledSet:
         index = {name: i for i, name in enumerate(classes)}
         names = np.array(rows["label"].to_pylist(), dtype=object)
         return cls(
-            vectors(rows["features"]),
-            _mirrored_vectors(rows) if mirrored else None,
+            matrix_of(rows["features"]),
+            _mirrored_matrix(rows) if mirrored else None,
             np.array([index.get(n, -1) for n in names]),
             names,
         )
 
 
-def _mirrored_vectors(rows: pa.Table) -> np.ndarray:
+def _mirrored_matrix(rows: pa.Table) -> np.ndarray:
     if "mirrored_features" not in rows.column_names or rows["mirrored_features"].null_count:
         raise ValueError(
             "--augment_mirror: these embeddings hold no mirror features; "
             "write them again (without --reuse_embeddings)"
         )
-    return vectors(rows["mirrored_features"])
+    return matrix_of(rows["mirrored_features"])
 
 
 def rows_of_split(rows: pa.Table, split: str) -> pa.Table:
