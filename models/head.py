@@ -104,11 +104,25 @@ def _negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
-def stratified_fold(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A boolean mask holding out `fraction` of every class, for choices and calibration."""
+def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Each sample's fold, 0..n_folds-1, every class dealt round-robin across the folds."""
+    if n_folds < 2:
+        raise ValueError(f"Cross-fitting needs at least 2 folds, got {n_folds}")
     rng = np.random.default_rng(seed)
-    held_out = np.zeros(len(labels), dtype=bool)
+    folds = np.empty(len(labels), dtype=int)
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        held_out[members[: max(1, round(fraction * len(members)))]] = True
-    return held_out
+        folds[members] = np.arange(len(members)) % n_folds
+    return folds
+
+
+def average_heads(heads: list[keras.Model]) -> keras.Model:
+    """One head whose logits are the mean of `heads`' logits: the bundle keeps one head file
+    and the pipeline one model call, however many heads were fitted."""
+    inputs = keras.Input(heads[0].inputs[0].shape[1:], name="features")
+    members = [
+        keras.Model(h.inputs[0], h.outputs[0], name=f"member_{i}") for i, h in enumerate(heads)
+    ]
+    logits = [member(inputs) for member in members]
+    mean = layers.Average(name="logits")(logits) if len(logits) > 1 else logits[0]
+    return keras.Model(inputs, mean, name="style_head")

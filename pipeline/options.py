@@ -116,10 +116,11 @@ class TrainOptions(PipelineOptions):
             "(the feature pass computes both: twice its time).",
         )
         parser.add_argument(
-            "--fold_fraction",
-            type=float,
-            default=0.1,
-            help="Share of each training style held out for early stopping and calibration.",
+            "--folds",
+            type=int,
+            default=5,
+            help="Heads cross-fitted on the training split, each early-stopped on its own "
+            "fold; the bundle averages them, their out-of-fold logits calibrate it.",
         )
         parser.add_argument(
             "--hidden_units",

@@ -14,7 +14,7 @@ import hashlib
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -33,10 +33,11 @@ from models.backbones import backbones_of, feature_extractor, input_size_of, wit
 from models.bundle import HEAD_FILE, PREPROCESSING, save_bundle
 from models.head import (
     HeadConfig,
+    average_heads,
     calibrated_probabilities,
     fit_head,
     fit_temperature,
-    stratified_fold,
+    stratified_folds,
 )
 from models.scoring import Scoreboard
 from pipeline.options import CatalogOptions, TrainOptions, parse_options, run_command
@@ -208,9 +209,16 @@ def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
 
 
 def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model, dict[str, Any]]:
-    """Fits the head on the training split; returns it with everything the manifest records."""
+    """Cross-fits one head per fold of the training split and averages them.
+
+    Head k trains on every fold but k and stops early where fold k stops improving, so all
+    of the split trains the bundle and every training painting is also scored once by a
+    head that never saw it. Those out-of-fold logits calibrate the temperature and give
+    the choices of flags a score over the whole split, not over a small fold.
+    Returns the averaged head with everything the manifest records.
+    """
     classes, train, held_out = data.classes, data.train, data.evaluation
-    fold = stratified_fold(train.labels, args.fold_fraction, args.seed)
+    folds = stratified_folds(train.labels, args.folds, args.seed)
     config = HeadConfig(
         hidden_units=args.hidden_units,
         dropout=args.dropout,
@@ -220,21 +228,28 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         epochs=args.epochs,
         seed=args.seed,
     )
-    x_train, y_train = train.features[~fold], train.labels[~fold]
-    if train.mirrored is not None:
-        x_train = np.concatenate([x_train, train.mirrored[~fold]])
-        y_train = np.concatenate([y_train, y_train])
-    head, epochs = fit_head(
-        x_train,
-        y_train,
-        train.features[fold],
-        train.labels[fold],
-        len(classes),
-        config,
-    )
-    fold_logits = head.predict(train.features[fold], verbose=0)
-    temperature = fit_temperature(fold_logits, train.labels[fold])
-    scores = {"fold": _score(fold_logits, temperature, train.names[fold], classes)}
+    out_of_fold = np.zeros((len(train.labels), len(classes)), dtype=np.float32)
+    heads, epochs = [], []
+    for k in range(args.folds):
+        held = folds == k
+        x_train, y_train = train.features[~held], train.labels[~held]
+        if train.mirrored is not None:
+            x_train = np.concatenate([x_train, train.mirrored[~held]])
+            y_train = np.concatenate([y_train, y_train])
+        head, head_epochs = fit_head(
+            x_train,
+            y_train,
+            train.features[held],
+            train.labels[held],
+            len(classes),
+            replace(config, seed=config.seed + k),
+        )
+        out_of_fold[held] = head.predict(train.features[held], verbose=0)
+        heads.append(head)
+        epochs.append(head_epochs)
+    head = average_heads(heads)
+    temperature = fit_temperature(out_of_fold, train.labels)
+    scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
     if held_out is not None:
         eval_logits = head.predict(held_out.features, verbose=0)
         scores[args.eval_split] = _score(eval_logits, temperature, held_out.names, classes)
@@ -243,14 +258,14 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         "head": {
             "file": HEAD_FILE,
             "temperature": temperature,
-            "epochs": epochs,
+            "folds": args.folds,
             **config.as_dict(),
+            "epochs_trained": epochs,  # each head's, where its fold stopped improving
         },
         "counts": {
             **data.counts,
-            "train": int((~fold).sum()),
-            "train_mirrored": 0 if train.mirrored is None else int((~fold).sum()),
-            "fold": int(fold.sum()),
+            "train": len(train.labels),
+            "train_mirrored": 0 if train.mirrored is None else len(train.labels),
             "eval": 0 if held_out is None else len(held_out.labels),
         },
         "scores": scores,

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.head import fit_temperature, stratified_fold
+from models.bundle import ModelBundle, save_bundle
+from models.head import HeadConfig, average_heads, build_head, fit_temperature, stratified_folds
 from pipeline.predict import run as predict
 from pipeline.train import read_embeddings
 from pipeline.train import run as train
@@ -21,10 +22,26 @@ def test_temperature_undoes_a_known_sharpening():
     assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
 
 
-def test_fold_holds_out_every_class():
+def test_folds_deal_every_class_evenly():
     labels = np.array([0] * 10 + [1] * 20 + [2] * 3)
-    fold = stratified_fold(labels, 0.2, seed=0)
-    assert [int(fold[labels == c].sum()) for c in range(3)] == [2, 4, 1]
+    folds = stratified_folds(labels, 5, seed=0)
+    for label, per_fold in ((0, 2), (1, 4)):
+        assert np.bincount(folds[labels == label], minlength=5).tolist() == [per_fold] * 5
+    assert sorted(np.bincount(folds[labels == 2], minlength=5)) == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        stratified_folds(labels, 1, seed=0)
+
+
+def test_averaged_heads_give_the_mean_logits_and_survive_the_bundle(tmp_path):
+    features = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
+    heads = [build_head(features, 3, HeadConfig(hidden_units=h, seed=h)) for h in (0, 4)]
+    averaged = average_heads(heads)
+    expected = np.mean([h.predict(features, verbose=0) for h in heads], axis=0)
+    np.testing.assert_allclose(averaged.predict(features, verbose=0), expected, rtol=1e-5)
+
+    save_bundle(str(tmp_path), {"id": "two-heads"}, averaged)
+    reloaded = ModelBundle.load(str(tmp_path)).load_head()
+    np.testing.assert_allclose(reloaded.predict(features, verbose=0), expected, rtol=1e-5)
 
 
 @pytest.fixture
@@ -44,7 +61,7 @@ def labelled_catalog(tmp_path):
 def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     bundle = labelled_catalog / "bundle"
     argv = [f"--input={labelled_catalog / 'catalog.csv'}", f"--output={bundle}",
-            "--backbone=efficientnet_lite0", "--features=pooled", "--fold_fraction=0.34",
+            "--backbone=efficientnet_lite0", "--features=pooled", "--folds=3",
             "--epochs=40", "--batch_size=8", "--model_id=colours"]  # fmt: skip
     manifest = train(argv)
 
@@ -52,8 +69,10 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert saved == manifest
     assert manifest["classes"] == CLASSES
     assert manifest["training"]["command"].startswith("python -m pipeline.train --input=")
-    assert manifest["training"]["counts"] == {"rows": 24, "errors": 0, "train": 12, "fold": 6,
+    assert manifest["training"]["counts"] == {"rows": 24, "errors": 0, "train": 18,
                                               "train_mirrored": 0, "eval": 6}  # fmt: skip
+    assert manifest["head"]["folds"] == 3 and len(manifest["head"]["epochs_trained"]) == 3
+    assert manifest["scores"]["out_of_fold"]["n_labelled"] == 18
     assert len(manifest["training"]["catalog_sha256"]) == 64
     val = manifest["scores"]["val"]
     assert val["n_labelled"] == 6 and val["top1"] >= 0.8  # colours are easy to tell apart
@@ -72,13 +91,13 @@ def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled
     bundle = labelled_catalog / "ensemble"
     argv = [f"--input={labelled_catalog / 'catalog.csv'}", f"--output={bundle}",
             "--backbone=efficientnet_lite1+efficientnet_lite0", "--features=pooled",
-            "--augment_mirror", "--fold_fraction=0.34", "--epochs=40",
+            "--augment_mirror", "--folds=3", "--epochs=40",
             "--batch_size=8"]  # fmt: skip
     manifest = train(argv)
 
     assert manifest["backbone"]["name"] == "efficientnet_lite1+efficientnet_lite0"
     assert manifest["backbone"]["input_size"] == 240
-    assert manifest["training"]["counts"]["train_mirrored"] == 12
+    assert manifest["training"]["counts"]["train_mirrored"] == 18
     embeddings = read_embeddings(f"{bundle}.embeddings").to_pandas()
     features = np.stack(embeddings["features"].to_numpy())
     mirrored = np.stack(embeddings["mirrored_features"].to_numpy())
