@@ -88,14 +88,24 @@ def tile_batches(images: np.ndarray, batch_size: int, n_batches: int) -> np.ndar
 
 def raw_throughput(paths: dict[str, ModelPath], inputs: np.ndarray, batch_size: int) -> dict:
     """Per path: images/s over `inputs`, the warm-up (tracing, compiling) it needed first,
-    and its largest difference in probability from the pipeline's path."""
-    results: dict[str, float] = {}
+    and its largest difference in probability from the pipeline's path.
+
+    A path that cannot run this model (XLA has no kernel for some ops, such as the
+    antialiased resize inside an ensemble) is reported as such, not timed.
+    """
+    results: dict[str, float | str] = {}
     reference = None
     for name, predict in paths.items():
-        warm_up_s, _ = _timed(predict, inputs[:batch_size])
+        prefix = "raw" if name == PIPELINE_PATH else f"raw_{name}"
+        try:
+            warm_up_s, _ = _timed(predict, inputs[:batch_size])
+        except tf.errors.OpError as error:
+            if name == PIPELINE_PATH:
+                raise
+            results[f"{prefix}_unsupported"] = error.message.splitlines()[0][:300]
+            continue
         seconds, outputs = _timed(predict, inputs)
         reference = outputs if reference is None else reference
-        prefix = "raw" if name == PIPELINE_PATH else f"raw_{name}"
         results[f"{prefix}_images_per_s"] = len(inputs) / seconds
         results[f"{prefix}_warm_up_s"] = warm_up_s
         if name != PIPELINE_PATH:

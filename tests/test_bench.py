@@ -4,6 +4,7 @@ import json
 import resource
 import sys
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -69,6 +70,17 @@ def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle):
     for path in ("predict_on_batch", "xla"):
         assert results[f"raw_{path}_images_per_s"] > 0
         assert results[f"raw_{path}_max_abs_diff"] < 1e-4
+
+
+def test_a_path_that_cannot_compile_the_model_is_reported_not_fatal():
+    """XLA has no CPU kernel for the antialiased resize an ensemble's second backbone uses."""
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Resizing(4, 4, antialias=True)(inputs))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    results = raw_throughput(model_paths(model, batch_size=2), images, batch_size=2)
+    assert results["raw_predict_on_batch_images_per_s"] > 0
+    assert "ScaleAndTranslate" in results["raw_xla_unsupported"]
+    assert "raw_xla_images_per_s" not in results
 
 
 @pytest.fixture
