@@ -117,12 +117,11 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 
 
 def average_heads(heads: list[keras.Model]) -> keras.Model:
-    """One head whose logits are the mean of `heads`' logits: the bundle keeps one head file
-    and the pipeline one model call, however many heads were fitted."""
+    """One head whose logits are the mean of `heads`' logits (two or more): the bundle keeps
+    one head file and the pipeline one model call, however many heads were fitted."""
     inputs = keras.Input(heads[0].inputs[0].shape[1:], name="features")
     members = [
         keras.Model(h.inputs[0], h.outputs[0], name=f"member_{i}") for i, h in enumerate(heads)
     ]
     logits = [member(inputs) for member in members]
-    mean = layers.Average(name="logits")(logits) if len(logits) > 1 else logits[0]
-    return keras.Model(inputs, mean, name="style_head")
+    return keras.Model(inputs, layers.Average(name="logits")(logits), name="style_head")

@@ -228,25 +228,7 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         epochs=args.epochs,
         seed=args.seed,
     )
-    out_of_fold = np.zeros((len(train.labels), len(classes)), dtype=np.float32)
-    heads, epochs = [], []
-    for k in range(args.folds):
-        held = folds == k
-        x_train, y_train = train.features[~held], train.labels[~held]
-        if train.mirrored is not None:
-            x_train = np.concatenate([x_train, train.mirrored[~held]])
-            y_train = np.concatenate([y_train, y_train])
-        head, head_epochs = fit_head(
-            x_train,
-            y_train,
-            train.features[held],
-            train.labels[held],
-            len(classes),
-            replace(config, seed=config.seed + k),
-        )
-        out_of_fold[held] = head.predict(train.features[held], verbose=0)
-        heads.append(head)
-        epochs.append(head_epochs)
+    heads, epochs, out_of_fold = cross_fit_heads(train, folds, len(classes), config)
     head = average_heads(heads)
     temperature = fit_temperature(out_of_fold, train.labels)
     scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
@@ -271,6 +253,33 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         "scores": scores,
     }
     return head, report
+
+
+def cross_fit_heads(
+    train: LabelledSet, folds: np.ndarray, n_classes: int, config: HeadConfig
+) -> tuple[list[keras.Model], list[int], np.ndarray]:
+    """One head per fold, trained on the other folds (and their mirrors) and stopped early
+    on its own; returns the heads, their epochs and every painting's out-of-fold logits."""
+    out_of_fold = np.zeros((len(train.labels), n_classes), dtype=np.float32)
+    heads, epochs = [], []
+    for k in range(folds.max() + 1):
+        held = folds == k
+        x_train, y_train = train.features[~held], train.labels[~held]
+        if train.mirrored is not None:
+            x_train = np.concatenate([x_train, train.mirrored[~held]])
+            y_train = np.concatenate([y_train, y_train])
+        head, head_epochs = fit_head(
+            x_train,
+            y_train,
+            train.features[held],
+            train.labels[held],
+            n_classes,
+            replace(config, seed=config.seed + k),
+        )
+        out_of_fold[held] = head.predict(train.features[held], verbose=0)
+        heads.append(head)
+        epochs.append(head_epochs)
+    return heads, epochs, out_of_fold
 
 
 def _score(
@@ -299,6 +308,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     backbones_of(args.backbone)  # an unknown name fails here, before any image is read
+    if args.folds < 2:  # and so does a fold count that cannot cross-fit
+        raise ValueError(f"--folds must be at least 2, got {args.folds}")
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")

@@ -85,6 +85,8 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
 
     with pytest.raises(ValueError, match="no mirror features"):
         train([*argv, "--reuse_embeddings", "--augment_mirror"])
+    with pytest.raises(ValueError, match="--folds must be at least 2"):
+        train([*argv, "--folds=1"])  # before any feature is computed
 
 
 def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled_catalog):
