@@ -104,10 +104,17 @@ def _negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
+def check_fold_count(n_folds: int) -> None:
+    """Cross-fitting needs one fold to stop each head on and at least one other to train it."""
+    if n_folds < 2:
+        raise ValueError(
+            f"Cross-fitting needs at least 2 folds (--folds must be at least 2), got {n_folds}"
+        )
+
+
 def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Each sample's fold, 0..n_folds-1, every class dealt round-robin across the folds."""
-    if n_folds < 2:
-        raise ValueError(f"Cross-fitting needs at least 2 folds, got {n_folds}")
+    check_fold_count(n_folds)
     rng = np.random.default_rng(seed)
     folds = np.empty(len(labels), dtype=int)
     for label in np.unique(labels):

@@ -35,6 +35,7 @@ from models.head import (
     HeadConfig,
     average_heads,
     calibrated_probabilities,
+    check_fold_count,
     fit_head,
     fit_temperature,
     stratified_folds,
@@ -308,8 +309,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     backbones_of(args.backbone)  # an unknown name fails here, before any image is read
-    if args.folds < 2:  # and so does a fold count that cannot cross-fit
-        raise ValueError(f"--folds must be at least 2, got {args.folds}")
+    check_fold_count(args.folds)  # and so does a fold count that cannot cross-fit
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")
