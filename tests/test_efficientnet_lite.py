@@ -68,17 +68,31 @@ def test_builds_untrained_with_taps(variant: str) -> None:
     assert model.get_layer("stage1_out").output.shape == (None, size // 2, size // 2, 16)
 
 
+def folded(state: dict[str, np.ndarray], norm: str) -> tuple[np.ndarray, np.ndarray]:
+    """A batch norm's per-channel scale and shift: what folding it into a convolution uses."""
+    scale = state[f"{norm}.weight"] / np.sqrt(state[f"{norm}.running_var"] + 1e-3)
+    return scale, state[f"{norm}.bias"] - state[f"{norm}.running_mean"] * scale
+
+
 def test_every_imagenet_tensor_is_assigned(lite0: keras.Model) -> None:
     path = imagenet_weights_path("efficientnet_lite0")
     state = read_torch_state_dict(path)
     weights = {n: t for n, t in state.items() if not n.endswith("num_batches_tracked")}
+    # Each batch norm's four vectors become one bias of its convolution.
+    norms = [n for n in weights if "_bn" in n and n.endswith(".weight")]
+    folded_away = sum(weights[n].size * 3 for n in norms)
 
-    assert lite0.count_params() == sum(tensor.size for tensor in weights.values())
-    (stem,) = lite0.get_layer("stem_conv").get_weights()
-    np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
-    (depthwise,) = lite0.get_layer("block3_dwconv").get_weights()
+    assert lite0.count_params() == sum(t.size for t in weights.values()) - folded_away
+    stem, stem_bias = lite0.get_layer("stem_conv").get_weights()
+    scale, shift = folded(state, "_bn0")
+    np.testing.assert_allclose(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0) * scale)
+    np.testing.assert_allclose(stem_bias, shift)
+    depthwise, depthwise_bias = lite0.get_layer("block3_dwconv").get_weights()
+    scale, shift = folded(state, "_blocks.3._bn1")
     channels_first = np.moveaxis(depthwise[..., 0], -1, 0)
-    np.testing.assert_array_equal(channels_first, state["_blocks.3._depthwise_conv.weight"][:, 0])
+    expected = state["_blocks.3._depthwise_conv.weight"][:, 0] * scale[:, None, None]
+    np.testing.assert_allclose(channels_first, expected)
+    np.testing.assert_allclose(depthwise_bias, shift)
     kernel, _ = lite0.get_layer("predictions").get_weights()
     np.testing.assert_array_equal(kernel, state["_fc.weight"].T)
 
