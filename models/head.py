@@ -123,12 +123,53 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def average_heads(heads: list[keras.Model]) -> keras.Model:
-    """One head whose logits are the mean of `heads`' logits (two or more): the bundle keeps
-    one head file and the pipeline one model call, however many heads were fitted."""
+def merge_heads(heads: list[keras.Model]) -> keras.Model:
+    """One two-layer head whose logits are the mean of `heads`' logits, for heads built by
+    build_head with one configuration.
+
+    Each head's standardisation is folded into its first dense layer; linear heads then
+    average into one; MLP heads' hidden layers sit side by side (ReLU acts on each unit
+    alone) and their output layers stack, divided by the head count. The bundle keeps one
+    small model: it loads and traces as fast as one head, however many were fitted.
+    """
+    weights = [_standardisation_folded(head) for head in heads]
+    if len({len(w) for w in weights}) != 1:
+        raise ValueError("merge_heads needs heads of one configuration (all linear or all MLP)")
     inputs = keras.Input(heads[0].inputs[0].shape[1:], name="features")
-    members = [
-        keras.Model(h.inputs[0], h.outputs[0], name=f"member_{i}") for i, h in enumerate(heads)
-    ]
-    logits = [member(inputs) for member in members]
-    return keras.Model(inputs, layers.Average(name="logits")(logits), name="style_head")
+    if len(weights[0]) == 1:  # linear heads: the mean of affine maps is an affine map
+        kernel, bias = (
+            np.mean([w[0][0] for w in weights], 0),
+            np.mean([w[0][1] for w in weights], 0),
+        )
+        return _dense_model(inputs, [(kernel, bias, None)])
+    hidden_kernel = np.concatenate([w[0][0] for w in weights], axis=1)
+    hidden_bias = np.concatenate([w[0][1] for w in weights])
+    output_kernel = np.concatenate([w[1][0] for w in weights]) / len(heads)
+    output_bias = np.mean([w[1][1] for w in weights], 0)
+    return _dense_model(
+        inputs, [(hidden_kernel, hidden_bias, "relu"), (output_kernel, output_bias, None)]
+    )
+
+
+def _standardisation_folded(head: keras.Model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A head's dense (kernel, bias) pairs, the first taking raw features: W (x - m) / s + b
+    is (W / s) x + (b - (m / s) W)."""
+    (normalization,) = [layer for layer in head.layers if isinstance(layer, layers.Normalization)]
+    mean = np.asarray(normalization.mean).reshape(-1)
+    scale = np.maximum(
+        np.sqrt(np.asarray(normalization.variance).reshape(-1)), keras.config.epsilon()
+    )
+    dense = [layer.get_weights() for layer in head.layers if isinstance(layer, layers.Dense)]
+    (kernel, bias), rest = dense[0], dense[1:]
+    first = (kernel / scale[:, None], bias - (mean / scale) @ kernel)
+    return [first] + [(k, b) for k, b in rest]
+
+
+def _dense_model(inputs, dense: list[tuple[np.ndarray, np.ndarray, str | None]]) -> keras.Model:
+    x = inputs
+    for i, (kernel, bias, activation) in enumerate(dense):
+        last = i == len(dense) - 1
+        layer = layers.Dense(len(bias), activation=activation, name="logits" if last else "hidden")
+        x = layer(x)
+        layer.set_weights([kernel, bias])
+    return keras.Model(inputs, x, name="style_head")

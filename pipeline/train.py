@@ -33,11 +33,11 @@ from models.backbones import backbones_of, feature_extractor, input_size_of, wit
 from models.bundle import HEAD_FILE, PREPROCESSING, save_bundle
 from models.head import (
     HeadConfig,
-    average_heads,
     calibrated_probabilities,
     check_fold_count,
     fit_head,
     fit_temperature,
+    merge_heads,
     stratified_folds,
 )
 from models.scoring import Scoreboard
@@ -210,13 +210,13 @@ def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
 
 
 def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model, dict[str, Any]]:
-    """Cross-fits one head per fold of the training split and averages them.
+    """Cross-fits one head per fold of the training split and merges them into one.
 
     Head k trains on every fold but k and stops early where fold k stops improving, so all
     of the split trains the bundle and every training painting is also scored once by a
     head that never saw it. Those out-of-fold logits calibrate the temperature and give
     the choices of flags a score over the whole split, not over a small fold.
-    Returns the averaged head with everything the manifest records.
+    Returns the merged head with everything the manifest records.
     """
     classes, train, held_out = data.classes, data.train, data.evaluation
     folds = stratified_folds(train.labels, args.folds, args.seed)
@@ -230,7 +230,7 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         seed=args.seed,
     )
     heads, epochs, out_of_fold = cross_fit_heads(train, folds, len(classes), config)
-    head = average_heads(heads)
+    head = merge_heads(heads)
     temperature = fit_temperature(out_of_fold, train.labels)
     scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
     if held_out is not None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from models.bundle import ModelBundle, save_bundle
-from models.head import HeadConfig, average_heads, build_head, fit_temperature, stratified_folds
+from models.head import HeadConfig, build_head, fit_temperature, merge_heads, stratified_folds
 from pipeline.predict import run as predict
 from pipeline.train import read_embeddings
 from pipeline.train import run as train
@@ -32,16 +32,29 @@ def test_folds_deal_every_class_evenly():
         stratified_folds(labels, 1, seed=0)
 
 
-def test_averaged_heads_give_the_mean_logits_and_survive_the_bundle(tmp_path):
-    features = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
-    heads = [build_head(features, 3, HeadConfig(hidden_units=h, seed=h)) for h in (0, 4)]
-    averaged = average_heads(heads)
+@pytest.mark.parametrize("hidden_units", [0, 4], ids=["linear", "mlp"])
+def test_merged_heads_give_the_mean_logits_and_survive_the_bundle(tmp_path, hidden_units):
+    rng = np.random.default_rng(0)
+    features = rng.normal(loc=3.0, scale=2.0, size=(32, 6)).astype(np.float32)
+    heads = [
+        build_head(features[seed::2], 3, HeadConfig(hidden_units=hidden_units, seed=seed))
+        for seed in (0, 1)
+    ]  # each head standardises with its own statistics, as cross-fitted heads do
+    merged = merge_heads(heads)
     expected = np.mean([h.predict(features, verbose=0) for h in heads], axis=0)
-    np.testing.assert_allclose(averaged.predict(features, verbose=0), expected, rtol=1e-5)
+    np.testing.assert_allclose(merged.predict(features, verbose=0), expected, atol=1e-5)
+    assert len(merged.layers) == (2 if hidden_units == 0 else 3)  # input and dense layers
 
-    save_bundle(str(tmp_path), {"id": "two-heads"}, averaged)
+    save_bundle(str(tmp_path), {"id": "two-heads"}, merged)
     reloaded = ModelBundle.load(str(tmp_path)).load_head()
-    np.testing.assert_allclose(reloaded.predict(features, verbose=0), expected, rtol=1e-5)
+    np.testing.assert_allclose(reloaded.predict(features, verbose=0), expected, atol=1e-5)
+
+
+def test_heads_of_different_shapes_are_not_merged():
+    features = np.zeros((4, 6), np.float32)
+    heads = [build_head(features, 3, HeadConfig(hidden_units=h)) for h in (0, 4)]
+    with pytest.raises(ValueError, match="one configuration"):
+        merge_heads(heads)
 
 
 @pytest.fixture
