@@ -51,7 +51,7 @@ BACKBONES: dict[str, Backbone] = {
             input_size=efficientnet_lite.INPUT_SIZES[name],
             build=partial(efficientnet_lite.build_efficientnet_lite, name),
             stage_layers=tuple(f"stage{i}_out" for i in range(3, 8)),
-            last_layer="head_activation",
+            last_layer="head_conv",
             covariance_layers=("stage3_out", "stage4_out"),
         )
         for name in efficientnet_lite.INPUT_SIZES

