@@ -83,16 +83,22 @@ def _round_repeats(stage_index: int, repeats: int, depth: float) -> int:
 
 
 def _conv_relu6(
-    x: keras.KerasTensor, filters: int, kernel: int, stride: int, name: str
+    x: keras.KerasTensor, filters: int, kernel: int, stride: int, init: str, name: str
 ) -> keras.KerasTensor:
     conv = layers.Conv2D(
-        filters, kernel, stride, padding="same", activation="relu6", name=f"{name}_conv"
+        filters,
+        kernel,
+        stride,
+        padding="same",
+        activation="relu6",
+        kernel_initializer=init,
+        name=f"{name}_conv",
     )
     return conv(x)
 
 
 def _mbconv(
-    x: keras.KerasTensor, stage: _Stage, filters: int, stride: int, name: str
+    x: keras.KerasTensor, stage: _Stage, filters: int, stride: int, init: str, name: str
 ) -> keras.KerasTensor:
     """Inverted residual block: widen, filter each channel spatially, project back down.
 
@@ -102,32 +108,45 @@ def _mbconv(
     inputs = x
     in_filters = x.shape[-1]
     if stage.expand != 1:
-        x = _conv_relu6(x, in_filters * stage.expand, 1, 1, f"{name}_expand")
+        x = _conv_relu6(x, in_filters * stage.expand, 1, 1, init, f"{name}_expand")
     x = layers.DepthwiseConv2D(
-        stage.kernel, stride, padding="same", activation="relu6", name=f"{name}_dwconv"
+        stage.kernel,
+        stride,
+        padding="same",
+        activation="relu6",
+        depthwise_initializer=init,
+        name=f"{name}_dwconv",
     )(x)
-    x = layers.Conv2D(filters, 1, padding="same", name=f"{name}_project_conv")(x)
+    project = layers.Conv2D(
+        filters, 1, padding="same", kernel_initializer=init, name=f"{name}_project_conv"
+    )
+    x = project(x)
     if stride == 1 and in_filters == filters:
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
 
 
-def _build(name: str, variant: _Variant) -> keras.Model:
+def _build(name: str, variant: _Variant, init: str) -> keras.Model:
+    """`init`: the kernels' initializer; "zeros" where a weights file will overwrite them
+    anyway (random draws for ten million weights would cost a second of start-up)."""
     inputs = keras.Input((variant.size, variant.size, 3), name="image")
     x = layers.Rescaling(_INPUT_SCALE, offset=_INPUT_OFFSET, name="normalize")(inputs)
-    x = _conv_relu6(x, _STEM_FILTERS, 3, 2, "stem")
+    x = _conv_relu6(x, _STEM_FILTERS, 3, 2, init, "stem")
     repeats = [_round_repeats(i, stage.repeats, variant.depth) for i, stage in enumerate(_STAGES)]
     number = 0  # blocks are numbered across stages, as in the PyTorch state dict
     for index, stage in enumerate(_STAGES):
         filters = _round_filters(stage.filters, variant.width)
         for repeat in range(repeats[index]):
             stride = stage.stride if repeat == 0 else 1
-            x = _mbconv(x, stage, filters, stride, f"block{number}")
+            x = _mbconv(x, stage, filters, stride, init, f"block{number}")
             number += 1
         x = layers.Identity(name=f"stage{index + 1}_out")(x)
-    x = _conv_relu6(x, _HEAD_FILTERS, 1, 1, "head")
+    x = _conv_relu6(x, _HEAD_FILTERS, 1, 1, init, "head")
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = layers.Dense(_NUM_CLASSES, activation="softmax", name="predictions")(x)
+    classifier = layers.Dense(
+        _NUM_CLASSES, activation="softmax", kernel_initializer=init, name="predictions"
+    )
+    outputs = classifier(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -244,7 +263,7 @@ def build_efficientnet_lite(
         raise ValueError(f"weights must be 'imagenet' or None, not {weights!r}")
     if weights is None and weights_path is not None:
         raise ValueError("weights_path is only read with weights='imagenet'")
-    model = _build(variant, _VARIANTS[variant])
+    model = _build(variant, _VARIANTS[variant], "zeros" if weights else "glorot_uniform")
     if weights == "imagenet":
         _load_torch_weights(model, weights_path or imagenet_weights_path(variant))
     return model

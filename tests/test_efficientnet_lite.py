@@ -66,6 +66,8 @@ def test_builds_untrained_with_taps(variant: str) -> None:
     assert TAPS.issubset(layer.name for layer in model.layers)
     assert model.get_layer("avg_pool").output.shape == (None, 1280)
     assert model.get_layer("stage1_out").output.shape == (None, size // 2, size // 2, 16)
+    (kernel, _) = model.get_layer("stem_conv").get_weights()
+    assert kernel.std() > 0  # drawn at random: only weights read from a file start at zero
 
 
 def folded(state: dict[str, np.ndarray], norm: str) -> tuple[np.ndarray, np.ndarray]:
