@@ -169,7 +169,14 @@ def _dense_model(inputs, dense: list[tuple[np.ndarray, np.ndarray, str | None]])
     x = inputs
     for i, (kernel, bias, activation) in enumerate(dense):
         last = i == len(dense) - 1
-        layer = layers.Dense(len(bias), activation=activation, name="logits" if last else "hidden")
+        # Initialised at zero, then set: saved with that config, the head then loads without
+        # drawing millions of random weights it would overwrite.
+        layer = layers.Dense(
+            len(bias),
+            activation=activation,
+            kernel_initializer="zeros",
+            name="logits" if last else "hidden",
+        )
         x = layer(x)
         layer.set_weights([kernel, bias])
     return keras.Model(inputs, x, name="style_head")
