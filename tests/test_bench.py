@@ -99,7 +99,7 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     output = tmp_path / "bench.json"
     argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
             "--images=12", "--large_images=16", "--batch_size=4", "--reload_images=2",
-            "--decode_images=4", "--raw_batches=1"]  # fmt: skip
+            "--decode_images=4", "--raw_batches=1", "--startup_runs=3"]  # fmt: skip
     results = bench(argv)
 
     assert json.loads(output.read_text()) == results
@@ -107,6 +107,8 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     assert results["pipeline_images"] == 12 and results["pipeline_errors"] == 0
     assert results["large_images"] == 16 and results["large_errors"] == 0
     assert results["decode_images"] == 4 and results["reload_images"] == 2
+    assert results["startup_runs_s"] == sorted(results["startup_runs_s"])
+    assert results["startup_run_s"] == results["startup_runs_s"][1]  # the median of three
     assert results["raw_images_per_s"] == pytest.approx(
         (results["raw_images_per_s_before"] + results["raw_images_per_s_after"]) / 2
     )
