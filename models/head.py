@@ -137,10 +137,8 @@ def merge_heads(heads: list[keras.Model]) -> keras.Model:
         raise ValueError("merge_heads needs heads of one configuration (all linear or all MLP)")
     inputs = keras.Input(heads[0].inputs[0].shape[1:], name="features")
     if len(weights[0]) == 1:  # linear heads: the mean of affine maps is an affine map
-        kernel, bias = (
-            np.mean([w[0][0] for w in weights], 0),
-            np.mean([w[0][1] for w in weights], 0),
-        )
+        kernel = np.mean([w[0][0] for w in weights], 0)
+        bias = np.mean([w[0][1] for w in weights], 0)
         return _dense_model(inputs, [(kernel, bias, None)])
     hidden_kernel = np.concatenate([w[0][0] for w in weights], axis=1)
     hidden_bias = np.concatenate([w[0][1] for w in weights])
@@ -152,8 +150,8 @@ def merge_heads(heads: list[keras.Model]) -> keras.Model:
 
 
 def _standardisation_folded(head: keras.Model) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A head's dense (kernel, bias) pairs, the first taking raw features: W (x - m) / s + b
-    is (W / s) x + (b - (m / s) W)."""
+    """A head's dense (kernel, bias) pairs, the first taking raw features: ((x - m) / s) K + b
+    is x (K / s) + (b - (m / s) K), with K / s dividing each row of K by its feature's s."""
     (normalization,) = [layer for layer in head.layers if isinstance(layer, layers.Normalization)]
     mean = np.asarray(normalization.mean).reshape(-1)
     scale = np.maximum(
