@@ -184,35 +184,36 @@ def _keras_values(layer: layers.Layer, state: dict[str, np.ndarray]) -> list[np.
     """Converts PyTorch's channels-first (out, in, h, w) kernels to Keras' (h, w, in, out)."""
     match layer:
         case layers.DepthwiseConv2D():
-            conv, norm = _torch_modules(layer.name)
             # (channels, 1, h, w) -> (h, w, channels, 1): one filter per input channel.
-            kernel = _take(state, f"{conv}.weight").transpose(2, 3, 0, 1)
-            return _fold_batch_norm(kernel, state, norm, out_axis=2)
+            return _folded_convolution(layer.name, state, to_keras=(2, 3, 0, 1))
         case layers.Conv2D():
-            conv, norm = _torch_modules(layer.name)
-            kernel = _take(state, f"{conv}.weight").transpose(2, 3, 1, 0)
-            return _fold_batch_norm(kernel, state, norm, out_axis=3)
+            return _folded_convolution(layer.name, state, to_keras=(2, 3, 1, 0))
         case layers.Dense():
             (dense,) = _torch_modules(layer.name)
             return [_take(state, f"{dense}.weight").T, _take(state, f"{dense}.bias")]
     raise TypeError(f"layer {layer.name} has weights but no PyTorch counterpart")
 
 
-def _fold_batch_norm(
-    kernel: np.ndarray, state: dict[str, np.ndarray], norm: str, out_axis: int
+def _folded_convolution(
+    layer_name: str, state: dict[str, np.ndarray], to_keras: tuple[int, ...]
 ) -> list[np.ndarray]:
     """The kernel and bias of one convolution doing the work of a convolution and the frozen
     batch norm after it: gamma (conv(x) - mean) / sqrt(var + eps) + beta is conv(x) with each
     output channel's filter scaled by gamma / sqrt(var + eps), plus a bias. The backbone is
     never trained here, so its norms are constants: folding them in halves the layers to
-    build at start-up and the passes over each feature map at inference."""
+    build at start-up and the passes over each feature map at inference.
+
+    The scaling is done in PyTorch's layout, where both kinds of convolution keep each
+    output channel's filter on axis 0; `to_keras` then moves the axes into Keras' order.
+    """
+    conv, norm = _torch_modules(layer_name)
+    kernel = _take(state, f"{conv}.weight")
     gamma, beta, mean, variance = (
         _take(state, f"{norm}.{part}") for part in ("weight", "bias", "running_mean", "running_var")
     )
     scale = gamma / np.sqrt(variance + _BN_EPSILON)
-    shape = [1] * kernel.ndim
-    shape[out_axis] = -1
-    return [kernel * scale.reshape(shape), beta - mean * scale]
+    folded = kernel * scale[:, np.newaxis, np.newaxis, np.newaxis]
+    return [folded.transpose(to_keras), beta - mean * scale]
 
 
 def _load_torch_weights(model: keras.Model, path: str) -> None:
