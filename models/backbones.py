@@ -100,7 +100,7 @@ def feature_extractor(
     images = keras.Input((size, size, 3), name="images")
     vectors = [
         backbone_features(backbone, features, weights, weights_path)(
-            _resized(images, backbone.input_size)
+            resized(images, backbone.input_size)
         )
         for backbone in backbones
     ]
@@ -120,10 +120,25 @@ def with_mirror(extractor: keras.Model) -> keras.Model:
     return keras.Model(images, layers.Concatenate(name="with_mirror")(vectors), name="with_mirror")
 
 
-def _resized(images, size: int):
+def resized(images, size: int):
+    """Antialiased bilinear resizing as two matrix products, one per axis: the values of
+    Keras's Resizing layer, in operations that XLA and ONNX export support (neither has
+    TensorFlow's antialiased resize, and ONNX Runtime's own differs at the borders)."""
     if images.shape[1] == size:
         return images
-    return layers.Resizing(size, size, interpolation="bilinear", antialias=True)(images)
+    matrix = resize_matrix(images.shape[1], size)
+    rows_resized = ops.einsum("hp,npqc->nhqc", matrix, images)
+    return ops.einsum("wq,nhqc->nhwc", matrix, rows_resized)
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size): the weight each output row takes from each input row, read off
+    by resizing an identity image along its rows with the backend's own resize."""
+    identity = np.eye(in_size, dtype="float32")[None, :, :, None]
+    resized = ops.image.resize(
+        identity, (out_size, in_size), interpolation="bilinear", antialias=True
+    )
+    return ops.convert_to_numpy(resized)[0, :, :, 0]
 
 
 def backbone_features(

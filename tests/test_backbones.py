@@ -3,12 +3,15 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from models.backbones import (
     channel_covariance,
     feature_extractor,
     get_backbone,
     input_size_of,
+    resize_matrix,
+    resized,
     with_mirror,
 )
 from models.bundle import ModelBundle, load_classifier, save_bundle
@@ -103,6 +106,20 @@ def test_an_ensemble_concatenates_its_backbones_features_at_their_own_sizes():
     np.testing.assert_allclose(
         features[:, 1280:], lite0.predict_on_batch(resized), rtol=1e-4, atol=1e-4
     )
+
+
+def test_the_in_model_resize_is_kerass_antialiased_resize_and_xla_compiles_it():
+    """An ensemble's second backbone gets its input size from two matrix products: the
+    values of Keras's Resizing layer, borders included, in operations XLA can compile."""
+    assert resize_matrix(260, 224).shape == (224, 260)
+    np.testing.assert_allclose(resize_matrix(260, 224).sum(axis=1), 1.0, atol=1e-6)
+    inputs = keras.Input((260, 260, 3))
+    resize = keras.Model(inputs, resized(inputs, 224))
+    images = np.random.default_rng(5).uniform(0, 255, (2, 260, 260, 3)).astype(np.float32)
+    expected = keras.layers.Resizing(224, 224, antialias=True)(images)
+    np.testing.assert_allclose(resize.predict_on_batch(images), expected, atol=1e-3)
+    compiled = tf.function(resize, jit_compile=True)
+    np.testing.assert_allclose(compiled(images), expected, atol=1e-3)
 
 
 def test_backbone_weights_file_is_for_a_single_backbone():

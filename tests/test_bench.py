@@ -73,7 +73,7 @@ def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle):
 
 
 def test_a_path_that_cannot_compile_the_model_is_reported_not_fatal():
-    """XLA has no CPU kernel for the antialiased resize an ensemble's second backbone uses."""
+    """XLA has no CPU kernel for some ops, such as Keras's antialiased Resizing layer."""
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Resizing(4, 4, antialias=True)(inputs))
     images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
