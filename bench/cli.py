@@ -20,12 +20,9 @@ import numpy as np
 import pandas as pd
 
 from bench.measure import (
-    BFLOAT16_FLAGS,
     PIPELINE_PATH,
     REPO_ROOT,
     PipelineRun,
-    bfloat16_classifier,
-    bfloat16_flag,
     decode_throughput,
     model_paths,
     pipeline_rates,
@@ -35,6 +32,7 @@ from bench.measure import (
     tile_batches,
 )
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
+from models.precision import BFLOAT16_CPU_FLAGS, PRECISIONS, cpu_bfloat16_flag, resolve_precision
 from transforms.images import decode_image, read_bytes
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
@@ -46,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=2000, help="N: the pipeline's catalog.")
     parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
     parser.add_argument("--batch_size", type=int, default=32, help="As the pipeline's flag.")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="As the pipeline's flag."
+    )
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="A folder with catalog.csv (uri, style)."
     )
@@ -99,7 +100,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     _progress("the model alone")
     model_results, time_model_again = measure_model(
-        bundle, uris[: args.batch_size], args.batch_size, args.raw_batches
+        bundle, uris[: args.batch_size], args.batch_size, args.raw_batches, args.precision
     )
     results |= model_results
     _progress("decoding alone")
@@ -120,19 +121,26 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure_model(
-    bundle: ModelBundle, uris: list[str], batch_size: int, n_batches: int
+    bundle: ModelBundle, uris: list[str], batch_size: int, n_batches: int, precision: str
 ) -> tuple[dict, Callable[[], float]]:
     """The classifier's paths over `n_batches` batches tiled from one batch of paintings;
-    and a function that times the pipeline's path again, for after the pipeline's runs."""
+    and a function that times the pipeline's path again, for after the pipeline's runs.
+
+    The pipeline's precision is timed, and the other one too where bfloat16 is native
+    (elsewhere TensorFlow emulates it: a timing of the emulation would mean nothing)."""
     images = np.stack([decode_image(read_bytes(uri), size=bundle.input_size) for uri in uris])
-    flag = bfloat16_flag()
-    bfloat16_model = bfloat16_classifier(bundle) if flag else None
-    paths = model_paths(bundle.classifier(), batch_size, bfloat16_model)
+    precision, flag = resolve_precision(precision), cpu_bfloat16_flag()
+    others = [other for other in ("float32", "bfloat16") if other != precision]
+    other_models = {
+        other: bundle.classifier(precision=other) for other in others if flag or other == "float32"
+    }
+    paths = model_paths(bundle.classifier(precision=precision), batch_size, other_models)
     inputs = tile_batches(images, batch_size, n_batches)
     results = {
         **raw_throughput(paths, inputs, batch_size),
         "raw_images": len(inputs),
-        "bfloat16": flag or f"not supported (no {' or '.join(BFLOAT16_FLAGS)} in /proc/cpuinfo)",
+        "precision": precision,
+        "bfloat16": flag or f"not native (no {' or '.join(BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo)",
     }
 
     def time_again() -> float:
@@ -163,7 +171,8 @@ def measure_pipeline(catalog: pd.DataFrame, args: argparse.Namespace) -> dict[st
         def run(n: int) -> PipelineRun:
             path = Path(folder) / f"catalog-{n}.csv"
             catalog.head(n).to_csv(path, index=False)
-            return run_pipeline(path, Path(folder) / f"run-{n}", args.model, args.batch_size)
+            output = Path(folder) / f"run-{n}"
+            return run_pipeline(path, output, args.model, args.batch_size, args.precision)
 
         startups = sorted(
             (run(args.batch_size) for _ in range(args.startup_runs)), key=lambda one: one.wall_s

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,6 @@ from transforms.inference import predict_in_fixed_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# CPU flags that run bfloat16 matrix arithmetic natively; without them TensorFlow emulates
-# it in float32, and a bfloat16 timing would only measure the emulation.
-BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
-
 # The model path the pipeline itself takes; the other paths are alternatives to it.
 PIPELINE_PATH = "fixed_batches"
 
@@ -38,27 +35,11 @@ ModelPath = Callable[[np.ndarray], np.ndarray]  # (k * batch_size, size, size, 3
 # --- 1. The model alone --------------------------------------------------------------------
 
 
-def bfloat16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The CPU flag that makes bfloat16 worth timing here, or None."""
-    flags = set(Path(cpuinfo).read_text().split())
-    return next((flag for flag in BFLOAT16_FLAGS if flag in flags), None)
-
-
-def bfloat16_classifier(bundle: ModelBundle) -> keras.Model:
-    """The bundle's classifier with bfloat16 arithmetic and float32 weights (Keras's mixed
-    policy); the global policy is restored, so models built later are float32 again."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        return bundle.classifier()
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def model_paths(
-    model: keras.Model, batch_size: int, bfloat16_model: keras.Model | None = None
+    model: keras.Model, batch_size: int, other_precisions: dict[str, keras.Model] | None = None
 ) -> dict[str, ModelPath]:
-    """Ways to run the model over whole batches, the pipeline's own first.
+    """Ways to run the model over whole batches, the pipeline's own first, then the same
+    classifier built at another precision (`other_precisions`), run the pipeline's way.
 
     All compute the same function; XLA fuses the graph differently, and bfloat16 rounds,
     so each is compared with the pipeline's path before its speed means anything.
@@ -69,8 +50,8 @@ def model_paths(
         "predict_on_batch": lambda x: _per_batch(model.predict_on_batch, x, batch_size),
         "xla": lambda x: _per_batch(xla, x, batch_size),
     }
-    if bfloat16_model is not None:
-        paths["bfloat16"] = lambda x: predict_in_fixed_batches(bfloat16_model, x, batch_size)
+    for name, other in (other_precisions or {}).items():
+        paths[name] = partial(predict_in_fixed_batches, other, batch_size=batch_size)
     return paths
 
 
@@ -189,10 +170,13 @@ class PipelineRun(ProcessRun):
     n_errors: int
 
 
-def run_pipeline(catalog: Path, output: Path, model: str, batch_size: int) -> PipelineRun:
+def run_pipeline(
+    catalog: Path, output: Path, model: str, batch_size: int, precision: str
+) -> PipelineRun:
     """`python -m pipeline` over `catalog`, as a user runs it, with its summary's counts."""
     command = [sys.executable, "-m", "pipeline", f"--input={catalog}", f"--output={output}",
-               f"--model={model}", f"--batch_size={batch_size}"]  # fmt: skip
+               f"--model={model}", f"--batch_size={batch_size}",
+               f"--precision={precision}"]  # fmt: skip
     process = run_process(command, output.with_suffix(".log"))
     summary = json.loads((output / "summary.json").read_text())
     return PipelineRun(

@@ -9,6 +9,7 @@ features), small enough to ship inside the package.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -21,6 +22,7 @@ import keras
 
 from models.backbones import feature_extractor
 from models.head import calibrated_probabilities
+from models.precision import building_in, resolve_precision
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
 MANIFEST_FILE = "manifest.json"
@@ -77,23 +79,35 @@ class ModelBundle:
                 Path(local_head).write_bytes(src.read())
             return keras.saving.load_model(local_head)
 
-    def classifier(self, backbone_weights: str | None = None) -> keras.Model:
-        """images (0..255) -> style probabilities, calibrated by the bundle's temperature."""
+    def classifier(
+        self, backbone_weights: str | None = None, precision: str = "float32"
+    ) -> keras.Model:
+        """images (0..255) -> style probabilities, calibrated by the bundle's temperature.
+
+        `precision` is the backbone's arithmetic ('float32', 'bfloat16' or 'auto': see
+        models.precision); the head and its softmax are float32 in every case.
+        """
         spec = self.manifest["backbone"]
-        extractor = feature_extractor(
-            spec["name"],
-            spec["features"],
-            weights=spec["weights"],
-            weights_path=backbone_weights,
-        )
+        with building_in(resolve_precision(precision)):
+            extractor = feature_extractor(
+                spec["name"],
+                spec["features"],
+                weights=spec["weights"],
+                weights_path=backbone_weights,
+            )
         logits = self.load_head()(extractor.output)
         probabilities = calibrated_probabilities(logits, self.manifest["head"]["temperature"])
         return keras.Model(extractor.input, probabilities, name="style_classifier")
 
 
-def load_classifier(bundle_path: str, backbone_weights: str | None = None) -> keras.Model:
-    """Module-level, so that RunInference can pickle it as the model loader."""
-    return ModelBundle.load(bundle_path).classifier(backbone_weights)
+def load_classifier(
+    bundle_path: str, backbone_weights: str | None = None, precision: str = "float32"
+) -> keras.Model:
+    """Module-level, so that RunInference can pickle it as the model loader. 'auto' is
+    resolved here, on the worker that runs the model."""
+    resolved = resolve_precision(precision)
+    logging.info("artstyle: the backbone computes in %s here (--precision=%s)", resolved, precision)
+    return ModelBundle.load(bundle_path).classifier(backbone_weights, resolved)
 
 
 def save_bundle(path: str, manifest: dict[str, Any], head: keras.Model) -> ModelBundle:

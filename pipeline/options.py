@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.bundle import DEFAULT_BUNDLE, BundleError
 from models.head import HeadConfig
+from models.precision import PRECISIONS
 from transforms.catalog import CatalogError
 from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -76,6 +77,13 @@ class PredictOptions(PipelineOptions):
             "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
         )
         parser.add_argument("--top_k", type=int, default=5, help="Styles listed per image.")
+        parser.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default="auto",
+            help="The backbone's arithmetic. 'auto': bfloat16 where the worker runs it "
+            "natively (a GPU, or a CPU with AVX512_BF16 or AMX), else float32.",
+        )
 
 
 class TrainOptions(PipelineOptions):

@@ -32,9 +32,10 @@ def build_graph(
 ) -> beam.PCollection[dict]:
     """Returns the prediction rows (also written to Parquet), for tests to inspect."""
     io = options.view_as(CatalogOptions)
-    top_k = options.view_as(PredictOptions).top_k
+    predict = options.view_as(PredictOptions)
     classifier = KerasModelHandler(
-        partial(load_classifier, bundle.path, io.backbone_weights), io.batch_size
+        partial(load_classifier, bundle.path, io.backbone_weights, predict.precision),
+        io.batch_size,
     )
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
@@ -43,7 +44,7 @@ def build_graph(
         classifier, bundle.input_size, io.max_image_bytes, io.max_image_pixels
     )
     predictions = inferred | "TopK" >> beam.Map(
-        prediction_row, classes=bundle.classes, top_k=top_k, **row_context
+        prediction_row, classes=bundle.classes, top_k=predict.top_k, **row_context
     )
     errors = failures | "ErrorRows" >> beam.Map(error_row, **row_context)
     rows = (predictions, errors) | "AllRows" >> beam.Flatten()

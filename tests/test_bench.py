@@ -13,7 +13,6 @@ from bench.cli import main as bench
 from bench.cli import sample_catalog
 from bench.measure import (
     PipelineRun,
-    bfloat16_flag,
     model_paths,
     pipeline_rates,
     raw_throughput,
@@ -41,14 +40,6 @@ def test_rates_are_unknown_when_the_larger_run_was_not_slower():
     assert rates["images_per_s"] is None and rates["startup_s"] is None
 
 
-def test_bfloat16_is_timed_only_where_the_cpu_has_it(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("flags\t: fpu sse2 avx2 fma\n")
-    assert bfloat16_flag(str(cpuinfo)) is None
-    cpuinfo.write_text("flags\t: fpu avx512f avx512_bf16 amx_tile\n")
-    assert bfloat16_flag(str(cpuinfo)) == "avx512_bf16"
-
-
 def test_a_large_sample_repeats_the_catalog_in_one_shuffled_order(tmp_path):
     pd.DataFrame({"uri": [f"{i}.jpg" for i in range(5)], "style": "x"}).to_csv(
         tmp_path / "catalog.csv", index=False
@@ -61,15 +52,20 @@ def test_a_large_sample_repeats_the_catalog_in_one_shuffled_order(tmp_path):
 
 
 def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle):
-    model = ModelBundle.load(tiny_bundle).classifier()
+    bundle = ModelBundle.load(tiny_bundle)
     images = np.random.default_rng(0).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
     inputs = tile_batches(images, batch_size=2, n_batches=2)
     assert inputs.shape == (4, 224, 224, 3)
-    results = raw_throughput(model_paths(model, batch_size=2), inputs, batch_size=2)
+    paths = model_paths(
+        bundle.classifier(), 2, {"bfloat16": bundle.classifier(precision="bfloat16")}
+    )
+    results = raw_throughput(paths, inputs, batch_size=2)
     assert results["raw_images_per_s"] > 0
     for path in ("predict_on_batch", "xla"):
         assert results[f"raw_{path}_images_per_s"] > 0
         assert results[f"raw_{path}_max_abs_diff"] < 1e-4
+    assert results["raw_bfloat16_images_per_s"] > 0
+    assert 0 < results["raw_bfloat16_max_abs_diff"] < 0.05  # rounded, not another function
 
 
 def test_a_path_that_cannot_compile_the_model_is_reported_not_fatal():
@@ -104,6 +100,7 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
 
     assert json.loads(output.read_text()) == results
     assert results["model"] == "tiny-test-model"
+    assert results["precision"] in ("float32", "bfloat16")  # the pipeline's, resolved here
     assert results["pipeline_images"] == 12 and results["pipeline_errors"] == 0
     assert results["large_images"] == 16 and results["large_errors"] == 0
     assert results["decode_images"] == 4 and results["reload_images"] == 2
