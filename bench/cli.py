@@ -24,7 +24,9 @@ from bench.measure import (
     REPO_ROOT,
     PipelineRun,
     decode_throughput,
+    fixed_batches,
     model_paths,
+    onnx_runtime_path,
     pipeline_rates,
     raw_throughput,
     reload_throughput,
@@ -127,19 +129,28 @@ def measure_model(
     and a function that times the pipeline's path again, for after the pipeline's runs.
 
     The pipeline's precision is timed, and the other one too where bfloat16 is native
-    (elsewhere TensorFlow emulates it: a timing of the emulation would mean nothing)."""
+    (elsewhere TensorFlow emulates it: a timing of the emulation would mean nothing), and
+    the float32 classifier through ONNX Runtime where it is installed."""
     images = np.stack([decode_image(read_bytes(uri), size=bundle.input_size) for uri in uris])
     precision, flag = resolve_precision(precision), cpu_bfloat16_flag()
-    others = [other for other in ("float32", "bfloat16") if other != precision]
-    other_models = {
-        other: bundle.classifier(precision=other) for other in others if flag or other == "float32"
-    }
-    paths = model_paths(bundle.classifier(precision=precision), batch_size, other_models)
+    model = bundle.classifier(precision=precision)
+    float32_model = model if precision == "float32" else bundle.classifier()
+    paths = model_paths(model, batch_size)
+    if precision == "bfloat16":
+        paths["float32"] = fixed_batches(float32_model, batch_size)
+    elif flag:
+        paths["bfloat16"] = fixed_batches(bundle.classifier(precision="bfloat16"), batch_size)
+    with tempfile.TemporaryDirectory(prefix="artstyle-onnx-") as folder:
+        onnx_runtime = onnx_runtime_path(float32_model, batch_size, folder)
+    results: dict[str, Any] = {"precision": precision}
+    if isinstance(onnx_runtime, str):
+        results["raw_onnxruntime_unsupported"] = onnx_runtime
+    else:
+        paths["onnxruntime"] = onnx_runtime
     inputs = tile_batches(images, batch_size, n_batches)
-    results = {
+    results |= {
         **raw_throughput(paths, inputs, batch_size),
         "raw_images": len(inputs),
-        "precision": precision,
         "bfloat16": flag or f"not native (no {' or '.join(BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo)",
     }
 

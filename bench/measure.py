@@ -35,24 +35,44 @@ ModelPath = Callable[[np.ndarray], np.ndarray]  # (k * batch_size, size, size, 3
 # --- 1. The model alone --------------------------------------------------------------------
 
 
-def model_paths(
-    model: keras.Model, batch_size: int, other_precisions: dict[str, keras.Model] | None = None
-) -> dict[str, ModelPath]:
-    """Ways to run the model over whole batches, the pipeline's own first, then the same
-    classifier built at another precision (`other_precisions`), run the pipeline's way.
+def model_paths(model: keras.Model, batch_size: int) -> dict[str, ModelPath]:
+    """Ways to run the model over whole batches, the pipeline's own first.
 
-    All compute the same function; XLA fuses the graph differently, and bfloat16 rounds,
-    so each is compared with the pipeline's path before its speed means anything.
+    All compute the same function, but XLA fuses the graph differently, so each is compared
+    with the pipeline's path before its speed means anything.
     """
     xla = tf.function(lambda batch: model(batch, training=False), jit_compile=True)
-    paths: dict[str, ModelPath] = {
-        PIPELINE_PATH: lambda x: predict_in_fixed_batches(model, x, batch_size),
+    return {
+        PIPELINE_PATH: fixed_batches(model, batch_size),
         "predict_on_batch": lambda x: _per_batch(model.predict_on_batch, x, batch_size),
         "xla": lambda x: _per_batch(xla, x, batch_size),
     }
-    for name, other in (other_precisions or {}).items():
-        paths[name] = partial(predict_in_fixed_batches, other, batch_size=batch_size)
-    return paths
+
+
+def fixed_batches(model: keras.Model, batch_size: int) -> ModelPath:
+    """The pipeline's way to run a model (here also the classifier at another precision)."""
+    return partial(predict_in_fixed_batches, model, batch_size=batch_size)
+
+
+def onnx_runtime_path(model: keras.Model, batch_size: int, folder: str) -> ModelPath | str:
+    """The float32 classifier exported to ONNX (Keras's own export, through tf2onnx) and run
+    by ONNX Runtime batch by batch; or, where that cannot run here, why."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed (pip install -e '.[onnx]')"
+    path = str(Path(folder) / "classifier.onnx")
+    shape = (None, *model.input.shape[1:])
+    model.export(
+        path, format="onnx", input_signature=[keras.InputSpec(shape=shape, dtype="float32")]
+    )
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> np.ndarray:  # Keras casts decoded uint8 itself; ONNX does not
+        return session.run(None, {name: batch.astype(np.float32)})[0]
+
+    return lambda x: _per_batch(run, x, batch_size)
 
 
 def _per_batch(predict: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from models.bundle import save_bundle
-from models.head import HeadConfig, build_head
+from models.head import HeadConfig, build_head, merge_heads
 
 CLASSES = ["Blue_Period", "Green_Period", "Red_Period"]
 COLOURS = {"Blue_Period": (30, 60, 200), "Green_Period": (40, 170, 60), "Red_Period": (210, 40, 30)}
@@ -27,7 +27,7 @@ def tiny_bundle(tmp_path_factory) -> str:
     """EfficientNet-Lite0 (real ImageNet weights) with a seeded, untrained 3-style head."""
     path = tmp_path_factory.mktemp("bundle") / "tiny"
     features = np.random.default_rng(0).normal(size=(16, 1280)).astype(np.float32)
-    head = build_head(features, len(CLASSES), HeadConfig(seed=0))
+    head = merge_heads([build_head(features, len(CLASSES), HeadConfig(seed=0))])  # as trained
     manifest = {
         "id": "tiny-test-model",
         "version": "0",

@@ -13,7 +13,9 @@ from bench.cli import main as bench
 from bench.cli import sample_catalog
 from bench.measure import (
     PipelineRun,
+    fixed_batches,
     model_paths,
+    onnx_runtime_path,
     pipeline_rates,
     raw_throughput,
     run_process,
@@ -51,17 +53,18 @@ def test_a_large_sample_repeats_the_catalog_in_one_shuffled_order(tmp_path):
     assert sample_catalog(tmp_path, 3)["uri"].tolist() == sample["uri"].iloc[:3].tolist()
 
 
-def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle):
+def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle, tmp_path):
     bundle = ModelBundle.load(tiny_bundle)
     images = np.random.default_rng(0).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
     inputs = tile_batches(images, batch_size=2, n_batches=2)
     assert inputs.shape == (4, 224, 224, 3)
-    paths = model_paths(
-        bundle.classifier(), 2, {"bfloat16": bundle.classifier(precision="bfloat16")}
-    )
+    model = bundle.classifier()
+    paths = model_paths(model, batch_size=2)
+    paths["bfloat16"] = fixed_batches(bundle.classifier(precision="bfloat16"), batch_size=2)
+    paths["onnxruntime"] = onnx_runtime_path(model, batch_size=2, folder=str(tmp_path))
     results = raw_throughput(paths, inputs, batch_size=2)
     assert results["raw_images_per_s"] > 0
-    for path in ("predict_on_batch", "xla"):
+    for path in ("predict_on_batch", "xla", "onnxruntime"):
         assert results[f"raw_{path}_images_per_s"] > 0
         assert results[f"raw_{path}_max_abs_diff"] < 1e-4
     assert results["raw_bfloat16_images_per_s"] > 0
