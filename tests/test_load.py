@@ -1,0 +1,33 @@
+"""The loading step: decoding runs ahead of what it emits, and still loses nothing."""
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from tests.conftest import painting
+from transforms.catalog import ImageRecord
+from transforms.load import LoadImages
+
+
+def test_every_record_comes_out_once_whatever_the_lookahead(tmp_path):
+    """Seven records with two bad ones, through a lookahead of 2: some are emitted from
+    process(), the last ones from finish_bundle(); each appears exactly once."""
+    uris = [str(painting(tmp_path / f"{i}.jpg", (40 * i, 90, 160), seed=i)) for i in range(5)]
+    uris.insert(2, str(tmp_path / "missing.jpg"))
+    uris.insert(5, "")
+    records = [ImageRecord(uri, uri, None) for uri in uris]
+    with TestPipeline() as pipeline:
+        loaded = (
+            pipeline
+            | beam.Create(records, reshuffle=False)
+            | LoadImages(size=32, lookahead=2, threads=2)
+        )
+        images = loaded.images | "Images" >> beam.Map(lambda pair: (pair[0].uri, pair[1].shape))
+        errors = loaded.errors | "Errors" >> beam.Map(lambda pair: (pair[0].uri, pair[1][:11]))
+        good = [uri for uri in uris if uri and "missing" not in uri]
+        assert_that(images, equal_to([(uri, (32, 32, 3)) for uri in good]), label="AllImages")
+        assert_that(
+            errors,
+            equal_to([(uris[2], "not_found: "), ("", "missing_uri")]),
+            label="AllErrors",
+        )
