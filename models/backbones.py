@@ -135,10 +135,8 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size): the weight each output row takes from each input row, read off
     by resizing an identity image along its rows with the backend's own resize."""
     identity = np.eye(in_size, dtype="float32")[None, :, :, None]
-    resized = ops.image.resize(
-        identity, (out_size, in_size), interpolation="bilinear", antialias=True
-    )
-    return ops.convert_to_numpy(resized)[0, :, :, 0]
+    rows = ops.image.resize(identity, (out_size, in_size), interpolation="bilinear", antialias=True)
+    return ops.convert_to_numpy(rows)[0, :, :, 0]
 
 
 def backbone_features(
