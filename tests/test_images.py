@@ -236,6 +236,13 @@ def test_tall_image_is_centre_cropped():
     assert close_to(array[1:-1].reshape(-1, 3).mean(axis=0), GREEN)
 
 
+def test_image_whose_shorter_side_is_the_size_is_only_cropped():
+    """No resampling at scale 1: the centre square's pixels come through exactly."""
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    array = decode_image(encode(Image.fromarray(pixels), "PNG"), size=30)
+    np.testing.assert_array_equal(array, pixels[:, 5:35])  # the square starts on a whole pixel
+
+
 def test_small_image_is_scaled_up():
     array = decode_image(encode(Image.new("RGB", (20, 10), RED), "PNG"), size=64)
     assert array.shape == (64, 64, 3)

@@ -83,9 +83,12 @@ def read_bytes(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     fs, path = _filesystem(uri)
     with _fetch_errors(uri):
         info = fs.info(path)
-    _check_info(info, uri, max_bytes)
+    size = _check_info(info, uri, max_bytes)
+    # One byte past what is expected shows a file that grew, or a server that said too
+    # little; asking for max_bytes + 1 of a small file would allocate all of that first.
+    limit = max_bytes + 1 if size is None else min(size, max_bytes) + 1
     with _fetch_errors(uri), fs.open(path, "rb") as file:
-        data = _read_at_most(file, max_bytes + 1)
+        data = _read_at_most(file, limit)
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{_brief(uri)} is {_limit(max_bytes)}")
     if not data:
@@ -93,13 +96,15 @@ def read_bytes(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     return data
 
 
-def _check_info(info: dict[str, Any], uri: str, max_bytes: int) -> None:
-    """What the filesystem knows before reading: that it is a directory, or too large."""
+def _check_info(info: dict[str, Any], uri: str, max_bytes: int) -> int | None:
+    """What the filesystem knows before reading: that it is a directory, or too large.
+    Returns the size it says the file has, if it says."""
     if info["type"] != "file":
         raise ImageError("not_a_file", f"{_brief(uri)} is a {info['type']}, not an image file")
     size = info.get("size")  # None: an HTTP server that does not say
     if size is not None and size > max_bytes:
         raise ImageError("too_large", f"{_brief(uri)} is {size:,} bytes, {_limit(max_bytes)}")
+    return size
 
 
 def _filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -230,7 +235,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_8_bits(image: Image.Image) -> Image.Image:
@@ -253,13 +258,18 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
 def _centre_square(image: Image.Image, size: int) -> Image.Image:
     """The centred square of the image, resized to size x size.
 
-    ImageOps.fit does the same, but without `reducing_gap`, which is 5x slower on a
-    large PNG or TIFF (JPEGs were already reduced by `draft`).
+    The square starts on a whole pixel, so an image whose shorter side is already `size`
+    is only cropped: resampling it at scale 1 would cost as much as a real resize (most of
+    the decoding time of a small JPEG) and change nothing. ImageOps.fit does the same
+    otherwise, but without `reducing_gap`, which is 5x slower on a large PNG or TIFF
+    (JPEGs were already reduced by `draft`).
     """
     width, height = image.size
     side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
+    left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
+    if side == size:
+        return image.crop(box)
     return image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
 
 
