@@ -121,9 +121,14 @@ def with_mirror(extractor: keras.Model) -> keras.Model:
 
 
 def resized(images, size: int):
-    """Antialiased bilinear resizing as two matrix products, one per axis: the values of
-    Keras's Resizing layer, in operations that XLA and ONNX export support (neither has
-    TensorFlow's antialiased resize, and ONNX Runtime's own differs at the borders)."""
+    """`images` resized to size x size as two matrix products, one per axis, in operations
+    that XLA and ONNX export support (neither has TensorFlow's antialiased resize, and ONNX
+    Runtime's own differs at the borders).
+
+    Shrinking is antialiased bilinear (the values of Keras's Resizing layer); enlarging is
+    bicubic, the filter the pipeline decodes with, so a backbone that sees the decoded
+    image enlarged here sees what it would have seen had it been decoded at its own size.
+    """
     if images.shape[1] == size:
         return images
     matrix = resize_matrix(images.shape[1], size)
@@ -134,8 +139,11 @@ def resized(images, size: int):
 def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size): the weight each output row takes from each input row, read off
     by resizing an identity image along its rows with the backend's own resize."""
+    interpolation = "bicubic" if out_size > in_size else "bilinear"
     identity = np.eye(in_size, dtype="float32")[None, :, :, None]
-    rows = ops.image.resize(identity, (out_size, in_size), interpolation="bilinear", antialias=True)
+    rows = ops.image.resize(
+        identity, (out_size, in_size), interpolation=interpolation, antialias=True
+    )
     return ops.convert_to_numpy(rows)[0, :, :, 0]
 
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from models.backbones import (
     channel_covariance,
@@ -120,6 +121,20 @@ def test_the_in_model_resize_is_kerass_antialiased_resize_and_xla_compiles_it():
     np.testing.assert_allclose(resize.predict_on_batch(images), expected, atol=1e-3)
     compiled = tf.function(resize, jit_compile=True)
     np.testing.assert_allclose(compiled(images), expected, atol=1e-3)
+
+
+def test_the_in_model_enlargement_is_the_decodings_bicubic():
+    """A backbone larger than the decoded image sees it enlarged as Pillow would have
+    enlarged it while decoding (up to Pillow's rounding to 8 bits between its two passes)."""
+    rng = np.random.default_rng(6)
+    smooth = Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).resize(
+        (224, 224), Image.Resampling.BILINEAR
+    )
+    pillow = np.asarray(smooth.resize((260, 260), Image.Resampling.BICUBIC), np.float32)
+    inputs = keras.Input((224, 224, 3))
+    enlarge = keras.Model(inputs, resized(inputs, 260))
+    ours = np.asarray(enlarge.predict_on_batch(np.asarray(smooth, np.float32)[None]))[0]
+    assert np.abs(ours - pillow).max() < 1.5
 
 
 def test_backbone_weights_file_is_for_a_single_backbone():
