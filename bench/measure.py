@@ -7,6 +7,7 @@ test can run it on a handful of tiny images, and the CLI on thousands of real pa
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -88,8 +89,9 @@ def tile_batches(images: np.ndarray, batch_size: int, n_batches: int) -> np.ndar
 
 
 def raw_throughput(paths: dict[str, ModelPath], inputs: np.ndarray, batch_size: int) -> dict:
-    """Per path: images/s over `inputs`, the warm-up (tracing, compiling) it needed first,
-    and its largest difference in probability from the pipeline's path.
+    """Per path: images/s over `inputs`, the CPU time per image of this whole process (all
+    of TensorFlow's threads) while it ran, the warm-up (tracing, compiling) it needed
+    first, and its largest difference in probability from the pipeline's path.
 
     A path that cannot run this model (XLA has no kernel for some ops, such as the
     antialiased resize inside an ensemble) is reported as such, not timed.
@@ -105,9 +107,12 @@ def raw_throughput(paths: dict[str, ModelPath], inputs: np.ndarray, batch_size: 
                 raise
             results[f"{prefix}_unsupported"] = error.message.splitlines()[0][:300]
             continue
+        cpu_started = time.process_time()
         seconds, outputs = _timed(predict, inputs)
+        cpu_s = time.process_time() - cpu_started
         reference = outputs if reference is None else reference
         results[f"{prefix}_images_per_s"] = len(inputs) / seconds
+        results[f"{prefix}_cpu_ms_per_image"] = 1e3 * cpu_s / len(inputs)
         results[f"{prefix}_warm_up_s"] = warm_up_s
         if name != PIPELINE_PATH:
             results[f"{prefix}_max_abs_diff"] = float(np.max(np.abs(outputs - reference)))
@@ -146,6 +151,7 @@ def decode_throughput(uris: Sequence[str], size: int) -> dict[str, float]:
 class ProcessRun:
     wall_s: float  # from just before the process starts until it has exited
     peak_rss_mb: float  # the kernel's high-water mark of its resident memory (VmHWM)
+    cpu_s: float  # user + system time of all its threads
 
 
 def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.05) -> ProcessRun:
@@ -156,8 +162,10 @@ def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.05) ->
     no sampling interval can miss a peak; only the last `poll_s` of the run go unseen. The
     child's ru_maxrss (os.wait4) would be wrong here: Linux carries the memory of the
     process it was forked from (this one, with a model loaded) into it across exec. The
-    pipeline runs in one process (the DirectRunner runs Beam's workers in-process).
+    pipeline runs in one process (the DirectRunner runs Beam's workers in-process). Its CPU
+    time is what the children's rusage gained while it ran (one child at a time here).
     """
+    cpu_before = _children_cpu_s()
     with open(log_path, "wb") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -169,7 +177,12 @@ def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.05) ->
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{tail}")
-    return ProcessRun(wall_s, peak_kb / 1024)
+    return ProcessRun(wall_s, peak_kb / 1024, _children_cpu_s() - cpu_before)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _high_water_kb(pid: int) -> int:
@@ -200,7 +213,7 @@ def run_pipeline(
     process = run_process(command, output.with_suffix(".log"))
     summary = json.loads((output / "summary.json").read_text())
     return PipelineRun(
-        process.wall_s, process.peak_rss_mb, summary["n_images"], summary["n_errors"]
+        process.wall_s, process.peak_rss_mb, process.cpu_s, summary["n_images"], summary["n_errors"]
     )
 
 
@@ -212,14 +225,18 @@ def pipeline_rates(startup_run: PipelineRun, run: PipelineRun) -> dict[str, floa
     seconds is the rate once images flow, and the tiny run's time less its images at that
     rate is the fixed cost: wall = startup + n / rate, through the two points. This needs no
     hook inside the pipeline. When the larger run is not measurably slower (too few extra
-    images for the machine's noise), both are None rather than a meaningless number.
+    images for the machine's noise), both are None rather than a meaningless number. The
+    CPU time per image comes from the same two points: what the larger run's extra images
+    cost all the process's threads (decoding, Beam, the model) together.
     """
     extra_s = run.wall_s - startup_run.wall_s
-    rate = (run.n_images - startup_run.n_images) / extra_s if extra_s > 0 else None
+    extra_images = run.n_images - startup_run.n_images
+    rate = extra_images / extra_s if extra_s > 0 else None
     return {
         "images_per_s": rate,
         "images_per_s_with_startup": run.n_images / run.wall_s,
         "startup_s": startup_run.wall_s - startup_run.n_images / rate if rate else None,
+        "cpu_ms_per_image": 1e3 * (run.cpu_s - startup_run.cpu_s) / extra_images,
     }
 
 

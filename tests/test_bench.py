@@ -26,18 +26,19 @@ from tests.conftest import CLASSES, COLOURS, painting
 
 
 def test_rates_come_from_the_two_runs_through_a_straight_line():
-    # wall = 6 s of start-up + n / (10 images/s)
-    tiny = PipelineRun(wall_s=6.4, peak_rss_mb=900, n_images=4, n_errors=0)
-    main = PipelineRun(wall_s=206.0, peak_rss_mb=1000, n_images=2000, n_errors=0)
+    # wall = 6 s of start-up + n / (10 images/s); CPU = 9 s + n x 0.15 s
+    tiny = PipelineRun(wall_s=6.4, peak_rss_mb=900, cpu_s=9.6, n_images=4, n_errors=0)
+    main = PipelineRun(wall_s=206.0, peak_rss_mb=1000, cpu_s=309.0, n_images=2000, n_errors=0)
     rates = pipeline_rates(tiny, main)
     assert rates["images_per_s"] == pytest.approx(10.0)
     assert rates["startup_s"] == pytest.approx(6.0)
     assert rates["images_per_s_with_startup"] == pytest.approx(2000 / 206.0)
+    assert rates["cpu_ms_per_image"] == pytest.approx(150.0)
 
 
 def test_rates_are_unknown_when_the_larger_run_was_not_slower():
-    tiny = PipelineRun(wall_s=7.0, peak_rss_mb=900, n_images=4, n_errors=0)
-    main = PipelineRun(wall_s=6.9, peak_rss_mb=900, n_images=8, n_errors=0)
+    tiny = PipelineRun(wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0)
+    main = PipelineRun(wall_s=6.9, peak_rss_mb=900, cpu_s=9.1, n_images=8, n_errors=0)
     rates = pipeline_rates(tiny, main)
     assert rates["images_per_s"] is None and rates["startup_s"] is None
 
@@ -66,6 +67,7 @@ def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle, tmp_
     assert results["raw_images_per_s"] > 0
     for path in ("predict_on_batch", "xla", "onnxruntime"):
         assert results[f"raw_{path}_images_per_s"] > 0
+        assert results[f"raw_{path}_cpu_ms_per_image"] > 0
         assert results[f"raw_{path}_max_abs_diff"] < 1e-4
     assert results["raw_bfloat16_images_per_s"] > 0
     assert 0 < results["raw_bfloat16_max_abs_diff"] < 0.05  # rounded, not another function
@@ -113,7 +115,8 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
         (results["raw_images_per_s_before"] + results["raw_images_per_s_after"]) / 2
     )
     for key in ("raw_images_per_s_before", "raw_images_per_s_after", "decode_images_per_s",
-                "decode_images_per_s_per_core",
+                "decode_images_per_s_per_core", "raw_cpu_ms_per_image",
+                "pipeline_cpu_ms_per_image", "raw_cpu_share_of_pipeline",
                 "reload_images_per_s", "pipeline_images_per_s_with_startup", "peak_rss_mb",
                 "peak_rss_mb_large"):  # fmt: skip
         assert results[key] > 0, key
@@ -130,3 +133,17 @@ def test_peak_memory_is_the_childs_own_not_this_process(tmp_path):
     run = run_process([sys.executable, "-c", allocate], tmp_path / "child.log")
     assert 200 < run.peak_rss_mb < 300
     assert run.wall_s > 0.5
+    assert 0 < run.cpu_s < run.wall_s  # it mostly slept
+
+
+def test_a_childs_cpu_time_counts_all_its_threads(tmp_path):
+    spin = (
+        "import threading, time\n"
+        "def spin():\n"
+        "    end = time.thread_time() + 0.3\n"
+        "    while time.thread_time() < end: pass\n"
+        "threads = [threading.Thread(target=spin) for _ in range(2)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+    )
+    run = run_process([sys.executable, "-c", spin], tmp_path / "child.log")
+    assert run.cpu_s >= 0.6
