@@ -258,11 +258,11 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
 def _centre_square(image: Image.Image, size: int) -> Image.Image:
     """The centred square of the image, resized to size x size.
 
-    The square starts on a whole pixel, so an image whose shorter side is already `size`
-    is only cropped: resampling it at scale 1 would cost as much as a real resize (most of
-    the decoding time of a small JPEG) and change nothing. ImageOps.fit does the same
-    otherwise, but without `reducing_gap`, which is 5x slower on a large PNG or TIFF
-    (JPEGs were already reduced by `draft`).
+    The square starts on a whole pixel, and an image whose shorter side is already `size`
+    is only cropped: Pillow skips resampling only when the box is the whole image, and
+    otherwise runs its bicubic filter at scale 1, a cost that changes no pixel. ImageOps.fit
+    does the same otherwise, but without `reducing_gap`, which is 5x slower on a large PNG
+    or TIFF (JPEGs were already reduced by `draft`).
     """
     width, height = image.size
     side = min(width, height)
