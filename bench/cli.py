@@ -239,11 +239,11 @@ def comparisons(results: dict[str, Any]) -> dict[str, float | None]:
     """The pipeline's rate (without start-up) against the model alone and the old way; and
     the model's share of the CPU time the pipeline spends on an image: where the model
     keeps every core busy, as on a CPU, that share is the most pipeline_vs_raw can be."""
-    pipeline = results["pipeline_images_per_s"]
+    pipeline, pipeline_cpu = results["pipeline_images_per_s"], results["pipeline_cpu_ms_per_image"]
     return {
         "pipeline_vs_raw": pipeline / results["raw_images_per_s"] if pipeline else None,
         "raw_cpu_share_of_pipeline": (
-            results["raw_cpu_ms_per_image"] / results["pipeline_cpu_ms_per_image"]
+            results["raw_cpu_ms_per_image"] / pipeline_cpu if pipeline_cpu else None
         ),
         "per_image_reload_vs_pipeline": (
             pipeline / results["reload_images_per_s"] if pipeline else None

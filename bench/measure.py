@@ -227,16 +227,16 @@ def pipeline_rates(startup_run: PipelineRun, run: PipelineRun) -> dict[str, floa
     hook inside the pipeline. When the larger run is not measurably slower (too few extra
     images for the machine's noise), both are None rather than a meaningless number. The
     CPU time per image comes from the same two points: what the larger run's extra images
-    cost all the process's threads (decoding, Beam, the model) together.
+    cost all the process's threads (decoding, Beam, the model) together; None likewise.
     """
-    extra_s = run.wall_s - startup_run.wall_s
     extra_images = run.n_images - startup_run.n_images
+    extra_s, extra_cpu_s = run.wall_s - startup_run.wall_s, run.cpu_s - startup_run.cpu_s
     rate = extra_images / extra_s if extra_s > 0 else None
     return {
         "images_per_s": rate,
         "images_per_s_with_startup": run.n_images / run.wall_s,
         "startup_s": startup_run.wall_s - startup_run.n_images / rate if rate else None,
-        "cpu_ms_per_image": 1e3 * (run.cpu_s - startup_run.cpu_s) / extra_images,
+        "cpu_ms_per_image": 1e3 * extra_cpu_s / extra_images if extra_cpu_s > 0 else None,
     }
 
 
