@@ -74,6 +74,9 @@ def _split_of(record: ImageRecord, split_column: str) -> str | None:
 def embedding_row(
     inferred: tuple[ImageRecord, PredictionResult], *, split_column: str, mirror: bool
 ) -> dict[str, Any]:
+    """The vectors stay float32 arrays, which Arrow writes as lists: the DirectRunner holds
+    the rows until the Parquet sink takes them, and as lists of Python floats (8 times the
+    bytes) three backbones' features of WikiArt16 ran out of 24 GB; as arrays, 12.5 GB."""
     record, result = inferred
     vector = result.inference.astype(np.float32)
     features, mirrored = np.split(vector, 2) if mirror else (vector, None)
@@ -81,8 +84,8 @@ def embedding_row(
         "uri": record.uri,
         "label": record.label,
         "split": _split_of(record, split_column),
-        "features": features.tolist(),
-        "mirrored_features": None if mirrored is None else mirrored.tolist(),
+        "features": features,
+        "mirrored_features": mirrored,
         "error": None,
     }
 

@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from apache_beam.ml.inference.base import PredictionResult
 
 from models.bundle import ModelBundle, save_bundle
 from models.head import HeadConfig, build_head, fit_temperature, merge_heads, stratified_folds
 from pipeline.predict import run as predict
-from pipeline.train import read_embeddings
+from pipeline.train import embedding_row, read_embeddings
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
+from transforms.catalog import ImageRecord
 
 
 def test_temperature_undoes_a_known_sharpening():
@@ -69,6 +71,18 @@ def labelled_catalog(tmp_path):
     catalog.to_csv(tmp_path / "catalog.csv", index=False)
     catalog[catalog.split == "val"].to_csv(tmp_path / "val.csv", index=False)
     return tmp_path
+
+
+def test_feature_rows_keep_float32_arrays_one_half_per_view():
+    """Arrays, not lists of Python floats: the feature pass holds every row in memory."""
+    record = ImageRecord(uri="a.jpg", location="a.jpg", label="Cubism", extra=(("split", "train"),))
+    vector = np.arange(6, dtype=np.float64)
+    row = embedding_row((record, PredictionResult(None, vector)), split_column="split", mirror=True)
+
+    assert row["split"] == "train"
+    assert row["features"].dtype == row["mirrored_features"].dtype == np.float32
+    np.testing.assert_array_equal(row["features"], [0, 1, 2])
+    np.testing.assert_array_equal(row["mirrored_features"], [3, 4, 5])
 
 
 def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
