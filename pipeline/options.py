@@ -131,12 +131,6 @@ class TrainOptions(PipelineOptions):
             "fold; the bundle averages them, their out-of-fold logits calibrate it.",
         )
         parser.add_argument(
-            "--nested_calibration",
-            action="store_true",
-            help="Calibrate on the logits of ensembles like the bundle's that never saw the "
-            "painting (FOLDS x (FOLDS - 1) more heads), not on single heads' out-of-fold ones.",
-        )
-        parser.add_argument(
             "--hidden_units",
             type=int,
             default=HeadConfig.hidden_units,

@@ -165,10 +165,6 @@ class LabelledSet:
             names,
         )
 
-    def subset(self, rows: np.ndarray) -> LabelledSet:
-        mirrored = None if self.mirrored is None else self.mirrored[rows]
-        return LabelledSet(self.features[rows], mirrored, self.labels[rows], self.names[rows])
-
 
 def _mirrored_matrix(rows: pa.Table) -> np.ndarray:
     if "mirrored_features" not in rows.column_names or rows["mirrored_features"].null_count:
@@ -214,10 +210,9 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
 
     Head k trains on every fold but k and stops early where fold k stops improving, so all
     of the split trains the bundle and every training painting is also scored once by a
-    head that never saw it. Those out-of-fold logits give the choices of flags a score over
-    the whole split, not over a small fold, and fit the calibration; with
-    --nested_calibration the calibration is fitted on ensembles' logits instead (see
-    nested_ensemble_logits). Returns the merged head with everything the manifest records.
+    head that never saw it. Those out-of-fold logits fit the calibration and give
+    the choices of flags a score over the whole split, not over a small fold.
+    Returns the merged head with everything the manifest records.
     """
     classes, train, held_out = data.classes, data.train, data.evaluation
     folds = stratified_folds(train.labels, args.folds, args.seed)
@@ -232,13 +227,8 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
     )
     heads, epochs, out_of_fold = cross_fit_heads(train, folds, len(classes), config)
     head = merge_heads(heads)
-    scores, calibration_logits = {}, out_of_fold
-    if args.nested_calibration:
-        calibration_logits = nested_ensemble_logits(train, folds, len(classes), config)
-    calibration = Calibration.fit(calibration_logits, train.labels)
-    scores["out_of_fold"] = _score(out_of_fold, calibration, train.names, classes)
-    if args.nested_calibration:
-        scores["nested_ensembles"] = _score(calibration_logits, calibration, train.names, classes)
+    calibration = Calibration.fit(out_of_fold, train.labels)
+    scores = {"out_of_fold": _score(out_of_fold, calibration, train.names, classes)}
     if held_out is not None:
         eval_logits = head.predict(held_out.features, verbose=0)
         scores[args.eval_split] = _score(eval_logits, calibration, held_out.names, classes)
@@ -248,7 +238,6 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
             "file": HEAD_FILE,
             **calibration.as_dict(),
             "folds": args.folds,
-            "nested_calibration": args.nested_calibration,
             **config.as_dict(),
             "epochs_trained": epochs,  # each head's, where its fold stopped improving
         },
@@ -288,28 +277,6 @@ def cross_fit_heads(
         heads.append(head)
         epochs.append(head_epochs)
     return heads, epochs, out_of_fold
-
-
-def nested_ensemble_logits(
-    train: LabelledSet, folds: np.ndarray, n_classes: int, config: HeadConfig
-) -> np.ndarray:
-    """Every painting's logits from an ensemble of heads none of which saw it.
-
-    The bundle averages K heads, and an average is not calibrated like one head: out of
-    fold over WikiArt16's train split, heads without label smoothing calibrated on single
-    heads' logits left four-head ensembles overconfident (ECE 2.0%; 1.3% calibrated on the
-    ensembles). So, fold by fold, the other K - 1 folds cross-fit K - 1 heads of their own
-    and their mean scores the fold: K x (K - 1) more heads, each on (K - 2) / K of the split.
-    """
-    logits = np.zeros((len(train.labels), n_classes), dtype=np.float32)
-    for k in range(folds.max() + 1):
-        rest = folds != k
-        inner_folds = np.unique(folds[rest], return_inverse=True)[1]
-        inner_config = replace(config, seed=config.seed + 100 * (k + 1))
-        heads, _, _ = cross_fit_heads(train.subset(rest), inner_folds, n_classes, inner_config)
-        held = train.features[folds == k]
-        logits[folds == k] = np.mean([head.predict(held, verbose=0) for head in heads], axis=0)
-    return logits
 
 
 def _score(

@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 from apache_beam.ml.inference.base import PredictionResult
 
-import pipeline.train
 from models.bundle import ModelBundle, save_bundle
 from models.head import HeadConfig, build_head, merge_heads, stratified_folds
 from pipeline.predict import run as predict
-from pipeline.train import LabelledSet, embedding_row, nested_ensemble_logits, read_embeddings
+from pipeline.train import embedding_row, read_embeddings
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import ImageRecord
@@ -66,31 +65,6 @@ def labelled_catalog(tmp_path):
     return tmp_path
 
 
-def test_nested_calibration_scores_each_painting_by_heads_that_never_saw_it(monkeypatch):
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 12)
-    features = (rng.normal(size=(36, 5)) + 4 * np.eye(3, 5)[labels]).astype(np.float32)
-    train = LabelledSet(features, None, labels, np.array(CLASSES, dtype=object)[labels])
-    folds = stratified_folds(labels, 3, seed=0)
-    trained_on = []
-    cross_fit_heads = pipeline.train.cross_fit_heads
-
-    def recording(subset, *args):
-        trained_on.append(subset.features)
-        return cross_fit_heads(subset, *args)
-
-    monkeypatch.setattr(pipeline.train, "cross_fit_heads", recording)
-    config = HeadConfig(hidden_units=0, learning_rate=0.05, epochs=15, batch_size=8)
-    logits = nested_ensemble_logits(train, folds, len(CLASSES), config)
-
-    assert len(trained_on) == 3  # one cross-fitted ensemble per fold
-    for fold, rows in enumerate(trained_on):
-        held_out = {row.tobytes() for row in features[folds == fold]}
-        assert len(rows) == (folds != fold).sum()
-        assert not held_out & {row.tobytes() for row in rows}
-    assert (logits.argmax(axis=1) == labels).mean() >= 0.8
-
-
 def test_feature_rows_keep_float32_arrays_one_half_per_view():
     """Arrays, not lists of Python floats: the feature pass holds every row in memory."""
     record = ImageRecord(uri="a.jpg", location="a.jpg", label="Cubism", extra=(("split", "train"),))
@@ -142,14 +116,12 @@ def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled
     argv = [f"--input={labelled_catalog / 'catalog.csv'}", f"--output={bundle}",
             "--backbone=efficientnet_lite1+efficientnet_lite0", "--features=pooled",
             "--augment_mirror", "--folds=3", "--epochs=40",
-            "--batch_size=8", "--nested_calibration"]  # fmt: skip
+            "--batch_size=8"]  # fmt: skip
     manifest = train(argv)
 
     assert manifest["backbone"]["name"] == "efficientnet_lite1+efficientnet_lite0"
     assert manifest["backbone"]["input_size"] == 240
     assert manifest["training"]["counts"]["train_mirrored"] == 18
-    assert manifest["head"]["nested_calibration"]
-    assert manifest["scores"]["nested_ensembles"]["n_labelled"] == 18
     embeddings = read_embeddings(f"{bundle}.embeddings").to_pandas()
     features = np.stack(embeddings["features"].to_numpy())
     mirrored = np.stack(embeddings["mirrored_features"].to_numpy())
