@@ -57,7 +57,7 @@ def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
 
 def test_the_classifier_calibrates_as_its_manifest_says(tiny_bundle, tmp_path):
     bundle = ModelBundle.load(tiny_bundle)
-    calibration = Calibration(temperature=0.5, margin_slope=0.2, winner_bonus=0.7)
+    calibration = Calibration(temperature=0.5, margin_slope=0.2)
     head = bundle.load_head()
     manifest = {**bundle.manifest, "head": {"file": "head.keras", **calibration.as_dict()}}
     recalibrated = save_bundle(str(tmp_path / "recalibrated"), manifest, head)
