@@ -16,7 +16,6 @@ INSTALL_REQUIRES = [
     "pyarrow==25.0.1",
     "pillow==12.3.0",
     "protobuf==6.33.6",
-    "scipy==1.17.1",  # fits the calibration (models.calibration)
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
     "aiohttp==3.14.5",

@@ -21,7 +21,7 @@ import fsspec
 import keras
 
 from models.backbones import feature_extractor
-from models.calibration import Calibration
+from models.head import calibrated_probabilities
 from models.precision import building_in, resolve_precision
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
@@ -82,7 +82,7 @@ class ModelBundle:
     def classifier(
         self, backbone_weights: str | None = None, precision: str = "float32"
     ) -> keras.Model:
-        """images (0..255) -> style probabilities, calibrated as the manifest says.
+        """images (0..255) -> style probabilities, calibrated by the bundle's temperature.
 
         `precision` is the backbone's arithmetic ('float32', 'bfloat16' or 'auto': see
         models.precision); the head and its softmax are float32 in every case.
@@ -96,7 +96,7 @@ class ModelBundle:
                 weights_path=backbone_weights,
             )
         logits = self.load_head()(extractor.output)
-        probabilities = Calibration.of(self.manifest["head"]).probabilities(logits)
+        probabilities = calibrated_probabilities(logits, self.manifest["head"]["temperature"])
         return keras.Model(extractor.input, probabilities, name="style_classifier")
 
 

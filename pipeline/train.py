@@ -3,7 +3,7 @@
 1. A Beam pipeline, with the prediction pipeline's own reading and decoding, writes one
    feature vector per image to Parquet (the expensive part: a backbone forward pass).
 2. A Keras head is fitted on the training split's features; a stratified fold held out of
-   that split decides when to stop and calibrates the confidence (models.calibration).
+   that split decides when to stop and calibrates the confidence (temperature scaling).
 3. The evaluation split is scored once, and the bundle is written with its manifest:
    data, flags, the exact command and the scores, so any figure can be reproduced.
 """
@@ -31,8 +31,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbones import backbones_of, feature_extractor, input_size_of, with_mirror
 from models.bundle import HEAD_FILE, PREPROCESSING, save_bundle
-from models.calibration import Calibration
-from models.head import HeadConfig, check_fold_count, fit_head, merge_heads, stratified_folds
+from models.head import (
+    HeadConfig,
+    calibrated_probabilities,
+    check_fold_count,
+    fit_head,
+    fit_temperature,
+    merge_heads,
+    stratified_folds,
+)
 from models.scoring import Scoreboard
 from pipeline.options import CatalogOptions, TrainOptions, parse_options, run_command
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
@@ -210,7 +217,7 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
 
     Head k trains on every fold but k and stops early where fold k stops improving, so all
     of the split trains the bundle and every training painting is also scored once by a
-    head that never saw it. Those out-of-fold logits fit the calibration and give
+    head that never saw it. Those out-of-fold logits calibrate the temperature and give
     the choices of flags a score over the whole split, not over a small fold.
     Returns the merged head with everything the manifest records.
     """
@@ -227,16 +234,16 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
     )
     heads, epochs, out_of_fold = cross_fit_heads(train, folds, len(classes), config)
     head = merge_heads(heads)
-    calibration = Calibration.fit(out_of_fold, train.labels)
-    scores = {"out_of_fold": _score(out_of_fold, calibration, train.names, classes)}
+    temperature = fit_temperature(out_of_fold, train.labels)
+    scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
     if held_out is not None:
         eval_logits = head.predict(held_out.features, verbose=0)
-        scores[args.eval_split] = _score(eval_logits, calibration, held_out.names, classes)
+        scores[args.eval_split] = _score(eval_logits, temperature, held_out.names, classes)
     report = {
         "classes": classes,
         "head": {
             "file": HEAD_FILE,
-            **calibration.as_dict(),
+            "temperature": temperature,
             "folds": args.folds,
             **config.as_dict(),
             "epochs_trained": epochs,  # each head's, where its fold stopped improving
@@ -280,9 +287,9 @@ def cross_fit_heads(
 
 
 def _score(
-    logits: np.ndarray, calibration: Calibration, names: np.ndarray, classes: list[str]
+    logits: np.ndarray, temperature: float, names: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
-    probabilities = keras.ops.convert_to_numpy(calibration.probabilities(logits))
+    probabilities = keras.ops.convert_to_numpy(calibrated_probabilities(logits, temperature))
     board = Scoreboard(tuple(classes))
     board.add_probabilities(names, probabilities)
     summary = board.summary()

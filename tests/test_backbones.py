@@ -16,7 +16,6 @@ from models.backbones import (
     with_mirror,
 )
 from models.bundle import ModelBundle, load_classifier, save_bundle
-from models.calibration import Calibration
 from models.head import HeadConfig, build_head
 
 
@@ -53,20 +52,6 @@ def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
     probabilities = np.asarray(classifier.predict_on_batch(images))
     assert probabilities.shape == (2, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-
-
-def test_the_classifier_calibrates_as_its_manifest_says(tiny_bundle, tmp_path):
-    bundle = ModelBundle.load(tiny_bundle)
-    calibration = Calibration(temperature=0.5, margin_slope=0.2)
-    head = bundle.load_head()
-    manifest = {**bundle.manifest, "head": {"file": "head.keras", **calibration.as_dict()}}
-    recalibrated = save_bundle(str(tmp_path / "recalibrated"), manifest, head)
-
-    images = np.random.default_rng(1).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
-    features = feature_extractor("efficientnet_lite0", "pooled", weights="imagenet")(images)
-    expected = keras.ops.convert_to_numpy(calibration.probabilities(head(features)))
-    probabilities = load_classifier(recalibrated.path).predict_on_batch(images)
-    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
 
 
 def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):

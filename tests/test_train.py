@@ -8,12 +8,20 @@ import pytest
 from apache_beam.ml.inference.base import PredictionResult
 
 from models.bundle import ModelBundle, save_bundle
-from models.head import HeadConfig, build_head, merge_heads, stratified_folds
+from models.head import HeadConfig, build_head, fit_temperature, merge_heads, stratified_folds
 from pipeline.predict import run as predict
 from pipeline.train import embedding_row, read_embeddings
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import ImageRecord
+
+
+def test_temperature_undoes_a_known_sharpening():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 4))
+    cumulative = np.exp(true_logits).cumsum(1) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = (rng.uniform(size=(4000, 1)) > cumulative).sum(1)
+    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
 
 
 def test_folds_deal_every_class_evenly():
@@ -91,7 +99,6 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert manifest["training"]["counts"] == {"rows": 24, "errors": 0, "train": 18,
                                               "train_mirrored": 0, "eval": 6}  # fmt: skip
     assert manifest["head"]["folds"] == 3 and len(manifest["head"]["epochs_trained"]) == 3
-    assert manifest["head"]["temperature"] > 0 and manifest["head"]["margin_slope"] >= 0
     assert manifest["scores"]["out_of_fold"]["n_labelled"] == 18
     assert len(manifest["training"]["catalog_sha256"]) == 64
     val = manifest["scores"]["val"]
@@ -102,7 +109,6 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert summary["model"] == "colours"
     assert summary["top1"] == pytest.approx(val["top1"])
     assert summary["macro_f1"] == pytest.approx(val["macro_f1"])
-    assert summary["ece"] == pytest.approx(val["ece"], abs=0.01)  # the calibration it scored
 
     with pytest.raises(ValueError, match="no mirror features"):
         train([*argv, "--reuse_embeddings", "--augment_mirror"])
