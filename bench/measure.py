@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from models.bundle import ModelBundle
-from transforms.images import decode_image, read_bytes
+from transforms.fetch import read_file
+from transforms.images import decode_image
 from transforms.inference import predict_in_fixed_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,14 +130,14 @@ def _timed(function: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> tuple
 
 
 def decode_throughput(uris: Sequence[str], size: int) -> dict[str, float]:
-    """read_bytes + decode_image over `uris`, in this one thread.
+    """read_file + decode_image over `uris`, in this one thread.
 
     Wall-clock images/s is what one worker gets on this machine as it is now; images per
     CPU-second of this thread is what one core does, which holds even on a busy machine.
     """
     started, cpu_started = time.perf_counter(), time.thread_time()
     for uri in uris:
-        decode_image(read_bytes(uri), size=size)
+        decode_image(read_file(uri), size=size)
     wall_s, cpu_s = time.perf_counter() - started, time.thread_time() - cpu_started
     return {
         "decode_images_per_s": len(uris) / wall_s,
@@ -250,7 +251,7 @@ def reload_throughput(uris: Sequence[str], bundle_path: str) -> float:
     started = time.perf_counter()
     for uri in uris:
         bundle = ModelBundle.load(bundle_path)
-        image = decode_image(read_bytes(uri), size=bundle.input_size)
+        image = decode_image(read_file(uri), size=bundle.input_size)
         bundle.classifier().predict_on_batch(image[np.newaxis])
         keras.utils.clear_session()
     return len(uris) / (time.perf_counter() - started)

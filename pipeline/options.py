@@ -13,7 +13,8 @@ from models.bundle import DEFAULT_BUNDLE, BundleError
 from models.head import HeadConfig
 from models.precision import PRECISIONS
 from transforms.catalog import CatalogError
-from transforms.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from transforms.fetch import DEFAULT_MAX_BYTES, FetchPolicy, default_user_agent
+from transforms.images import DEFAULT_MAX_PIXELS
 
 
 class CatalogOptions(PipelineOptions):
@@ -53,12 +54,6 @@ class CatalogOptions(PipelineOptions):
             default=DEFAULT_MAX_PIXELS,
             help="Larger images are error rows (decompression-bomb guard).",
         )
-        parser.add_argument(
-            "--max_image_bytes",
-            type=int,
-            default=DEFAULT_MAX_BYTES,
-            help="Larger files are error rows.",
-        )
 
     def check_required(self) -> None:
         """Beam parses every options class on every parse (workers, TestPipeline), so argparse's
@@ -66,6 +61,59 @@ class CatalogOptions(PipelineOptions):
         missing = [f"--{name}" for name in ("input", "output") if not getattr(self, name)]
         if missing:
             raise SystemExit(f"artstyle: missing {' and '.join(missing)} (see --help)")
+
+
+class FetchOptions(PipelineOptions):
+    """How images are fetched: concurrency, politeness, retries, deadlines, byte caps."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        defaults = FetchPolicy()
+        parser.add_argument(
+            "--fetch_concurrency",
+            type=int,
+            default=defaults.concurrency,
+            help="Images fetched at once per worker (network and bucket reads wait, not work).",
+        )
+        parser.add_argument(
+            "--max_connections_per_host",
+            type=int,
+            default=defaults.max_connections_per_host,
+            help="Connections at once to one host (Wikimedia's hosts: at most 2, as its "
+            "robot policy asks).",
+        )
+        parser.add_argument(
+            "--max_retries",
+            type=int,
+            default=defaults.max_retries,
+            help="Retries of a transient failure (timeouts, resets, HTTP 408/429/5xx), with "
+            "exponential backoff and the server's Retry-After. gs:// and s3:// retry in "
+            "their own libraries instead.",
+        )
+        parser.add_argument(
+            "--fetch_timeout_s",
+            type=float,
+            default=defaults.timeout_s,
+            help="Deadline per image, all attempts together: then it is an error row.",
+        )
+        parser.add_argument(
+            "--max_image_bytes",
+            type=int,
+            default=DEFAULT_MAX_BYTES,
+            help="Larger files are error rows, found out while streaming.",
+        )
+
+    def policy(self) -> FetchPolicy:
+        """Beam's own --user_agent ("describing the pipeline to external services") is the
+        contact part of the User-Agent, as Wikimedia's policy asks for one."""
+        return FetchPolicy(
+            concurrency=self.fetch_concurrency,
+            max_connections_per_host=self.max_connections_per_host,
+            max_retries=self.max_retries,
+            timeout_s=self.fetch_timeout_s,
+            max_bytes=self.max_image_bytes,
+            user_agent=default_user_agent(self.view_as(SetupOptions).user_agent),
+        )
 
 
 class PredictOptions(PipelineOptions):

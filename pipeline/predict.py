@@ -16,7 +16,13 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.bundle import ModelBundle, load_classifier
-from pipeline.options import CatalogOptions, PredictOptions, parse_options, run_command
+from pipeline.options import (
+    CatalogOptions,
+    FetchOptions,
+    PredictOptions,
+    parse_options,
+    run_command,
+)
 from transforms.catalog import Catalog, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
@@ -41,7 +47,10 @@ def build_graph(
 
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferStyles" >> InferImages(
-        classifier, bundle.input_size, io.max_image_bytes, io.max_image_pixels
+        classifier,
+        bundle.input_size,
+        io.max_image_pixels,
+        options.view_as(FetchOptions).policy(),
     )
     predictions = inferred | "TopK" >> beam.Map(
         prediction_row, classes=bundle.classes, top_k=predict.top_k, **row_context
@@ -58,7 +67,7 @@ def build_graph(
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
     """Runs the pipeline to the end and returns summary.json's content."""
     options = parse_options(
-        argv, (CatalogOptions, PredictOptions), "python -m pipeline", PREDICT_ABOUT
+        argv, (CatalogOptions, FetchOptions, PredictOptions), "python -m pipeline", PREDICT_ABOUT
     )
     io = options.view_as(CatalogOptions)
     io.output = io.output.rstrip("/")

@@ -41,7 +41,13 @@ from models.head import (
     stratified_folds,
 )
 from models.scoring import Scoreboard
-from pipeline.options import CatalogOptions, TrainOptions, parse_options, run_command
+from pipeline.options import (
+    CatalogOptions,
+    FetchOptions,
+    TrainOptions,
+    parse_options,
+    run_command,
+)
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
@@ -121,7 +127,10 @@ def build_embedding_graph(
     )
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferFeatures" >> InferImages(
-        extractor, input_size_of(args.backbone), io.max_image_bytes, io.max_image_pixels
+        extractor,
+        input_size_of(args.backbone),
+        io.max_image_pixels,
+        options.view_as(FetchOptions).policy(),
     )
     vectors = inferred | "FeatureRows" >> beam.Map(
         embedding_row, split_column=args.split_column, mirror=args.augment_mirror
@@ -308,7 +317,7 @@ def catalog_digest(pattern: str) -> str:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     options = parse_options(
-        argv, (CatalogOptions, TrainOptions), "python -m pipeline.train", TRAIN_ABOUT
+        argv, (CatalogOptions, FetchOptions, TrainOptions), "python -m pipeline.train", TRAIN_ABOUT
     )
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     backbones_of(args.backbone)  # an unknown name fails here, before any image is read

@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import io
 import pickle
-import socket
 import struct
-import threading
 import time
 import zlib
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fsspec.registry import known_implementations
 from PIL import Image
 
-from transforms import images
-from transforms.images import ImageError, decode_image, read_bytes
+from transforms.images import ImageError, decode_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -76,144 +69,6 @@ def test_image_error_reads_as_kind_and_message_and_survives_pickling():
     error = pickle.loads(pickle.dumps(ImageError("not_found", "x.jpg does not exist")))
     assert (error.kind, error.message) == ("not_found", "x.jpg does not exist")
     assert str(error) == "not_found: x.jpg does not exist"
-
-
-# --- read_bytes --------------------------------------------------------------------------
-
-
-def test_reads_local_paths_and_file_uris(tmp_path):
-    path = write(tmp_path / "a.jpg", b"some bytes")
-    assert read_bytes(path) == b"some bytes"
-    assert read_bytes(f"file://{path}") == b"some bytes"
-
-
-def test_missing_file_is_not_found(tmp_path):
-    error = assert_error("not_found", read_bytes, str(tmp_path / "missing.jpg"))
-    assert "missing.jpg" in error.message
-
-
-def test_empty_file_is_empty(tmp_path):
-    assert_error("empty", read_bytes, write(tmp_path / "empty.jpg", b""))
-
-
-def test_directory_is_not_a_file(tmp_path):
-    error = assert_error("not_a_file", read_bytes, str(tmp_path))
-    assert "directory" in error.message
-
-
-def test_file_over_max_bytes_is_too_large(tmp_path):
-    error = assert_error(
-        "too_large", read_bytes, write(tmp_path / "a.jpg", b"x" * 101), max_bytes=100
-    )
-    assert "max_bytes=100" in error.message
-    assert read_bytes(write(tmp_path / "b.jpg", b"x" * 100), max_bytes=100) == b"x" * 100
-
-
-def test_unknown_scheme_is_unsupported():
-    error = assert_error("unsupported_scheme", read_bytes, "nosuch://x/y.jpg")
-    assert "nosuch://" in error.message
-
-
-def test_scheme_whose_package_is_missing_says_what_to_install(monkeypatch):
-    implementation = {"class": "nosuchpkg.NoSuchFileSystem", "err": "Install nosuchpkg"}
-    monkeypatch.setitem(known_implementations, "nosuchfs", implementation)
-    error = assert_error("unsupported_scheme", read_bytes, "nosuchfs://bucket/y.jpg")
-    assert "Install nosuchpkg" in error.message
-
-
-class Handler(SimpleHTTPRequestHandler):
-    """Serves a folder; /error/... answers 500; /unsized/NAME sends NAME with no length.
-
-    HTTP/1.0, the default, so closing the connection is what ends an unsized body.
-    """
-
-    def do_HEAD(self):
-        if self.path.startswith(("/error/", "/unsized/")):
-            self.do_GET()
-        else:
-            super().do_HEAD()
-
-    def do_GET(self):
-        if self.path.startswith("/error/"):
-            self.send_error(500)
-        elif self.path.startswith("/unsized/"):
-            self.send_response(200)
-            self.end_headers()
-            if self.command == "GET":
-                name = self.path.split("/")[-1]
-                self.send_in_two_parts((Path(self.directory) / name).read_bytes())
-            self.close_connection = True
-        else:
-            super().do_GET()
-
-    def send_in_two_parts(self, data: bytes):
-        """With a pause between, so the client's first read likely gets only the first."""
-        self.wfile.write(data[: len(data) // 2])
-        self.wfile.flush()
-        time.sleep(0.05)
-        self.wfile.write(data[len(data) // 2 :])
-
-    def log_message(self, *args):  # keep pytest's output to the tests
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path) -> Iterator[tuple[str, Path]]:
-    """(base URL, folder it serves), from a server on 127.0.0.1 in a thread."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
-    server.shutdown()
-    server.server_close()
-
-
-def test_reads_http(http_root):
-    url, root = http_root
-    data = encode(Image.new("RGB", (16, 16)), "PNG")
-    write(root / "a.png", data)
-    assert read_bytes(f"{url}/a.png") == data
-
-
-def test_reads_http_without_a_length_and_still_caps_it(http_root):
-    url, root = http_root
-    data = bytes(range(256)) * 400
-    write(root / "big.bin", data)
-    assert read_bytes(f"{url}/unsized/big.bin") == data
-    assert_error("too_large", read_bytes, f"{url}/unsized/big.bin", max_bytes=1000)
-
-
-def test_http_404_is_not_found(http_root):
-    url, _ = http_root
-    assert_error("not_found", read_bytes, f"{url}/missing.jpg")
-
-
-def test_http_500_is_fetch_failed(http_root):
-    url, _ = http_root
-    error = assert_error("fetch_failed", read_bytes, f"{url}/error/a.jpg")
-    assert "500" in error.message
-
-
-def test_unreachable_http_fails_fast():
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    start = time.monotonic()
-    error = assert_error("fetch_failed", read_bytes, f"http://127.0.0.1:{port}/a.jpg")
-    assert time.monotonic() - start < 5
-    assert "127.0.0.1" in error.message
-
-
-def test_silent_http_server_times_out(monkeypatch):
-    monkeypatch.setattr(images, "HTTP_TIMEOUT_S", 0.2)
-    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        start = time.monotonic()
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg"
-        error = assert_error("fetch_failed", read_bytes, url)
-    assert time.monotonic() - start < 5
-    assert "timed out" in error.message
 
 
 # --- decode_image: framing ---------------------------------------------------------------
@@ -325,7 +180,7 @@ def test_one_pixel_is_too_small():
 def test_image_over_max_pixels_is_too_large():
     data = encode(Image.new("RGB", (100, 100)), "PNG")
     error = assert_error("too_large", decode_image, data, size=32, max_pixels=9_999)
-    assert "max_pixels=9,999" in error.message
+    assert "--max_image_pixels=9,999" in error.message
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

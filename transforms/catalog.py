@@ -37,6 +37,7 @@ class ImageRecord:
     location: str  # where the bytes are: `uri` resolved against the catalog's folder
     label: str | None
     extra: tuple[tuple[str, Any], ...] = ()  # the catalog's other columns, in order
+    error: str | None = None  # "kind: message" when the row itself could not be read
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from transforms.catalog import ImageRecord
+from transforms.fetch import FetchPolicy
 from transforms.load import LoadImages
 
 
@@ -18,10 +19,10 @@ class InferImages(beam.PTransform):
     they hold every input record exactly once.
     """
 
-    def __init__(self, model: ModelHandler, input_size: int, max_bytes: int, max_pixels: int):
+    def __init__(self, model: ModelHandler, input_size: int, max_pixels: int, fetch: FetchPolicy):
         super().__init__()
         self._model = KeyedModelHandler(model)
-        self._load = LoadImages(input_size, max_bytes, max_pixels)
+        self._load = LoadImages(input_size, max_pixels, fetch)
 
     def expand(self, records: beam.PCollection[ImageRecord]):
         loaded = records | "LoadImages" >> self._load

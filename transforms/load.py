@@ -13,19 +13,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.catalog import ImageRecord
-from transforms.images import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    decode_image,
-    read_bytes,
-)
+from transforms.fetch import BackgroundFetcher, FetchPolicy
+from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.inference import METRICS_NAMESPACE
 
 ERRORS = "errors"
 
-# Two batches of the pipeline's default size in flight: the one the model will take next
-# is decoded while it computes the current one. Two threads: decoding is a small share.
+# At least two batches of the pipeline's default size in flight: the one the model will
+# take next is decoded while it computes the current one. Two threads: decoding is a small
+# share of the work, and the model wants the cores.
 DECODE_LOOKAHEAD = 64
 DECODE_THREADS = 2
 
@@ -36,29 +32,31 @@ class LoadImageFn(beam.DoFn):
     One unreadable image must never fail the run: every failure of this step becomes an
     error row downstream, and is counted by kind in Beam's metrics.
 
-    Images are fetched and decoded on a small thread pool, up to `lookahead` records ahead
-    of what this step has emitted, and emitted in input order. The model runs downstream in
-    the same thread (Beam fuses the steps), so without this, decoding and inference take
-    turns; with it, the next batch is decoded while the model computes the current one
-    (Pillow and TensorFlow both release the GIL while they work).
+    Bytes are fetched on an event loop of the worker's own (many requests in flight: see
+    transforms/fetch.py), decoded on a small thread pool as they arrive, and emitted in
+    input order, up to `lookahead` records ahead of what this step has emitted. The model
+    runs downstream in the same thread (Beam fuses the steps), so without this, fetching,
+    decoding and inference would take turns; with it, the network's waits and the next
+    batch's decoding overlap the model's work (Pillow and TensorFlow release the GIL).
     """
 
     def __init__(
         self,
         size: int,
-        max_bytes: int,
         max_pixels: int,
-        lookahead: int = DECODE_LOOKAHEAD,
+        fetch: FetchPolicy,
         threads: int = DECODE_THREADS,
     ):
         self._size = size
-        self._max_bytes = max_bytes
         self._max_pixels = max_pixels
-        self._lookahead = lookahead
+        self._fetch = fetch
+        # Enough records ahead to keep every fetch slot busy, and two batches decoded.
+        self._lookahead = max(DECODE_LOOKAHEAD, 2 * fetch.concurrency)
         self._threads = threads
         self._loaded = Metrics.counter(METRICS_NAMESPACE, "images_loaded")
 
     def setup(self) -> None:
+        self._fetcher = BackgroundFetcher(self._fetch)
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
 
     def start_bundle(self) -> None:
@@ -67,18 +65,17 @@ class LoadImageFn(beam.DoFn):
     def process(
         self, record: ImageRecord, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam
     ) -> Iterator:
-        future = self._pool.submit(self._load, record.location)
-        self._pending.append((record, future, timestamp, window))
+        self._pending.append((record, self._load(record), timestamp, window))
         while len(self._pending) > self._lookahead:
-            oldest, decoded, _, _ = self._pending.popleft()
-            yield from self._outputs(oldest, decoded)
+            oldest, loaded, _, _ = self._pending.popleft()
+            yield from self._outputs(oldest, loaded)
 
     def finish_bundle(self) -> Iterator:
         """What is still pending, with the timestamp and window each record came with (the
         only outputs Beam accepts from finish_bundle)."""
         while self._pending:
-            record, future, timestamp, window = self._pending.popleft()
-            for output in self._outputs(record, future):
+            record, loaded, timestamp, window = self._pending.popleft()
+            for output in self._outputs(record, loaded):
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     value = WindowedValue(output.value, timestamp, [window])
                     yield beam.pvalue.TaggedOutput(output.tag, value)
@@ -87,10 +84,32 @@ class LoadImageFn(beam.DoFn):
 
     def teardown(self) -> None:
         self._pool.shutdown(cancel_futures=True)
+        self._fetcher.close()
 
-    def _outputs(self, record: ImageRecord, future: Future) -> Iterator:
+    def _load(self, record: ImageRecord) -> Future[np.ndarray]:
+        """The decoded image, once fetched and decoded; a catalog row that could not be read
+        fails at once with its own error."""
+        loaded: Future[np.ndarray] = Future()
+        if record.error:
+            kind, _, message = record.error.partition(": ")
+            loaded.set_exception(ImageError(kind, message))
+            return loaded
+        fetched = self._fetcher.submit(record.location)
+        fetched.add_done_callback(lambda done: self._decode_when_fetched(done, loaded))
+        return loaded
+
+    def _decode_when_fetched(self, fetched: Future[bytes], loaded: Future[np.ndarray]) -> None:
+        if error := fetched.exception():
+            loaded.set_exception(error)
+            return
+        decoding = self._pool.submit(
+            decode_image, fetched.result(), size=self._size, max_pixels=self._max_pixels
+        )
+        decoding.add_done_callback(lambda done: _copy_outcome(done, loaded))
+
+    def _outputs(self, record: ImageRecord, loaded: Future) -> Iterator:
         try:
-            image = future.result()
+            image = loaded.result()
         except ImageError as error:
             Metrics.counter(METRICS_NAMESPACE, f"errors_{error.kind}").inc()
             yield beam.pvalue.TaggedOutput(ERRORS, (record, str(error)))
@@ -102,11 +121,12 @@ class LoadImageFn(beam.DoFn):
             self._loaded.inc()
             yield record, image
 
-    def _load(self, location: str) -> np.ndarray:
-        if not location:
-            raise ImageError("missing_uri", "the row has no image URI")
-        data = read_bytes(location, max_bytes=self._max_bytes)
-        return decode_image(data, size=self._size, max_pixels=self._max_pixels)
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    if error := source.exception():
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
 
 
 class LoadImages(beam.PTransform):
@@ -115,13 +135,12 @@ class LoadImages(beam.PTransform):
     def __init__(
         self,
         size: int,
-        max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        lookahead: int = DECODE_LOOKAHEAD,
+        fetch: FetchPolicy | None = None,
         threads: int = DECODE_THREADS,
     ):
         super().__init__()
-        self._fn = LoadImageFn(size, max_bytes, max_pixels, lookahead, threads)
+        self._fn = LoadImageFn(size, max_pixels, fetch or FetchPolicy(), threads)
 
     def expand(self, records: beam.PCollection[ImageRecord]):
         return records | beam.ParDo(self._fn).with_outputs(ERRORS, main="images")

@@ -1,0 +1,411 @@
+"""Fetching bytes: local files, fsspec filesystems and HTTP, with its faults.
+
+The only network is an HTTP server on 127.0.0.1 (`server`), which behaves like the hosts
+collections live on: it refuses generic library User-Agents, answers 503 and 429 now and
+then, trickles, loops, resets connections and sends bodies far over the byte cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import fsspec
+import pytest
+from aiohttp import web
+from fsspec.registry import known_implementations
+
+from transforms import fetch
+from transforms.fetch import BackgroundFetcher, FetchPolicy, default_user_agent, locate
+from transforms.images import ImageError
+
+PAINTING = bytes(range(256)) * 40  # stands in for an image: fetching never decodes
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    """Retries wait milliseconds instead of seconds; Retry-After is still honoured."""
+    monkeypatch.setattr(fetch, "BACKOFF_INITIAL_S", 0.01)
+
+
+def fetch_one(uri: str, **policy) -> bytes:
+    with BackgroundFetcher(FetchPolicy(**policy)) as fetcher:
+        return fetcher.fetch(uri)
+
+
+def assert_error(kind: str, uri: str, **policy) -> ImageError:
+    with pytest.raises(ImageError) as caught:
+        fetch_one(uri, **policy)
+    assert caught.value.kind == kind, str(caught.value)
+    return caught.value
+
+
+# --- The test server -----------------------------------------------------------------------
+
+
+@dataclass
+class Host:
+    """What the server saw: requests per (method, path), and the most in flight at once."""
+
+    url: str
+    requests: Counter = field(default_factory=Counter)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    bytes_sent: int = 0
+
+    def gets(self, path: str) -> int:
+        return self.requests["GET", path]
+
+
+def make_app(host: Host) -> web.Application:
+    """Routes named for how they behave; each counts its requests in `host`."""
+
+    @web.middleware
+    async def count(request: web.Request, handler):
+        host.requests[request.method, request.path] += 1
+        if request.path.startswith("/download/"):  # a bucket's emulator, for gcsfs
+            return web.Response(status=503)
+        if not request.headers.get("User-Agent", "").startswith("artstyle/"):
+            # Like Wikimedia since 2025: generic library User-Agents are refused.
+            return web.Response(status=403, text="Please comply with the User-Agent policy.")
+        host.in_flight += 1
+        host.most_in_flight = max(host.most_in_flight, host.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            host.in_flight -= 1
+
+    async def painting(request):
+        return web.Response(body=PAINTING)
+
+    async def unknown(request):
+        return web.Response(status=404)
+
+    async def slow(request):
+        await asyncio.sleep(0.2)
+        return web.Response(body=PAINTING)
+
+    async def first_time(status: int, request, **headers) -> web.Response:
+        if host.gets(request.path) == 1:
+            return web.Response(status=status, headers=headers)
+        return web.Response(body=PAINTING)
+
+    async def flaky(request):
+        return await first_time(503, request)
+
+    async def throttled(request):
+        return await first_time(429, request, **{"Retry-After": "1"})
+
+    async def down(request):
+        return web.Response(status=503)
+
+    async def missing(request):
+        return web.Response(status=404)
+
+    async def loop(request):
+        raise web.HTTPFound(request.path)
+
+    async def trickle(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while True:  # one byte every half second, for ever: each read arrives in time
+            await response.write(b"x")
+            await asyncio.sleep(0.5)
+
+    async def reset(request):
+        """Half the body, then the connection dropped: the first time only."""
+        if host.gets(request.path) > 1:
+            return web.Response(body=PAINTING)
+        response = web.StreamResponse(headers={"Content-Length": str(len(PAINTING))})
+        await response.prepare(request)
+        await response.write(PAINTING[: len(PAINTING) // 2])
+        request.transport.close()
+        return response
+
+    async def endless(request):
+        """100 MB, without saying so up front, sent only as fast as it is read."""
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"\0" * 2**16
+        for _ in range(100 * 2**20 // len(chunk)):
+            await response.write(chunk)
+            host.bytes_sent += len(chunk)
+        return response
+
+    async def declared_huge(request):
+        response = web.StreamResponse(headers={"Content-Length": str(100 * 2**20)})
+        await response.prepare(request)
+        await response.write(b"\0" * 2**16)
+        host.bytes_sent += 2**16
+        return response
+
+    app = web.Application(middlewares=[count])
+    for path, handler in {
+        "/painting.jpg": painting,
+        "/slow/{n}.jpg": slow,
+        "/flaky.jpg": flaky,
+        "/throttled.jpg": throttled,
+        "/down.jpg": down,
+        "/missing.jpg": missing,
+        "/loop.jpg": loop,
+        "/trickle.jpg": trickle,
+        "/reset.jpg": reset,
+        "/endless.jpg": endless,
+        "/declared_huge.jpg": declared_huge,
+        "/{tail:.*}": unknown,
+    }.items():
+        app.router.add_get(path, handler)
+    return app
+
+
+@pytest.fixture
+def server() -> Iterator[Host]:
+    """A server on 127.0.0.1, on its own event loop in a thread, for one test."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    host = Host(url="")
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(make_app(host), shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    yield host
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+def test_one_get_per_image_and_no_head(server):
+    assert fetch_one(f"{server.url}/painting.jpg") == PAINTING
+    assert server.requests == Counter({("GET", "/painting.jpg"): 1})
+
+
+def test_generic_user_agent_is_refused_and_the_default_one_passes(server):
+    generic = "Python/3.11 aiohttp/3.14.5"
+    error = assert_error("fetch_failed", f"{server.url}/painting.jpg", user_agent=generic)
+    assert "HTTP 403" in error.message and "User-Agent policy" in error.message
+    assert fetch_one(f"{server.url}/painting.jpg") == PAINTING
+
+
+def test_default_user_agent_names_the_tool_its_page_and_the_contact():
+    agent = default_user_agent("archive@example.org")
+    assert agent.startswith("artstyle/")
+    assert f"(+{fetch.PROJECT_URL}; archive@example.org)" in agent
+    assert "aiohttp/" in agent and "Mozilla" not in agent
+
+
+def test_a_transient_503_is_retried(server):
+    assert fetch_one(f"{server.url}/flaky.jpg") == PAINTING
+    assert server.gets("/flaky.jpg") == 2
+
+
+def test_429_waits_as_long_as_retry_after_says(server):
+    started = time.monotonic()
+    assert fetch_one(f"{server.url}/throttled.jpg") == PAINTING
+    assert time.monotonic() - started >= 0.95
+    assert server.gets("/throttled.jpg") == 2
+
+
+def test_retries_stop_at_max_retries_and_the_error_says_so(server):
+    error = assert_error("fetch_failed", f"{server.url}/down.jpg", max_retries=2)
+    assert "HTTP 503" in error.message and "(3 attempts)" in error.message
+    assert server.gets("/down.jpg") == 3
+
+
+def test_404_is_not_found_after_one_attempt(server):
+    assert_error("not_found", f"{server.url}/missing.jpg")
+    assert server.gets("/missing.jpg") == 1
+
+
+def test_a_trickling_body_fails_at_the_deadline(server):
+    started = time.monotonic()
+    error = assert_error("fetch_failed", f"{server.url}/trickle.jpg", timeout_s=1.5)
+    assert "timed out after 1.5 s" in error.message
+    assert time.monotonic() - started < 5
+
+
+def test_a_redirect_loop_is_a_clear_error(server):
+    error = assert_error("fetch_failed", f"{server.url}/loop.jpg")
+    assert "redirects" in error.message
+    assert server.gets("/loop.jpg") <= fetch.MAX_REDIRECTS + 1  # bounded, and not retried
+
+
+def test_a_connection_reset_mid_body_is_retried(server):
+    assert fetch_one(f"{server.url}/reset.jpg") == PAINTING
+    assert server.gets("/reset.jpg") == 2
+
+
+def test_a_100_mb_body_is_too_large_without_being_read_whole(server):
+    error = assert_error("too_large", f"{server.url}/endless.jpg", max_bytes=2**20)
+    assert "--max_image_bytes=1,048,576" in error.message
+    assert server.bytes_sent < 20 * 2**20  # what the socket buffers took, not 100 MB
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading(server):
+    error = assert_error("too_large", f"{server.url}/declared_huge.jpg", max_bytes=2**20)
+    assert "104,857,600 bytes" in error.message
+
+
+def test_refused_connection_is_retried_then_fetch_failed():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, never listening: connections are refused
+        error = assert_error("fetch_failed", f"http://127.0.0.1:{port}/a.jpg", max_retries=1)
+    assert "(2 attempts)" in error.message
+
+
+def test_a_server_that_never_answers_fails_at_the_deadline():
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg"
+        error = assert_error("fetch_failed", url, timeout_s=1)
+    assert "timed out after 1 s" in error.message and "127.0.0.1" in error.message
+
+
+def test_upper_case_scheme_is_read(server):
+    assert fetch_one(server.url.replace("http://", "HTTP://") + "/painting.jpg") == PAINTING
+
+
+def test_fetches_run_concurrently_up_to_the_per_host_cap(server):
+    policy = FetchPolicy(concurrency=16, max_connections_per_host=3)
+    started = time.monotonic()
+    with BackgroundFetcher(policy) as fetcher:
+        futures = [fetcher.submit(f"{server.url}/slow/{n}.jpg") for n in range(12)]
+        assert all(future.result() == PAINTING for future in futures)
+    assert server.most_in_flight == 3
+    assert time.monotonic() - started < 12 * 0.2  # at 3 at once, about 0.8 s
+
+
+def test_wikimedia_hosts_share_a_cap_of_two():
+    policy = FetchPolicy(max_connections_per_host=8)
+    assert policy.host_cap("upload.wikimedia.org") == ("wikimedia.org", 2)
+    assert policy.host_cap("commons.wikimedia.org") == ("wikimedia.org", 2)
+    assert policy.host_cap("images.example.org") == ("images.example.org", 8)
+    assert policy.host_cap("notwikimedia.org") == ("notwikimedia.org", 8)
+
+
+# --- Files, and URIs as catalogs write them ---------------------------------------------------
+
+
+def test_local_paths_are_paths(tmp_path):
+    odd = tmp_path / "[2024]" / "a::b.jpg"  # a glob's brackets, an fsspec chain's colons
+    odd.parent.mkdir()
+    odd.write_bytes(PAINTING)
+    assert fetch_one(str(odd)) == PAINTING
+
+
+def test_file_uris_are_percent_decoded(tmp_path):
+    (tmp_path / "Le Rêve.jpg").write_bytes(PAINTING)
+    assert fetch_one(f"file://{tmp_path}/Le%20R%C3%AAve.jpg") == PAINTING
+
+
+def test_data_uris_are_read():
+    assert fetch_one("data:image/jpeg;base64,aGVsbG8=") == b"hello"
+
+
+def test_file_errors_have_their_kinds(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "big.jpg").write_bytes(b"x" * 101)
+    (tmp_path / "exact.jpg").write_bytes(b"x" * 100)
+    assert_error("not_found", str(tmp_path / "missing.jpg"))
+    assert_error("empty", str(tmp_path / "empty.jpg"))
+    assert_error("not_a_file", str(tmp_path))
+    assert_error("too_large", str(tmp_path / "big.jpg"), max_bytes=100)
+    assert fetch_one(str(tmp_path / "exact.jpg"), max_bytes=100) == b"x" * 100
+    assert_error("missing_uri", "  ")
+
+
+def test_unknown_scheme_and_missing_package_are_unsupported(monkeypatch):
+    assert_error("unsupported_scheme", "nosuch://x/y.jpg")
+    monkeypatch.setitem(
+        known_implementations,
+        "nosuchfs",
+        {"class": "nosuchfs_pkg.FS", "err": "Install nosuchfs-pkg to read nosuchfs://"},
+    )
+    error = assert_error("unsupported_scheme", "nosuchfs://bucket/y.jpg")
+    assert "nosuchfs-pkg" in error.message
+
+
+def test_locate_keeps_the_uri_as_written():
+    located = locate("HTTP://Example.org/a b.jpg")
+    assert (located.uri, located.scheme) == ("HTTP://Example.org/a b.jpg", "http")
+    assert located.target == "http://Example.org/a b.jpg"
+
+
+# --- Object stores, through a filesystem that fails on purpose ----------------------------------
+
+
+class FlakyFileSystem(fsspec.AbstractFileSystem):
+    """Serves PAINTING for any path; fails the first `failures` reads of each path with a
+    connection reset, as an object store under load does."""
+
+    protocol = "flakytest"
+    failures = 1
+    reads: ClassVar[Counter] = Counter()
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        type(self).reads[path] += 1
+        if type(self).reads[path] <= type(self).failures:
+            raise ConnectionResetError("connection reset by peer")
+        return PAINTING[start:end]
+
+
+@pytest.fixture
+def flaky_filesystem(monkeypatch) -> type[FlakyFileSystem]:
+    fsspec.register_implementation("flakytest", FlakyFileSystem, clobber=True)
+    monkeypatch.setattr(FlakyFileSystem, "reads", Counter())
+    fetch._filesystem.cache_clear()
+    return FlakyFileSystem
+
+
+def test_a_transient_filesystem_fault_is_retried(flaky_filesystem):
+    assert fetch_one("flakytest://bucket/a.jpg") == PAINTING
+    assert flaky_filesystem.reads["bucket/a.jpg"] == 2
+
+
+def test_a_filesystem_that_always_fails_is_tried_max_retries_plus_one_times(
+    flaky_filesystem, monkeypatch
+):
+    monkeypatch.setattr(flaky_filesystem, "failures", 100)
+    error = assert_error("fetch_failed", "flakytest://bucket/b.jpg", max_retries=2)
+    assert "ConnectionResetError" in error.message and "(3 attempts)" in error.message
+    assert flaky_filesystem.reads["bucket/b.jpg"] == 3
+
+
+def test_a_library_that_retries_on_its_own_is_not_retried_again(server, monkeypatch):
+    """gcsfs against the test server, which answers 503 to everything it does not know: as
+    many requests as gcsfs makes on its own, not that many times (max_retries + 1)."""
+    import gcsfs.retry
+
+    async def no_wait(seconds):
+        return None
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", no_wait)
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon"})
+    fetch._filesystem.cache_clear()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    server_paths = "/download/storage/v1/b/bucket/o/a.jpg"
+    try:
+        error = assert_error("fetch_failed", "gs://bucket/a.jpg", max_retries=3)
+    finally:
+        fetch._filesystem.cache_clear()
+        gcsfs.GCSFileSystem.clear_instance_cache()
+    assert "(1 attempt)" in error.message
+    assert sum(n for (_, path), n in server.requests.items() if path == server_paths) == 6
