@@ -1,6 +1,9 @@
+import logging
+
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -10,7 +13,9 @@ from transforms.catalog import (
     ImageRecord,
     ReadCatalog,
     open_catalog,
+    read_records,
     resolve_location,
+    unified_type,
 )
 
 
@@ -32,6 +37,24 @@ def test_relative_uris_are_relative_to_the_catalog_folder():
     assert resolve_location("images/a.jpg", "gs://bucket/set") == "gs://bucket/set/images/a.jpg"
     assert resolve_location("/abs/a.jpg", "/data") == "/abs/a.jpg"
     assert resolve_location("s3://b/a.jpg", "/data") == "s3://b/a.jpg"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "HTTPS://example.org/a.jpg",
+        "Gs://bucket/a.jpg",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "DATA:image/png;base64,iVBORw0KGgo=",
+        "/abs/a.jpg",
+    ],
+)
+def test_uris_with_a_scheme_and_absolute_paths_are_never_joined(uri):
+    assert resolve_location(uri, "gs://bucket/set") == uri
+
+
+def test_only_a_scheme_at_the_start_counts():
+    assert resolve_location("images/x://a.jpg", "/data") == "/data/images/x://a.jpg"
 
 
 def test_csv_catalog_columns(csv_catalog):
@@ -100,9 +123,164 @@ def test_a_folder_of_images_is_a_catalog_of_one_row_per_image(tmp_path):
         assert_that(uris, equal_to(expected))
 
 
-def test_malformed_csv_is_a_startup_error(tmp_path):
-    path = tmp_path / "broken.csv"
-    path.write_text("uri,style\na.jpg,Baroque\nb.jpg,Rococo,extra,fields\n")
+def records_of(catalog):
+    return [record for file in catalog.files for record in read_records(file, catalog)]
+
+
+def test_each_shard_resolves_relative_uris_against_its_own_folder(tmp_path):
+    for museum in ("a", "b"):
+        (tmp_path / f"museum_{museum}").mkdir()
+        (tmp_path / f"museum_{museum}/catalog.csv").write_text("uri\nimages/x.jpg\n")
+    catalog = open_catalog(str(tmp_path / "museum_*/catalog.csv"))
+    assert catalog.files == tuple(str(tmp_path / f"museum_{m}/catalog.csv") for m in "ab")
+    expected = [str(tmp_path / f"museum_{m}/images/x.jpg") for m in "ab"]
+    with TestPipeline() as pipeline:
+        locations = pipeline | ReadCatalog(catalog) | beam.Map(lambda record: record.location)
+        assert_that(locations, equal_to(expected))
+
+
+def test_uri_is_kept_as_written_and_only_the_location_is_stripped(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_text('uri,style\n images/a.jpg ,Baroque\n"  ",Rococo\n,Cubism\n')
+    records = records_of(open_catalog(str(path)))
+    assert [(r.uri, r.location) for r in records] == [
+        (" images/a.jpg ", f"{tmp_path}/images/a.jpg"),
+        ("  ", ""),
+        ("", ""),
+    ]
+
+
+def test_malformed_csv_rows_become_error_records_that_say_where(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_bytes(
+        b"uri,title\n"
+        b"a.jpg,Harbour\n"
+        b'b.jpg,"Two\nlines"\n'
+        b"\n"
+        b"c.jpg,Harbour, at night\n"
+        b"d.jpg\n"
+        b"e.jpg,Caf\x92\n"
+        b"\x92f.jpg,Cafe\n"
+        b'g.jpg,"Quoted"x\n'
+        b"h.jpg,Last\n"
+        b'i.jpg,"never closed\n'
+    )
+    records = records_of(open_catalog(str(path)))
+    assert [(r.uri, r.error) for r in records] == [
+        ("a.jpg", None),
+        ("b.jpg", None),
+        ("c.jpg", f"bad_catalog_row: line 6: 3 fields where the header has 2 ({path})"),
+        ("d.jpg", f"bad_catalog_row: line 7: 1 fields where the header has 2 ({path})"),
+        ("e.jpg", f"bad_catalog_row: line 8: byte 0x92 in column 'title' is not UTF-8 "
+                  f"(save it as UTF-8) ({path})"),
+        (None, f"bad_catalog_row: line 9: byte 0x92 in column 'uri' is not UTF-8 "
+               f"(save it as UTF-8) ({path})"),
+        (None, f"bad_catalog_row: line 10: ',' expected after '\"' ({path})"),
+        ("h.jpg", None),
+        (None, f"bad_catalog_row: line 12: unexpected end of data ({path})"),
+    ]  # fmt: skip
+    assert records[1].extra == (("title", "Two\nlines"),)
+    bad = records[2]
+    assert (bad.location, bad.label, bad.extra) == ("", None, ())
+
+
+def test_a_bad_byte_late_in_a_csv_is_a_row_not_a_startup_error(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_bytes(b"uri,title\n" + b"a.jpg,Harbour\n" * 1402 + b"b.jpg,Caf\x92\n")
+    records = records_of(open_catalog(str(path)))
+    assert len(records) == 1403
+    assert records[-1].error.startswith("bad_catalog_row: line 1404: byte 0x92 in column")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"\n\n", "is empty"),
+        (b"uri,ti\x92tle\na.jpg,x\n", "no readable header line: byte 0x92 in its column 2"),
+        (b'uri,"title\n', "no readable header line: unexpected end of data"),
+        (b"uri,year,year\na.jpg,1,2\n", "more than one column named year"),
+    ],
+)
+def test_header_problems_are_startup_errors(tmp_path, content, message):
+    (tmp_path / "catalog.csv").write_bytes(content)
+    with pytest.raises(CatalogError, match=message):
+        open_catalog(str(tmp_path / "catalog.csv"))
+
+
+def test_every_shard_needs_the_uri_column(tmp_path):
+    (tmp_path / "a.csv").write_text("uri,style\na.jpg,Baroque\n")
+    (tmp_path / "b.csv").write_text("path,style\nb.jpg,Baroque\n")
+    with pytest.raises(CatalogError, match=r"b\.csv' has no column 'uri'"):
+        open_catalog(str(tmp_path / "*.csv"))
+
+
+def test_a_blank_header_name_is_named_as_pandas_names_it(tmp_path):
+    path = tmp_path / "catalog.csv"
+    pd.DataFrame({"uri": ["a.jpg"], "style": ["Baroque"]}).to_csv(path)  # with its index
     catalog = open_catalog(str(path))
-    with pytest.raises(CatalogError, match="not valid CSV"), TestPipeline() as pipeline:
-        _ = pipeline | ReadCatalog(catalog)
+    assert [f.name for f in catalog.extra_fields] == ["Unnamed: 0"]
+    assert records_of(catalog)[0].extra == (("Unnamed: 0", "0"),)
+
+
+@pytest.mark.parametrize(
+    ("types", "unified"),
+    [
+        ([pa.string(), pa.string()], pa.string()),
+        ([pa.int32(), pa.int64(), pa.uint8()], pa.int64()),
+        ([pa.int64(), pa.float32()], pa.float64()),
+        ([pa.int64(), pa.null()], pa.int64()),
+        ([pa.null()], pa.null()),
+        ([pa.int64(), pa.string()], pa.string()),
+        ([pa.uint64(), pa.int64()], pa.string()),
+        ([pa.timestamp("s"), pa.date32()], pa.string()),
+        ([pa.list_(pa.string()), pa.string()], pa.string()),
+    ],
+)
+def test_one_type_per_column_across_shards(types, unified):
+    assert unified_type(types) == unified
+
+
+def test_parquet_shards_values_take_the_unified_type(tmp_path):
+    pq.write_table(
+        pa.table({"uri": ["a.jpg", None], "year": [1889, 1890], "height": [73, 60],
+                  "tags": [["sea", "port"], None]}),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    pq.write_table(
+        pa.table({"uri": ["b.jpg"], "year": ["c. 1500"], "height": [0.5], "tags": ["dunes"]}),
+        tmp_path / "b.parquet",
+    )
+    catalog = open_catalog(str(tmp_path / "*.parquet"))
+    assert [(f.name, f.type) for f in catalog.extra_fields] == [
+        ("year", pa.string()),
+        ("height", pa.float64()),
+        ("tags", pa.string()),
+    ]
+    assert [(r.uri, r.extra) for r in records_of(catalog)] == [
+        ("a.jpg", (("year", "1889"), ("height", 73.0), ("tags", "['sea', 'port']"))),
+        (None, (("year", "1890"), ("height", 60.0), ("tags", None))),
+        ("b.jpg", (("year", "c. 1500"), ("height", 0.5), ("tags", "dunes"))),
+    ]
+
+
+def test_a_large_parquet_shard_is_read_in_batches(tmp_path):
+    pq.write_table(pa.table({"uri": [f"{i}.jpg" for i in range(5000)]}), tmp_path / "c.parquet")
+    records = records_of(open_catalog(str(tmp_path / "c.parquet")))
+    assert [r.uri for r in records] == [f"{i}.jpg" for i in range(5000)]
+
+
+def test_an_earlier_runs_style_is_not_taken_for_a_label(tmp_path, caplog):
+    path = tmp_path / "predictions.parquet"
+    pd.DataFrame(
+        {"uri": ["a.jpg"], "label": ["Rococo"], "style": ["Baroque"], "confidence": [0.9],
+         "top_k_styles": [["Baroque"]], "top_k_probs": [[0.9]], "model": ["old"]}
+    ).to_parquet(path)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        catalog = open_catalog(str(path))
+    assert not catalog.has_labels
+    assert len(caplog.records) == 1
+    assert "its 'style' column is a prediction" in caplog.text
+    assert "--label_column label" in caplog.text
+    named = open_catalog(str(path), label_column="label")
+    assert named.label_column == "label" and "style" in [f.name for f in named.extra_fields]

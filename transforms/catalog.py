@@ -1,21 +1,42 @@
 """The catalog: which images to read, what their labels are, and what to pass through.
 
-A catalog is a CSV or Parquet file (or a glob of shards), or a folder or glob of images,
-in which case every image is a row of its own. Everything that can be checked before the
-pipeline starts (files exist, the URI column is there) is checked in `open_catalog`, so a
-wrong column name is one clear message at start-up, not thousands of error rows.
+A catalog is a CSV or Parquet file (or a glob of shards, in one folder or many), or a
+folder or glob of images, in which case every image is a row of its own. Everything that
+can be checked before the pipeline starts (files exist, every shard has the URI column, the
+shards' column types agree) is checked in `open_catalog`, so a wrong column name is one
+clear message at start-up, not thousands of error rows.
+
+What the catalog promises the rest of the pipeline:
+- A relative URI is relative to the folder of the catalog file its row is in (as in a web
+  page), so shards in different folders each find their own images. URIs with a scheme
+  (`gs://`, `HTTP://`, `data:`) and absolute paths are used as they are.
+- `uri` is the URI exactly as written, the key users join predictions on; only the
+  location the bytes are fetched from is stripped of surrounding spaces.
+- Each pass-through column has one type across all shards: the shards' own type where they
+  agree, int64 for integers of several widths, float64 for integers mixed with floats, and
+  text otherwise; values are converted to it as rows are read.
+- A CSV row that cannot be read (more or fewer fields than the header, bytes that are not
+  UTF-8, broken quoting) is a record whose `error` says `bad_catalog_row: line N: ...`: it
+  becomes an error row like an unreadable image, and the run goes on.
+- A catalog that is an earlier run's predictions (it has `top_k_styles` and `confidence`)
+  has predictions in its `style` column, not labels: it has labels only if --label_column
+  names them.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import posixpath
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import apache_beam as beam
 import fsspec
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,6 +44,17 @@ CatalogFormat = Literal["csv", "parquet", "images"]
 
 DEFAULT_LABEL_COLUMN = "style"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+# Columns only artstyle's own predictions have: such a catalog's `style` is not a label.
+PREDICTION_COLUMNS = frozenset({"top_k_styles", "confidence"})
+BAD_ROW = "bad_catalog_row"
+PARQUET_BATCH_ROWS = 1024  # rows read at a time: memory stays small for any shard size
+# Python's csv module stops at 128 KiB a field; a `data:` URI of a large image is longer.
+MAX_CSV_FIELD_CHARS = 256 * 2**20
+# A URI with a scheme is never joined to the catalog's folder. fsspec knows `data:` URIs
+# without slashes; every other scheme it opens is written `scheme://`.
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://|data:", re.IGNORECASE)
+# A CSV record as read: (its first line, its fields or None, what is wrong with it or None).
+CsvRecord = tuple[int, list[str] | None, str | None]
 
 
 class CatalogError(ValueError):
@@ -33,8 +65,8 @@ class CatalogError(ValueError):
 class ImageRecord:
     """One catalog row on its way through the pipeline."""
 
-    uri: str  # as written in the catalog: the key users join predictions on
-    location: str  # where the bytes are: `uri` resolved against the catalog's folder
+    uri: str | None  # exactly as written in the catalog: the key users join predictions on
+    location: str  # where the bytes are: `uri` resolved against its catalog file's folder
     label: str | None
     extra: tuple[tuple[str, Any], ...] = ()  # the catalog's other columns, in order
     error: str | None = None  # "kind: message" when the row itself could not be read
@@ -46,10 +78,10 @@ class Catalog:
 
     pattern: str
     format: CatalogFormat
-    base_dir: str
+    files: tuple[str, ...]  # the catalog files, each as fsspec opens it; () for images
     uri_column: str
     label_column: str | None  # None: the catalog has no labels
-    extra_fields: tuple[pa.Field, ...]  # pass-through columns with their Arrow types
+    extra_fields: tuple[pa.Field, ...]  # pass-through columns with their unified types
 
     @property
     def has_labels(self) -> bool:
@@ -62,35 +94,26 @@ def open_catalog(
     uri_column: str = "uri",
     label_column: str | None = None,
 ) -> Catalog:
-    """Inspects the catalog's files and columns; raises CatalogError with the fix in it.
+    """Inspects every catalog file's columns; raises CatalogError with the fix in it.
 
     `label_column=None` takes labels from a "style" column where there is one: a catalog
     without labels is normal. A label column named explicitly must exist.
     """
     fs, path = fsspec.core.url_to_fs(pattern)
     catalog_format = _format_of(fs, path)
-    base_dir = _unstrip(pattern, fs, posixpath.dirname(path) if _has_glob(path) else path)
     if catalog_format == "images":
-        return Catalog(pattern, "images", base_dir, "uri", None, ())
-    files = sorted(fs.glob(path))
+        return Catalog(pattern, "images", (), "uri", None, ())
+    files = tuple(_unstrip(pattern, fs, match) for match in sorted(fs.glob(path)))
     if not files:
         raise CatalogError(f"No catalog file matches {pattern!r}.")
-    base_dir = _unstrip(pattern, fs, posixpath.dirname(files[0]))
-    schema = _read_schema(fs, files[0], catalog_format)
-    if uri_column not in schema.names:
-        raise CatalogError(
-            f"The catalog {files[0]!r} has no column {uri_column!r} (columns: "
-            f"{', '.join(schema.names)}). Name the image column with --uri_column."
-        )
-    if label_column is not None and label_column not in schema.names:
-        raise CatalogError(
-            f"The catalog {files[0]!r} has no label column {label_column!r} (columns: "
-            f"{', '.join(schema.names)})."
-        )
-    if label_column is None and DEFAULT_LABEL_COLUMN in schema.names:
-        label_column = DEFAULT_LABEL_COLUMN
+    schemas = [_read_schema(file, catalog_format) for file in files]
+    for file, schema in zip(files, schemas, strict=True):
+        _check_columns(file, schema.names, uri_column, label_column)
+    schema = _unified_schema(schemas)
+    if label_column is None:
+        label_column = _default_label_column(pattern, schema.names)
     extra = tuple(f for f in schema if f.name not in (uri_column, label_column))
-    return Catalog(pattern, catalog_format, base_dir, uri_column, label_column, extra)
+    return Catalog(pattern, catalog_format, files, uri_column, label_column, extra)
 
 
 def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
@@ -116,31 +139,99 @@ def _unstrip(pattern: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if "://" not in pattern else fs.unstrip_protocol(path)
 
 
-def _read_schema(fs: fsspec.AbstractFileSystem, path: str, catalog_format: str) -> pa.Schema:
-    """CSV columns come through as strings: CSV has no types, and guessing them per shard
-    would give shards different schemas."""
-    with fs.open(path, "rb") as f:
-        if catalog_format == "parquet":
+def _read_schema(file: str, catalog_format: str) -> pa.Schema:
+    """A Parquet file's footer, or a CSV file's header. CSV columns are strings: CSV has no
+    types, and guessing them per shard would give shards different schemas."""
+    if catalog_format == "parquet":
+        with fsspec.open(file, "rb") as f:
             return pq.read_schema(f)
-        try:
-            header = pd.read_csv(f, nrows=0)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise CatalogError(f"The catalog {path!r} is not a readable CSV file: {e}") from e
-    return pa.schema([pa.field(str(name), pa.string()) for name in header.columns])
+    with _csv_text(file) as text:
+        names = _csv_header(file, _csv_lines(text))
+    return pa.schema([pa.field(name, pa.string()) for name in names])
+
+
+def _check_columns(file: str, names: list[str], uri_column: str, label_column: str | None) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CatalogError(
+            f"The catalog {file!r} has more than one column named {', '.join(repeated)}: "
+            "give each column a name of its own."
+        )
+    if uri_column not in names:
+        raise CatalogError(
+            f"The catalog {file!r} has no column {uri_column!r} (columns: "
+            f"{', '.join(names)}). Name the image column with --uri_column."
+        )
+    if label_column is not None and label_column not in names:
+        raise CatalogError(
+            f"The catalog {file!r} has no label column {label_column!r} (columns: "
+            f"{', '.join(names)})."
+        )
+
+
+def _unified_schema(schemas: Iterable[pa.Schema]) -> pa.Schema:
+    """Every column of any shard, in the order first seen, each with one type for all."""
+    types: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for field in schema:
+            types.setdefault(field.name, []).append(field.type)
+    return pa.schema([pa.field(name, unified_type(found)) for name, found in types.items()])
+
+
+def unified_type(types: Iterable[pa.DataType]) -> pa.DataType:
+    """One type that holds every shard's values of a column (a null column holds none)."""
+    found = {t for t in types if not pa.types.is_null(t)}
+    if not found:
+        return pa.null()
+    if len(found) == 1:
+        return found.pop()
+    if all(_fits_int64(t) for t in found):
+        return pa.int64()
+    if all(_fits_int64(t) or pa.types.is_floating(t) for t in found):
+        return pa.float64()
+    return pa.string()
+
+
+def _fits_int64(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) and data_type != pa.uint64()
+
+
+def _default_label_column(pattern: str, names: list[str]) -> str | None:
+    if DEFAULT_LABEL_COLUMN not in names:
+        return None
+    if not set(names) >= PREDICTION_COLUMNS:
+        return DEFAULT_LABEL_COLUMN
+    hint = (
+        "to score against its 'label' column, pass --label_column label"
+        if "label" in names
+        else "to score against labels, name their column with --label_column"
+    )
+    logging.warning(
+        "%s looks like artstyle's own predictions (it has columns %s): its %r column is a "
+        "prediction, not a label, so it is not read as one; %s.",
+        pattern,
+        " and ".join(sorted(PREDICTION_COLUMNS)),
+        DEFAULT_LABEL_COLUMN,
+        hint,
+    )
+    return None
 
 
 def resolve_location(uri: str, base_dir: str) -> str:
-    """Relative URIs are relative to the catalog's folder, as in a web page."""
-    if not uri or "://" in uri or uri.startswith("/"):
+    """Relative URIs are relative to the catalog file's folder, as in a web page."""
+    if not uri or _SCHEME.match(uri) or posixpath.isabs(uri):
         return uri
     return posixpath.join(base_dir, uri)
 
 
-def to_record(row: dict[str, Any], catalog: Catalog) -> ImageRecord:
-    uri = _text(row.get(catalog.uri_column)) or ""
+def to_record(row: dict[str, Any], catalog: Catalog, base_dir: str) -> ImageRecord:
+    """`base_dir`: the folder of the catalog file the row is in."""
+    uri = row.get(catalog.uri_column)
+    uri = None if uri is None else str(uri)
+    location = resolve_location((uri or "").strip(), base_dir)
     label = _text(row.get(catalog.label_column)) if catalog.label_column else None
     extra = tuple((f.name, _blank_to_none(row.get(f.name))) for f in catalog.extra_fields)
-    return ImageRecord(uri, resolve_location(uri, catalog.base_dir), label, extra)
+    return ImageRecord(uri, location, label, extra)
 
 
 def _text(value: Any) -> str | None:
@@ -156,6 +247,125 @@ def _blank_to_none(value: Any) -> Any:
     return value
 
 
+def read_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
+    """One record per row of one catalog file, bad rows included."""
+    reader = read_csv_records if catalog.format == "csv" else read_parquet_records
+    return reader(file, catalog)
+
+
+def read_parquet_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
+    base_dir = posixpath.dirname(file)
+    types = {f.name: f.type for f in catalog.extra_fields}
+    wanted = {catalog.uri_column, catalog.label_column, *types}
+    with fsspec.open(file, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        columns = [name for name in parquet.schema_arrow.names if name in wanted]
+        for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
+            conformed = {
+                name: conform(column, types[name]) if name in types else column
+                for name, column in zip(batch.schema.names, batch.columns, strict=True)
+            }
+            for row in pa.RecordBatch.from_pydict(conformed).to_pylist():
+                yield to_record(row, catalog, base_dir)
+
+
+def conform(values: pa.Array, data_type: pa.DataType) -> pa.Array:
+    """A shard's column in the catalog's type for it. Arrow casts what it can; values it
+    cannot cast to text (nested ones) become Python's text of them: never a failed run."""
+    if values.type == data_type:
+        return values
+    try:
+        return values.cast(data_type, safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        texts = [None if value is None else str(value) for value in values.to_pylist()]
+        return pa.array(texts, pa.string())
+
+
+def read_csv_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
+    base_dir = posixpath.dirname(file)
+    with _csv_text(file) as text:
+        lines = _csv_lines(text)
+        names = _csv_header(file, lines)
+        for line, fields, problem in lines:
+            if fields == []:  # a blank line is no row
+                continue
+            problem = problem or _row_problem(fields, names)
+            if problem is None:
+                yield to_record(dict(zip(names, fields, strict=True)), catalog, base_dir)
+            else:
+                uri = _readable_field(fields, names.index(catalog.uri_column))
+                error = f"{BAD_ROW}: line {line}: {problem} ({file})"
+                yield ImageRecord(uri, "", None, error=error)
+
+
+@contextmanager
+def _csv_text(file: str) -> Iterator[TextIO]:
+    """The file as text in which bytes that are not UTF-8 stay readable as lone surrogates
+    (Python's surrogateescape), so that one bad byte spoils its row, not the file."""
+    csv.field_size_limit(MAX_CSV_FIELD_CHARS)
+    with fsspec.open(file, "rb") as raw:
+        yield io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _csv_lines(text: TextIO) -> Iterator[CsvRecord]:
+    """(line, fields, None) for each CSV record, or (line, None, what is wrong) where the
+    csv module cannot parse one; `line` is the record's first line in the file."""
+    reader = csv.reader(text, strict=True)
+    line = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # the reader starts afresh on the next line
+            yield line, None, str(error)
+        else:
+            yield line, fields, None
+        line = reader.line_num + 1
+
+
+def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
+    """The column names of the first record. A blank name is `Unnamed: i`, as pandas (and
+    so earlier versions of this tool) named it: the index column of `DataFrame.to_csv`."""
+    for _, fields, problem in lines:
+        if fields == []:
+            continue
+        bad_byte = None if problem else _bad_byte(fields)
+        if bad_byte:
+            column, byte = bad_byte
+            problem = f"byte 0x{byte:02X} in its column {column + 1} is not UTF-8"
+        if problem:
+            raise CatalogError(f"The catalog {file!r} has no readable header line: {problem}.")
+        return [name or f"Unnamed: {i}" for i, name in enumerate(fields)]
+    raise CatalogError(f"The catalog {file!r} is empty: it needs a header line of column names.")
+
+
+def _row_problem(fields: list[str], names: list[str]) -> str | None:
+    if len(fields) != len(names):
+        return f"{len(fields)} fields where the header has {len(names)}"
+    if bad_byte := _bad_byte(fields):
+        column, byte = bad_byte
+        return f"byte 0x{byte:02X} in column {names[column]!r} is not UTF-8 (save it as UTF-8)"
+    return None
+
+
+def _bad_byte(fields: list[str]) -> tuple[int, int] | None:
+    """(field index, byte) of the first byte that is not UTF-8: a lone surrogate here."""
+    for index, field in enumerate(fields):
+        try:
+            field.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return index, ord(field[error.start]) - 0xDC00
+    return None
+
+
+def _readable_field(fields: list[str] | None, index: int) -> str | None:
+    """The field as written, if the row got that far and it is text."""
+    if fields is None or index >= len(fields) or _bad_byte(fields[index : index + 1]):
+        return None
+    return fields[index]
+
+
 def list_images(pattern: str) -> Iterator[str]:
     """The image files in a folder (recursively) or matched by a glob, in a stable order."""
     fs, path = fsspec.core.url_to_fs(pattern)
@@ -165,8 +375,16 @@ def list_images(pattern: str) -> Iterator[str]:
             yield _unstrip(pattern, fs, match)
 
 
+def _image_record(uri: str) -> ImageRecord:
+    return ImageRecord(uri, uri, None)
+
+
 class ReadCatalog(beam.PTransform):
-    """Reads a catalog into ImageRecords, one per row (or per image file)."""
+    """Reads a catalog into ImageRecords, one per row (or per image file).
+
+    Each catalog file is read whole by one worker, which is how each row knows its file;
+    the rows are then spread over the workers, which fetch and classify them.
+    """
 
     def __init__(self, catalog: Catalog):
         super().__init__()
@@ -175,21 +393,17 @@ class ReadCatalog(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[ImageRecord]:
         catalog = self._catalog
         if catalog.format == "images":
-            return (
+            records = (
                 pbegin
                 | "Pattern" >> beam.Create([catalog.pattern])
                 | "ListImages" >> beam.FlatMap(list_images)
-                | "Spread" >> beam.Reshuffle()
-                | "ToRecord" >> beam.Map(lambda uri: ImageRecord(uri, uri, None))
+                | "ToRecord" >> beam.Map(_image_record)
             )
-        if catalog.format == "csv":
-            try:  # Beam reads a first chunk here, to learn the schema
-                rows = pbegin | "ReadCsv" >> beam.io.ReadFromCsv(
-                    catalog.pattern, dtype=str, keep_default_na=False
-                )
-            except pd.errors.ParserError as error:
-                raise CatalogError(f"{catalog.pattern!r} is not valid CSV: {error}") from None
-            rows = rows | "AsDict" >> beam.Map(lambda row: row._asdict())
         else:
-            rows = pbegin | "ReadParquet" >> beam.io.ReadFromParquet(catalog.pattern)
-        return rows | "ToRecord" >> beam.Map(to_record, catalog)
+            records = (
+                pbegin
+                | "Files" >> beam.Create(catalog.files)
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ReadRows" >> beam.FlatMap(read_records, catalog)
+            )
+        return records | "Spread" >> beam.Reshuffle()
