@@ -1,8 +1,18 @@
-"""Prediction rows: one per catalog row, in one fixed Arrow schema, errors included."""
+"""Prediction rows: one per catalog row, in one fixed Arrow schema, errors included.
+
+The tool's own columns (`TOOL_COLUMNS`: uri, label, style, confidence, top_k_styles,
+top_k_probs, model, error) always keep their names. A catalog column passed through under
+one of those names (an earlier run's predictions used as a catalog has most of them) is
+renamed `catalog_<name>`, prefixed again until no other column has the name: `style`
+becomes `catalog_style`, or `catalog_catalog_style` if the catalog also has a
+`catalog_style`. The rename is the same whatever the flags, so a query written for one
+run's output works on another's.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -19,16 +29,36 @@ STYLE_FIELDS = (
     pa.field("model", pa.string()),
     pa.field("error", pa.string()),
 )
+TOOL_COLUMNS = frozenset({"uri", "label", *(field.name for field in STYLE_FIELDS)})
+CLASH_PREFIX = "catalog_"
 
 
 def prediction_schema(catalog: Catalog) -> pa.Schema:
     """uri, the catalog's other columns, label, then the prediction: the same for every row."""
+    names = passthrough_names(tuple(field.name for field in catalog.extra_fields))
+    extra = [field.with_name(name) for field, name in zip(catalog.extra_fields, names, strict=True)]
     label = (pa.field("label", pa.string()),) if catalog.has_labels else ()
-    return pa.schema([pa.field("uri", pa.string()), *catalog.extra_fields, *label, *STYLE_FIELDS])
+    return pa.schema([pa.field("uri", pa.string()), *extra, *label, *STYLE_FIELDS])
+
+
+@cache  # called for every row, with the one tuple of names every record of a run has
+def passthrough_names(catalog_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The output names of the catalog's pass-through columns, by the module's rule."""
+    taken = {*TOOL_COLUMNS, *catalog_names}
+    names = []
+    for name in catalog_names:
+        if name in TOOL_COLUMNS:
+            while name in taken:
+                name = CLASH_PREFIX + name
+            taken.add(name)
+        names.append(name)
+    return tuple(names)
 
 
 def _record_columns(record: ImageRecord, has_labels: bool) -> dict[str, Any]:
-    columns = {"uri": record.uri, **dict(record.extra)}
+    names = passthrough_names(tuple(name for name, _ in record.extra))
+    values = (value for _, value in record.extra)
+    columns = {"uri": record.uri, **dict(zip(names, values, strict=True))}
     if has_labels:
         columns["label"] = record.label
     return columns
