@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.fetch import measure_fetch
 from bench.measure import (
     PIPELINE_PATH,
     REPO_ROOT,
@@ -57,6 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--large_images", type=int, default=8000, help="The catalog for memory growth."
     )
     parser.add_argument("--skip_large", action="store_true", help="No large run (quick runs).")
+    parser.add_argument(
+        "--fetch_images",
+        type=int,
+        default=2000,
+        help="Paintings read from disk and over HTTP at 50 and 200 ms per request.",
+    )
+    parser.add_argument(
+        "--fetch_concurrency", type=int, default=32, help="As the pipeline's flag, for that."
+    )
+    parser.add_argument("--skip_fetch", action="store_true", help="No HTTP runs.")
     parser.add_argument(
         "--reload_images", type=int, default=200, help="Images for the model-per-image way."
     )
@@ -111,7 +122,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results |= decode_throughput(decode_uris, bundle.input_size)
     results["decode_images"] = len(decode_uris)
     _progress("the pipeline")
-    results |= measure_pipeline(catalog, args)
+    with tempfile.TemporaryDirectory(prefix="artstyle-bench-") as folder:
+        pipeline_results, startup = measure_pipeline(catalog, args, Path(folder))
+        results |= pipeline_results
+        if not args.skip_fetch:
+            _progress("the pipeline over HTTP, against disk")
+            fetch_catalog = catalog.head(args.fetch_images)
+            root = args.data.resolve()
+            results |= measure_fetch(
+                fetch_catalog, root, Path(folder), args, startup, args.fetch_concurrency
+            )
     _progress("the model alone, again")
     results |= bracketed_raw(results["raw_images_per_s"], time_model_again())
     _progress("a fresh model per image")
@@ -173,24 +193,26 @@ def bracketed_raw(before: float, after: float) -> dict[str, float]:
     }
 
 
-def measure_pipeline(catalog: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
-    """Start-up runs over one batch, a run over N images, and optionally a large run.
+def measure_pipeline(
+    catalog: pd.DataFrame, args: argparse.Namespace, folder: Path
+) -> tuple[dict[str, Any], PipelineRun]:
+    """Start-up runs over one batch, a run over N images, and optionally a large run; and
+    the median start-up run, which the other sections' rates leave out too.
 
     A one-batch run lasts about ten seconds, so one busy moment of the shared machine moves
     it by a quarter: the median of several is the start-up figure, and all are reported."""
-    with tempfile.TemporaryDirectory(prefix="artstyle-bench-") as folder:
 
-        def run(n: int) -> PipelineRun:
-            path = Path(folder) / f"catalog-{n}.csv"
-            catalog.head(n).to_csv(path, index=False)
-            output = Path(folder) / f"run-{n}"
-            return run_pipeline(path, output, args.model, args.batch_size, args.precision)
+    def run(n: int) -> PipelineRun:
+        path = folder / f"catalog-{n}.csv"
+        catalog.head(n).to_csv(path, index=False)
+        output = folder / f"run-{n}"
+        return run_pipeline(path, output, args.model, args.batch_size, args.precision)
 
-        startups = sorted(
-            (run(args.batch_size) for _ in range(args.startup_runs)), key=lambda one: one.wall_s
-        )
-        startup, main = startups[len(startups) // 2], run(args.images)
-        large = None if args.skip_large else run(args.large_images)
+    startups = sorted(
+        (run(args.batch_size) for _ in range(args.startup_runs)), key=lambda one: one.wall_s
+    )
+    startup, main = startups[len(startups) // 2], run(args.images)
+    large = None if args.skip_large else run(args.large_images)
     rates = pipeline_rates(startup, main)
     results = {
         "pipeline_images_per_s": rates["images_per_s"],
@@ -205,7 +227,7 @@ def measure_pipeline(catalog: pd.DataFrame, args: argparse.Namespace) -> dict[st
         "peak_rss_mb_startup": startup.peak_rss_mb,
         "peak_rss_mb": main.peak_rss_mb,
     }
-    return results | _large_results(startup, main, large)
+    return results | _large_results(startup, main, large), startup
 
 
 # What the large run adds; all None when it is skipped, so the JSON's keys never change.

@@ -205,12 +205,17 @@ class PipelineRun(ProcessRun):
 
 
 def run_pipeline(
-    catalog: Path, output: Path, model: str, batch_size: int, precision: str
+    catalog: Path,
+    output: Path,
+    model: str,
+    batch_size: int,
+    precision: str,
+    flags: Sequence[str] = (),
 ) -> PipelineRun:
     """`python -m pipeline` over `catalog`, as a user runs it, with its summary's counts."""
     command = [sys.executable, "-m", "pipeline", f"--input={catalog}", f"--output={output}",
                f"--model={model}", f"--batch_size={batch_size}",
-               f"--precision={precision}"]  # fmt: skip
+               f"--precision={precision}", *flags]  # fmt: skip
     process = run_process(command, output.with_suffix(".log"))
     summary = json.loads((output / "summary.json").read_text())
     return PipelineRun(

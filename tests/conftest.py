@@ -8,6 +8,7 @@ from PIL import Image
 
 from models.bundle import save_bundle
 from models.head import HeadConfig, build_head, merge_heads
+from tests.faulty_host import faulty_host, flaky_filesystem  # noqa: F401 (fixtures for all)
 
 CLASSES = ["Blue_Period", "Green_Period", "Red_Period"]
 COLOURS = {"Blue_Period": (30, 60, 200), "Green_Period": (40, 170, 60), "Red_Period": (210, 40, 30)}

@@ -3,6 +3,9 @@
 import json
 import resource
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import keras
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from bench.cli import main as bench
 from bench.cli import sample_catalog
+from bench.fetch import latency_server
 from bench.measure import (
     PipelineRun,
     fixed_batches,
@@ -106,7 +110,8 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     output = tmp_path / "bench.json"
     argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
             "--images=12", "--large_images=16", "--batch_size=4", "--reload_images=2",
-            "--decode_images=4", "--raw_batches=1", "--startup_runs=3"]  # fmt: skip
+            "--decode_images=4", "--raw_batches=1", "--startup_runs=3",
+            "--skip_fetch"]  # fmt: skip
     results = bench(argv)
 
     assert json.loads(output.read_text()) == results
@@ -153,3 +158,34 @@ def test_a_childs_cpu_time_counts_all_its_threads(tmp_path):
     )
     run = run_process([sys.executable, "-c", spin], tmp_path / "child.log")
     assert run.cpu_s >= 0.6
+
+
+def test_the_latency_server_serves_its_folder_late_and_nothing_outside_it(tmp_path):
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "a" / "b.jpg").write_bytes(b"painting")
+    (tmp_path / "secret.txt").write_text("not served")
+    with latency_server((tmp_path / "root").resolve(), latency_s=0.3) as url:
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{url}/a/b.jpg") as response:
+            assert response.read() == b"painting"
+        assert time.monotonic() - started >= 0.3
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"{url}/../secret.txt")
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"{url}/a/%2E%2E/%2E%2E/secret.txt")
+
+
+@pytest.mark.slow
+def test_the_fetch_section_reads_the_same_paintings_over_http(
+    painting_folder, tmp_path, tiny_bundle
+):
+    output = tmp_path / "bench.json"
+    argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
+            "--images=12", "--skip_large", "--batch_size=4", "--reload_images=1",
+            "--decode_images=2", "--raw_batches=1", "--startup_runs=1",
+            "--fetch_images=12"]  # fmt: skip
+    results = bench(argv)
+    assert results["fetch_images"] == 12
+    for latency in (50, 200):
+        assert results[f"fetch_http_{latency}ms_errors"] == 0
+        assert results[f"fetch_http_{latency}ms_peak_rss_mb"] > 0

@@ -1,31 +1,22 @@
 """Fetching bytes: local files, fsspec filesystems and HTTP, with its faults.
 
-The only network is an HTTP server on 127.0.0.1 (`server`), which behaves like the hosts
-collections live on: it refuses generic library User-Agents, answers 503 and 429 now and
-then, trickles, loops, resets connections and sends bodies far over the byte cap.
+The only network is `faulty_host` (tests/faulty_host.py), on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import fsspec
 import pytest
-from aiohttp import web
 from fsspec.registry import known_implementations
 
+from tests.faulty_host import PAINTING
 from transforms import fetch
 from transforms.fetch import BackgroundFetcher, FetchPolicy, default_user_agent, locate
 from transforms.images import ImageError
-
-PAINTING = bytes(range(256)) * 40  # stands in for an image: fetching never decodes
 
 
 @pytest.fixture(autouse=True)
@@ -46,160 +37,19 @@ def assert_error(kind: str, uri: str, **policy) -> ImageError:
     return caught.value
 
 
-# --- The test server -----------------------------------------------------------------------
-
-
-@dataclass
-class Host:
-    """What the server saw: requests per (method, path), and the most in flight at once."""
-
-    url: str
-    requests: Counter = field(default_factory=Counter)
-    in_flight: int = 0
-    most_in_flight: int = 0
-    bytes_sent: int = 0
-
-    def gets(self, path: str) -> int:
-        return self.requests["GET", path]
-
-
-def make_app(host: Host) -> web.Application:
-    """Routes named for how they behave; each counts its requests in `host`."""
-
-    @web.middleware
-    async def count(request: web.Request, handler):
-        host.requests[request.method, request.path] += 1
-        if request.path.startswith("/download/"):  # a bucket's emulator, for gcsfs
-            return web.Response(status=503)
-        if not request.headers.get("User-Agent", "").startswith("artstyle/"):
-            # Like Wikimedia since 2025: generic library User-Agents are refused.
-            return web.Response(status=403, text="Please comply with the User-Agent policy.")
-        host.in_flight += 1
-        host.most_in_flight = max(host.most_in_flight, host.in_flight)
-        try:
-            return await handler(request)
-        finally:
-            host.in_flight -= 1
-
-    async def painting(request):
-        return web.Response(body=PAINTING)
-
-    async def unknown(request):
-        return web.Response(status=404)
-
-    async def slow(request):
-        await asyncio.sleep(0.2)
-        return web.Response(body=PAINTING)
-
-    async def first_time(status: int, request, **headers) -> web.Response:
-        if host.gets(request.path) == 1:
-            return web.Response(status=status, headers=headers)
-        return web.Response(body=PAINTING)
-
-    async def flaky(request):
-        return await first_time(503, request)
-
-    async def throttled(request):
-        return await first_time(429, request, **{"Retry-After": "1"})
-
-    async def down(request):
-        return web.Response(status=503)
-
-    async def missing(request):
-        return web.Response(status=404)
-
-    async def loop(request):
-        raise web.HTTPFound(request.path)
-
-    async def trickle(request):
-        response = web.StreamResponse()
-        await response.prepare(request)
-        while True:  # one byte every half second, for ever: each read arrives in time
-            await response.write(b"x")
-            await asyncio.sleep(0.5)
-
-    async def reset(request):
-        """Half the body, then the connection dropped: the first time only."""
-        if host.gets(request.path) > 1:
-            return web.Response(body=PAINTING)
-        response = web.StreamResponse(headers={"Content-Length": str(len(PAINTING))})
-        await response.prepare(request)
-        await response.write(PAINTING[: len(PAINTING) // 2])
-        request.transport.close()
-        return response
-
-    async def endless(request):
-        """100 MB, without saying so up front, sent only as fast as it is read."""
-        response = web.StreamResponse()
-        await response.prepare(request)
-        chunk = b"\0" * 2**16
-        for _ in range(100 * 2**20 // len(chunk)):
-            await response.write(chunk)
-            host.bytes_sent += len(chunk)
-        return response
-
-    async def declared_huge(request):
-        response = web.StreamResponse(headers={"Content-Length": str(100 * 2**20)})
-        await response.prepare(request)
-        await response.write(b"\0" * 2**16)
-        host.bytes_sent += 2**16
-        return response
-
-    app = web.Application(middlewares=[count])
-    for path, handler in {
-        "/painting.jpg": painting,
-        "/slow/{n}.jpg": slow,
-        "/flaky.jpg": flaky,
-        "/throttled.jpg": throttled,
-        "/down.jpg": down,
-        "/missing.jpg": missing,
-        "/loop.jpg": loop,
-        "/trickle.jpg": trickle,
-        "/reset.jpg": reset,
-        "/endless.jpg": endless,
-        "/declared_huge.jpg": declared_huge,
-        "/{tail:.*}": unknown,
-    }.items():
-        app.router.add_get(path, handler)
-    return app
-
-
-@pytest.fixture
-def server() -> Iterator[Host]:
-    """A server on 127.0.0.1, on its own event loop in a thread, for one test."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    host = Host(url="")
-
-    async def start() -> web.AppRunner:
-        runner = web.AppRunner(make_app(host), shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result()
-    yield host
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=5)
-
-
 # --- HTTP ----------------------------------------------------------------------------------
 
 
-def test_one_get_per_image_and_no_head(server):
-    assert fetch_one(f"{server.url}/painting.jpg") == PAINTING
-    assert server.requests == Counter({("GET", "/painting.jpg"): 1})
+def test_one_get_per_image_and_no_head(faulty_host):
+    assert fetch_one(f"{faulty_host.url}/painting.jpg") == PAINTING
+    assert faulty_host.requests == Counter({("GET", "/painting.jpg"): 1})
 
 
-def test_generic_user_agent_is_refused_and_the_default_one_passes(server):
+def test_generic_user_agent_is_refused_and_the_default_one_passes(faulty_host):
     generic = "Python/3.11 aiohttp/3.14.5"
-    error = assert_error("fetch_failed", f"{server.url}/painting.jpg", user_agent=generic)
+    error = assert_error("fetch_failed", f"{faulty_host.url}/painting.jpg", user_agent=generic)
     assert "HTTP 403" in error.message and "User-Agent policy" in error.message
-    assert fetch_one(f"{server.url}/painting.jpg") == PAINTING
+    assert fetch_one(f"{faulty_host.url}/painting.jpg") == PAINTING
 
 
 def test_default_user_agent_names_the_tool_its_page_and_the_contact():
@@ -209,55 +59,55 @@ def test_default_user_agent_names_the_tool_its_page_and_the_contact():
     assert "aiohttp/" in agent and "Mozilla" not in agent
 
 
-def test_a_transient_503_is_retried(server):
-    assert fetch_one(f"{server.url}/flaky.jpg") == PAINTING
-    assert server.gets("/flaky.jpg") == 2
+def test_a_transient_503_is_retried(faulty_host):
+    assert fetch_one(f"{faulty_host.url}/flaky.jpg") == PAINTING
+    assert faulty_host.gets("/flaky.jpg") == 2
 
 
-def test_429_waits_as_long_as_retry_after_says(server):
+def test_429_waits_as_long_as_retry_after_says(faulty_host):
     started = time.monotonic()
-    assert fetch_one(f"{server.url}/throttled.jpg") == PAINTING
+    assert fetch_one(f"{faulty_host.url}/throttled.jpg") == PAINTING
     assert time.monotonic() - started >= 0.95
-    assert server.gets("/throttled.jpg") == 2
+    assert faulty_host.gets("/throttled.jpg") == 2
 
 
-def test_retries_stop_at_max_retries_and_the_error_says_so(server):
-    error = assert_error("fetch_failed", f"{server.url}/down.jpg", max_retries=2)
+def test_retries_stop_at_max_retries_and_the_error_says_so(faulty_host):
+    error = assert_error("fetch_failed", f"{faulty_host.url}/down.jpg", max_retries=2)
     assert "HTTP 503" in error.message and "(3 attempts)" in error.message
-    assert server.gets("/down.jpg") == 3
+    assert faulty_host.gets("/down.jpg") == 3
 
 
-def test_404_is_not_found_after_one_attempt(server):
-    assert_error("not_found", f"{server.url}/missing.jpg")
-    assert server.gets("/missing.jpg") == 1
+def test_404_is_not_found_after_one_attempt(faulty_host):
+    assert_error("not_found", f"{faulty_host.url}/missing.jpg")
+    assert faulty_host.gets("/missing.jpg") == 1
 
 
-def test_a_trickling_body_fails_at_the_deadline(server):
+def test_a_trickling_body_fails_at_the_deadline(faulty_host):
     started = time.monotonic()
-    error = assert_error("fetch_failed", f"{server.url}/trickle.jpg", timeout_s=1.5)
+    error = assert_error("fetch_failed", f"{faulty_host.url}/trickle.jpg", timeout_s=1.5)
     assert "timed out after 1.5 s" in error.message
     assert time.monotonic() - started < 5
 
 
-def test_a_redirect_loop_is_a_clear_error(server):
-    error = assert_error("fetch_failed", f"{server.url}/loop.jpg")
+def test_a_redirect_loop_is_a_clear_error(faulty_host):
+    error = assert_error("fetch_failed", f"{faulty_host.url}/loop.jpg")
     assert "redirects" in error.message
-    assert server.gets("/loop.jpg") <= fetch.MAX_REDIRECTS + 1  # bounded, and not retried
+    assert faulty_host.gets("/loop.jpg") <= fetch.MAX_REDIRECTS + 1  # bounded, and not retried
 
 
-def test_a_connection_reset_mid_body_is_retried(server):
-    assert fetch_one(f"{server.url}/reset.jpg") == PAINTING
-    assert server.gets("/reset.jpg") == 2
+def test_a_connection_reset_mid_body_is_retried(faulty_host):
+    assert fetch_one(f"{faulty_host.url}/reset.jpg") == PAINTING
+    assert faulty_host.gets("/reset.jpg") == 2
 
 
-def test_a_100_mb_body_is_too_large_without_being_read_whole(server):
-    error = assert_error("too_large", f"{server.url}/endless.jpg", max_bytes=2**20)
+def test_a_100_mb_body_is_too_large_without_being_read_whole(faulty_host):
+    error = assert_error("too_large", f"{faulty_host.url}/endless.jpg", max_bytes=2**20)
     assert "--max_image_bytes=1,048,576" in error.message
-    assert server.bytes_sent < 20 * 2**20  # what the socket buffers took, not 100 MB
+    assert faulty_host.bytes_sent < 20 * 2**20  # what the socket buffers took, not 100 MB
 
 
-def test_a_declared_length_over_the_cap_is_refused_before_reading(server):
-    error = assert_error("too_large", f"{server.url}/declared_huge.jpg", max_bytes=2**20)
+def test_a_declared_length_over_the_cap_is_refused_before_reading(faulty_host):
+    error = assert_error("too_large", f"{faulty_host.url}/declared_huge.jpg", max_bytes=2**20)
     assert "104,857,600 bytes" in error.message
 
 
@@ -278,17 +128,17 @@ def test_a_server_that_never_answers_fails_at_the_deadline():
     assert "timed out after 1 s" in error.message and "127.0.0.1" in error.message
 
 
-def test_upper_case_scheme_is_read(server):
-    assert fetch_one(server.url.replace("http://", "HTTP://") + "/painting.jpg") == PAINTING
+def test_upper_case_scheme_is_read(faulty_host):
+    assert fetch_one(faulty_host.url.replace("http://", "HTTP://") + "/painting.jpg") == PAINTING
 
 
-def test_fetches_run_concurrently_up_to_the_per_host_cap(server):
+def test_fetches_run_concurrently_up_to_the_per_host_cap(faulty_host):
     policy = FetchPolicy(concurrency=16, max_connections_per_host=3)
     started = time.monotonic()
     with BackgroundFetcher(policy) as fetcher:
-        futures = [fetcher.submit(f"{server.url}/slow/{n}.jpg") for n in range(12)]
+        futures = [fetcher.submit(f"{faulty_host.url}/slow/{n}.jpg") for n in range(12)]
         assert all(future.result() == PAINTING for future in futures)
-    assert server.most_in_flight == 3
+    assert faulty_host.most_in_flight == 3
     assert time.monotonic() - started < 12 * 0.2  # at 3 at once, about 0.8 s
 
 
@@ -351,29 +201,6 @@ def test_locate_keeps_the_uri_as_written():
 # --- Object stores, through a filesystem that fails on purpose ----------------------------------
 
 
-class FlakyFileSystem(fsspec.AbstractFileSystem):
-    """Serves PAINTING for any path; fails the first `failures` reads of each path with a
-    connection reset, as an object store under load does."""
-
-    protocol = "flakytest"
-    failures = 1
-    reads: ClassVar[Counter] = Counter()
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        type(self).reads[path] += 1
-        if type(self).reads[path] <= type(self).failures:
-            raise ConnectionResetError("connection reset by peer")
-        return PAINTING[start:end]
-
-
-@pytest.fixture
-def flaky_filesystem(monkeypatch) -> type[FlakyFileSystem]:
-    fsspec.register_implementation("flakytest", FlakyFileSystem, clobber=True)
-    monkeypatch.setattr(FlakyFileSystem, "reads", Counter())
-    fetch._filesystem.cache_clear()
-    return FlakyFileSystem
-
-
 def test_a_transient_filesystem_fault_is_retried(flaky_filesystem):
     assert fetch_one("flakytest://bucket/a.jpg") == PAINTING
     assert flaky_filesystem.reads["bucket/a.jpg"] == 2
@@ -388,7 +215,7 @@ def test_a_filesystem_that_always_fails_is_tried_max_retries_plus_one_times(
     assert flaky_filesystem.reads["bucket/b.jpg"] == 3
 
 
-def test_a_library_that_retries_on_its_own_is_not_retried_again(server, monkeypatch):
+def test_a_library_that_retries_on_its_own_is_not_retried_again(faulty_host, monkeypatch):
     """gcsfs against the test server, which answers 503 to everything it does not know: as
     many requests as gcsfs makes on its own, not that many times (max_retries + 1)."""
     import gcsfs.retry
@@ -396,7 +223,7 @@ def test_a_library_that_retries_on_its_own_is_not_retried_again(server, monkeypa
     async def no_wait(seconds):
         return None
 
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", faulty_host.url)
     monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", no_wait)
     monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon"})
     fetch._filesystem.cache_clear()
@@ -408,4 +235,4 @@ def test_a_library_that_retries_on_its_own_is_not_retried_again(server, monkeypa
         fetch._filesystem.cache_clear()
         gcsfs.GCSFileSystem.clear_instance_cache()
     assert "(1 attempt)" in error.message
-    assert sum(n for (_, path), n in server.requests.items() if path == server_paths) == 6
+    assert sum(n for (_, path), n in faulty_host.requests.items() if path == server_paths) == 6

@@ -5,7 +5,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.conftest import painting
+from transforms import fetch
 from transforms.catalog import ImageRecord
+from transforms.fetch import FetchPolicy
 from transforms.load import LoadImages
 
 
@@ -31,3 +33,30 @@ def test_every_record_comes_out_once_whatever_the_lookahead(tmp_path):
             equal_to([(uris[2], "not_found: "), ("", "missing_uri")]),
             label="AllErrors",
         )
+
+
+def test_transient_faults_are_retried_and_lasting_ones_become_error_rows(
+    tmp_path, flaky_filesystem, monkeypatch
+):
+    """Object-store reads that fail once are all retried into images; a store that always
+    fails gives error rows; nothing is lost either way."""
+    image = painting(tmp_path / "a.jpg", (200, 100, 50), seed=0).read_bytes()
+    monkeypatch.setattr(flaky_filesystem, "content", image)
+    monkeypatch.setattr(flaky_filesystem, "failures", 1)
+    flaky = [f"flakytest://bucket/{i}.jpg" for i in range(6)]
+    monkeypatch.setattr(fetch, "BACKOFF_INITIAL_S", 0.01)
+    records = [ImageRecord(uri, uri, None) for uri in flaky]
+    with TestPipeline() as pipeline:
+        loaded = pipeline | beam.Create(records) | LoadImages(size=32, fetch=FetchPolicy())
+        uris = loaded.images | "Images" >> beam.Map(lambda pair: pair[0].uri)
+        assert_that(uris, equal_to(flaky), label="AllImages")
+        assert_that(loaded.errors, equal_to([]), label="NoErrors")
+
+    monkeypatch.setattr(flaky_filesystem, "failures", 100)
+    with TestPipeline() as pipeline:
+        loaded = pipeline | beam.Create(records) | LoadImages(size=32, fetch=FetchPolicy())
+        errors = loaded.errors | "Errors" >> beam.Map(lambda pair: (pair[0].uri, pair[1]))
+        assert_that(loaded.images, equal_to([]), label="NoImages")
+        expected = "fetch_failed: could not read {}: ConnectionResetError: connection reset "
+        expected += "by peer (4 attempts)"
+        assert_that(errors, equal_to([(uri, expected.format(uri)) for uri in flaky]))

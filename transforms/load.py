@@ -46,12 +46,13 @@ class LoadImageFn(beam.DoFn):
         max_pixels: int,
         fetch: FetchPolicy,
         threads: int = DECODE_THREADS,
+        lookahead: int | None = None,
     ):
         self._size = size
         self._max_pixels = max_pixels
         self._fetch = fetch
         # Enough records ahead to keep every fetch slot busy, and two batches decoded.
-        self._lookahead = max(DECODE_LOOKAHEAD, 2 * fetch.concurrency)
+        self._lookahead = lookahead or max(DECODE_LOOKAHEAD, 2 * fetch.concurrency)
         self._threads = threads
         self._loaded = Metrics.counter(METRICS_NAMESPACE, "images_loaded")
 
@@ -138,9 +139,10 @@ class LoadImages(beam.PTransform):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         fetch: FetchPolicy | None = None,
         threads: int = DECODE_THREADS,
+        lookahead: int | None = None,
     ):
         super().__init__()
-        self._fn = LoadImageFn(size, max_pixels, fetch or FetchPolicy(), threads)
+        self._fn = LoadImageFn(size, max_pixels, fetch or FetchPolicy(), threads, lookahead)
 
     def expand(self, records: beam.PCollection[ImageRecord]):
         return records | beam.ParDo(self._fn).with_outputs(ERRORS, main="images")
