@@ -29,7 +29,14 @@ INSTALL_REQUIRES = [
 ONNX = ["onnxruntime==1.31.1", "onnx==1.23.2", "tf2onnx==1.17.0"]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "ruff==0.17.6", "psutil==7.2.2", "scikit-image==0.26.0", *ONNX],
+    "test": [
+        "pytest==9.2.0",
+        "ruff==0.17.6",
+        "psutil==7.2.2",
+        "scikit-image==0.26.0",
+        "hypothesis==6.170.15",
+        *ONNX,
+    ],
     "onnx": ONNX,
     "aws": ["s3fs==2026.9.0"],
     "gcp": ["apache-beam[gcp]==2.77.0"],

@@ -34,8 +34,9 @@ MIN_SIDE = 8
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "JPEG2000", "AVIF")
 
 # What Pillow raises for corrupt or truncated data; anything else would be a bug here.
-# RuntimeError is the AVIF decoder's ("Failed to decode frame 0: ...").
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError)
+# TypeError comes from TIFF tags of the wrong type, read only when decoding; RuntimeError
+# from the AVIF decoder ("Failed to decode frame 0: ...").
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, RuntimeError)
 
 # Downscale in at most 3x bicubic steps after a fast integer reduction: Pillow documents
 # the result as indistinguishable from a full bicubic resize, at a fraction of the cost.
@@ -127,15 +128,20 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
     Pillow's own conversion clips at 255, which turns a 16-bit scan almost white. 16-bit
     modes are scaled from their full 0..65535 range, which keeps dark paintings dark; 32-bit
     and float data have no such range (float may be 0..1 or 0..4000), so their own minimum
-    and maximum become black and white.
+    and maximum become black and white. Those are of the finite values: NaN (no data) is
+    black, and infinities are black or white.
     """
     values = np.asarray(image, dtype=np.float32)
     if image.mode.startswith("I;16"):
         low, high = 0.0, 65535.0
     else:
-        low, high = float(values.min()), float(values.max())
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     scale = 255.0 / (high - low) if high > low else 0.0
-    return Image.fromarray(np.rint((values - low) * scale).astype(np.uint8), "L")
+    # A range wider than float32's overflows to infinity, which the clip makes white.
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.clip(np.rint((values - low) * scale), 0, 255)
+    return Image.fromarray(np.nan_to_num(scaled, nan=0.0).astype(np.uint8), "L")
 
 
 def _centre_square(image: Image.Image, size: int) -> Image.Image:
