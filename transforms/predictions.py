@@ -73,16 +73,25 @@ def prediction_row(
     has_labels: bool,
 ) -> dict[str, Any]:
     record, result = inferred
-    probabilities = result.inference
-    ranked = np.argsort(-probabilities, kind="stable")[:top_k]
     return {
         **_record_columns(record, has_labels),
+        **top_k_fields(result.inference, classes=classes, top_k=top_k),
+        "model": model_id,
+        "error": None,
+    }
+
+
+def top_k_fields(
+    probabilities: np.ndarray, *, classes: Sequence[str], top_k: int
+) -> dict[str, Any]:
+    """style, confidence, top_k_styles and top_k_probs of one image's probabilities: the
+    pipeline's rows and the service's answers share them."""
+    ranked = np.argsort(-probabilities, kind="stable")[:top_k]
+    return {
         "style": classes[ranked[0]],
         "confidence": float(probabilities[ranked[0]]),
         "top_k_styles": [classes[i] for i in ranked],
         "top_k_probs": [float(probabilities[i]) for i in ranked],
-        "model": model_id,
-        "error": None,
     }
 
 
