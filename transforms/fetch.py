@@ -23,6 +23,8 @@ Every failure is an `ImageError` whose kind the pipeline turns into an error row
                         after the retries the policy allows
     too_large           more than --max_image_bytes
     empty               0 bytes
+    forbidden_address   the caller's `socket_factory` refused every address of the host
+                        (ForbiddenAddress): never retried
 
 Paths are paths: a catalog row's local path is opened as written (no glob, no fsspec
 chain like `a::b`), `file://` URIs are percent-decoded, and schemes are case-insensitive.
@@ -110,6 +112,16 @@ class FetchPolicy:
             if host == group or host.endswith(f".{group}"):
                 return group, min(cap, self.max_connections_per_host)
         return host, self.max_connections_per_host
+
+
+class ForbiddenAddress(OSError):
+    """What a `socket_factory` raises to refuse an address: a refusal, not a network fault,
+    so it is never retried. One message for every address (aiohttp keeps the exception's
+    type only when all of a host's addresses fail alike), and none that names the address:
+    a stranger learns nothing of the networks behind the caller."""
+
+    def __init__(self) -> None:
+        super().__init__("the host's address is not a public one")
 
 
 class _Transient(Exception):
@@ -259,6 +271,11 @@ class Fetcher:
             reason = f"the host name does not resolve ({describe(error)})"
             message = f"could not read {brief(location.uri)}: {reason}"
             raise ImageError("fetch_failed", message) from error
+        except aiohttp.ClientConnectorError as error:
+            if not isinstance(error.os_error, ForbiddenAddress):
+                raise _Transient(describe(error)) from error
+            message = f"refused to read {brief(location.uri)}: {error.os_error}"
+            raise ImageError("forbidden_address", message) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             raise _Transient(describe(error)) from error
         except TimeoutError as error:
