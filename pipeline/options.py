@@ -1,20 +1,84 @@
-"""Command-line options, as Beam PipelineOptions so that Beam's own flags mix in freely."""
+"""Command-line options, as Beam PipelineOptions so that Beam's own flags mix in freely.
+
+Every flag's value is checked where the flag is declared (its argparse `type`), and every
+flag must be one of ours or Beam's: a bad one is a one-line message before any work.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import math
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+import fsspec
 
+# Beam's parser, for the flags Beam declares with its add_value_provider_argument.
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
+
+from models.backbones import FEATURE_KINDS, backbones_of
 from models.bundle import DEFAULT_BUNDLE, BundleError
 from models.head import HeadConfig
 from models.precision import PRECISIONS
+from pipeline.interrupts import exit_on_interrupt
+from pipeline.outputs import OutputError
 from transforms.catalog import CatalogError
 from transforms.fetch import DEFAULT_MAX_BYTES, FetchPolicy, default_user_agent
 from transforms.images import DEFAULT_MAX_PIXELS
+
+STARTUP_ERROR_STATUS = 2
+
+
+class UsageError(ValueError):
+    """An unknown flag, or a value its flag cannot take: a one-line message at start-up."""
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def number(
+    minimum: float, *, above: bool = False, below: float = math.inf
+) -> Callable[[str], float]:
+    """An argparse type: a finite number from `minimum` (or `above` it), under `below`."""
+    bounds = f"above {minimum:g}" if above else f"at least {minimum:g}"
+    if below < math.inf:
+        bounds += f" and below {below:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+        in_bounds = (value > minimum if above else value >= minimum) and value < below
+        if not (math.isfinite(value) and in_bounds):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+
+    return parse
+
+
+def backbone_names(text: str) -> str:
+    """An argparse type: a backbone name, or several joined by '+'."""
+    try:
+        backbones_of(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 class CatalogOptions(PipelineOptions):
@@ -40,7 +104,7 @@ class CatalogOptions(PipelineOptions):
             help="The catalog's label column (default: 'style', if the catalog has one).",
         )
         parser.add_argument(
-            "--batch_size", type=int, default=32, help="Images per model call (fixed)."
+            "--batch_size", type=whole_number(1), default=32, help="Images per model call (fixed)."
         )
         parser.add_argument(
             "--backbone_weights",
@@ -50,17 +114,19 @@ class CatalogOptions(PipelineOptions):
         )
         parser.add_argument(
             "--max_image_pixels",
-            type=int,
+            type=whole_number(1),
             default=DEFAULT_MAX_PIXELS,
             help="Larger images are error rows (decompression-bomb guard).",
         )
 
-    def check_required(self) -> None:
+    def check(self) -> None:
         """Beam parses every options class on every parse (workers, TestPipeline), so argparse's
         `required=True` would fail them all: the entry points check here instead."""
         missing = [f"--{name}" for name in ("input", "output") if not getattr(self, name)]
         if missing:
-            raise SystemExit(f"artstyle: missing {' and '.join(missing)} (see --help)")
+            raise UsageError(f"missing {' and '.join(missing)} (see --help)")
+        if self.backbone_weights and not _is_file(self.backbone_weights):
+            raise UsageError(f"--backbone_weights: no such file: {self.backbone_weights}")
 
 
 class FetchOptions(PipelineOptions):
@@ -71,20 +137,20 @@ class FetchOptions(PipelineOptions):
         defaults = FetchPolicy()
         parser.add_argument(
             "--fetch_concurrency",
-            type=int,
+            type=whole_number(1),
             default=defaults.concurrency,
             help="Images fetched at once per worker (network and bucket reads wait, not work).",
         )
         parser.add_argument(
             "--max_connections_per_host",
-            type=int,
+            type=whole_number(1),
             default=defaults.max_connections_per_host,
             help="Connections at once to one host (Wikimedia's hosts: at most 2, as its "
             "robot policy asks).",
         )
         parser.add_argument(
             "--max_retries",
-            type=int,
+            type=whole_number(0),
             default=defaults.max_retries,
             help="Retries of a transient failure (timeouts, resets, HTTP 408/429/5xx), with "
             "exponential backoff and the server's Retry-After. gs:// and s3:// retry in "
@@ -92,13 +158,13 @@ class FetchOptions(PipelineOptions):
         )
         parser.add_argument(
             "--fetch_timeout_s",
-            type=float,
+            type=number(0, above=True),
             default=defaults.timeout_s,
             help="Deadline per image, all attempts together: then it is an error row.",
         )
         parser.add_argument(
             "--max_image_bytes",
-            type=int,
+            type=whole_number(1),
             default=DEFAULT_MAX_BYTES,
             help="Larger files are error rows, found out while streaming.",
         )
@@ -124,7 +190,9 @@ class PredictOptions(PipelineOptions):
         parser.add_argument(
             "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
         )
-        parser.add_argument("--top_k", type=int, default=5, help="Styles listed per image.")
+        parser.add_argument(
+            "--top_k", type=whole_number(1), default=5, help="Styles listed per image."
+        )
         parser.add_argument(
             "--precision",
             choices=PRECISIONS,
@@ -142,11 +210,13 @@ class TrainOptions(PipelineOptions):
     def _add_argparse_args(cls, parser) -> None:
         parser.add_argument(
             "--backbone",
+            type=backbone_names,
             default="efficientnet_lite2",
             help="Backbone name, or several joined by '+' (an ensemble: features concatenated).",
         )
         parser.add_argument(
             "--features",
+            choices=FEATURE_KINDS,
             default="stage_covariance",
             help="'pooled' (last layer), 'stage_stats' (plus channel means and deviations of "
             "stages) or 'stage_covariance' (plus channel covariances of early stages).",
@@ -173,31 +243,38 @@ class TrainOptions(PipelineOptions):
         )
         parser.add_argument(
             "--folds",
-            type=int,
+            type=whole_number(2),
             default=5,
             help="Heads cross-fitted on the training split, each early-stopped on its own "
             "fold; the bundle averages them, their out-of-fold logits calibrate it.",
         )
         parser.add_argument(
             "--hidden_units",
-            type=int,
+            type=whole_number(0),
             default=HeadConfig.hidden_units,
             help="MLP head width; 0: linear.",
         )
-        parser.add_argument("--dropout", type=float, default=HeadConfig.dropout)
-        parser.add_argument("--l2", type=float, default=HeadConfig.l2)
-        parser.add_argument("--label_smoothing", type=float, default=HeadConfig.label_smoothing)
-        parser.add_argument("--learning_rate", type=float, default=HeadConfig.learning_rate)
+        fraction = number(0, below=1)
+        parser.add_argument("--dropout", type=fraction, default=HeadConfig.dropout)
+        parser.add_argument("--l2", type=number(0), default=HeadConfig.l2)
+        parser.add_argument("--label_smoothing", type=fraction, default=HeadConfig.label_smoothing)
         parser.add_argument(
-            "--epochs", type=int, default=HeadConfig.epochs, help="At most; early stopping."
+            "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
         )
-        parser.add_argument("--seed", type=int, default=HeadConfig.seed)
+        parser.add_argument(
+            "--epochs",
+            type=whole_number(1),
+            default=HeadConfig.epochs,
+            help="At most; early stopping.",
+        )
+        parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
 
 
 def parse_options(
     argv: list[str] | None, views: tuple[type[PipelineOptions], ...], prog: str, about: str
 ) -> PipelineOptions:
-    """PipelineOptions from `argv` (default: the command line), checked for our required flags.
+    """PipelineOptions from `argv` (default: the command line), every flag one of `views`'s
+    or Beam's and every value checked, else UsageError.
 
     Beam's parser answers --help with its own flags only; ours are listed here instead.
     """
@@ -212,16 +289,62 @@ def parse_options(
             view._add_argparse_args(parser)
         parser.print_help()
         raise SystemExit(0)
+    check_flags(argv, views)
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
-    options.view_as(CatalogOptions).check_required()
+    options.view_as(CatalogOptions).check()
     return options
 
 
-def run_command(run: Callable[[], object]) -> None:
-    """An entry point's `main`: a bad catalog or bundle is a one-line message, not a trace."""
-    logging.getLogger().setLevel(logging.WARNING)
+class _FlagParser(_BeamArgumentParser):
+    """Raises UsageError where argparse would print the usage (Beam's runs to hundreds of
+    lines) and exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message.removeprefix("argument "))
+
+
+def check_flags(argv: list[str], views: tuple[type[PipelineOptions], ...]) -> None:
+    """Beam itself takes an unknown flag for a warning, lost among TensorFlow's start-up
+    lines, and runs on without it; here it is an error, with the nearest known flag."""
+    parser = _FlagParser(allow_abbrev=False)
+    beams = {str(cls): cls for cls in PipelineOptions.__subclasses__()
+             if cls.__module__.startswith("apache_beam.")}  # fmt: skip
+    for view in (*beams.values(), *views):
+        view._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [flag for action in parser._actions for flag in action.option_strings]
+        raise UsageError(_unknown_argument_message(unknown[0], known))
+
+
+def _unknown_argument_message(argument: str, known: list[str]) -> str:
+    if not argument.startswith("-"):
+        return f"unexpected argument {argument!r}: flags are written --name=value (see --help)"
+    flag = argument.split("=", 1)[0]
+    underscored = "--" + flag.lstrip("-").replace("-", "_")
+    nearest = (
+        [underscored] if underscored in known else difflib.get_close_matches(flag, known, 1, 0.8)
+    )
+    hint = f"did you mean {nearest[0]}?" if nearest else "see --help"
+    return f"unknown flag {flag} ({hint})"
+
+
+def _is_file(url: str) -> bool:
     try:
-        run()
-    except (CatalogError, BundleError) as error:
-        raise SystemExit(f"artstyle: {error}") from None
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.isfile(path)
+    except (ImportError, ValueError, OSError):
+        return False
+
+
+def run_command(run: Callable[[], object]) -> None:
+    """An entry point's `main`: a bad flag, catalog, bundle or output folder is one line on
+    stderr and exit status 2, Ctrl-C one line and 130; never a traceback."""
+    logging.getLogger().setLevel(logging.WARNING)
+    with exit_on_interrupt("artstyle: interrupted"):
+        try:
+            run()
+        except (UsageError, CatalogError, BundleError, OutputError) as error:
+            print(f"artstyle: {error}", file=sys.stderr)
+            raise SystemExit(STARTUP_ERROR_STATUS) from None

@@ -15,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from models.bundle import ModelBundle
+from pipeline.options import UsageError
 from pipeline.predict import build_graph, run
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
@@ -185,5 +186,5 @@ def test_help_lists_the_tools_own_flags(entry_point, capsys):
 
 
 def test_missing_input_and_output_is_a_clear_message():
-    with pytest.raises(SystemExit, match="missing --input and --output"):
+    with pytest.raises(UsageError, match="missing --input and --output"):
         run([])
