@@ -28,16 +28,29 @@ INSTALL_REQUIRES = [
 # ONNX Runtime, timed by the benchmark as an alternative to TensorFlow (tf2onnx converts).
 ONNX = ["onnxruntime==1.31.1", "onnx==1.23.2", "tf2onnx==1.17.0"]
 
+# The HTTP service (python -m pipeline.serve); Beam's workers do not need it.
+SERVE = [
+    "fastapi==0.163.2",
+    "uvicorn==0.54.0",
+    "prometheus-client==0.26.0",
+    "python-multipart==0.0.34",
+]
+
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
         "ruff==0.17.6",
         "psutil==7.2.2",
         "scikit-image==0.26.0",
+        "selenium==4.51.0",
         "hypothesis==6.170.15",
         *ONNX,
+        *SERVE,
+        "httpx==0.28.1",
+        "schemathesis==4.32.5",
     ],
     "onnx": ONNX,
+    "serve": SERVE,
     "aws": ["s3fs==2026.9.0"],
     "gcp": ["apache-beam[gcp]==2.77.0"],
 }
@@ -48,8 +61,11 @@ setup(
     description="Batch pipeline that tells the art style of paintings (Beam + Keras 3).",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["pipeline", "transforms", "models", "bench"]),
-    package_data={"models": ["imagenet_classes.json", "default_bundle/*"]},
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "models", "bench"]),
+    package_data={
+        "models": ["imagenet_classes.json", "default_bundle/*"],
+        "pipeline.serve": ["static/*"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["artstyle=pipeline.predict:main"]},

@@ -1,0 +1,193 @@
+"""The HTTP interface: routes, their schemas, and the app that ties the parts together.
+
+POST /predict          one image: a JSON {"url": ...}, a multipart upload, or image/*
+POST /predict/batch    {"urls": [...]}: one result per URL, in order, errors in place
+GET  /health/live      the process answers
+GET  /health/ready     the model is loaded and warmed up (503 until then)
+GET  /model            the bundle's manifest
+GET  /metrics          Prometheus
+GET  /                 a page for people (static/), that works offline
+GET  /docs, /openapi.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from models.bundle import ModelBundle
+from pipeline.serve.bodies import UPLOAD_FIELD, BodyLimit, UrlRequest, read_image_source
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.errors import ErrorBody, ServiceError, install_error_handlers, internal_error
+from pipeline.serve.metrics import RequestMetrics
+from pipeline.serve.service import ModelState, StyleService
+
+logger = logging.getLogger("artstyle.serve")
+
+STATIC = Path(__file__).parent / "static"
+
+# A batch request holds a place in the queue for each of its URLs at once.
+MAX_BATCH_URLS = 32
+
+
+class Prediction(BaseModel):
+    style: str = Field(description="The most likely style.")
+    confidence: float = Field(description="Its probability.")
+    top_k_styles: list[str]
+    top_k_probs: list[float]
+    model: str = Field(description="The model bundle's id.")
+    predict: str = Field(description="The top style again, as the original demo answered.")
+    url: str | None = Field(None, description="The URL asked about, when one was.")
+
+
+class UrlError(ErrorBody):
+    url: str
+
+
+class BatchRequest(BaseModel):
+    urls: list[str] = Field(min_length=1, max_length=MAX_BATCH_URLS)
+
+
+class BatchAnswer(BaseModel):
+    results: list[Prediction | UrlError] = Field(description="One per URL, in order.")
+
+
+class Status(BaseModel):
+    status: str
+    model: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": UrlRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
+                    "required": [UPLOAD_FIELD],
+                }
+            },
+            **{
+                f"image/{kind}": {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("jpeg", "png", "webp", "tiff", "gif", "bmp")
+            },
+        },
+    }
+}
+PREDICT_ERRORS = _errors(400, 403, 408, 413, 415, 422, 502, 503, 504)
+
+
+def create_app(
+    config: ServeConfig,
+    bundle: ModelBundle | None = None,
+    load_model: Callable[[], keras.Model] | None = None,
+) -> FastAPI:
+    """The service for `config`; `load_model` replaces the bundle's loader (tests share one
+    model among several apps). The model loads when the app starts (its lifespan)."""
+    service = StyleService(config, bundle or ModelBundle.load(config.model), load_model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="artstyle",
+        summary="The art style of paintings.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_image_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: counts all
+    app.include_router(_api_routes(service))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _api_routes(service: StyleService) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/predict",
+        response_model=Prediction,
+        response_model_exclude_none=True,
+        responses=PREDICT_ERRORS,
+        openapi_extra=PREDICT_BODY,
+        summary="The styles of one image",
+    )
+    async def predict(request: Request) -> dict[str, Any]:
+        with service.admitted():
+            source = await read_image_source(request, service.config.fetch_timeout_s)
+            if source.url is not None:
+                return await service.predict_url(source.url)
+            return await service.predict_image(source.data)
+
+    @router.post(
+        "/predict/batch",
+        response_model=BatchAnswer,
+        response_model_exclude_none=True,
+        responses=_errors(413, 422, 503),
+        summary=f"The styles of up to {MAX_BATCH_URLS} images at URLs",
+    )
+    async def predict_batch(body: BatchRequest) -> dict[str, Any]:
+        with service.admitted(len(body.urls)):
+            results = await asyncio.gather(*(_answer_or_error(service, url) for url in body.urls))
+        return {"results": results}
+
+    @router.get("/health/live", response_model=Status, responses=_errors(503))
+    async def live() -> dict[str, str]:
+        if service.state is ModelState.FAILED:
+            service.check_ready()  # raises: a process that cannot serve should be replaced
+        return {"status": "live", "model": service.bundle.id}
+
+    @router.get("/health/ready", response_model=Status, responses=_errors(503))
+    async def ready() -> dict[str, str]:
+        service.check_ready()
+        return {"status": "ready", "model": service.bundle.id}
+
+    @router.get("/model", summary="The model bundle's manifest")
+    async def model() -> dict[str, Any]:
+        return service.bundle.manifest.to_json()
+
+    @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/", response_class=FileResponse, summary="A page to try the model")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return router
+
+
+async def _answer_or_error(service: StyleService, url: str) -> dict[str, Any]:
+    """One URL's answer, or its error in its place."""
+    try:
+        return await service.predict_url(url)
+    except ServiceError as error:
+        return {"url": url, **error.body()}
+    except Exception:
+        logger.exception("artstyle: predicting %s failed", url)
+        return {"url": url, **internal_error(f"predicting {url}").body()}

@@ -1,0 +1,209 @@
+"""The style service's working parts: the bundle's model, loaded once and warmed up; the
+fetcher behind the guard; decoding off the event loop; the micro-batcher; and the answer
+for one image, with the fields of the batch pipeline's rows.
+
+The same image gets the same probabilities as in the pipeline: the same decoding
+(transforms/images.py), the same model (models/bundle.py) and the same way to run it
+(`predict_in_fixed_batches`). A batch is padded to one of a few fixed shapes (1, 2, 4, ...
+up to --max_batch), each traced during the warm-up, so that a lone request does not pay
+for a batch of 32 and no request pays for a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, contextmanager
+from enum import Enum
+from functools import partial
+from typing import Any
+
+import keras
+import numpy as np
+
+from models.bundle import ModelBundle, load_classifier
+from pipeline.serve.batcher import MicroBatcher, QueueFull
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.errors import ServiceError
+from pipeline.serve.guard import check_url, guarded_socket
+from pipeline.serve.metrics import ServiceMetrics
+from transforms.fetch import Fetcher, FetchPolicy, default_user_agent
+from transforms.images import ImageError, brief, decode_image
+from transforms.inference import predict_in_fixed_batches
+from transforms.load import DECODE_THREADS
+from transforms.predictions import top_k_fields
+
+logger = logging.getLogger("artstyle.serve")
+
+# The fetcher's own deadline is this much later than the service's, so that the service's
+# fires first and a slow URL is told apart (504) from an unreachable one (502).
+FETCHER_DEADLINE_GRACE_S = 1.0
+# A service's client waits: one retry of a transient fault, not the pipeline's three.
+FETCH_RETRIES = 1
+# What a client is told to wait before trying again, when the queue is full or the model
+# is still loading.
+OVERLOADED_RETRY_AFTER_S = 1
+LOADING_RETRY_AFTER_S = 5
+
+
+class ModelState(Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+def batch_shapes(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `max_batch`, and `max_batch`."""
+    shapes = [1]
+    while shapes[-1] * 2 < max_batch:
+        shapes.append(shapes[-1] * 2)
+    return (*shapes, max_batch) if max_batch > 1 else (1,)
+
+
+def batch_shape(n: int, shapes: tuple[int, ...]) -> int:
+    """The smallest of `shapes` that holds `n` images."""
+    return next(shape for shape in shapes if shape >= n)
+
+
+class StyleService:
+    """`await start()` returns at once; the model loads in the background, and `state` says
+    when it is READY (loaded, and every batch shape run once)."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        bundle: ModelBundle,
+        load_model: Callable[[], keras.Model] | None = None,
+    ):
+        self.config = config
+        self.bundle = bundle
+        self.state = ModelState.LOADING
+        self._load_model = load_model or partial(
+            load_classifier, bundle.path, None, config.precision
+        )
+        self._model: keras.Model | None = None
+        self._shapes = batch_shapes(config.max_batch)
+        self.batcher = MicroBatcher(
+            self._predict_batch,
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_s,
+            max_queue=config.max_queue,
+            observe=lambda size, seconds: self.metrics.observe_batch(size, seconds),
+        )
+        self.metrics = ServiceMetrics(
+            waiting=lambda: self.batcher.waiting, admitted=lambda: self.batcher.admitted
+        )
+        self._decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._resources = AsyncExitStack()
+        self._fetcher: Fetcher | None = None
+        self._loading: asyncio.Task | None = None
+
+    # --- Life ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        policy = FetchPolicy(
+            concurrency=self.config.max_queue,
+            max_retries=FETCH_RETRIES,
+            timeout_s=self.config.fetch_timeout_s + FETCHER_DEADLINE_GRACE_S,
+            max_bytes=self.config.max_image_bytes,
+            user_agent=default_user_agent(),
+        )
+        guard = None if self.config.allow_private_urls else guarded_socket
+        self._fetcher = await self._resources.enter_async_context(Fetcher(policy, guard))
+        self.batcher.start()
+        self._resources.push_async_callback(self.batcher.close)
+        self._loading = asyncio.create_task(self._load(), name="load-model")
+
+    async def stop(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+        await self._resources.aclose()
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+
+    async def _load(self) -> None:
+        try:
+            model = await asyncio.to_thread(self._load_model)
+            await asyncio.to_thread(self._warm_up, model)
+        except Exception:
+            logger.exception("artstyle: the model %s could not be loaded", self.bundle.path)
+            self.state = ModelState.FAILED
+            return
+        self._model = model
+        self.state = ModelState.READY
+        logger.info("artstyle: %s is ready (batch shapes %s)", self.bundle.id, self._shapes)
+
+    def _warm_up(self, model: keras.Model) -> None:
+        """Every batch shape once, so that no request waits for TensorFlow to trace one."""
+        size = self.bundle.input_size
+        for shape in self._shapes:
+            predict_in_fixed_batches(model, np.zeros((shape, size, size, 3), np.uint8), shape)
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        """On the batcher's model thread."""
+        return predict_in_fixed_batches(self._model, images, batch_shape(len(images), self._shapes))
+
+    # --- Answers ---------------------------------------------------------------------------
+
+    def check_ready(self) -> None:
+        if self.state is ModelState.READY:
+            return
+        if self.state is ModelState.FAILED:
+            raise ServiceError(503, "model_failed", "the model could not be loaded; see the log")
+        raise ServiceError(
+            503, "not_ready", "the model is still loading", retry_after_s=LOADING_RETRY_AFTER_S
+        )
+
+    @contextmanager
+    def admitted(self, images: int = 1) -> Iterator[None]:
+        """A place in the queue for each image for the block, or 503 with Retry-After."""
+        self.check_ready()
+        try:
+            with self.batcher.admit(images):
+                yield
+        except QueueFull as error:
+            message = f"the service is at its limit ({error}); try again shortly"
+            raise ServiceError(
+                503, "overloaded", message, retry_after_s=OVERLOADED_RETRY_AFTER_S
+            ) from None
+
+    async def predict_image(self, data: bytes, url: str | None = None) -> dict[str, Any]:
+        """The answer for one image's bytes; ServiceError if they are not a usable image."""
+        if not data:
+            raise ServiceError(422, "empty", "the image is empty (0 bytes)")
+        decode = partial(
+            decode_image,
+            data,
+            size=self.bundle.input_size,
+            max_pixels=self.config.max_image_pixels,
+        )
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(self._decoders, decode)
+        except ImageError as error:
+            raise ServiceError.of_image(error) from None
+        probabilities = await self.batcher.predict(image)
+        return self.answer(probabilities, url)
+
+    async def predict_url(self, url: str) -> dict[str, Any]:
+        return await self.predict_image(await self.fetch(url), url)
+
+    async def fetch(self, url: str) -> bytes:
+        """The bytes at an http(s) URL, through the guard, within --fetch_timeout_s."""
+        assert self._fetcher is not None, "start() the service first"
+        try:
+            check_url(url)
+            async with asyncio.timeout(self.config.fetch_timeout_s):
+                return await self._fetcher.fetch(url)
+        except ImageError as error:
+            raise ServiceError.of_image(error) from None
+        except TimeoutError:
+            message = f"{brief(url)} did not answer within {self.config.fetch_timeout_s:g} s"
+            raise ServiceError(504, "timed_out", message) from None
+
+    def answer(self, probabilities: np.ndarray, url: str | None = None) -> dict[str, Any]:
+        """The batch rows' fields, `predict` (the top style, as the original demo answered)
+        and the URL when one was given."""
+        fields = top_k_fields(probabilities, classes=self.bundle.classes, top_k=self.config.top_k)
+        answer = {**fields, "model": self.bundle.id, "predict": fields["style"]}
+        return answer | ({"url": url} if url is not None else {})

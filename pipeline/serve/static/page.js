@@ -1,0 +1,105 @@
+// The page at /: an image (chosen, dropped, or a URL) goes to POST /predict, and its top
+// styles come back as bars. Plain JavaScript, nothing fetched from anywhere else.
+"use strict";
+
+const fileInput = document.getElementById("file-input");
+const dropZone = document.getElementById("drop-zone");
+const urlForm = document.getElementById("url-form");
+const urlInput = document.getElementById("url-input");
+const statusLine = document.getElementById("status");
+const result = document.getElementById("result");
+const preview = document.getElementById("preview");
+
+function styleName(style) {
+  return style.replaceAll("_", " ");
+}
+
+function showStatus(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle("error", isError);
+}
+
+function showPrediction(answer) {
+  document.getElementById("top-style").textContent = styleName(answer.style);
+  const bars = document.getElementById("bars");
+  bars.replaceChildren(
+    ...answer.top_k_styles.map((style, i) => bar(style, answer.top_k_probs[i])),
+  );
+  document.getElementById("model-id").textContent = `model ${answer.model}`;
+  result.hidden = false;
+  showStatus("");
+}
+
+function bar(style, probability) {
+  const item = document.createElement("li");
+  item.className = "bar";
+  item.dataset.style = style;
+  item.dataset.probability = String(probability);
+  const label = document.createElement("span");
+  label.textContent = styleName(style);
+  const track = document.createElement("span");
+  track.className = "bar-track";
+  const fill = document.createElement("span");
+  fill.className = "bar-fill";
+  fill.style.display = "block";
+  fill.style.width = `${(100 * probability).toFixed(1)}%`;
+  track.append(fill);
+  const value = document.createElement("span");
+  value.className = "bar-value";
+  value.textContent = `${(100 * probability).toFixed(1)}%`;
+  item.append(label, track, value);
+  return item;
+}
+
+async function predict(request) {
+  showStatus("Looking…");
+  result.hidden = true;
+  let response;
+  try {
+    response = await fetch("/predict", request);
+  } catch (error) {
+    showStatus(`The service did not answer (${error.message}).`, true);
+    return;
+  }
+  const answer = await response.json().catch(() => null);
+  if (!response.ok) {
+    const said = answer && answer.error ? answer.error.message : response.statusText;
+    showStatus(`Not predicted: ${said}`, true);
+    return;
+  }
+  showPrediction(answer);
+}
+
+function predictFile(file) {
+  if (!file) {
+    return;
+  }
+  preview.src = URL.createObjectURL(file);
+  const form = new FormData();
+  form.append("file", file);
+  predict({ method: "POST", body: form });
+}
+
+fileInput.addEventListener("change", () => predictFile(fileInput.files[0]));
+
+dropZone.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  dropZone.classList.add("dragging");
+});
+dropZone.addEventListener("dragleave", () => dropZone.classList.remove("dragging"));
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  dropZone.classList.remove("dragging");
+  predictFile(event.dataTransfer.files[0]);
+});
+
+urlForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const url = urlInput.value.trim();
+  preview.src = url;
+  predict({
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ url }),
+  });
+});

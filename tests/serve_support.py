@@ -1,0 +1,185 @@
+"""What the service's tests share: a network that ends at loopback, apps on the tiny
+model, live servers on 127.0.0.1, and a host that redirects.
+
+No test of the service may send a packet past loopback, even when the guard under test is
+broken: `loopback_only` (autouse wherever it is imported) answers every name lookup from
+its own table (`Network.names`, else "no such host") and fails the test on any connect to
+an address that is not 127.0.0.1 or ::1, except the stand-ins it is told of, whose connects
+it turns to a server on 127.0.0.1. So "allowed.test" can resolve to a public address, be
+allowed by the guard, and still be served from here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from models.bundle import ModelBundle, load_classifier
+from pipeline.serve.app import create_app
+from pipeline.serve.config import ServeConfig
+from tests.conftest import COLOURS, painting
+
+# example.com's old address: a public one, so the guard lets it through; the connect is
+# turned to 127.0.0.1 by `loopback_only`, so no packet is ever sent to it.
+PUBLIC_STAND_IN = "93.184.216.34"
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@dataclass
+class Network:
+    names: dict[str, str | list[str]] = field(default_factory=dict)  # host -> IP address(es)
+    stand_ins: dict[str, tuple[str, int]] = field(default_factory=dict)  # IP -> local server
+    forbidden_connects: list = field(default_factory=list)  # what a broken guard let through
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch) -> Iterator[Network]:
+    network = Network()
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in (None, "localhost", *network.names) and not _is_ip(name):
+            raise socket.gaierror(socket.EAI_NONAME, f"{name}: no such host (test network)")
+        addresses = network.names.get(name, name)
+        addresses = [addresses] if isinstance(addresses, str) or addresses is None else addresses
+        return [
+            info
+            for address in addresses
+            for info in real_getaddrinfo(address, port, family, type, proto, flags)
+        ]
+
+    def connect(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if host in network.stand_ins:
+                address = network.stand_ins[host]
+            elif not _is_loopback(host):
+                network.forbidden_connects.append(address)
+                raise AssertionError(f"a test tried to connect to {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield network
+    assert not network.forbidden_connects, network.forbidden_connects
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.1 and ::1, also as IPv4-mapped IPv6 (::ffff:127.0.0.1)."""
+    address = ipaddress.ip_address(host.split("%")[0])
+    return str(getattr(address, "ipv4_mapped", None) or address) in LOOPBACK
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+# --- Images --------------------------------------------------------------------------------
+
+
+def painting_bytes(folder: Path, style: str, seed: int = 0, suffix: str = ".png") -> bytes:
+    """The encoded bytes of tests/conftest.py's `painting` in the style's colour."""
+    return painting(folder / f"{style}-{seed}{suffix}", COLOURS[style], seed).read_bytes()
+
+
+# --- Apps and servers ----------------------------------------------------------------------
+
+
+@cache
+def tiny_model(bundle_path: str):
+    """One classifier per bundle for the whole session, shared by every app."""
+    return load_classifier(bundle_path, None, ServeConfig().precision)
+
+
+def make_app(bundle_path: str, load_model: Callable | None = None, **settings):
+    config = ServeConfig(model=bundle_path, **settings)
+    return create_app(config, ModelBundle.load(bundle_path), load_model or _loader(bundle_path))
+
+
+def _loader(bundle_path: str) -> Callable:
+    return lambda: tiny_model(bundle_path)
+
+
+def wait_ready(get: Callable[[str], object], timeout_s: float = 60) -> None:
+    """Polls /health/ready (with `get(path) -> response`) until it says 200."""
+    deadline = time.monotonic() + timeout_s
+    while get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the service never became ready"
+        time.sleep(0.05)
+
+
+@contextmanager
+def ready_client(app, **kwargs) -> Iterator[TestClient]:
+    with TestClient(app, **kwargs) as client:
+        wait_ready(client.get)
+        yield client
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Uvicorn serving `app` on 127.0.0.1 (a free port), in a thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@dataclass
+class ImageHost:
+    """A host on 127.0.0.1 with images at /files/NAME and /redirect?to=URL; counts GETs."""
+
+    url: str = ""
+    port: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: Counter = field(default_factory=Counter)
+
+
+@pytest.fixture
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost()
+
+    async def files(request: Request) -> Response:
+        host.requests[request.url.path] += 1
+        name = request.path_params["name"]
+        if name not in host.files:
+            return Response(status_code=404)
+        return Response(host.files[name], media_type="application/octet-stream")
+
+    async def redirect(request: Request) -> Response:
+        host.requests[request.url.path] += 1
+        return RedirectResponse(request.query_params["to"], status_code=302)
+
+    app = Starlette(routes=[Route("/files/{name}", files), Route("/redirect", redirect)])
+    with live_server(app) as url:
+        host.url, host.port = url, int(url.rsplit(":", 1)[1])
+        yield host
