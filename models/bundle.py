@@ -13,20 +13,24 @@ import logging
 import os
 import posixpath
 import tempfile
-from dataclasses import dataclass
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import keras
 
-from models.backbones import feature_extractor
+from models.backbones import FEATURE_KINDS, backbones_of, feature_extractor
 from models.head import calibrated_probabilities
 from models.precision import building_in, resolve_precision
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
 MANIFEST_FILE = "manifest.json"
 HEAD_FILE = "head.keras"
+KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")  # what Keras 3 saves
 DEFAULT_BUNDLE = str(Path(__file__).parent / "default_bundle")
 
 PREPROCESSING = (
@@ -37,45 +41,176 @@ PREPROCESSING = (
 
 
 class BundleError(ValueError):
-    """The --model folder is not a usable bundle; raised before the pipeline starts."""
+    """--model is not a usable bundle; raised before the pipeline starts, naming the file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneSpec:
+    """What rebuilds the backbone: a name in models.backbones (several joined by '+' for an
+    ensemble) and the features tapped from it."""
+
+    name: str
+    weights: str = "imagenet"
+    input_size: int
+    features: str
+    preprocessing: str = PREPROCESSING
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadSpec:
+    """The head's file and calibration; `fit` records how it was fitted (folds, HeadConfig,
+    epochs), which loading does not need."""
+
+    file: str = HEAD_FILE
+    temperature: float
+    fit: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """manifest.json: saving writes `to_json`, loading reads `from_json`, and nothing else
+    reads or writes its keys. `training` and `scores` are records for people (the command,
+    the data's sha256, the scores), kept as they were written."""
+
+    id: str
+    version: str
+    backbone: BackboneSpec
+    head: HeadSpec
+    classes: tuple[str, ...]
+    training: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "id": self.id,
+            "version": self.version,
+            "backbone": asdict(self.backbone),
+            "head": {"file": self.head.file, "temperature": self.head.temperature, **self.head.fit},
+            "classes": list(self.classes),
+            "training": self.training,
+            "scores": self.scores,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Manifest:
+        """Raises BundleError naming `where` (the file) and the key at fault."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{where} is not a JSON object")
+        value = partial(_json_value, data, where)
+        if value("format", str) != BUNDLE_FORMAT:
+            raise BundleError(f"{where} is not in the {BUNDLE_FORMAT} format")
+        manifest = cls(
+            id=value("id", str),
+            version=value("version", str),
+            backbone=BackboneSpec(
+                name=value("backbone.name", str),
+                weights=value("backbone.weights", str),
+                input_size=value("backbone.input_size", int),
+                features=value("backbone.features", str),
+                preprocessing=value("backbone.preprocessing", str),
+            ),
+            head=HeadSpec(
+                file=value("head.file", str),
+                temperature=value("head.temperature", float),
+                fit={k: v for k, v in data["head"].items() if k not in ("file", "temperature")},
+            ),
+            classes=tuple(value("classes", list)),
+            training=value("training", dict, required=False) or {},
+            scores=value("scores", dict, required=False) or {},
+        )
+        problem = manifest.problem()
+        if problem:
+            raise BundleError(f"{where}: {problem}")
+        return manifest
+
+    def problem(self) -> str | None:
+        """What makes these values unusable, if anything (their types are right)."""
+        try:
+            backbones_of(self.backbone.name)
+        except ValueError as error:
+            return str(error)
+        if self.backbone.features not in FEATURE_KINDS:
+            return f"unknown features {self.backbone.features!r}; known: {', '.join(FEATURE_KINDS)}"
+        if self.backbone.input_size < 1:
+            return f"'backbone.input_size' must be at least 1, not {self.backbone.input_size}"
+        if (
+            self.head.file in ("", ".", "..")
+            or posixpath.basename(self.head.file) != self.head.file
+        ):
+            return f"'head.file' must name a file in the bundle's folder, not {self.head.file!r}"
+        if not self.head.temperature > 0:
+            return f"'head.temperature' must be above 0, not {self.head.temperature}"
+        if not self.classes or not all(isinstance(c, str) and c for c in self.classes):
+            return "'classes' must be a list of style names"
+        if len(set(self.classes)) < len(self.classes):
+            return "'classes' names a style twice"
+        return None
+
+
+JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", list: "a list",
+              dict: "an object"}  # fmt: skip
+
+
+def _json_value(data: dict, where: str, key: str, kind: type, required: bool = True) -> Any:
+    """data["a"]["b"] for key "a.b", of type `kind` (an int passes for a float)."""
+    value: Any = data
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if required:
+                raise BundleError(f"{where} has no {key!r}")
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise BundleError(f"{where}: {key!r} must be {JSON_KINDS[kind]}, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
 class ModelBundle:
     path: str
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @classmethod
     def load(cls, path: str) -> ModelBundle:
+        """Reads the manifest and checks the head file, without building the model: a broken
+        bundle fails here, at start-up, with the file at fault named."""
+        fs, folder = _filesystem_of(path)
+        if fs.isfile(folder):
+            raise BundleError(f"{path!r} is not a model bundle: it is a file (a bundle is a "
+                              f"folder with {MANIFEST_FILE} and {HEAD_FILE})")  # fmt: skip
         manifest_path = posixpath.join(path, MANIFEST_FILE)
         try:
-            with fsspec.open(manifest_path, "r") as f:
-                manifest = json.load(f)
+            with fsspec.open(manifest_path, "r", encoding="utf-8") as f:
+                data = json.load(f)
         except FileNotFoundError:
-            raise BundleError(
-                f"{path!r} is not a model bundle: it has no {MANIFEST_FILE}"
-            ) from None
-        if manifest.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{manifest_path!r} is not in the {BUNDLE_FORMAT} format")
+            why = f"it has no {MANIFEST_FILE}" if fs.isdir(folder) else "no such folder"
+            raise BundleError(f"{path!r} is not a model bundle: {why}") from None
+        except json.JSONDecodeError as error:
+            raise BundleError(f"{manifest_path} is not valid JSON ({error})") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise BundleError(f"{manifest_path} cannot be read ({error})") from None
+        manifest = Manifest.from_json(data, manifest_path)
+        check_head_file(posixpath.join(path, manifest.head.file))
         return cls(path, manifest)
 
     @property
     def id(self) -> str:
-        return self.manifest["id"]
+        return self.manifest.id
 
     @property
-    def classes(self) -> list[str]:
-        return self.manifest["classes"]
+    def classes(self) -> tuple[str, ...]:
+        return self.manifest.classes
 
     @property
     def input_size(self) -> int:
-        return self.manifest["backbone"]["input_size"]
+        return self.manifest.backbone.input_size
 
     def load_head(self) -> keras.Model:
         """Keras reads .keras files from local disk only: remote bundles are copied first."""
         with tempfile.TemporaryDirectory() as local:
             local_head = os.path.join(local, HEAD_FILE)
-            with fsspec.open(posixpath.join(self.path, HEAD_FILE), "rb") as src:
+            with fsspec.open(posixpath.join(self.path, self.manifest.head.file), "rb") as src:
                 Path(local_head).write_bytes(src.read())
             return keras.saving.load_model(local_head)
 
@@ -87,17 +222,40 @@ class ModelBundle:
         `precision` is the backbone's arithmetic ('float32', 'bfloat16' or 'auto': see
         models.precision); the head and its softmax are float32 in every case.
         """
-        spec = self.manifest["backbone"]
+        spec = self.manifest.backbone
         with building_in(resolve_precision(precision)):
             extractor = feature_extractor(
-                spec["name"],
-                spec["features"],
-                weights=spec["weights"],
-                weights_path=backbone_weights,
+                spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
             )
         logits = self.load_head()(extractor.output)
-        probabilities = calibrated_probabilities(logits, self.manifest["head"]["temperature"])
+        probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
         return keras.Model(extractor.input, probabilities, name="style_classifier")
+
+
+def check_head_file(path: str) -> None:
+    """A .keras file is a zip of these members: reading its directory and checksums takes a
+    tenth of a second for the shipped 76 MB head, building the model some ten seconds."""
+    try:
+        with fsspec.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            missing = [name for name in KERAS_MEMBERS if name not in archive.namelist()]
+            if missing:
+                raise BundleError(f"{path} is incomplete: it lacks {', '.join(missing)}")
+            damaged = archive.testzip()
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise BundleError(f"{path} is not a readable Keras model file ({error})") from None
+    except OSError as error:
+        raise BundleError(f"{path} cannot be read ({error})") from None
+    if damaged:
+        raise BundleError(f"{path} is corrupt: {damaged} fails its checksum")
+
+
+def _filesystem_of(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as error:
+        raise BundleError(f"{path!r} cannot be read: {error}") from None
 
 
 def load_classifier(
@@ -110,14 +268,13 @@ def load_classifier(
     return ModelBundle.load(bundle_path).classifier(backbone_weights, resolved)
 
 
-def save_bundle(path: str, manifest: dict[str, Any], head: keras.Model) -> ModelBundle:
+def save_bundle(path: str, manifest: Manifest, head: keras.Model) -> ModelBundle:
     os.makedirs(path, exist_ok=True)
-    manifest = {"format": BUNDLE_FORMAT, **manifest}
     # A fresh, uncompiled one-in one-out model over the same layers: the file then holds the
     # weights alone, not the optimizer's state too (twice the weights again, of no use here).
     weights_only = keras.Model(head.inputs[0], head.outputs[0], name=head.name)
-    weights_only.save(os.path.join(path, HEAD_FILE))
+    weights_only.save(os.path.join(path, manifest.head.file))
     with open(os.path.join(path, MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=2)
+        json.dump(manifest.to_json(), f, indent=2)
         f.write("\n")
     return ModelBundle(path, manifest)

@@ -30,7 +30,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbones import backbones_of, feature_extractor, input_size_of, with_mirror
-from models.bundle import HEAD_FILE, PREPROCESSING, save_bundle
+from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
 from models.head import (
     HeadConfig,
     calibrated_probabilities,
@@ -250,13 +250,14 @@ def fit_bundle_head(data: TrainingData, args: TrainOptions) -> tuple[keras.Model
         scores[args.eval_split] = _score(eval_logits, temperature, held_out.names, classes)
     report = {
         "classes": classes,
-        "head": {
-            "file": HEAD_FILE,
-            "temperature": temperature,
-            "folds": args.folds,
-            **config.as_dict(),
-            "epochs_trained": epochs,  # each head's, where its fold stopped improving
-        },
+        "head": HeadSpec(
+            temperature=temperature,
+            fit={
+                "folds": args.folds,
+                **config.as_dict(),
+                "epochs_trained": epochs,  # each head's, where its fold stopped improving
+            },
+        ),
         "counts": {
             **data.counts,
             "train": len(train.labels),
@@ -335,19 +336,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     embedding_seconds = time.perf_counter() - started
     head, report = fit_bundle_head(training_data(embeddings, args), args)
     model_id = args.model_id or f"artstyle-{args.backbone}-{args.features}"
-    manifest = {
-        "id": model_id,
-        "version": datetime.now(UTC).strftime("%Y.%m.%d"),
-        "backbone": {
-            "name": args.backbone,
-            "weights": "imagenet",
-            "input_size": input_size_of(args.backbone),
-            "features": args.features,
-            "preprocessing": PREPROCESSING,
-        },
-        "head": report["head"],
-        "classes": report["classes"],
-        "training": {
+    manifest = Manifest(
+        id=model_id,
+        version=datetime.now(UTC).strftime("%Y.%m.%d"),
+        backbone=BackboneSpec(
+            name=args.backbone, input_size=input_size_of(args.backbone), features=args.features
+        ),
+        head=report["head"],
+        classes=tuple(report["classes"]),
+        training={
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
             "catalog": io.input,
             "catalog_sha256": catalog_digest(io.input),
@@ -356,16 +353,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "embedding_seconds": round(embedding_seconds, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
         },
-        "scores": report["scores"],
-    }
-    bundle = save_bundle(output, manifest, head)
-    print(training_summary(bundle.manifest, output))
-    return bundle.manifest
+        scores=report["scores"],
+    )
+    save_bundle(output, manifest, head)
+    print(training_summary(manifest, output))
+    return manifest.to_json()
 
 
-def training_summary(manifest: dict[str, Any], output: str) -> str:
-    lines = [f"artstyle: trained {manifest['id']} -> {output}"]
-    for split, scores in manifest["scores"].items():
+def training_summary(manifest: Manifest, output: str) -> str:
+    lines = [f"artstyle: trained {manifest.id} -> {output}"]
+    for split, scores in manifest.scores.items():
         lines.append(
             f"  {split}: top-1 {scores['top1']:.1%}  top-3 {scores['top3']:.1%}  "
             f"macro F1 {scores['macro_f1']:.3f}  ECE {scores['ece']:.1%}  "

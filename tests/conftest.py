@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.bundle import save_bundle
+from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
 from models.head import HeadConfig, build_head, merge_heads
 from tests.faulty_host import faulty_host, flaky_filesystem  # noqa: F401 (fixtures for all)
 
@@ -23,19 +23,22 @@ def painting(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72))
     return path
 
 
+def lite0_manifest(model_id: str, classes: list[str]) -> Manifest:
+    """The manifest of a head over EfficientNet-Lite0's pooled features, for tests."""
+    return Manifest(
+        id=model_id,
+        version="0",
+        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, features="pooled"),
+        head=HeadSpec(temperature=1.0),
+        classes=tuple(classes),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> str:
     """EfficientNet-Lite0 (real ImageNet weights) with a seeded, untrained 3-style head."""
     path = tmp_path_factory.mktemp("bundle") / "tiny"
     features = np.random.default_rng(0).normal(size=(16, 1280)).astype(np.float32)
     head = merge_heads([build_head(features, len(CLASSES), HeadConfig(seed=0))])  # as trained
-    manifest = {
-        "id": "tiny-test-model",
-        "version": "0",
-        "backbone": {"name": "efficientnet_lite0", "weights": "imagenet", "input_size": 224,
-                     "features": "pooled", "preprocessing": "test"},
-        "head": {"file": "head.keras", "temperature": 1.0},
-        "classes": CLASSES,
-    }  # fmt: skip
-    save_bundle(str(path), manifest, head)
+    save_bundle(str(path), lite0_manifest("tiny-test-model", CLASSES), head)
     return str(path)

@@ -17,6 +17,7 @@ from models.backbones import (
 )
 from models.bundle import ModelBundle, load_classifier, save_bundle
 from models.head import HeadConfig, build_head
+from tests.conftest import lite0_manifest
 
 
 def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
@@ -85,7 +86,7 @@ def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
     head = build_head(features, 3, HeadConfig(hidden_units=4, seed=0))
     head.compile(optimizer="adam", loss="categorical_crossentropy")
     head.fit(features, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)
-    bundle = save_bundle(str(tmp_path), {"id": "t"}, head)
+    bundle = save_bundle(str(tmp_path), lite0_manifest("t", ["a", "b", "c"]), head)
     loaded = bundle.load_head()
     assert getattr(loaded, "optimizer", None) is None
     assert not isinstance(loaded(keras.Input((6,))), list)  # as the classifier calls it

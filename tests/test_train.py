@@ -12,7 +12,7 @@ from models.head import HeadConfig, build_head, fit_temperature, merge_heads, st
 from pipeline.predict import run as predict
 from pipeline.train import embedding_row, read_embeddings
 from pipeline.train import run as train
-from tests.conftest import CLASSES, COLOURS, painting
+from tests.conftest import CLASSES, COLOURS, lite0_manifest, painting
 from transforms.catalog import ImageRecord
 
 
@@ -47,7 +47,7 @@ def test_merged_heads_give_the_mean_logits_and_survive_the_bundle(tmp_path, hidd
     np.testing.assert_allclose(merged.predict(features, verbose=0), expected, atol=1e-5)
     assert len(merged.layers) == (2 if hidden_units == 0 else 3)  # input and dense layers
 
-    save_bundle(str(tmp_path), {"id": "two-heads"}, merged)
+    save_bundle(str(tmp_path), lite0_manifest("two-heads", ["a", "b", "c"]), merged)
     reloaded = ModelBundle.load(str(tmp_path)).load_head()
     np.testing.assert_allclose(reloaded.predict(features, verbose=0), expected, atol=1e-5)
 
@@ -112,7 +112,7 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
 
     with pytest.raises(ValueError, match="no mirror features"):
         train([*argv, "--reuse_embeddings", "--augment_mirror"])
-    with pytest.raises(ValueError, match="--folds must be at least 2"):
+    with pytest.raises(ValueError, match="--folds: must be at least 2"):
         train([*argv, "--folds=1"])  # before any feature is computed
 
 

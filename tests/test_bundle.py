@@ -1,0 +1,113 @@
+"""Bundles: the manifest as one typed object both ways, and every broken bundle a one-line
+error at start-up, naming the file at fault, without building the model."""
+
+import json
+import shutil
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from models.bundle import DEFAULT_BUNDLE, BundleError, Manifest, ModelBundle
+from pipeline.options import run_command
+from pipeline.predict import run
+from tests.conftest import CLASSES, lite0_manifest
+
+
+def test_the_shipped_manifest_reads_and_writes_back_unchanged():
+    data = json.loads(Path(DEFAULT_BUNDLE, "manifest.json").read_text())
+    manifest = Manifest.from_json(data, "manifest.json")
+    assert manifest.to_json() == data
+    assert manifest.backbone.input_size == 224 and len(manifest.classes) == 16
+    assert manifest.head.fit["folds"] == 5
+
+
+def test_a_saved_manifest_loads_as_it_was_saved(tiny_bundle):
+    assert ModelBundle.load(tiny_bundle).manifest == lite0_manifest("tiny-test-model", CLASSES)
+
+
+def edit_manifest(bundle, change):
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def rewrite_head(bundle, keep):
+    """head.keras with only the members `keep` says yes to."""
+    head = bundle / "head.keras"
+    with zipfile.ZipFile(head) as old:
+        members = {name: old.read(name) for name in old.namelist() if keep(name)}
+    with zipfile.ZipFile(head, "w") as new:
+        for name, data in members.items():
+            new.writestr(name, data)
+
+
+def flip_a_byte_halfway(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+BREAKAGES = {
+    "no manifest": (lambda b: (b / "manifest.json").unlink(),
+                    r"^'{b}' is not a model bundle: it has no manifest.json$"),
+    "not JSON": (lambda b: (b / "manifest.json").write_text('{"format": '),
+                 r"^{b}/manifest.json is not valid JSON \(Expecting value: line 1 column 12"),
+    "not an object": (lambda b: (b / "manifest.json").write_text("[]"),
+                      r"^{b}/manifest.json is not a JSON object$"),
+    "wrong format": (lambda b: edit_manifest(b, lambda m: m.update(format="other/2")),
+                     r"^{b}/manifest.json is not in the artstyle.bundle/1 format$"),
+    "missing key": (lambda b: edit_manifest(b, lambda m: m["backbone"].pop("input_size")),
+                    r"^{b}/manifest.json has no 'backbone.input_size'$"),
+    "wrong type": (lambda b: edit_manifest(b, lambda m: m["backbone"].update(input_size="224")),
+                   r"^{b}/manifest.json: 'backbone.input_size' must be a whole number, not '224'$"),
+    "unknown backbone": (lambda b: edit_manifest(b, lambda m: m["backbone"].update(name="vgg")),
+                         r"^{b}/manifest.json: Unknown backbone 'vgg'; known: "),
+    "zero temperature": (lambda b: edit_manifest(b, lambda m: m["head"].update(temperature=0)),
+                         r"^{b}/manifest.json: 'head.temperature' must be above 0, not 0$"),
+    "a style twice": (lambda b: edit_manifest(b, lambda m: m.update(classes=["a", "a"])),
+                      r"^{b}/manifest.json: 'classes' names a style twice$"),
+    "head elsewhere": (lambda b: edit_manifest(b, lambda m: m["head"].update(file="../h.keras")),
+                       r"^{b}/manifest.json: 'head.file' must name a file in the bundle's folder"),
+    "no head": (lambda b: (b / "head.keras").unlink(), r"^{b}/head.keras is missing$"),
+    "truncated head": (lambda b: (b / "head.keras").write_bytes(b"PK\x03\x04" + b"\0" * 64),
+                       r"^{b}/head.keras is not a readable Keras model file \(.+\)$"),
+    "corrupt head": (lambda b: flip_a_byte_halfway(b / "head.keras"),
+                     r"^{b}/head.keras is corrupt: model.weights.h5 fails its checksum$"),
+    "incomplete head": (lambda b: rewrite_head(b, lambda name: name != "model.weights.h5"),
+                        r"^{b}/head.keras is incomplete: it lacks model.weights.h5$"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_broken_bundle_is_a_one_line_error_naming_the_file(tmp_path, tiny_bundle, breakage):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    breaks, message = BREAKAGES[breakage]
+    breaks(bundle)
+    with pytest.raises(BundleError, match=message.format(b=bundle)):
+        ModelBundle.load(str(bundle))
+
+
+def test_a_model_that_is_a_file_or_nothing_is_not_a_bundle(tmp_path, tiny_bundle):
+    with pytest.raises(BundleError, match="is not a model bundle: it is a file"):
+        ModelBundle.load(f"{tiny_bundle}/manifest.json")
+    with pytest.raises(BundleError, match="is not a model bundle: no such folder"):
+        ModelBundle.load(str(tmp_path / "nothing"))
+
+
+def test_a_broken_bundle_stops_the_run_before_any_work(tmp_path, tiny_bundle, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    flip_a_byte_halfway(bundle / "head.keras")
+    (tmp_path / "catalog.csv").write_text("uri\na.jpg\n")
+    argv = [f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
+            f"--model={bundle}"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        run_command(partial(run, argv))
+    assert stop.value.code == 2
+    expected = f"artstyle: {bundle}/head.keras is corrupt: model.weights.h5 fails its checksum\n"
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "out").exists()
