@@ -7,7 +7,7 @@ function or a small PTransform from `transforms/`, testable on its own.
 from __future__ import annotations
 
 import json
-import logging
+import os
 import time
 from functools import partial
 
@@ -16,6 +16,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.bundle import ModelBundle, load_classifier
+from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
     CatalogOptions,
     FetchOptions,
@@ -23,6 +24,7 @@ from pipeline.options import (
     parse_options,
     run_command,
 )
+from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from transforms.catalog import Catalog, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
@@ -30,14 +32,20 @@ from transforms.inference import KerasModelHandler
 from transforms.predictions import error_row, prediction_row, prediction_schema
 
 PREDICT_ABOUT = "Predicts the art style of every image of a catalog, with Apache Beam."
-OUTPUT_PATTERNS = ("predictions-*.parquet", "metrics-*.parquet", "summary.json")
+IMPORTED_AT = time.monotonic()  # where /proc cannot say when the process started
 
 
 def build_graph(
-    pipeline: beam.Pipeline, options: PipelineOptions, catalog: Catalog, bundle: ModelBundle
+    pipeline: beam.Pipeline,
+    options: PipelineOptions,
+    catalog: Catalog,
+    bundle: ModelBundle,
+    output_dir: str | None = None,
 ) -> beam.PCollection[dict]:
-    """Returns the prediction rows (also written to Parquet), for tests to inspect."""
+    """Writes to `output_dir` (default: --output; `run` gives its staging folder) and returns
+    the prediction rows, for tests to inspect."""
     io = options.view_as(CatalogOptions)
+    output_dir = output_dir or io.output
     predict = options.view_as(PredictOptions)
     classifier = KerasModelHandler(
         partial(load_classifier, bundle.path, io.backbone_weights, predict.precision),
@@ -58,48 +66,55 @@ def build_graph(
     errors = failures | "ErrorRows" >> beam.Map(error_row, **row_context)
     rows = (predictions, errors) | "AllRows" >> beam.Flatten()
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
-        f"{io.output}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
+        f"{output_dir}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    _ = rows | "Evaluate" >> Evaluate(bundle.classes, io.output, bundle.id)
+    _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id)
     return rows
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
-    """Runs the pipeline to the end and returns summary.json's content."""
+    """Runs the pipeline to the end, puts its results in place and returns summary.json's
+    content. Every flag, the bundle, the catalog and the output folder are checked first."""
     options = parse_options(
         argv, (CatalogOptions, FetchOptions, PredictOptions), "python -m pipeline", PREDICT_ABOUT
     )
-    io = options.view_as(CatalogOptions)
-    io.output = io.output.rstrip("/")
+    io, predict = options.view_as(CatalogOptions), options.view_as(PredictOptions)
+    bundle = ModelBundle.load(predict.model)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
-    bundle = ModelBundle.load(options.view_as(PredictOptions).model)
-    _prepare_output(io.output)
 
-    started = time.perf_counter()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build_graph(pipeline, options, catalog, bundle)
-    result = pipeline.run()
-    result.wait_until_finish()
-    if result.state != beam.runners.runner.PipelineState.DONE:
-        raise RuntimeError(f"The pipeline ended in state {result.state}")
-    with fsspec.open(f"{io.output}/summary.json") as f:
-        summary = json.load(f)
-    print(human_summary(summary, io.output, time.perf_counter() - started))
+    with OutputFolder.claim(io.output) as output:
+        with exit_on_interrupt(output.interrupted_message, cleanup=output.release):
+            pipeline = test_pipeline or beam.Pipeline(options=options)
+            build_graph(pipeline, options, catalog, bundle, output.staging)
+            result = pipeline.run()
+            result.wait_until_finish()
+            if result.state != beam.runners.runner.PipelineState.DONE:
+                raise RuntimeError(f"The pipeline ended in state {result.state}")
+        output.publish()
+        with fsspec.open(f"{output.url}/{SUMMARY_FILE}") as f:
+            summary = json.load(f)
+        others = output.others_files()
+    print(human_summary(summary, output.url, seconds_since_process_start(), others))
     return summary
 
 
-def _prepare_output(output: str) -> None:
-    """Creates the folder and removes our own files of an earlier run: stale shards of a
-    run with more shards would otherwise be read as part of this one."""
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.makedirs(path, exist_ok=True)
-    for pattern in OUTPUT_PATTERNS:
-        for stale in fs.glob(f"{path}/{pattern}"):
-            logging.info("Removing %s from an earlier run", stale)
-            fs.rm(stale)
+def seconds_since_process_start() -> float:
+    """From the kernel's record of the process's start, so that Python's and TensorFlow's
+    start-up count too; where /proc is missing, from this module's import."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command's name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return time.monotonic() - IMPORTED_AT
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in ticks
+    return uptime - started
 
 
-def human_summary(summary: dict, output: str, seconds: float) -> str:
+def human_summary(summary: dict, output: str, seconds: float, others: list[str] = ()) -> str:
+    """`seconds` since the process started; `others`: files in the output folder that look
+    like results but that the tool did not write (left as they are)."""
     n = summary["n_images"]
     lines = [
         f"artstyle: {n} images, {summary['n_errors']} errors, model {summary['model']}, "
@@ -122,6 +137,10 @@ def human_summary(summary: dict, output: str, seconds: float) -> str:
         lines.append(f"  errors by kind: {kinds} (see the 'error' column)")
     lines.append(f"  predictions: {output}/predictions-*.parquet")
     lines.append(f"  metrics:     {output}/metrics-*.parquet, {output}/summary.json")
+    if others:
+        lines.append(
+            f"  note: {output} also holds files artstyle did not write: {', '.join(others)}"
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,98 @@
+"""Whole runs and their output folder: reruns, a second run at once, Ctrl-C, the time told."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import psutil
+import pytest
+
+from pipeline.outputs import LOCK_FILE, STAGING_PREFIX, OutputError, OutputFolder
+from pipeline.predict import run, seconds_since_process_start
+from tests.conftest import CLASSES, COLOURS, painting
+
+
+def catalog_of(folder, n: int) -> str:
+    """n small paintings, cheap to decode: the model's time is most of a run's."""
+    uris = []
+    for i in range(n):
+        style = CLASSES[i % len(CLASSES)]
+        painting(folder / "images" / f"{i}.png", COLOURS[style], seed=i, size=(16, 16))
+        uris.append(f"images/{i}.png")
+    pd.DataFrame({"uri": uris}).to_csv(folder / "catalog.csv", index=False)
+    return str(folder / "catalog.csv")
+
+
+def files_of(folder) -> dict[str, bytes]:
+    """The folder's files, but the lock, which names its latest holder."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != LOCK_FILE}
+
+
+def test_a_run_keeps_the_users_files_and_tells_the_time_since_the_process_started(
+    tmp_path, tiny_bundle, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions-mine.parquet").write_bytes(b"the user's")
+    age_before_the_run = seconds_since_process_start()
+
+    summary = run(
+        [f"--input={catalog_of(tmp_path, 3)}", f"--output={out}", f"--model={tiny_bundle}"]
+    )
+
+    assert summary["n_images"] == 3
+    assert (out / "predictions-mine.parquet").read_bytes() == b"the user's"
+    assert (out / "summary.json").exists() and not list(out.glob(f"{STAGING_PREFIX}*"))
+    printed = capsys.readouterr().out
+    seconds = float(re.search(r"model tiny-test-model, ([\d.]+) s", printed).group(1))
+    assert seconds >= age_before_the_run  # pytest's start-up and the tests before count too
+    assert "also holds files artstyle did not write: predictions-mine.parquet" in printed
+
+
+def test_the_process_age_is_the_kernels():
+    started = psutil.Process().create_time()  # whole seconds: it adds the boot time's
+    assert seconds_since_process_start() == pytest.approx(time.time() - started, abs=1.5)
+
+
+def test_a_second_run_into_a_held_folder_stops_before_any_work(tmp_path, tiny_bundle):
+    out = tmp_path / "out"
+    argv = [f"--input={catalog_of(tmp_path, 1)}", f"--output={out}", f"--model={tiny_bundle}"]
+    with OutputFolder.claim(str(out)), pytest.raises(OutputError, match="another run is writing"):
+        run(argv)
+    assert not files_of(out)
+
+
+def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(tmp_path, tiny_bundle):
+    out = tmp_path / "out"
+    argv = [f"--input={catalog_of(tmp_path, 400)}", f"--output={out}", f"--model={tiny_bundle}"]
+    run(argv)
+    earlier = files_of(out)
+
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *argv, "--batch_size=1"],  # slow: time to interrupt
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(f"{STAGING_PREFIX}*/beam-temp-*")):  # Beam is writing
+            assert cli.poll() is None and time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert cli.poll() is None, "the run ended before it could be interrupted"
+        cli.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        _, stderr = cli.communicate(timeout=30)
+        seconds = time.monotonic() - interrupted
+    finally:
+        cli.kill()
+
+    assert cli.returncode == 130 and seconds < 5
+    assert "Traceback" not in stderr
+    ours = [line for line in stderr.splitlines() if "artstyle" in line]
+    kept = f"(the earlier ones in {out} are as they were)"
+    assert ours == [f"artstyle: interrupted; no results were written {kept}"]
+    assert files_of(out) == earlier
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
