@@ -14,6 +14,7 @@ from importlib.util import find_spec
 import fsspec
 import pytest
 
+from pipeline.interrupts import interrupts_deferred
 from pipeline.outputs import (
     FILES_RECORD,
     LOCK_FILE,
@@ -106,6 +107,16 @@ def test_a_second_run_is_kept_out_while_the_first_lives(tmp_path):
     with OutputFolder.claim(str(tmp_path)), busy:
         claim_and_leave(str(tmp_path))
     claim_and_leave(str(tmp_path))  # released
+
+
+def test_ctrl_c_while_publishing_takes_effect_once_publishing_is_done():
+    steps = []
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        signal.raise_signal(signal.SIGINT)
+        steps.append("went on to the end")
+    assert steps == ["went on to the end"]
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
