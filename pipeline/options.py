@@ -200,6 +200,12 @@ class PredictOptions(PipelineOptions):
             help="The backbone's arithmetic. 'auto': bfloat16 where the worker runs it "
             "natively (a GPU, or a CPU with AVX512_BF16 or AMX), else float32.",
         )
+        parser.add_argument(
+            "--report",
+            action="store_true",
+            help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
+            "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
+        )
 
 
 class TrainOptions(PipelineOptions):

@@ -25,6 +25,7 @@ from pipeline.options import (
     run_command,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
+from pipeline.report import report_after_run
 from transforms.catalog import Catalog, ReadCatalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
@@ -95,6 +96,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             summary = json.load(f)
         others = output.others_files()
     print(human_summary(summary, output.url, seconds_since_process_start(), others))
+    if predict.report:
+        print(report_after_run(options, catalog, bundle))
     return summary
 
 

@@ -20,6 +20,7 @@ import posixpath
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.scoring import CALIBRATION_BINS
 from pipeline import figures
-from pipeline.options import CatalogOptions, run_command
+from pipeline.options import CatalogOptions, FetchOptions, run_command
 from transforms.catalog import Catalog, open_catalog
 from transforms.explanations import CONFIDENT_MISTAKES, GALLERY, LEAST_CONFIDENT, ExplainSamples
+from transforms.fetch import FetchPolicy
+from transforms.images import DEFAULT_MAX_PIXELS
 
 REPORT_PAGE = "report.html"
 REPORT_FILES = "report_files"
@@ -83,14 +86,17 @@ def write_report(
     *,
     base_dir: str = "",
     backbone_weights: str | None = None,
+    fetch_policy: FetchPolicy | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     beam_options: PipelineOptions | None = None,
     samples: int = SAMPLES,
     per_style: int = PER_STYLE,
 ) -> str:
     """Writes `output`/report.html and its files; returns the page's path.
 
-    `base_dir`: the folder relative URIs of the run's catalog were relative to. `bundle`
-    must be the run's model: the sampled rows are explained with it.
+    `bundle` must be the run's model: the sampled rows are explained with it. `base_dir`
+    (the folder relative URIs of the run's catalog were relative to), `fetch_policy` and
+    `max_pixels` read the sampled images again as the run read them.
     """
     output = output.rstrip("/")
     summary = _read_summary(output)
@@ -103,10 +109,18 @@ def write_report(
     files_dir = f"{output}/{REPORT_FILES}"
     fs.makedirs(files_dir, exist_ok=True)
     labelled = summary["n_labelled"] > 0
-    explained = _explain_samples(
-        output, bundle, files_dir, labelled, base_dir, backbone_weights, beam_options,
-        samples, per_style,
-    )  # fmt: skip
+    explain = ExplainSamples(
+        bundle,
+        labelled=labelled,
+        files_dir=files_dir,
+        base_dir=base_dir,
+        backbone_weights=backbone_weights,
+        fetch_policy=fetch_policy,
+        max_pixels=max_pixels,
+        count=samples,
+        per_style=per_style,
+    )
+    explained = _explain_samples(output, explain, files_dir, beam_options)
     page = _page(output, summary, bundle.classes, labelled, explained, files_dir)
     path = f"{output}/{REPORT_PAGE}"
     temporary = f"{output}/.{REPORT_PAGE}.{uuid.uuid4().hex}"
@@ -129,27 +143,10 @@ def _read_summary(output: str) -> dict[str, Any]:
 
 
 def _explain_samples(
-    output: str,
-    bundle: ModelBundle,
-    files_dir: str,
-    labelled: bool,
-    base_dir: str,
-    backbone_weights: str | None,
-    beam_options: PipelineOptions | None,
-    samples: int,
-    per_style: int,
+    output: str, explain: ExplainSamples, files_dir: str, beam_options: PipelineOptions | None
 ) -> list[dict[str, Any]]:
     """Runs the Beam pipeline that samples rows and explains them; returns the samples."""
     samples_path = f"{files_dir}/{SAMPLES_FILE}"
-    explain = ExplainSamples(
-        bundle,
-        labelled=labelled,
-        files_dir=files_dir,
-        base_dir=base_dir,
-        backbone_weights=backbone_weights,
-        count=samples,
-        per_style=per_style,
-    )
     with beam.Pipeline(options=beam_options or PipelineOptions([])) as pipeline:
         _ = (
             pipeline
@@ -167,10 +164,10 @@ def _write_json(value: Any, path: str) -> None:
         json.dump(value, file, indent=1)
 
 
+@dataclass(frozen=True)
 class _Page:
-    def __init__(self, html: str, files: set[str]):
-        self.html = html
-        self.files = files  # the names under report_files/ the page uses
+    html: str
+    files: set[str]  # the names under report_files/ the page uses
 
 
 def _page(
@@ -288,13 +285,13 @@ def _confusion(metrics: pd.DataFrame, true_styles: list[str], classes: list[str]
     return counts
 
 
+@dataclass(frozen=True)
 class _Predictions:
     """What the page needs of every prediction row, read column by column."""
 
-    def __init__(self, confidences: np.ndarray, style_counts: dict[str, int], errors: list[dict]):
-        self.confidences = confidences
-        self.style_counts = style_counts
-        self.errors = errors
+    confidences: np.ndarray  # of the predicted rows
+    style_counts: dict[str, int]  # predicted rows per style
+    errors: list[dict]  # uri and error of the first MAX_ERROR_ROWS error rows, by uri
 
 
 def _read_predictions(output: str) -> _Predictions:
@@ -334,6 +331,8 @@ def report_after_run(options: PipelineOptions, catalog: Catalog, bundle: ModelBu
         bundle,
         base_dir=catalog_folder(catalog),
         backbone_weights=io.backbone_weights,
+        fetch_policy=options.view_as(FetchOptions).policy(),
+        max_pixels=io.max_image_pixels,
         beam_options=options,
     )
     return f"  report:      {path} ({time.perf_counter() - started:.1f} s)"

@@ -21,7 +21,7 @@ from models.bundle import ModelBundle
 from models.gradcam import bundle_grad_cam, overlay
 from transforms.catalog import resolve_location
 from transforms.fetch import BackgroundFetcher, FetchPolicy
-from transforms.images import ImageError, decode_image, describe
+from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe
 
 # The report's sections of sampled rows.
 CONFIDENT_MISTAKES = "confident_mistakes"  # labelled: wrong, most confident first
@@ -94,12 +94,20 @@ class ExplainRowsFn(beam.DoFn):
     """
 
     def __init__(
-        self, bundle_path: str, backbone_weights: str | None, base_dir: str, files_dir: str
+        self,
+        bundle_path: str,
+        backbone_weights: str | None,
+        base_dir: str,
+        files_dir: str,
+        fetch_policy: FetchPolicy,
+        max_pixels: int,
     ):
         self._bundle_path = bundle_path
         self._backbone_weights = backbone_weights
         self._base_dir = base_dir
         self._files_dir = files_dir.rstrip("/")
+        self._fetch_policy = fetch_policy
+        self._max_pixels = max_pixels
 
     def setup(self) -> None:
         bundle = ModelBundle.load(self._bundle_path)
@@ -107,7 +115,7 @@ class ExplainRowsFn(beam.DoFn):
         self._classes = bundle.classes
         self._size = bundle.input_size
         self._grad_cam = bundle_grad_cam(bundle, self._backbone_weights)
-        self._fetcher = BackgroundFetcher(FetchPolicy())
+        self._fetcher = BackgroundFetcher(self._fetch_policy)
 
     def teardown(self) -> None:
         self._fetcher.close()
@@ -119,7 +127,8 @@ class ExplainRowsFn(beam.DoFn):
         images, failures = {}, {}
         for index, fetch in enumerate(fetches):
             try:
-                images[index] = decode_image(fetch.result(), size=self._size)
+                data = fetch.result()
+                images[index] = decode_image(data, size=self._size, max_pixels=self._max_pixels)
             except ImageError as error:
                 failures[index] = str(error)
             except Exception as error:  # a library surprise: still one sample, not a crash
@@ -175,12 +184,23 @@ class ExplainSamples(beam.PTransform):
         files_dir: str,
         base_dir: str = "",
         backbone_weights: str | None = None,
+        fetch_policy: FetchPolicy | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         count: int = 12,
         per_style: int = 4,
     ):
+        """`base_dir`: the folder relative URIs are relative to; `fetch_policy` and
+        `max_pixels`: the run's, so that the images read again are read as they were."""
         super().__init__()
         self._sample = SampleRows(bundle.classes, labelled, count, per_style)
-        self._explain = ExplainRowsFn(bundle.path, backbone_weights, base_dir, files_dir)
+        self._explain = ExplainRowsFn(
+            bundle.path,
+            backbone_weights,
+            base_dir,
+            files_dir,
+            fetch_policy or FetchPolicy(),
+            max_pixels,
+        )
 
     def expand(self, rows: beam.PCollection[dict]) -> beam.PCollection[dict]:
         return (

@@ -1,0 +1,313 @@
+"""The report: a real run's page, its numbers against summary.json, its files, and the page
+opened in a real headless browser (Debian's chromium, driven by selenium)."""
+
+import io
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+import transforms.explanations
+from models.bundle import ModelBundle
+from pipeline.predict import run as predict
+from pipeline.report import REPORT_FILES, ReportError, write_report
+from pipeline.report import run as report
+from tests.conftest import CLASSES, COLOURS, painting
+from transforms.explanations import CONFIDENT_MISTAKES, LEAST_CONFIDENT, SampleRows
+
+STALE = "confusion-0000000000000000.png"  # an earlier report's chart
+
+
+def make_catalog(folder: Path, labelled: bool) -> Path:
+    """Four paintings per style, a missing file and a text file: a run with error rows."""
+    uris, styles = [], []
+    for i, style in enumerate(CLASSES * 4):
+        painting(folder / "images" / f"{style}-{i}.jpg", COLOURS[style], i)
+        uris.append(f"images/{style}-{i}.jpg")
+        styles.append(style)
+    (folder / "images" / "notes.jpg").write_text("not a painting")
+    uris += ["images/missing.jpg", "images/notes.jpg"]
+    styles += ["Red_Period", "Blue_Period"]
+    columns = {"uri": uris, "style": styles} if labelled else {"uri": uris}
+    pd.DataFrame(columns).to_csv(folder / "catalog.csv", index=False)
+    return folder / "catalog.csv"
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory, tiny_bundle) -> Path:
+    """`python -m pipeline ... --report` over a labelled catalog."""
+    folder = tmp_path_factory.mktemp("labelled")
+    catalog = make_catalog(folder, labelled=True)
+    output = folder / "out"
+    predict([f"--input={catalog}", f"--output={output}", f"--model={tiny_bundle}", "--report",
+             "--batch_size=8"])  # fmt: skip
+    return output
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory, tiny_bundle) -> Path:
+    """`python -m pipeline.report DIR` after a run over a catalog without labels, one of
+    whose paintings was deleted in between."""
+    folder = tmp_path_factory.mktemp("unlabelled")
+    catalog = make_catalog(folder, labelled=False)
+    output = folder / "out"
+    predict([f"--input={catalog}", f"--output={output}", f"--model={tiny_bundle}",
+             "--batch_size=8"])  # fmt: skip
+    (folder / most_confident(output)["uri"]).unlink()  # surely in its style's gallery
+    (output / REPORT_FILES).mkdir()
+    (output / REPORT_FILES / STALE).write_bytes(b"an earlier report's chart")
+    report([str(output), f"--input={catalog}", f"--model={tiny_bundle}"])
+    return output
+
+
+def prediction_rows(output: Path) -> list[dict]:
+    return pq.read_table(list(map(str, output.glob("predictions-*.parquet")))).to_pylist()
+
+
+def most_confident(output: Path) -> dict:
+    predicted = [row for row in prediction_rows(output) if row["error"] is None]
+    return max(predicted, key=lambda row: row["confidence"])
+
+
+class PageFacts(HTMLParser):
+    """What a test reads off the page: data-key values, image sources, links."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.values: dict[str, object] = {}
+        self.per_style: dict[tuple[str, str], float] = {}
+        self.sources: list[str] = []
+        self.links: list[str] = []
+        self._style = None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "data-key" in attrs:
+            self.values[attrs["data-key"]] = json.loads(attrs["data-value"])
+        if "data-style" in attrs:
+            self._style = attrs["data-style"]
+        if "data-metric" in attrs:
+            self.per_style[(self._style, attrs["data-metric"])] = json.loads(attrs["data-value"])
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        for name in ("href", "src"):
+            if name in attrs and tag != "img":
+                self.links.append(attrs[name])
+
+
+def page_of(output: Path) -> tuple[str, PageFacts]:
+    html = (output / "report.html").read_text()
+    return html, PageFacts(html)
+
+
+def summary_values(summary: dict) -> dict[str, object]:
+    """summary.json's numbers as the page keys them (errors_by_kind flattened)."""
+    values = {k: v for k, v in summary.items() if not isinstance(v, dict) and k != "model"}
+    values |= {f"errors_by_kind.{kind}": n for kind, n in summary["errors_by_kind"].items()}
+    return values
+
+
+def test_the_pages_numbers_are_summary_jsons(labelled_run):
+    _, facts = page_of(labelled_run)
+    summary = json.loads((labelled_run / "summary.json").read_text())
+    expected = summary_values(summary)
+    assert facts.values == {k: v for k, v in expected.items() if k in facts.values}
+    assert {"n_images", "n_errors", "n_labelled", "top1", "top3", "macro_f1", "ece"} <= set(
+        facts.values
+    )
+    assert facts.values["errors_by_kind.not_found"] == 1
+    assert facts.values["errors_by_kind.not_an_image"] == 1
+
+
+def test_the_per_style_table_is_the_runs_metrics(labelled_run):
+    _, facts = page_of(labelled_run)
+    metrics = pq.read_table(list(map(str, labelled_run.glob("metrics-*.parquet")))).to_pandas()
+    per_class = metrics[metrics.section == "per_class"]
+    # every style: every one has paintings in this catalog
+    assert facts.per_style == {(row.label, row.metric): row.value for row in per_class.itertuples()}
+
+
+def test_every_file_the_page_names_is_beside_it_and_nothing_is_fetched(labelled_run):
+    html, facts = page_of(labelled_run)
+    assert len(facts.sources) >= 5  # the charts, and the sampled paintings
+    for source in facts.sources + facts.links:
+        assert "://" not in source and not source.startswith("//")
+        assert (labelled_run / source).is_file()
+        assert source.startswith(f"{REPORT_FILES}/")
+    assert "<script" not in html and "@import" not in html
+
+
+def test_the_sampled_rows_are_the_most_confident_mistakes_and_the_least_confident(labelled_run):
+    samples = json.loads((labelled_run / REPORT_FILES / "samples.json").read_text())
+    rows = prediction_rows(labelled_run)
+    predicted = [r for r in rows if r["error"] is None]
+    mistakes = sorted(
+        (r for r in predicted if r["style"] != r["label"]), key=lambda r: -r["confidence"]
+    )[:12]
+    least = sorted(predicted, key=lambda r: r["confidence"])[:12]
+    by_section = {
+        section: sorted(s["uri"] for s in samples if s["section"] == section)
+        for section in (CONFIDENT_MISTAKES, LEAST_CONFIDENT)
+    }
+    assert by_section[CONFIDENT_MISTAKES] == sorted(r["uri"] for r in mistakes)
+    assert by_section[LEAST_CONFIDENT] == sorted(r["uri"] for r in least)
+    for sample in samples:
+        image = Image.open(labelled_run / REPORT_FILES / sample["gradcam"])
+        assert image.size == (224, 224) and sample["error"] is None
+
+
+def test_without_labels_a_gallery_per_predicted_style(unlabelled_run):
+    html, facts = page_of(unlabelled_run)
+    samples = json.loads((unlabelled_run / REPORT_FILES / "samples.json").read_text())
+    rows = prediction_rows(unlabelled_run)
+    predicted = [r for r in rows if r["error"] is None]
+    assert {s["section"] for s in samples} == {"gallery"}
+    assert {s["style"] for s in samples} == {r["style"] for r in predicted}
+    assert "Confusion matrix" not in html and "Predicted styles" in html
+    assert facts.values == {"n_images": 14, "n_errors": 2} | {
+        "errors_by_kind.not_found": 1,
+        "errors_by_kind.not_an_image": 1,
+    }
+    deleted = [s for s in samples if s["uri"] == most_confident(unlabelled_run)["uri"]]
+    assert deleted and deleted[0]["error"].startswith("not_found")
+    assert "not shown: not_found" in html
+
+
+def test_a_report_removes_the_files_no_page_names(unlabelled_run):
+    assert not (unlabelled_run / REPORT_FILES / STALE).exists()
+    _, facts = page_of(unlabelled_run)
+    named = {Path(source).name for source in facts.sources} | {"samples.json"}
+    assert {path.name for path in (unlabelled_run / REPORT_FILES).iterdir()} == named
+
+
+def test_a_failed_report_leaves_the_earlier_page_whole(labelled_run, tiny_bundle, monkeypatch):
+    before = (labelled_run / "report.html").read_bytes()
+    named = PageFacts(before.decode()).sources
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the explainer broke")
+
+    monkeypatch.setattr(transforms.explanations, "bundle_grad_cam", broken)
+    with pytest.raises(Exception, match="the explainer broke"):
+        write_report(str(labelled_run), ModelBundle.load(tiny_bundle))
+    assert (labelled_run / "report.html").read_bytes() == before
+    assert all((labelled_run / source).is_file() for source in named)
+
+
+def test_a_folder_without_a_run_is_a_clear_error(tmp_path, tiny_bundle):
+    with pytest.raises(ReportError, match=r"has no summary\.json"):
+        write_report(str(tmp_path), ModelBundle.load(tiny_bundle))
+
+
+def test_another_models_run_is_a_clear_error(labelled_run, tiny_bundle, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "id": "another-model"}))
+    with pytest.raises(ReportError, match="name its bundle with --model"):
+        write_report(str(labelled_run), ModelBundle.load(str(other)))
+
+
+def test_sampling_picks_by_confidence_with_ties_broken_by_uri():
+    def row(uri, label, style, confidence, error=None):
+        return {"uri": uri, "label": label, "style": style, "confidence": confidence,
+                "error": error}  # fmt: skip
+
+    rows = [
+        row("a", "X", "Y", 0.9),
+        row("b", "X", "Y", 0.9),
+        row("c", "X", "X", 0.95),
+        row("d", "X", "Y", 0.3),
+        row("e", "Unknown", "Y", 0.99),  # a label the model does not know: not a mistake
+        row("f", "X", None, None, error="not_found: gone"),
+    ]
+    with TestPipeline() as pipeline:
+        samples = (
+            pipeline
+            | beam.Create(rows)
+            | SampleRows(["X", "Y"], labelled=True, count=2, per_style=1)
+            | beam.Map(lambda sample: (sample[0], sample[1]["uri"]))
+        )
+        assert_that(
+            samples,
+            equal_to([(CONFIDENT_MISTAKES, "b"), (CONFIDENT_MISTAKES, "a"),
+                      (LEAST_CONFIDENT, "d"), (LEAST_CONFIDENT, "a")]),
+        )  # fmt: skip
+
+
+# --- In a real browser -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip(
+            "no headless browser: the report's browser tests need Debian's chromium and "
+            "chromium-driver (apt-get install chromium chromium-driver; .ci/run installs them)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1280,1600"):  # fmt: skip
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    yield browser
+    browser.quit()
+
+
+def open_page(browser, output: Path) -> None:
+    browser.get((output / "report.html").as_uri())
+    browser.get_log("browser")  # what an earlier page logged
+
+
+@pytest.mark.parametrize("run", ["labelled_run", "unlabelled_run"])
+def test_the_page_opens_in_a_browser_with_every_image_and_no_errors(browser, run, request):
+    output = request.getfixturevalue(run)
+    open_page(browser, output)
+    broken = browser.execute_script(
+        "return Array.from(document.images)"
+        ".filter(image => !(image.complete && image.naturalWidth > 0))"
+        ".map(image => image.getAttribute('src'))"
+    )
+    images = browser.execute_script("return document.images.length")
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(entry => entry.name)"
+    )
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert images >= 5 and broken == []
+    assert errors == []
+    assert all(url.startswith("file://") for url in fetched)
+
+    screenshot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"))
+    assert screenshot.std() > 20  # not a blank page
+    assert len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 500  # charts and paintings
+
+
+def test_the_numbers_the_browser_shows_are_summary_jsons(browser, labelled_run):
+    open_page(browser, labelled_run)
+    shown = browser.execute_script(
+        "return Object.fromEntries(Array.from(document.querySelectorAll('[data-key]'))"
+        ".map(cell => [cell.dataset.key, [JSON.parse(cell.dataset.value), cell.innerText]]))"
+    )
+    summary = json.loads((labelled_run / "summary.json").read_text())
+    expected = summary_values(summary)
+    assert {key: value for key, (value, _) in shown.items()} == {
+        key: expected[key] for key in shown
+    }
+    assert shown["top1"][1] == f"{summary['top1']:.1%}"
+    assert shown["n_images"][1] == f"{summary['n_images']:,}"
