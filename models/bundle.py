@@ -25,7 +25,7 @@ import keras
 
 from models.backbones import FEATURE_KINDS, backbones_of, feature_extractor
 from models.head import calibrated_probabilities
-from models.precision import building_in, resolve_precision
+from models.precision import building_in, choose_precision, resolve_precision
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
 MANIFEST_FILE = "manifest.json"
@@ -223,7 +223,7 @@ class ModelBundle:
         models.precision); the head and its softmax are float32 in every case.
         """
         spec = self.manifest.backbone
-        with building_in(resolve_precision(precision)):
+        with building_in(resolve_precision(precision).precision):
             extractor = feature_extractor(
                 spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
             )
@@ -263,9 +263,11 @@ def load_classifier(
 ) -> keras.Model:
     """Module-level, so that RunInference can pickle it as the model loader. 'auto' is
     resolved here, on the worker that runs the model."""
-    resolved = resolve_precision(precision)
-    logging.info("artstyle: the backbone computes in %s here (--precision=%s)", resolved, precision)
-    return ModelBundle.load(bundle_path).classifier(backbone_weights, resolved)
+    bundle = ModelBundle.load(bundle_path)
+    build = partial(bundle.classifier, backbone_weights)
+    choice = choose_precision(precision, build, bundle.id)
+    logging.info("artstyle: %s (--precision=%s)", choice, precision)
+    return build(choice.precision)
 
 
 def save_bundle(path: str, manifest: Manifest, head: keras.Model) -> ModelBundle:

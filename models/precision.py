@@ -1,38 +1,86 @@
-"""The backbone's arithmetic: float32, or bfloat16 where the hardware runs it natively.
+"""The backbone's arithmetic, float32 or bfloat16, and which one `--precision auto` picks.
 
-On a CPU with bfloat16 instructions (AVX512_BF16, AMX) oneDNN runs the backbone's
-convolutions about three times as fast in bfloat16; the weights stay float32 (Keras's
-mixed policy) and so do the head and its softmax, so only the features are rounded. Where
-the CPU lacks those instructions TensorFlow emulates bfloat16 in float32: slower, not
-faster. GPUs run it natively.
+In bfloat16 the backbone's convolutions run in bfloat16 while the weights stay float32
+(Keras's mixed policy), and so do the head and its softmax: only the features are rounded
+(top-1 on `val` moves by about 0.2 points). Whether that is faster depends on the machine:
+
+- a GPU, or a CPU with AMX: bfloat16, by rule (1.8 x float32 on a 2-core AMX Xeon);
+- a CPU with AVX512_BF16 but no AMX: no rule holds. bfloat16 was 1.6 x float32 on an AMD
+  EPYC and 0.68 x on an Intel Xeon, both with the flag. So `auto` times both on this
+  machine, once, and keeps the answer in a cache (`PrecisionCache`);
+- a CPU without bfloat16 instructions: float32 (TensorFlow would emulate bfloat16, slower).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from models.cache import cache_dir, write_atomically
+
 PRECISIONS = ("auto", "float32", "bfloat16")
-BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+AMX_FLAG = "amx_bf16"
+BFLOAT16_CPU_FLAGS = (AMX_FLAG, "avx512_bf16")  # the first one present is reported
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+# bfloat16 rounds the features, so it must earn its place: where it is measured at less
+# than this over float32, float32 is kept (and `auto` is never slower than float32 by more
+# than the measurement's own noise).
+MIN_BFLOAT16_SPEEDUP = 1.05
+
+Speedup = Callable[[], float]  # measures bfloat16's images/s over float32's on this machine
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The arithmetic a model is built in, and why: for the log and for summary.json."""
+
+    precision: str  # "float32" or "bfloat16"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.precision} chosen: {self.reason}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"precision": self.precision, "reason": self.reason}
 
 
 def cpu_bfloat16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The CPU flag that makes bfloat16 native here, or None (also where there is no
-    /proc/cpuinfo to read: the safe answer is float32)."""
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
-        return None
+    """The CPU flag that makes bfloat16 native here (AMX's first), or None (also where there
+    is no /proc/cpuinfo to read: the safe answer is float32)."""
+    flags = set(_cpuinfo_field(cpuinfo, "flags").split())
     return next((flag for flag in BFLOAT16_CPU_FLAGS if flag in flags), None)
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bfloat16' on a GPU or a CPU with native bfloat16, else 'float32'.
+def _cpuinfo_field(cpuinfo: str, name: str) -> str:
+    """The first `name : value` line's value in /proc/cpuinfo, or '' where there is none."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
+def resolve_precision(
+    precision: str, speedup: Speedup | None = None, model_id: str = ""
+) -> PrecisionChoice:
+    """'float32' and 'bfloat16' as asked; 'auto' by the hardware's rule where it has one,
+    else by `speedup` (cached per machine and model), else float32.
 
     Resolved where the model is loaded (each worker), not where the pipeline is launched:
     the two machines may differ.
@@ -40,9 +88,93 @@ def resolve_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     if precision != "auto":
-        return precision
-    native = cpu_bfloat16_flag() or tf.config.list_physical_devices("GPU")
-    return "bfloat16" if native else "float32"
+        return PrecisionChoice(precision, f"asked for (--precision {precision})")
+    if tf.config.list_physical_devices("GPU"):
+        return PrecisionChoice("bfloat16", "a GPU computes it natively")
+    flag = cpu_bfloat16_flag()
+    if flag is None:
+        return PrecisionChoice(
+            "float32", "this CPU has no bfloat16 instructions (AVX512_BF16 or AMX)"
+        )
+    if flag == AMX_FLAG:
+        return PrecisionChoice("bfloat16", "this CPU has AMX")
+    if speedup is None:
+        return PrecisionChoice("float32", "AVX512_BF16 without AMX, and not measured here")
+    return choice_by_speedup(PrecisionCache().speedup(model_id, speedup))
+
+
+def choose_precision(
+    precision: str, build: Callable[[str], keras.Model], model_id: str
+) -> PrecisionChoice:
+    """`resolve_precision`, measuring (where it must) the classifiers `build(precision)`
+    makes: the one way a pipeline's launcher and its workers resolve `auto`."""
+    return resolve_precision(precision, partial(measured_speedup, build), model_id)
+
+
+def choice_by_speedup(speedup: float) -> PrecisionChoice:
+    if speedup >= MIN_BFLOAT16_SPEEDUP:
+        return PrecisionChoice("bfloat16", f"{speedup:.2f} x float32 measured on this CPU")
+    return PrecisionChoice("float32", f"bfloat16 measured at {speedup:.2f} x float32 on this CPU")
+
+
+class PrecisionCache:
+    """bfloat16's measured speedup per machine and model, in one JSON file of the user's
+    cache folder, so that only the first run on a machine pays for the measurement.
+
+    The key is the CPU's model name and flags, TensorFlow's and Keras's versions and the
+    model's id: a different CPU, library or model is measured afresh. A cache that cannot
+    be read or written costs a measurement per run, never a failed run.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / "precision.json"
+
+    def speedup(self, model_id: str, measure: Speedup) -> float:
+        key = machine_key(model_id)
+        entries = self._read()
+        if key in entries:
+            return float(entries[key]["speedup"])
+        value = measure()
+        entries[key] = {"speedup": value, "cpu": _cpuinfo_field("/proc/cpuinfo", "model name"),
+                        "tensorflow": tf.__version__, "model": model_id}  # fmt: skip
+        try:
+            write_atomically(self.path, json.dumps(entries, indent=2).encode())
+        except OSError as error:
+            logging.warning("artstyle: cannot cache the precision measurement: %s", error)
+        return value
+
+    def _read(self) -> dict:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+
+def machine_key(model_id: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    parts = (_cpuinfo_field(cpuinfo, "model name"), _cpuinfo_field(cpuinfo, "flags"),
+             tf.__version__, keras.__version__, model_id)  # fmt: skip
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def measured_speedup(
+    build: Callable[[str], keras.Model], batch_size: int = 8, rounds: int = 3
+) -> float:
+    """bfloat16's images/s over float32's, for the models `build(precision)` makes, on
+    random images: one warm-up batch each (tracing), then `rounds` batches each, alternated,
+    and each one's fastest batch (another process's load only ever adds time)."""
+    models = {precision: build(precision) for precision in ("float32", "bfloat16")}
+    shape = (batch_size, *models["float32"].input.shape[1:])
+    images = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
+    for model in models.values():
+        model.predict_on_batch(images)
+    fastest = dict.fromkeys(models, float("inf"))
+    for _ in range(rounds):
+        for precision, model in models.items():
+            started = time.perf_counter()
+            model.predict_on_batch(images)
+            fastest[precision] = min(fastest[precision], time.perf_counter() - started)
+    return fastest["float32"] / fastest["bfloat16"]
 
 
 @contextmanager

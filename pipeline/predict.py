@@ -13,9 +13,14 @@ from functools import partial
 
 import apache_beam as beam
 import fsspec
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 
 from models.bundle import ModelBundle, load_classifier
+from models.precision import choose_precision
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
     CatalogOptions,
@@ -26,7 +31,7 @@ from pipeline.options import (
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.report import report_after_run
-from transforms.catalog import Catalog, ReadCatalog, open_catalog
+from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
@@ -69,18 +74,37 @@ def build_graph(
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
         f"{output_dir}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id)
+    precision = {"precision": precision_of_workers(options, bundle)}
+    _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, precision)
     return rows
+
+
+LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism")  # and None: direct
+
+
+def precision_of_workers(options: PipelineOptions, bundle: ModelBundle) -> dict[str, str]:
+    """The backbone's arithmetic and why, for summary.json. A local runner's workers run on
+    this machine, so resolving here gives their answer (the same rule, the same cached
+    measurement); on other runners each worker resolves its own, and logs it."""
+    asked = options.view_as(PredictOptions).precision
+    runner = options.view_as(StandardOptions).runner or "direct"
+    if runner.lower().removesuffix("runner") not in LOCAL_RUNNERS:
+        return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
+    build = partial(bundle.classifier, options.view_as(CatalogOptions).backbone_weights)
+    return choose_precision(asked, build, bundle.id).to_json()
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
     """Runs the pipeline to the end, puts its results in place and returns summary.json's
-    content. Every flag, the bundle, the catalog and the output folder are checked first."""
+    content. Every flag, the bundle, the catalog and the output folder are checked first.
+    With --template_location, only builds the job (see `build_job_template`)."""
     options = parse_options(
         argv, (CatalogOptions, FetchOptions, PredictOptions), "python -m pipeline", PREDICT_ABOUT
     )
     io, predict = options.view_as(CatalogOptions), options.view_as(PredictOptions)
     bundle = ModelBundle.load(predict.model)
+    if options.view_as(GoogleCloudOptions).template_location:
+        return build_job_template(options, bundle)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
 
     with OutputFolder.claim(io.output) as output:
@@ -99,6 +123,21 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if predict.report:
         print(report_after_run(options, catalog, bundle))
     return summary
+
+
+def build_job_template(options: PipelineOptions, bundle: ModelBundle) -> dict:
+    """Builds the Dataflow job and writes it to --template_location without running it: the
+    dry run before paying. Nothing of the catalog or the output is read or written now (the
+    catalog is listed when the job runs, and the job writes straight to --output, since no
+    launcher stays to publish a staging folder). Returns where the job was written."""
+    io = options.view_as(CatalogOptions)
+    catalog = describe_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
+    pipeline = beam.Pipeline(options=options)
+    build_graph(pipeline, options, catalog, bundle, io.output)
+    pipeline.run().wait_until_finish()
+    template = options.view_as(GoogleCloudOptions).template_location
+    print(f"artstyle: the job is written to {template} (built, not run)")
+    return {"template_location": template}
 
 
 def seconds_since_process_start() -> float:

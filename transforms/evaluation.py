@@ -75,8 +75,10 @@ def metric_rows(board: Scoreboard) -> Iterator[dict[str, Any]]:
             yield row("reliability", metric, bin_[metric], label=f"{bin_['bin_low']:.3f}")
 
 
-def write_summary(board: Scoreboard, path: str, model_id: str) -> dict[str, Any]:
-    summary = {**board.summary(), "model": model_id}
+def write_summary(
+    board: Scoreboard, path: str, model_id: str, run_facts: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    summary = {**board.summary(), "model": model_id, **(run_facts or {})}
     with fsspec.open(path, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -85,11 +87,19 @@ def write_summary(board: Scoreboard, path: str, model_id: str) -> dict[str, Any]
 class Evaluate(beam.PTransform):
     """Prediction rows -> metrics-*.parquet and summary.json under `output_dir`."""
 
-    def __init__(self, classes: Sequence[str], output_dir: str, model_id: str):
+    def __init__(
+        self,
+        classes: Sequence[str],
+        output_dir: str,
+        model_id: str,
+        run_facts: dict[str, Any] | None = None,
+    ):
+        """`run_facts`: more keys for summary.json, such as the arithmetic the model used."""
         super().__init__()
         self._classes = classes
         self._output_dir = output_dir.rstrip("/")
         self._model_id = model_id
+        self._run_facts = run_facts or {}
 
     def expand(self, rows: beam.PCollection[dict]) -> beam.PCollection[dict]:
         board = rows | "Score" >> beam.CombineGlobally(ScoreRowsFn(self._classes))
@@ -105,4 +115,6 @@ class Evaluate(beam.PTransform):
             )
         )
         summary_path = f"{self._output_dir}/summary.json"
-        return board | "WriteSummary" >> beam.Map(write_summary, summary_path, self._model_id)
+        return board | "WriteSummary" >> beam.Map(
+            write_summary, summary_path, self._model_id, self._run_facts
+        )
