@@ -38,6 +38,9 @@ SERVE = [
     "python-multipart==0.0.34",
 ]
 
+# Dataflow: the job's submission (and its offline build, which the tests check).
+GCP = ["apache-beam[gcp]==2.77.0"]
+
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
@@ -50,11 +53,12 @@ EXTRAS_REQUIRE = {
         *SERVE,
         "httpx==0.28.1",
         "schemathesis==4.32.5",
+        *GCP,
     ],
     "onnx": ONNX,
     "serve": SERVE,
     "aws": ["s3fs==2026.9.0"],
-    "gcp": ["apache-beam[gcp]==2.77.0"],
+    "gcp": GCP,
 }
 
 setup(

@@ -82,6 +82,7 @@ class Catalog:
     uri_column: str
     label_column: str | None  # None: the catalog has no labels
     extra_fields: tuple[pa.Field, ...]  # pass-through columns with their unified types
+    listed: bool = True  # False: `files` are the pattern, listed by the job when it runs
 
     @property
     def has_labels(self) -> bool:
@@ -103,7 +104,7 @@ def open_catalog(
     catalog_format = _format_of(fs, path)
     if catalog_format == "images":
         return Catalog(pattern, "images", (), "uri", None, ())
-    files = tuple(_unstrip(pattern, fs, match) for match in sorted(fs.glob(path)))
+    files = tuple(list_catalog_files(pattern))
     if not files:
         raise CatalogError(f"No catalog file matches {pattern!r}.")
     schemas = [_read_schema(file, catalog_format) for file in files]
@@ -114,6 +115,25 @@ def open_catalog(
         label_column = _default_label_column(pattern, schema.names)
     extra = tuple(f for f in schema if f.name not in (uri_column, label_column))
     return Catalog(pattern, catalog_format, files, uri_column, label_column, extra)
+
+
+def describe_catalog(pattern: str, *, uri_column: str, label_column: str | None) -> Catalog:
+    """The catalog as the flags describe it, without reading a byte of it: for a job that
+    is built now and run later elsewhere (a Dataflow template), where the catalog's bucket
+    may not be reachable. Its files are listed when the job runs; it passes no other
+    columns through, since their names and types are unknown, and has labels only if
+    --label_column names them."""
+    lowered = pattern.lower()
+    if not lowered.endswith((".csv", ".parquet", ".pq")):
+        return Catalog(pattern, "images", (), "uri", None, ())
+    catalog_format: CatalogFormat = "csv" if lowered.endswith(".csv") else "parquet"
+    return Catalog(pattern, catalog_format, (pattern,), uri_column, label_column, (), False)
+
+
+def list_catalog_files(pattern: str) -> list[str]:
+    """The files a catalog pattern matches, each as fsspec opens it."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    return [_unstrip(pattern, fs, match) for match in sorted(fs.glob(path))]
 
 
 def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
@@ -400,9 +420,11 @@ class ReadCatalog(beam.PTransform):
                 | "ToRecord" >> beam.Map(_image_record)
             )
         else:
+            files = pbegin | "Files" >> beam.Create(catalog.files)
+            if not catalog.listed:
+                files = files | "ListFiles" >> beam.FlatMap(list_catalog_files)
             records = (
-                pbegin
-                | "Files" >> beam.Create(catalog.files)
+                files
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadRows" >> beam.FlatMap(read_records, catalog)
             )

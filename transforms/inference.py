@@ -7,6 +7,7 @@ is traced once and reused, instead of Keras re-tracing or running eagerly per ba
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         self._batch_size = batch_size
 
     def load_model(self) -> Any:
+        grow_gpu_memory_on_demand()
         return self._load()
 
     def run_inference(
@@ -66,3 +68,16 @@ def predict_in_fixed_batches(model: Any, inputs: np.ndarray, batch_size: int) ->
             chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
         outputs.append(np.asarray(model.predict_on_batch(chunk))[: batch_size - padding])
     return np.concatenate(outputs)
+
+
+def grow_gpu_memory_on_demand() -> None:
+    """TensorFlow takes all of a GPU's memory when it first touches it, so a second process
+    on the same GPU (another SDK process of a Dataflow worker) would fail to load its model.
+    Growing on demand lets processes share the GPU; it must be set before TensorFlow uses
+    the device, which is why it runs here, before the model is built."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        # RuntimeError: the device is already in use, and its setting can no longer change.
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
