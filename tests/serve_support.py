@@ -124,8 +124,9 @@ def _loader(bundle_path: str) -> Callable:
 def wait_ready(get: Callable[[str], object], timeout_s: float = 60) -> None:
     """Polls /health/ready (with `get(path) -> response`) until it says 200."""
     deadline = time.monotonic() + timeout_s
-    while get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
+    while (response := get("/health/ready")).status_code != 200:
+        assert "model_failed" not in response.text, "the model failed to load: see the log"
+        assert time.monotonic() < deadline, f"the service never became ready: {response.text}"
         time.sleep(0.05)
 
 

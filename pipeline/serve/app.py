@@ -148,7 +148,7 @@ def _api_routes(service: StyleService) -> APIRouter:
         "/predict/batch",
         response_model=BatchAnswer,
         response_model_exclude_none=True,
-        responses=_errors(413, 422, 503),
+        responses=_errors(400, 413, 422, 503),
         summary=f"The styles of up to {MAX_BATCH_URLS} images at URLs",
     )
     async def predict_batch(body: BatchRequest) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""The page at / in a real headless browser (Debian's chromium, driven by selenium): an image
+chosen, dropped or named by URL comes back as bars, the expected top style first; nothing
+is loaded from anywhere but the service; no console errors; a screenshot that is not blank."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import serve_support
+from tests.serve_support import live_server, make_app, painting_bytes, wait_ready
+
+loopback_only = serve_support.loopback_only
+image_host = serve_support.image_host
+
+WAIT_S = 30
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip(
+            "no headless browser: the page's tests need Debian's chromium and chromium-driver "
+            "(apt-get install chromium chromium-driver; .ci/run installs them)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1100,900", "--disable-background-networking",
+                     "--disable-component-update", "--no-first-run"):  # fmt: skip
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture(scope="module")
+def service_url(tiny_bundle):
+    with live_server(make_app(tiny_bundle, max_batch=4, allow_private_urls=True)) as url:
+        wait_ready(lambda path: httpx.get(url + path))
+        yield url
+
+
+def expected_answer(service_url: str, data: bytes) -> dict:
+    return httpx.post(
+        f"{service_url}/predict", content=data, headers={"Content-Type": "image/png"}
+    ).json()
+
+
+def open_page(browser, service_url: str) -> None:
+    browser.get(f"{service_url}/")
+    browser.get_log("browser")  # what an earlier page logged
+
+
+def shown_bars(browser) -> list[dict]:
+    """The bars, once they are shown: each one's style, probability and drawn width."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, WAIT_S).until(
+        lambda b: b.execute_script(
+            "return !document.getElementById('result').hidden"
+            " && document.querySelectorAll('#bars .bar').length > 0"
+        )
+    )
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll('#bars .bar')).map(bar => ({"
+        " style: bar.dataset.style, probability: Number(bar.dataset.probability),"
+        " width: bar.querySelector('.bar-fill').getBoundingClientRect().width}))"
+    )
+
+
+def assert_shows(browser, answer: dict) -> None:
+    bars = shown_bars(browser)
+    assert [bar["style"] for bar in bars] == answer["top_k_styles"]
+    np.testing.assert_allclose([bar["probability"] for bar in bars], answer["top_k_probs"])
+    widths = [bar["width"] for bar in bars]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] > 0
+    heading = browser.find_element("id", "top-style").text
+    assert heading == answer["style"].replace("_", " ")
+
+
+def assert_offline_and_quiet(browser, service_url: str) -> None:
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(entry => entry.name)"
+    )
+    assert all(url.startswith(("http://127.0.0.1", "blob:")) for url in fetched), fetched
+    assert any(url.startswith(service_url) for url in fetched)
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_an_uploaded_image_shows_its_styles_as_bars(browser, service_url, tmp_path):
+    data = painting_bytes(tmp_path, "Red_Period")
+    path = tmp_path / "upload.png"
+    path.write_bytes(data)
+    open_page(browser, service_url)
+    browser.find_element("id", "file-input").send_keys(str(path))
+    assert_shows(browser, expected_answer(service_url, data))
+    assert_offline_and_quiet(browser, service_url)
+
+    screenshot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"))
+    assert screenshot.std() > 20  # not a blank page
+    assert len(np.unique(screenshot.reshape(-1, 3), axis=0)) > 200  # text, bars, the image
+
+
+def test_a_dropped_image_shows_its_styles(browser, service_url, tmp_path):
+    data = painting_bytes(tmp_path, "Blue_Period", seed=3)
+    open_page(browser, service_url)
+    browser.execute_script(
+        """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        const zone = document.getElementById("drop-zone");
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));""",
+        base64.b64encode(data).decode(),
+    )
+    assert_shows(browser, expected_answer(service_url, data))
+    assert_offline_and_quiet(browser, service_url)
+
+
+def test_a_pasted_url_shows_its_styles(browser, service_url, image_host, tmp_path: Path):
+    data = painting_bytes(tmp_path, "Green_Period", seed=4)
+    image_host.files["linked.png"] = data
+    open_page(browser, service_url)
+    browser.find_element("id", "url-input").send_keys(f"{image_host.url}/files/linked.png")
+    browser.find_element("css selector", "#url-form button").click()
+    assert_shows(browser, expected_answer(service_url, data))
+    assert_offline_and_quiet(browser, service_url)
+
+
+def test_an_error_is_told_in_words(browser, service_url, tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not a painting")
+    open_page(browser, service_url)
+    browser.find_element("id", "file-input").send_keys(str(path))
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    status = browser.find_element("id", "status")
+    WebDriverWait(browser, WAIT_S).until(lambda _: "Not predicted" in status.text)
+    assert "not a JPEG/PNG" in status.text and "error" in status.get_attribute("class")
+    assert browser.find_element("id", "result").get_attribute("hidden") is not None
