@@ -2,14 +2,16 @@
 built like the shipped one (stage statistics, covariances, an ensemble of backbones)."""
 
 import dataclasses
+from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
 from models.backbones import get_backbone
-from models.bundle import BackboneSpec, ModelBundle, save_bundle
+from models.bundle import DEFAULT_BUNDLE, BackboneSpec, ModelBundle, save_bundle
 from models.gradcam import GradCam, bundle_grad_cam, overlay, read_layers
 from models.head import HeadConfig, build_head, calibrated_probabilities, merge_heads
 from tests.conftest import COLOURS, painting
@@ -208,3 +210,26 @@ def test_randomising_a_bundles_head_changes_its_maps(tiny_bundle, paintings, tmp
     assert spearmanr(learnt.ravel(), shuffled.ravel()).statistic < 0.5
     again = bundle_grad_cam(bundle)(paintings, styles).heatmaps
     assert spearmanr(learnt.ravel(), again.ravel()).statistic > 0.999
+
+
+WIKIART16 = Path(__file__).resolve().parents[2] / "shared" / "wikiart16"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not WIKIART16.is_dir(), reason="../shared/wikiart16 is not here")
+def test_the_shipped_model_on_real_paintings():
+    """Through the shipped ensemble: the classifier's probabilities, one-image maps, and
+    maps that differ from style to style."""
+    bundle = ModelBundle.load(DEFAULT_BUNDLE)
+    catalog = pd.read_csv(WIKIART16 / "catalog.csv", dtype=str)
+    uris = catalog[catalog["split"] == "val"].groupby("style").head(1)["uri"][:6]
+    images = np.stack([decode_image((WIKIART16 / u).read_bytes(), size=224) for u in uris])
+    grad_cam = bundle_grad_cam(bundle)
+    explained = grad_cam(images)
+    probabilities = calibrated_probabilities(explained.logits, bundle.manifest.head.temperature)
+    expected = bundle.classifier().predict_on_batch(images.astype("float32"))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    alone = grad_cam(images[2:3], explained.styles[2:3]).heatmaps[0]
+    np.testing.assert_allclose(explained.heatmaps[2], alone, atol=1e-5)
+    other = grad_cam(images[:1], (explained.styles[:1] + 1) % len(bundle.classes)).heatmaps[0]
+    assert spearmanr(explained.heatmaps[0].ravel(), other.ravel()).statistic < 0.95
