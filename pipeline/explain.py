@@ -38,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m pipeline.explain",
         description="Writes, per image, a PNG of the painting, Grad-CAM for its top style "
         "and its top styles.",
+        allow_abbrev=False,
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_URI", help="Local paths or URIs.")
     parser.add_argument("--output", required=True, metavar="DIR", help="Folder for the PNGs.")

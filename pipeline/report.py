@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.scoring import CALIBRATION_BINS
 from pipeline import figures
-from pipeline.options import CatalogOptions, FetchOptions, run_command
+from pipeline.options import CatalogOptions, FetchOptions, check_flags, run_command, whole_number
 from transforms.catalog import Catalog, open_catalog
 from transforms.explanations import CONFIDENT_MISTAKES, GALLERY, LEAST_CONFIDENT, ExplainSamples
 from transforms.fetch import FetchPolicy
@@ -350,6 +350,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m pipeline.report",
         description="Writes DIR/report.html about the predictions of an earlier run in DIR.",
         epilog="Beam's own options (--runner, --direct_num_workers, ...) are accepted too.",
+        allow_abbrev=False,
     )
     parser.add_argument("output", metavar="DIR", help="The --output folder of a finished run.")
     parser.add_argument(
@@ -362,11 +363,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--model", default=DEFAULT_BUNDLE, help="The run's model bundle (default: shipped)."
     )
     parser.add_argument("--backbone_weights", default=None, help="As for python -m pipeline.")
-    parser.add_argument("--samples", type=int, default=SAMPLES, help="Rows per sampled section.")
     parser.add_argument(
-        "--per_style", type=int, default=PER_STYLE, help="Gallery rows per style (no labels)."
+        "--samples", type=whole_number(1), default=SAMPLES, help="Rows per sampled section."
     )
-    return parser.parse_known_args(argv)
+    parser.add_argument(
+        "--per_style",
+        type=whole_number(1),
+        default=PER_STYLE,
+        help="Gallery rows per style (no labels).",
+    )
+    args, beam_args = parser.parse_known_args(argv)
+    check_flags(beam_args, ())  # the rest must be Beam's: a mistyped flag is an error
+    return args, beam_args
 
 
 def run(argv: list[str] | None = None) -> str:

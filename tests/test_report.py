@@ -18,8 +18,9 @@ from PIL import Image
 
 import transforms.explanations
 from models.bundle import ModelBundle
+from pipeline.options import UsageError
 from pipeline.predict import run as predict
-from pipeline.report import REPORT_FILES, ReportError, write_report
+from pipeline.report import REPORT_FILES, ReportError, parse_args, write_report
 from pipeline.report import run as report
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.explanations import CONFIDENT_MISTAKES, LEAST_CONFIDENT, SampleRows
@@ -202,6 +203,13 @@ def test_a_failed_report_leaves_the_earlier_page_whole(labelled_run, tiny_bundle
         write_report(str(labelled_run), ModelBundle.load(tiny_bundle))
     assert (labelled_run / "report.html").read_bytes() == before
     assert all((labelled_run / source).is_file() for source in named)
+
+
+def test_a_mistyped_flag_is_an_error_not_a_beam_option():
+    with pytest.raises(UsageError, match="unknown flag --sample"):
+        parse_args(["out", "--sample=3"])
+    args, beam_args = parse_args(["out", "--samples=3", "--direct_num_workers=2"])
+    assert args.samples == 3 and beam_args == ["--direct_num_workers=2"]
 
 
 def test_a_folder_without_a_run_is_a_clear_error(tmp_path, tiny_bundle):
