@@ -12,6 +12,7 @@ import asyncio
 import glob
 import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,7 +25,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.bundle import ModelBundle
+from pipeline.options import run_command
 from pipeline.predict import run
+from pipeline.serve import __main__ as serve_command
 from pipeline.serve import service as service_module
 from pipeline.serve.guard import guarded_socket
 from tests import serve_support
@@ -276,7 +279,7 @@ def test_a_body_over_the_cap_is_413_whether_declared_or_streamed(tiny_bundle, im
         assert_error(post_image(client, chunks), 413, "body_too_large")
         form = client.post("/predict", files={"file": ("big.png", b"\0" * 2000)})
         assert_error(form, 413, "body_too_large")
-        assert client.post("/predict", content=b"", headers={"Content-Type": "image/png"})
+        assert_error(post_image(client, b"\0" * 1000), 422, "not_an_image")  # at the cap: read
 
 
 def test_an_unsupported_media_type_is_415(client):
@@ -481,15 +484,16 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(tiny_bundle, fau
 def test_a_body_that_does_not_arrive_in_time_is_408(tiny_bundle):
     app = make_app(tiny_bundle, max_batch=1, fetch_timeout_s=0.5)
     with live_server(app) as url:
+        wait_ready(lambda path: httpx.get(url + path))
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
             connection.sendall(
                 b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                b"Content-Length: 1000\r\n\r\n\x89PNG"
+                b"Content-Length: 1000\r\n\r\n\x89PNG"  # and then nothing
             )
             answer = connection.recv(4096).decode()
-    # the model may still be loading (503), or the body timed out (408): wait for ready
-    assert " 408 " in answer.split("\r\n")[0] or " 503 " in answer.split("\r\n")[0], answer
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"kind":"body_timeout"' in answer
 
 
 # --- The same probabilities as the batch pipeline -------------------------------------------
@@ -511,3 +515,36 @@ def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tm
         answer = post_image(client, images[name], media_type).json()
         assert answer["top_k_styles"] == list(row["top_k_styles"])
         np.testing.assert_allclose(answer["top_k_probs"], row["top_k_probs"], atol=1e-6)
+
+
+# --- python -m pipeline.serve ----------------------------------------------------------------
+
+
+def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch):
+    served = {}
+    monkeypatch.setattr(serve_command.uvicorn, "run", lambda app, **kw: served.update(kw, app=app))
+    monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", "--host=127.0.0.1",
+                                      "--port=8123", "--max_batch=8", "--max_wait_ms=5",
+                                      "--top_k=2", "--allow_private_urls"])  # fmt: skip
+    run_command(serve_command.serve)
+    config = served["app"].state.service.config
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    assert (config.max_batch, config.max_wait_ms, config.top_k) == (8, 5.0, 2)
+    assert config.allow_private_urls and config.model == tiny_bundle
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--model=/no/such/bundle"], "not a model bundle"),
+        (["--max_batch=0"], "--max_batch: must be at least 1"),
+        (["--max_wait_ms=soon"], "--max_wait_ms: must be a number"),
+    ],
+)
+def test_a_bad_flag_or_bundle_is_told_before_serving_status_2(flags, said, monkeypatch, capsys):
+    monkeypatch.setattr(serve_command.uvicorn, "run", lambda *a, **kw: pytest.fail("served"))
+    monkeypatch.setattr(sys, "argv", ["serve", *flags])
+    with pytest.raises(SystemExit) as exited:
+        run_command(serve_command.serve)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
