@@ -402,8 +402,12 @@ def _image_record(uri: str) -> ImageRecord:
 class ReadCatalog(beam.PTransform):
     """Reads a catalog into ImageRecords, one per row (or per image file).
 
-    Each catalog file is read whole by one worker, which is how each row knows its file;
-    the rows are then spread over the workers, which fetch and classify them.
+    Each catalog file is read whole by one worker, which is how each row knows its file.
+    A catalog in several files is spread over the workers file by file, and each file's
+    rows flow on from there as they are read. A catalog in one file (or a folder of
+    images) has its rows spread instead, so that more than one worker classifies them;
+    local runners hold a reshuffled collection in memory whole, so a catalog of millions
+    of rows keeps memory flat when it comes in several files.
     """
 
     def __init__(self, catalog: Catalog):
@@ -413,19 +417,20 @@ class ReadCatalog(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[ImageRecord]:
         catalog = self._catalog
         if catalog.format == "images":
-            records = (
+            images = (
                 pbegin
                 | "Pattern" >> beam.Create([catalog.pattern])
                 | "ListImages" >> beam.FlatMap(list_images)
-                | "ToRecord" >> beam.Map(_image_record)
             )
-        else:
-            files = pbegin | "Files" >> beam.Create(catalog.files)
-            if not catalog.listed:
-                files = files | "ListFiles" >> beam.FlatMap(list_catalog_files)
-            records = (
-                files
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadRows" >> beam.FlatMap(read_records, catalog)
-            )
+            return images | "Spread" >> beam.Reshuffle() | "ToRecord" >> beam.Map(_image_record)
+        files = pbegin | "Files" >> beam.Create(catalog.files)
+        if not catalog.listed:
+            files = files | "ListFiles" >> beam.FlatMap(list_catalog_files)
+        records = (
+            files
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadRows" >> beam.FlatMap(read_records, catalog)
+        )
+        if catalog.listed and len(catalog.files) > 1:
+            return records
         return records | "Spread" >> beam.Reshuffle()
