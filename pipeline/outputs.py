@@ -40,7 +40,15 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.interrupts import interrupts_deferred
 
 SUMMARY_FILE = "summary.json"
-RESULT_PATTERNS = ("predictions-*.parquet", "metrics-*.parquet", SUMMARY_FILE)
+REPORT_PAGE = "report.html"
+REPORT_FILES = "report_files"  # a folder: the report's pictures
+RESULT_PATTERNS = (
+    "predictions-*.parquet",
+    "metrics-*.parquet",
+    SUMMARY_FILE,
+    REPORT_PAGE,
+    REPORT_FILES,
+)
 FILES_RECORD = ".artstyle-files.json"
 RECORD_FORMAT = "artstyle.outputs/1"
 LOCK_FILE = ".artstyle-lock"
@@ -239,10 +247,12 @@ class OutputFolder:
             self._record(earlier | staged)  # whatever a crash below leaves is on record as ours
             if SUMMARY_FILE in earlier:  # no summary.json: the folder's results are incomplete
                 self._fs.rm(self._in_folder(SUMMARY_FILE))
+            for name in sorted(staged & earlier - {SUMMARY_FILE}):  # a folder is not merged
+                self._fs.rm(self._in_folder(name), recursive=True)
             for name in sorted(staged - {SUMMARY_FILE}):
-                self._fs.mv(self._in_staging(name), self._in_folder(name))
+                self._fs.mv(self._in_staging(name), self._in_folder(name), recursive=True)
             for name in sorted(earlier - staged):
-                self._fs.rm(self._in_folder(name))
+                self._fs.rm(self._in_folder(name), recursive=True)
             self._fs.mv(self._in_staging(SUMMARY_FILE), self._in_folder(SUMMARY_FILE))
             self._record(staged)
 

@@ -115,13 +115,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             result.wait_until_finish()
             if result.state != beam.runners.runner.PipelineState.DONE:
                 raise RuntimeError(f"The pipeline ended in state {result.state}")
+            report = predict.report and report_after_run(options, catalog, bundle, output.staging)
         output.publish()
         with fsspec.open(f"{output.url}/{SUMMARY_FILE}") as f:
             summary = json.load(f)
         others = output.others_files()
     print(human_summary(summary, output.url, seconds_since_process_start(), others))
-    if predict.report:
-        print(report_after_run(options, catalog, bundle))
+    if report:
+        print(report)
     return summary
 
 

@@ -37,13 +37,12 @@ from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.scoring import CALIBRATION_BINS
 from pipeline import figures
 from pipeline.options import CatalogOptions, FetchOptions, check_flags, run_command, whole_number
+from pipeline.outputs import REPORT_FILES, REPORT_PAGE
 from transforms.catalog import Catalog, open_catalog
 from transforms.explanations import CONFIDENT_MISTAKES, GALLERY, LEAST_CONFIDENT, ExplainSamples
 from transforms.fetch import FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS
 
-REPORT_PAGE = "report.html"
-REPORT_FILES = "report_files"
 SAMPLES_FILE = "samples.json"
 MAX_ERROR_ROWS = 500  # listed on the page; all of them are in the predictions' error column
 SAMPLES = 12  # confident mistakes, and least confident predictions, shown with labels
@@ -84,7 +83,7 @@ def write_report(
     output: str,
     bundle: ModelBundle,
     *,
-    base_dir: str = "",
+    catalog: Catalog | None = None,
     backbone_weights: str | None = None,
     fetch_policy: FetchPolicy | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -94,9 +93,9 @@ def write_report(
 ) -> str:
     """Writes `output`/report.html and its files; returns the page's path.
 
-    `bundle` must be the run's model: the sampled rows are explained with it. `base_dir`
-    (the folder relative URIs of the run's catalog were relative to), `fetch_policy` and
-    `max_pixels` read the sampled images again as the run read them.
+    `bundle` must be the run's model: the sampled rows are explained with it. `catalog`
+    (the run's, which knows where each row's image is), `fetch_policy` and `max_pixels`
+    read the sampled images again as the run read them.
     """
     output = output.rstrip("/")
     summary = _read_summary(output)
@@ -113,7 +112,7 @@ def write_report(
         bundle,
         labelled=labelled,
         files_dir=files_dir,
-        base_dir=base_dir,
+        catalog=catalog,
         backbone_weights=backbone_weights,
         fetch_policy=fetch_policy,
         max_pixels=max_pixels,
@@ -321,27 +320,25 @@ def _remove_unnamed(fs: fsspec.AbstractFileSystem, files_dir: str, named: set[st
 # --- The commands ------------------------------------------------------------------------
 
 
-def report_after_run(options: PipelineOptions, catalog: Catalog, bundle: ModelBundle) -> str:
-    """`python -m pipeline --report`: the report of the run just finished, with its options
-    (runner, backbone weights); returns the line the run prints."""
+def report_after_run(
+    options: PipelineOptions, catalog: Catalog, bundle: ModelBundle, staging: str
+) -> str:
+    """`python -m pipeline --report`: the report of the run just finished, written beside
+    its results in `staging` (so that it is published, and later replaced, with them), with
+    the run's options (runner, backbone weights); returns the line the run prints."""
     started = time.perf_counter()
     io = options.view_as(CatalogOptions)
-    path = write_report(
-        io.output,
+    write_report(
+        staging,
         bundle,
-        base_dir=catalog_folder(catalog),
+        catalog=catalog,
         backbone_weights=io.backbone_weights,
         fetch_policy=options.view_as(FetchOptions).policy(),
         max_pixels=io.max_image_pixels,
         beam_options=options,
     )
+    path = f"{io.output.rstrip('/')}/{REPORT_PAGE}"
     return f"  report:      {path} ({time.perf_counter() - started:.1f} s)"
-
-
-def catalog_folder(catalog: Catalog) -> str:
-    """The folder the catalog's relative URIs are relative to: its (first) file's. A folder
-    or glob of images has none: its URIs are whole."""
-    return posixpath.dirname(catalog.files[0]) if catalog.files else ""
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -356,9 +353,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--input",
         default=None,
-        help="The run's catalog, whose folder its relative URIs are relative to (default: "
-        "the current folder).",
+        help="The run's catalog, which says where its rows' images are (without it, each "
+        "row's URI is read as it is, relative ones from the current folder).",
     )
+    parser.add_argument("--uri_column", default="uri", help="As for python -m pipeline.")
     parser.add_argument(
         "--model", default=DEFAULT_BUNDLE, help="The run's model bundle (default: shipped)."
     )
@@ -379,11 +377,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def run(argv: list[str] | None = None) -> str:
     args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    base_dir = catalog_folder(open_catalog(args.input)) if args.input else ""
+    catalog = open_catalog(args.input, uri_column=args.uri_column) if args.input else None
     path = write_report(
         args.output,
         ModelBundle.load(args.model),
-        base_dir=base_dir,
+        catalog=catalog,
         backbone_weights=args.backbone_weights,
         beam_options=PipelineOptions(beam_args),
         samples=args.samples,

@@ -23,7 +23,13 @@ from pipeline.predict import run as predict
 from pipeline.report import REPORT_FILES, ReportError, parse_args, write_report
 from pipeline.report import run as report
 from tests.conftest import CLASSES, COLOURS, painting
-from transforms.explanations import CONFIDENT_MISTAKES, LEAST_CONFIDENT, SampleRows
+from transforms.catalog import open_catalog
+from transforms.explanations import (
+    CONFIDENT_MISTAKES,
+    LEAST_CONFIDENT,
+    ExplainSamples,
+    SampleRows,
+)
 
 STALE = "confusion-0000000000000000.png"  # an earlier report's chart
 
@@ -251,6 +257,34 @@ def test_sampling_picks_by_confidence_with_ties_broken_by_uri():
             equal_to([(CONFIDENT_MISTAKES, "b"), (CONFIDENT_MISTAKES, "a"),
                       (LEAST_CONFIDENT, "d"), (LEAST_CONFIDENT, "a")]),
         )  # fmt: skip
+
+
+def test_sampled_images_are_found_in_their_own_catalog_files_folder(tmp_path, tiny_bundle):
+    """Catalog shards in two folders: each sampled row's image is read from its own."""
+    rows = []
+    for museum, style in (("museum_a", "Blue_Period"), ("museum_b", "Red_Period")):
+        painting(tmp_path / museum / f"{museum}.jpg", COLOURS[style], seed=1)
+        (tmp_path / museum / "catalog.csv").write_text(f"uri\n{museum}.jpg\n")
+        rows.append({"uri": f"{museum}.jpg", "label": None, "style": style, "confidence": 0.9,
+                     "top_k_styles": [style], "top_k_probs": [0.9], "error": None})  # fmt: skip
+    catalog = open_catalog(str(tmp_path / "museum_*" / "catalog.csv"))
+    explain = ExplainSamples(ModelBundle.load(tiny_bundle), labelled=False,
+                             files_dir=str(tmp_path / "files"), catalog=catalog)  # fmt: skip
+    with TestPipeline() as pipeline:
+        samples = pipeline | beam.Create(rows) | explain
+        found = samples | beam.Map(lambda sample: (sample["uri"], sample["error"]))
+        assert_that(found, equal_to([("museum_a.jpg", None), ("museum_b.jpg", None)]))
+
+
+def test_a_later_run_without_report_takes_the_earlier_report_away(tmp_path, tiny_bundle):
+    """The page belongs to the results it describes: it goes when they are replaced."""
+    catalog, output = make_catalog(tmp_path, labelled=True), tmp_path / "out"
+    argv = [f"--input={catalog}", f"--output={output}", f"--model={tiny_bundle}"]
+    predict([*argv, "--report"])
+    assert (output / "report.html").is_file() and any((output / REPORT_FILES).iterdir())
+    predict(argv)
+    assert not (output / "report.html").exists() and not (output / REPORT_FILES).exists()
+    assert list(output.glob("predictions-*.parquet"))
 
 
 # --- In a real browser -----------------------------------------------------------------

@@ -19,7 +19,7 @@ from PIL import Image
 
 from models.bundle import ModelBundle
 from models.gradcam import bundle_grad_cam, overlay
-from transforms.catalog import resolve_location
+from transforms.catalog import Catalog, ImageRecord, ReadCatalog
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe
 
@@ -97,14 +97,12 @@ class ExplainRowsFn(beam.DoFn):
         self,
         bundle_path: str,
         backbone_weights: str | None,
-        base_dir: str,
         files_dir: str,
         fetch_policy: FetchPolicy,
         max_pixels: int,
     ):
         self._bundle_path = bundle_path
         self._backbone_weights = backbone_weights
-        self._base_dir = base_dir
         self._files_dir = files_dir.rstrip("/")
         self._fetch_policy = fetch_policy
         self._max_pixels = max_pixels
@@ -120,10 +118,12 @@ class ExplainRowsFn(beam.DoFn):
     def teardown(self) -> None:
         self._fetcher.close()
 
-    def process(self, batch: list[tuple[str, dict]]) -> Iterator[dict[str, Any]]:
-        fetches = [
-            self._fetcher.submit(resolve_location(row["uri"], self._base_dir)) for _, row in batch
-        ]
+    def process(
+        self, batch: list[tuple[str, dict]], locations: dict[str, str]
+    ) -> Iterator[dict[str, Any]]:
+        """`locations`: where each sampled row's image is, by its URI as the catalog wrote
+        it (relative URIs resolved against their own catalog file's folder)."""
+        fetches = [self._fetcher.submit(locations.get(row["uri"], row["uri"])) for _, row in batch]
         images, failures = {}, {}
         for index, fetch in enumerate(fetches):
             try:
@@ -182,31 +182,52 @@ class ExplainSamples(beam.PTransform):
         *,
         labelled: bool,
         files_dir: str,
-        base_dir: str = "",
+        catalog: Catalog | None = None,
         backbone_weights: str | None = None,
         fetch_policy: FetchPolicy | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         count: int = 12,
         per_style: int = 4,
     ):
-        """`base_dir`: the folder relative URIs are relative to; `fetch_policy` and
-        `max_pixels`: the run's, so that the images read again are read as they were."""
+        """`catalog`: the run's, where the sampled rows' images are found (without it, URIs
+        are read as they are); `fetch_policy` and `max_pixels`: the run's, so that the
+        images read again are read as they were."""
         super().__init__()
+        self._catalog = catalog
         self._sample = SampleRows(bundle.classes, labelled, count, per_style)
         self._explain = ExplainRowsFn(
             bundle.path,
             backbone_weights,
-            base_dir,
             files_dir,
             fetch_policy or FetchPolicy(),
             max_pixels,
         )
 
     def expand(self, rows: beam.PCollection[dict]) -> beam.PCollection[dict]:
+        sampled = rows | "Sample" >> self._sample
+        locations = beam.pvalue.AsDict(self._locations(rows.pipeline, sampled))
         return (
-            rows
-            | "Sample" >> self._sample
+            sampled
             | "Spread" >> beam.Reshuffle()
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=EXPLAIN_BATCH)
-            | "GradCam" >> beam.ParDo(self._explain)
+            | "GradCam" >> beam.ParDo(self._explain, locations=locations)
         )
+
+    def _locations(
+        self, pipeline: beam.Pipeline, sampled: beam.PCollection[tuple[str, dict]]
+    ) -> beam.PCollection[tuple[str, str]]:
+        """(uri, location) of the sampled rows, from the catalog read again: only it knows
+        which of its files, and so which folder, each row came from."""
+        if self._catalog is None:
+            return pipeline | "NoCatalog" >> beam.Create([])
+        uris = sampled | "SampledUris" >> beam.Map(lambda sample: sample[1]["uri"])
+        return (
+            pipeline
+            | "ReadCatalog" >> ReadCatalog(self._catalog)
+            | "SampledOnly" >> beam.Filter(_is_sampled, uris=beam.pvalue.AsList(uris))
+            | "Locations" >> beam.Map(lambda record: (record.uri, record.location))
+        )
+
+
+def _is_sampled(record: ImageRecord, uris: list[str]) -> bool:
+    return record.uri in uris
