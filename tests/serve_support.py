@@ -31,6 +31,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from models.bundle import ModelBundle, load_classifier
+from models.gradcam import bundle_grad_cam
 from pipeline.serve.app import create_app
 from pipeline.serve.config import ServeConfig
 from tests.conftest import COLOURS, painting
@@ -112,13 +113,20 @@ def tiny_model(bundle_path: str):
     return load_classifier(bundle_path, None, ServeConfig().precision)
 
 
+@cache
+def tiny_grad_cam(bundle_path: str):
+    return bundle_grad_cam(ModelBundle.load(bundle_path))
+
+
 def make_app(bundle_path: str, load_model: Callable | None = None, **settings):
-    config = ServeConfig(model=bundle_path, **settings)
-    return create_app(config, ModelBundle.load(bundle_path), load_model or _loader(bundle_path))
-
-
-def _loader(bundle_path: str) -> Callable:
-    return lambda: tiny_model(bundle_path)
+    """An app on the bundle's shared model, without Grad-CAM unless `heatmaps=True`."""
+    config = ServeConfig(model=bundle_path, **{"heatmaps": False, **settings})
+    return create_app(
+        config,
+        ModelBundle.load(bundle_path),
+        load_model or (lambda: tiny_model(bundle_path)),
+        lambda: tiny_grad_cam(bundle_path),
+    )
 
 
 def wait_ready(get: Callable[[str], object], timeout_s: float = 60) -> None:

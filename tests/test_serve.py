@@ -9,7 +9,9 @@ loopback: see tests/serve_support.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
+import io
 import re
 import socket
 import sys
@@ -23,8 +25,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from models.bundle import ModelBundle
+from models.gradcam import overlay
 from pipeline.options import run_command
 from pipeline.predict import run
 from pipeline.serve import __main__ as serve_command
@@ -38,10 +42,13 @@ from tests.serve_support import (
     make_app,
     painting_bytes,
     ready_client,
+    tiny_grad_cam,
     tiny_model,
     wait_ready,
 )
 from transforms import fetch
+from transforms.explanations import jpeg
+from transforms.images import decode_image
 
 # The service's fixtures: no packet past loopback (autouse), a host that redirects.
 loopback_only = serve_support.loopback_only
@@ -93,8 +100,8 @@ def open_client(tiny_bundle):
         yield client
 
 
-def post_image(client, data: bytes, media_type: str = "image/png"):
-    return client.post("/predict", content=data, headers={"Content-Type": media_type})
+def post_image(client, data: bytes, media_type: str = "image/png", route: str = "/predict"):
+    return client.post(route, content=data, headers={"Content-Type": media_type})
 
 
 def assert_same_answer(answer: dict, expected: dict) -> None:
@@ -148,6 +155,32 @@ def test_top_k_limits_the_styles_listed(tiny_bundle, images):
     with ready_client(make_app(tiny_bundle, max_batch=1, top_k=2)) as client:
         answer = post_image(client, images["green.png"]).json()
     assert len(answer["top_k_styles"]) == len(answer["top_k_probs"]) == 2
+
+
+def test_a_heatmap_is_grad_cam_of_the_top_style_over_the_square_the_model_saw(tiny_bundle, images):
+    with ready_client(make_app(tiny_bundle, max_batch=1, heatmaps=True)) as client:
+        plain = post_image(client, images["red.png"]).json()
+        answer = post_image(client, images["red.png"], route="/predict?heatmap=true").json()
+    assert "heatmap" not in plain
+    assert_same_answer({k: v for k, v in answer.items() if k != "heatmap"}, plain)
+    prefix = "data:image/jpeg;base64,"
+    assert answer["heatmap"].startswith(prefix)
+    shown = decoded_jpeg(base64.b64decode(answer["heatmap"][len(prefix) :]))
+    image = decode_image(images["red.png"], size=224)
+    style = CLASSES.index(answer["style"])
+    explanation = tiny_grad_cam(tiny_bundle)(image[np.newaxis], np.array([style]))
+    expected = decoded_jpeg(jpeg(overlay(image, explanation.heatmaps[0])))
+    assert shown.shape == expected.shape == (224, 224, 3)
+    assert np.abs(shown.astype(int) - expected).mean() < 0.5
+
+
+def decoded_jpeg(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_without_grad_cam_loaded_a_heatmap_is_left_out(client, images):
+    answer = post_image(client, images["red.png"], route="/predict?heatmap=true")
+    assert answer.status_code == 200 and "heatmap" not in answer.json()
 
 
 # --- POST /predict/batch ---------------------------------------------------------------------
@@ -448,6 +481,30 @@ def test_sixteen_concurrent_requests_take_fewer_model_calls(tiny_bundle, images)
     red, green = answers[0][1], answers[1][1]
     for i, (_, answer, _) in enumerate(answers):
         assert_same_answer(answer, (red, green)[i % 2])
+
+
+def test_the_model_computes_off_the_event_loop(tiny_bundle, images):
+    computing, release = threading.Event(), threading.Event()
+
+    class Slow:
+        """The tiny model, holding each request's batch until released."""
+
+        def predict_on_batch(self, batch):
+            if batch.any():  # not the warm-up's blank images
+                computing.set()
+                release.wait(10)
+            return tiny_model(tiny_bundle).predict_on_batch(batch)
+
+    with ready_client(make_app(tiny_bundle, load_model=Slow, max_batch=1)) as client:
+        asking = threading.Thread(target=post_image, args=(client, images["red.png"]))
+        asking.start()
+        assert computing.wait(10)
+        started = time.monotonic()
+        live = client.get("/health/live")  # answered while the model is busy
+        answered_in = time.monotonic() - started
+        release.set()
+        asking.join()
+    assert live.status_code == 200 and answered_in < 2
 
 
 def test_a_lone_request_does_not_wait_for_a_batch_to_fill(tiny_bundle, images):

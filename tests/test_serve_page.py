@@ -48,7 +48,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def service_url(tiny_bundle):
-    with live_server(make_app(tiny_bundle, max_batch=4, allow_private_urls=True)) as url:
+    app = make_app(tiny_bundle, max_batch=4, allow_private_urls=True, heatmaps=True)
+    with live_server(app) as url:
         wait_ready(lambda path: httpx.get(url + path))
         yield url
 
@@ -89,13 +90,18 @@ def assert_shows(browser, answer: dict) -> None:
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] > 0
     heading = browser.find_element("id", "top-style").text
     assert heading == answer["style"].replace("_", " ")
+    heatmap_width = browser.execute_script(
+        "const heatmap = document.getElementById('heatmap');"
+        "return heatmap.closest('figure').hidden ? 0 : heatmap.naturalWidth"
+    )
+    assert heatmap_width == 224  # Grad-CAM over the model's square
 
 
 def assert_offline_and_quiet(browser, service_url: str) -> None:
     fetched = browser.execute_script(
         "return performance.getEntriesByType('resource').map(entry => entry.name)"
     )
-    assert all(url.startswith(("http://127.0.0.1", "blob:")) for url in fetched), fetched
+    assert all(url.startswith(("http://127.0.0.1", "blob:", "data:")) for url in fetched), fetched
     assert any(url.startswith(service_url) for url in fetched)
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []

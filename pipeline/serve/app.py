@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import keras
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from models.bundle import ModelBundle
+from models.gradcam import GradCam
 from pipeline.serve.bodies import UPLOAD_FIELD, BodyLimit, UrlRequest, read_image_source
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ErrorBody, ServiceError, install_error_handlers, internal_error
@@ -49,6 +50,11 @@ class Prediction(BaseModel):
     model: str = Field(description="The model bundle's id.")
     predict: str = Field(description="The top style again, as the original demo answered.")
     url: str | None = Field(None, description="The URL asked about, when one was.")
+    heatmap: str | None = Field(
+        None,
+        description="With ?heatmap=true: where the evidence for the top style lies (Grad-CAM) "
+        "over the square the model saw, as a JPEG data URL.",
+    )
 
 
 class UrlError(ErrorBody):
@@ -98,10 +104,13 @@ def create_app(
     config: ServeConfig,
     bundle: ModelBundle | None = None,
     load_model: Callable[[], keras.Model] | None = None,
+    load_grad_cam: Callable[[], GradCam] | None = None,
 ) -> FastAPI:
-    """The service for `config`; `load_model` replaces the bundle's loader (tests share one
-    model among several apps). The model loads when the app starts (its lifespan)."""
-    service = StyleService(config, bundle or ModelBundle.load(config.model), load_model)
+    """The service for `config`; `load_model` and `load_grad_cam` replace the bundle's
+    loaders (tests share one model among several apps). The model loads when the app
+    starts (its lifespan)."""
+    bundle = bundle or ModelBundle.load(config.model)
+    service = StyleService(config, bundle, load_model, load_grad_cam)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -137,12 +146,15 @@ def _api_routes(service: StyleService) -> APIRouter:
         openapi_extra=PREDICT_BODY,
         summary="The styles of one image",
     )
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(
+        request: Request,
+        heatmap: bool = Query(False, description="Add Grad-CAM's heatmap for the top style."),
+    ) -> dict[str, Any]:
         with service.admitted():
             source = await read_image_source(request, service.config.fetch_timeout_s)
             if source.url is not None:
-                return await service.predict_url(source.url)
-            return await service.predict_image(source.data)
+                return await service.predict_url(source.url, heatmap)
+            return await service.predict_image(source.data, heatmap=heatmap)
 
     @router.post(
         "/predict/batch",

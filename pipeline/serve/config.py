@@ -30,6 +30,8 @@ class ServeConfig:
     # The deadline for reading a request's body, and for fetching a URL: then 408 or 504.
     fetch_timeout_s: float = 15.0
     precision: str = "auto"
+    # Grad-CAM for ?heatmap=true: a second, float32 copy of the backbones in memory.
+    heatmaps: bool = True
     allow_private_urls: bool = False
     access_log: bool = False
 
@@ -90,6 +92,13 @@ def parse_config(argv: list[str] | None = None) -> ServeConfig:
         choices=PRECISIONS,
         default=defaults.precision,
         help="The backbone's arithmetic, as the pipeline's flag.",
+    )
+    parser.add_argument(
+        "--no_heatmaps",
+        dest="heatmaps",
+        action="store_false",
+        help="Do not load Grad-CAM (a float32 copy of the backbones): less memory and a "
+        "quicker start; /predict?heatmap=true then answers without a heatmap.",
     )
     parser.add_argument(
         "--allow_private_urls",

@@ -7,11 +7,16 @@ The same image gets the same probabilities as in the pipeline: the same decoding
 (`predict_in_fixed_batches`). A batch is padded to one of a few fixed shapes (1, 2, 4, ...
 up to --max_batch), each traced during the warm-up, so that a lone request does not pay
 for a batch of 32 and no request pays for a trace.
+
+A heatmap, where asked for, is the explanations' Grad-CAM (models/gradcam.py) for the top
+style, over the model-sized square the model saw, on a thread of its own: it is one
+image's gradient, not batched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +29,13 @@ import keras
 import numpy as np
 
 from models.bundle import ModelBundle, load_classifier
+from models.gradcam import GradCam, bundle_grad_cam, overlay
 from pipeline.serve.batcher import MicroBatcher, QueueFull
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ServiceError
 from pipeline.serve.guard import check_url, guarded_socket
 from pipeline.serve.metrics import ServiceMetrics
+from transforms.explanations import jpeg
 from transforms.fetch import Fetcher, FetchPolicy, default_user_agent
 from transforms.images import ImageError, brief, decode_image
 from transforms.inference import predict_in_fixed_batches
@@ -69,13 +76,15 @@ def batch_shape(n: int, shapes: tuple[int, ...]) -> int:
 
 class StyleService:
     """`await start()` returns at once; the model loads in the background, and `state` says
-    when it is READY (loaded, and every batch shape run once)."""
+    when it is READY (loaded, and every batch shape run once; Grad-CAM too, unless
+    --no_heatmaps). `load_model` and `load_grad_cam` replace the bundle's loaders."""
 
     def __init__(
         self,
         config: ServeConfig,
         bundle: ModelBundle,
         load_model: Callable[[], keras.Model] | None = None,
+        load_grad_cam: Callable[[], GradCam] | None = None,
     ):
         self.config = config
         self.bundle = bundle
@@ -83,7 +92,9 @@ class StyleService:
         self._load_model = load_model or partial(
             load_classifier, bundle.path, None, config.precision
         )
+        self._load_grad_cam = load_grad_cam or partial(bundle_grad_cam, bundle)
         self._model: keras.Model | None = None
+        self._grad_cam: GradCam | None = None
         self._shapes = batch_shapes(config.max_batch)
         self.batcher = MicroBatcher(
             self._predict_batch,
@@ -96,6 +107,7 @@ class StyleService:
             waiting=lambda: self.batcher.waiting, admitted=lambda: self.batcher.admitted
         )
         self._decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._explainer = ThreadPoolExecutor(1, thread_name_prefix="grad-cam")
         self._resources = AsyncExitStack()
         self._fetcher: Fetcher | None = None
         self._loading: asyncio.Task | None = None
@@ -121,11 +133,16 @@ class StyleService:
             self._loading.cancel()
         await self._resources.aclose()
         self._decoders.shutdown(wait=False, cancel_futures=True)
+        self._explainer.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self) -> None:
         try:
             model = await asyncio.to_thread(self._load_model)
             await asyncio.to_thread(self._warm_up, model)
+            if self.config.heatmaps:
+                grad_cam = await asyncio.to_thread(self._load_grad_cam)
+                await asyncio.to_thread(self._explain, grad_cam, self._blank(1)[0], 0)
+                self._grad_cam = grad_cam
         except Exception:
             logger.exception("artstyle: the model %s could not be loaded", self.bundle.path)
             self.state = ModelState.FAILED
@@ -136,9 +153,12 @@ class StyleService:
 
     def _warm_up(self, model: keras.Model) -> None:
         """Every batch shape once, so that no request waits for TensorFlow to trace one."""
-        size = self.bundle.input_size
         for shape in self._shapes:
-            predict_in_fixed_batches(model, np.zeros((shape, size, size, 3), np.uint8), shape)
+            predict_in_fixed_batches(model, self._blank(shape), shape)
+
+    def _blank(self, n: int) -> np.ndarray:
+        size = self.bundle.input_size
+        return np.zeros((n, size, size, 3), np.uint8)
 
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:
         """On the batcher's model thread."""
@@ -168,8 +188,11 @@ class StyleService:
                 503, "overloaded", message, retry_after_s=OVERLOADED_RETRY_AFTER_S
             ) from None
 
-    async def predict_image(self, data: bytes, url: str | None = None) -> dict[str, Any]:
-        """The answer for one image's bytes; ServiceError if they are not a usable image."""
+    async def predict_image(
+        self, data: bytes, url: str | None = None, heatmap: bool = False
+    ) -> dict[str, Any]:
+        """The answer for one image's bytes, with the heatmap if asked for (and served);
+        ServiceError if the bytes are not a usable image."""
         if not data:
             raise ServiceError(422, "empty", "the image is empty (0 bytes)")
         decode = partial(
@@ -183,10 +206,26 @@ class StyleService:
         except ImageError as error:
             raise ServiceError.of_image(error) from None
         probabilities = await self.batcher.predict(image)
-        return self.answer(probabilities, url)
+        answer = self.answer(probabilities, url)
+        if heatmap and self._grad_cam is not None:
+            answer["heatmap"] = await self.heatmap(image, int(np.argmax(probabilities)))
+        return answer
 
-    async def predict_url(self, url: str) -> dict[str, Any]:
-        return await self.predict_image(await self.fetch(url), url)
+    async def predict_url(self, url: str, heatmap: bool = False) -> dict[str, Any]:
+        return await self.predict_image(await self.fetch(url), url, heatmap)
+
+    async def heatmap(self, image: np.ndarray, style: int) -> str:
+        """Grad-CAM for `style` over the image, as a JPEG data URL the page can show as is."""
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(
+            self._explainer, self._explain, self._grad_cam, image, style
+        )
+        return "data:image/jpeg;base64," + base64.b64encode(jpeg(pixels)).decode("ascii")
+
+    @staticmethod
+    def _explain(grad_cam: GradCam, image: np.ndarray, style: int) -> np.ndarray:
+        explanation = grad_cam(image[np.newaxis], np.array([style]))
+        return overlay(image, explanation.heatmaps[0])
 
     async def fetch(self, url: str) -> bytes:
         """The bytes at an http(s) URL, through the guard, within --fetch_timeout_s."""

@@ -1,5 +1,6 @@
 // The page at /: an image (chosen, dropped, or a URL) goes to POST /predict, and its top
-// styles come back as bars. Plain JavaScript, nothing fetched from anywhere else.
+// styles come back as bars, with Grad-CAM's heatmap where the service computes them.
+// Plain JavaScript, nothing fetched from anywhere else.
 "use strict";
 
 const fileInput = document.getElementById("file-input");
@@ -9,6 +10,7 @@ const urlInput = document.getElementById("url-input");
 const statusLine = document.getElementById("status");
 const result = document.getElementById("result");
 const preview = document.getElementById("preview");
+const heatmapFigure = document.getElementById("heatmap-figure");
 
 function styleName(style) {
   return style.replaceAll("_", " ");
@@ -26,6 +28,11 @@ function showPrediction(answer) {
     ...answer.top_k_styles.map((style, i) => bar(style, answer.top_k_probs[i])),
   );
   document.getElementById("model-id").textContent = `model ${answer.model}`;
+  heatmapFigure.hidden = !answer.heatmap;
+  if (answer.heatmap) {
+    document.getElementById("heatmap").src = answer.heatmap;
+    document.getElementById("heatmap-style").textContent = styleName(answer.style);
+  }
   result.hidden = false;
   showStatus("");
 }
@@ -56,7 +63,7 @@ async function predict(request) {
   result.hidden = true;
   let response;
   try {
-    response = await fetch("/predict", request);
+    response = await fetch("/predict?heatmap=true", request);
   } catch (error) {
     showStatus(`The service did not answer (${error.message}).`, true);
     return;
