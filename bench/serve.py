@@ -5,8 +5,10 @@ The service runs as its own process (`python -m pipeline.serve`, as in productio
 sending its next request when its answer has come: 1, 4 and 16 of them, each level for
 --seconds after a short warm-up. A level reports images/s and the p50/p95/p99 latency.
 
-Two references, measured in the same run: the model's one-image latency (the classifier on
-a batch of one, in this process, before the service starts), and the batch pipeline's
+Then one client asking for Grad-CAM's heatmaps too (?heatmap=true): their p50.
+
+Two references, measured in the same run: the model's one-image latency (the classifier
+on a batch of one, in this process, before the service starts), and the batch pipeline's
 images/s over the same paintings read from disk (`python -m pipeline`, start-up left out
 as `python -m bench` does). The targets: at 16 clients, at least 0.8 x the pipeline's
 images/s; at 1 client, a p50 under 2 x the model's one-image latency.
@@ -46,6 +48,7 @@ TARGET_VS_PIPELINE = 0.8  # at the most clients
 TARGET_P50_VS_ONE_IMAGE = 2.0  # at one client
 SERVER_START_TIMEOUT_S = 300
 PIPELINE_BATCH_SIZE = 32  # the pipeline's default --batch_size
+HEATMAP_SECONDS = 10.0  # one client asking for Grad-CAM's heatmap too: its latency
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,7 +144,12 @@ async def _wait_ready(server: Server, log: Path) -> None:
 
 
 async def measure_level(
-    url: str, bodies: Sequence[bytes], clients: int, seconds: float, warm_up_s: float = WARM_UP_S
+    url: str,
+    bodies: Sequence[bytes],
+    clients: int,
+    seconds: float,
+    warm_up_s: float = WARM_UP_S,
+    route: str = "/predict",
 ) -> dict[str, Any]:
     """`clients` clients posting `bodies` in turn, each waiting for its answer before the
     next request, for `warm_up_s` and then `seconds`: the rate of answers in those seconds
@@ -159,7 +167,7 @@ async def measure_level(
             body = bodies[index % len(bodies)]
             index += clients
             async with session.post(
-                f"{url}/predict", data=body, headers={"Content-Type": "image/jpeg"}
+                f"{url}{route}", data=body, headers={"Content-Type": "image/jpeg"}
             ) as response:
                 await response.read()
                 ok = response.status == 200
@@ -192,7 +200,14 @@ def measure_service(args: argparse.Namespace, bodies: list[bytes], folder: Path)
             asyncio.run(measure_level(server.url, bodies, clients, args.seconds))
             for clients in args.clients
         ]
-        return {"levels": levels, "service_peak_rss_mb": server.peak_rss_mb()}
+        with_heatmaps = asyncio.run(
+            measure_level(server.url, bodies, 1, HEATMAP_SECONDS, route="/predict?heatmap=true")
+        )
+        return {
+            "levels": levels,
+            "heatmap_p50_ms": with_heatmaps["p50_ms"],
+            "service_peak_rss_mb": server.peak_rss_mb(),
+        }
 
 
 # --- The batch pipeline --------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_targets_compare_the_most_clients_with_the_pipeline_and_one_client_with_
 @pytest.mark.slow  # a process of its own: TensorFlow's import and the model, ten seconds
 def test_the_service_runs_as_its_own_process_and_answers_under_load(tiny_bundle, tmp_path):
     bodies = [painting_bytes(tmp_path, "Red_Period", seed) for seed in range(4)]
-    flags = ["--max_batch=4", "--max_wait_ms=5", "--precision=float32"]
+    flags = ["--max_batch=4", "--max_wait_ms=5", "--precision=float32", "--no_heatmaps"]
     with serving(tiny_bundle, flags, tmp_path / "serve.log") as server:
         level = asyncio.run(measure_level(server.url, bodies, 2, seconds=1.0, warm_up_s=0.2))
         assert server.peak_rss_mb() > 100
