@@ -36,6 +36,7 @@ SERVE = [
     "uvicorn==0.54.0",
     "prometheus-client==0.26.0",
     "python-multipart==0.0.34",
+    "fastapi-offline==1.7.7",  # /docs without a CDN
 ]
 
 # Dataflow: the job's submission (and its offline build, which the tests check).

@@ -157,3 +157,15 @@ def test_an_error_is_told_in_words(browser, service_url, tmp_path):
     WebDriverWait(browser, WAIT_S).until(lambda _: "Not predicted" in status.text)
     assert "not a JPEG/PNG" in status.text and "error" in status.get_attribute("class")
     assert browser.find_element("id", "result").get_attribute("hidden") is not None
+
+
+def test_the_api_docs_render_from_the_service_alone(browser, service_url):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{service_url}/docs")
+    browser.get_log("browser")
+    WebDriverWait(browser, WAIT_S).until(
+        lambda b: b.execute_script("return document.querySelectorAll('.opblock').length") >= 5
+    )
+    assert "/predict/batch" in browser.find_element("css selector", ".swagger-ui").text
+    assert_offline_and_quiet(browser, service_url)

@@ -7,7 +7,7 @@ GET  /health/ready     the model is loaded and warmed up (503 until then)
 GET  /model            the bundle's manifest
 GET  /metrics          Prometheus
 GET  /                 a page for people (static/), that works offline
-GET  /docs, /openapi.json
+GET  /docs, /redoc, /openapi.json (the docs' scripts are served here too: no CDN)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import keras
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -120,7 +121,7 @@ def create_app(
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from files of its own package, not a CDN
         title="artstyle",
         summary="The art style of paintings.",
         version="0.1.0",
