@@ -15,8 +15,7 @@ import numpy as np
 from keras import layers, ops
 
 from models import efficientnet_lite
-
-FEATURE_KINDS = ("pooled", "stage_stats", "stage_covariance")
+from models.settings import FEATURE_KINDS
 
 
 @dataclass(frozen=True)

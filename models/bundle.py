@@ -26,12 +26,12 @@ import keras
 from models.backbones import FEATURE_KINDS, backbones_of, feature_extractor
 from models.head import calibrated_probabilities
 from models.precision import building_in, choose_precision, resolve_precision
+from models.settings import DEFAULT_BUNDLE as DEFAULT_BUNDLE  # where commands look for it
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
 MANIFEST_FILE = "manifest.json"
 HEAD_FILE = "head.keras"
 KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")  # what Keras 3 saves
-DEFAULT_BUNDLE = str(Path(__file__).parent / "default_bundle")
 
 PREPROCESSING = (
     "EXIF orientation applied; any mode to RGB, alpha composited on white; shorter side "

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import keras
 import numpy as np
 from keras import layers, ops
 
-
-@dataclass(frozen=True)
-class HeadConfig:
-    # The defaults are the shipped model's: chosen on WikiArt16's train split (folds, out of fold).
-    hidden_units: int = 256  # 0: a linear (multinomial logistic) head
-    dropout: float = 0.6
-    l2: float = 1e-4
-    label_smoothing: float = 0.03
-    learning_rate: float = 1e-3
-    epochs: int = 600
-    batch_size: int = 128
-    patience: int = 10
-    seed: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from models.settings import HeadConfig
 
 
 def build_head(features: np.ndarray, n_classes: int, config: HeadConfig) -> keras.Model:

@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from models.cache import cache_dir, write_atomically
+from models.settings import PRECISIONS
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 AMX_FLAG = "amx_bf16"
 BFLOAT16_CPU_FLAGS = (AMX_FLAG, "avx512_bf16")  # the first one present is reported
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}

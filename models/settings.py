@@ -1,0 +1,33 @@
+"""The model layer's settings that a command line offers, importable without Keras.
+
+The shipped bundle, the backbone's arithmetic, the features a head reads and the head's
+hyperparameters: flags take their defaults and choices from here, so that a command's --help
+and its flag checks answer at once instead of after TensorFlow's seconds of loading. The
+modules that build and run models use the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_BUNDLE = str(Path(__file__).parent / "default_bundle")
+PRECISIONS = ("auto", "float32", "bfloat16")
+FEATURE_KINDS = ("pooled", "stage_stats", "stage_covariance")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    # The defaults are the shipped model's: chosen on WikiArt16's train split (folds, out of fold).
+    hidden_units: int = 256  # 0: a linear (multinomial logistic) head
+    dropout: float = 0.6
+    l2: float = 1e-4
+    label_smoothing: float = 0.03
+    learning_rate: float = 1e-3
+    epochs: int = 600
+    batch_size: int = 128
+    patience: int = 10
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
