@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import math
 import sys
 from collections.abc import Callable
@@ -346,8 +345,8 @@ def _is_file(url: str) -> bool:
 
 def run_command(run: Callable[[], object]) -> None:
     """An entry point's `main`: a bad flag, catalog, bundle or output folder is one line on
-    stderr and exit status 2, Ctrl-C one line and 130; never a traceback."""
-    logging.getLogger().setLevel(logging.WARNING)
+    stderr and exit status 2, Ctrl-C one line and 130; never a traceback. (What else reaches
+    the terminal is pipeline/terminal.py's concern, set up before the command's imports.)"""
     with exit_on_interrupt("artstyle: interrupted"):
         try:
             run()

@@ -1,0 +1,130 @@
+"""What a command prints on the terminal: its own lines, not its libraries' chatter.
+
+TensorFlow, absl, CUDA's stub and Beam each print start-up lines that say nothing a user can
+act on ("cuInit ... UNKNOWN ERROR (303)" on a machine without a GPU, "oneDNN custom operations
+are on", "apitools not found"). `set_up` quiets them before TensorFlow loads, since its C++
+logging reads TF_CPP_MIN_LOG_LEVEL once, as it loads: `python -m pipeline...` calls it from
+pipeline/__init__.py (which Python imports before the command's module), `artstyle` from
+pipeline/cli.py. With --verbose everything is shown, at INFO.
+
+absl's C++ logging writes some lines before any level applies (TensorFlow's libraries log as
+they load, and again when a worker thread loads another), straight to file descriptor 2. Those
+are taken out there, by `grep -v` in a process of its own, so that a crash's last lines still
+get through; the level it applies is TensorFlow's own (a value the user set is kept).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+
+VERBOSE_FLAG = "--verbose"
+TOOL_PREFIX = "artstyle"
+TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+# 3 hides INFO, WARNING and ERROR: CUDA's "failed call to cuInit" is an ERROR.
+QUIET_TF_LOG_LEVEL = "3"
+ABSL_SEVERITIES = "IWE"  # in TF_CPP_MIN_LOG_LEVEL's order: level n hides the first n
+ABSL_LINE = r"^[{severities}][0-9]{{4}} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] "
+ABSL_BANNER = r"^WARNING: All log messages before absl::InitializeLog\(\) is called"
+# Python loggers of libraries whose warnings are for their developers, not for ours.
+QUIET_LOGGERS = ("absl", "tensorflow", "h5py")
+# Warnings Beam logs on the root logger at import or at run time: nothing to act on, and no
+# logger of their own to quiet.
+BEAM_NOISE = (
+    "apitools not found",
+    "Resource module is not available",
+)
+
+
+def take_verbose_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether `argv` asks for --verbose, and `argv` without it: the flag is the terminal's,
+    so every command takes it, and none sees it."""
+    return VERBOSE_FLAG in argv, [arg for arg in argv if arg != VERBOSE_FLAG]
+
+
+def set_up(verbose: bool) -> None:
+    """Quiets the libraries, or lets everything through at INFO. Once per process, before
+    the command's imports."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    os.environ.setdefault(TF_LOG_LEVEL, QUIET_TF_LOG_LEVEL)
+    _filter_native_stderr(_native_noise(os.environ[TF_LOG_LEVEL]))
+    handler = logging.StreamHandler()  # on this stderr, before anything logs
+    handler.setFormatter(TerminalFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger().addFilter(_not_beam_noise)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class TerminalFormatter(logging.Formatter):
+    """The tool's own lines as they are (they begin "artstyle:"); a library's with its level
+    and name, so that it is not taken for the tool's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if line.startswith(TOOL_PREFIX) else f"{record.levelname}:{record.name}: {line}"
+
+
+def _native_noise(tf_log_level: str) -> str | None:
+    """A regular expression of the C++ log lines that TensorFlow's level hides (None: none)."""
+    try:
+        hidden = ABSL_SEVERITIES[: max(0, int(tf_log_level))]
+    except ValueError:
+        return None
+    if not hidden:
+        return None
+    return f"{ABSL_LINE.format(severities=hidden)}|{ABSL_BANNER}"
+
+
+def _not_beam_noise(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not any(message.startswith(noise) for noise in BEAM_NOISE)
+
+
+def _filter_native_stderr(noise: str | None) -> None:
+    """File descriptor 2 through `grep -v noise` to the terminal, for C and C++ writers; Python's
+    own sys.stderr goes to the terminal directly, so that nothing it prints waits on the filter
+    (an interrupted run's one line is printed just before the process ends)."""
+    if noise is None:
+        return
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    try:
+        grep = subprocess.Popen(
+            ["grep", "--line-buffered", "--invert-match", "--extended-regexp", noise],
+            stdin=read_end,
+            stdout=terminal,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:  # no grep here: the lines stay
+        for fd in (terminal, read_end, write_end):
+            os.close(fd)
+        return
+    os.close(read_end)
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = open(  # noqa: SIM115 (the process's stderr, open while it lives)
+        terminal,
+        "w",
+        buffering=1,
+        encoding=sys.stderr.encoding,
+        errors=sys.stderr.errors,
+        closefd=False,
+    )
+
+    def restore() -> None:
+        """Gives file descriptor 2 back to the terminal, so that grep sees the end of its
+        input, and waits for it to pass on the last lines before the shell's prompt."""
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a child still holds the pipe
+            grep.wait(timeout=2)
+
+    atexit.register(restore)

@@ -1,0 +1,153 @@
+"""The terminal: a command prints its own lines, not its libraries' chatter (unless --verbose)."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import terminal
+from tests.conftest import COLOURS, painting
+
+# Lines the libraries print on their own: TensorFlow's and absl's C++ logging, CUDA's stub,
+# absl's Python logging, Beam's harmless warnings.
+LIBRARY_LINES = re.compile(
+    r"^[IWE]\d{4} |absl|cuda|cuInit|oneDNN|cpu_feature_guard|apitools|Resource module"
+    r"|WARNING:|INFO:",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def catalog_of_paintings(folder, n: int) -> str:
+    lines = ["uri,style"]
+    for i in range(n):
+        style, colour = list(COLOURS.items())[i % len(COLOURS)]
+        painting(folder / f"p{i}.png", colour, seed=i)
+        lines.append(f"p{i}.png,{style}")
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    return str(folder / "catalog.csv")
+
+
+def run_module(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# ## Quiet by default, everything with --verbose
+
+
+def test_a_run_prints_only_its_own_lines(tmp_path, tiny_bundle):
+    catalog = catalog_of_paintings(tmp_path / "paintings", 4)
+    run = run_module(
+        "pipeline", f"--input={catalog}", f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    assert run.stdout.startswith("artstyle: 4 images, 0 errors, model tiny-test-model")
+
+
+def without_tf_log_level() -> dict:
+    return {key: value for key, value in os.environ.items() if key != terminal.TF_LOG_LEVEL}
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tensorflows_start_up_lines_only_with_verbose(tmp_path, verbose):
+    """A bad flag is found after the pipeline's modules (and TensorFlow) have loaded."""
+    flags = [f"--input={tmp_path}", f"--output={tmp_path / 'out'}", "--top_k=0"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", *flags, *(["--verbose"] if verbose else [])],
+        capture_output=True,
+        text=True,
+        env=without_tf_log_level(),
+    )
+    assert run.returncode == 2
+    assert run.stderr.splitlines()[-1] == "artstyle: --top_k: must be at least 1, not 0"
+    assert bool(LIBRARY_LINES.search(run.stderr)) == verbose
+
+
+def set_up_in_a_process(code: str, env: dict) -> subprocess.CompletedProcess:
+    """`code` after the terminal's quiet set-up, in a process of its own (it takes over the
+    process's stderr)."""
+    script = f"from pipeline import terminal\nterminal.set_up(verbose=False)\n{code}"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(("given", "kept"), [(None, "3"), ("1", "1"), ("0", "0")])
+def test_tensorflows_log_level_is_set_unless_the_user_set_it(given, kept):
+    env = without_tf_log_level() | ({terminal.TF_LOG_LEVEL: given} if given else {})
+    run = set_up_in_a_process("import os; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])", env)
+    assert run.stdout.strip() == kept
+
+
+NATIVE_WRITES = """
+import os, sys
+for line in (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796186228.245943   32343 port.cc:153] oneDNN custom operations are on.",
+    "W0000 00:00:1796186228.245943   32343 cuda_dnn.cc:8] a warning",
+    "E0000 00:00:1796186507.071277    1521 cuda_platform.cc:52] failed call to cuInit: 303",
+    "F0000 00:00:1796186507.071277    1521 check.cc:1] a check failed",
+    "a line of a C library's own",
+):
+    os.write(2, (line + "\\n").encode())
+print("artstyle: from Python", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [
+        ("3", ["F0000", "a line of a C library's own"]),
+        ("1", ["W0000", "E0000", "F0000", "a line of a C library's own"]),
+        ("0", ["WARNING: All", "I0000", "W0000", "E0000", "F0000", "a line of a C library's own"]),
+    ],
+)
+def test_c_libraries_lines_are_filtered_by_tensorflows_own_level(level, shown):
+    """absl writes some lines to file descriptor 2 before any level applies."""
+    run = set_up_in_a_process(
+        NATIVE_WRITES, without_tf_log_level() | {"TF_CPP_MIN_LOG_LEVEL": level}
+    )
+    lines = run.stderr.splitlines()
+    assert "artstyle: from Python" in lines
+    native = [line for line in lines if line != "artstyle: from Python"]
+    assert [next(s for s in shown if line.startswith(s)) for line in native] == shown
+
+
+def test_beams_harmless_warnings_are_dropped_and_the_tools_own_kept():
+    code = """
+import logging
+logging.warning("apitools not found, and bigquery client libraries are not available")
+logging.warning("Resource module is not available for current platform, memory usage ...")
+logging.warning("artstyle: could not remove %s: %s", "staging", "busy")
+logging.getLogger("apache_beam.io").warning("a warning of Beam's own")
+logging.getLogger("absl").warning("absl's")
+logging.getLogger("tensorflow").warning("TensorFlow's")
+logging.info("artstyle: an INFO line")
+"""
+    run = set_up_in_a_process(code, without_tf_log_level())
+    assert run.stderr.splitlines() == [
+        "artstyle: could not remove staging: busy",
+        "WARNING:apache_beam.io: a warning of Beam's own",
+    ]
+
+
+def test_verbose_is_the_terminals_flag_not_the_commands():
+    assert terminal.take_verbose_flag(["--input=c.csv", "--verbose", "--top_k=3"]) == (
+        True,
+        ["--input=c.csv", "--top_k=3"],
+    )
+    assert terminal.take_verbose_flag(["--input=c.csv"]) == (False, ["--input=c.csv"])
+
+
+def test_a_librarys_log_line_is_marked_as_its_own():
+    formatter = terminal.TerminalFormatter()
+    ours = logging.LogRecord("root", logging.WARNING, __file__, 1, "artstyle: %s", ("x",), None)
+    theirs = logging.LogRecord("keras", logging.WARNING, __file__, 1, "a warning", (), None)
+    assert formatter.format(ours) == "artstyle: x"
+    assert formatter.format(theirs) == "WARNING:keras: a warning"
