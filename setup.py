@@ -76,5 +76,5 @@ setup(
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["artstyle=pipeline.predict:main"]},
+    entry_points={"console_scripts": ["artstyle=pipeline.cli:main"]},
 )

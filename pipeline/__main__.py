@@ -1,6 +1,11 @@
 """`python -m pipeline --input CATALOG --output DIR`: predict the style of every image."""
 
-from pipeline.predict import main
+import sys
+
+from pipeline.options import PREDICT_COMMAND
 
 if __name__ == "__main__":
+    PREDICT_COMMAND.answer_help(sys.argv[1:])  # before the pipeline's modules load TensorFlow
+    from pipeline.predict import main
+
     main()

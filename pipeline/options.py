@@ -2,6 +2,9 @@
 
 Every flag's value is checked where the flag is declared (its argparse `type`), and every
 flag must be one of ours or Beam's: a bad one is a one-line message before any work.
+
+Nothing here loads Keras or TensorFlow (the model layer's defaults come from models.settings),
+so that --help answers at once: the commands' modules import them, after their --help.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import difflib
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import fsspec
@@ -18,10 +22,7 @@ import fsspec
 # Beam's parser, for the flags Beam declares with its add_value_provider_argument.
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from models.backbones import FEATURE_KINDS, backbones_of
-from models.bundle import DEFAULT_BUNDLE, BundleError
-from models.head import HeadConfig
-from models.precision import PRECISIONS
+from models.settings import DEFAULT_BUNDLE, FEATURE_KINDS, PRECISIONS, HeadConfig
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.outputs import OutputError
 from transforms.catalog import CatalogError
@@ -72,7 +73,10 @@ def number(
 
 
 def backbone_names(text: str) -> str:
-    """An argparse type: a backbone name, or several joined by '+'."""
+    """An argparse type: a backbone name, or several joined by '+'. The registry builds Keras
+    models, so it is imported when the flag is checked, not with this module."""
+    from models.backbones import backbones_of
+
     try:
         backbones_of(text)
     except ValueError as error:
@@ -275,30 +279,68 @@ class TrainOptions(PipelineOptions):
         parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
 
 
+HELP_EPILOG = (
+    "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and --verbose "
+    "shows the libraries' own logs (TensorFlow, absl, Beam) and INFO lines."
+)
+
+
 def parse_options(
     argv: list[str] | None, views: tuple[type[PipelineOptions], ...], prog: str, about: str
 ) -> PipelineOptions:
     """PipelineOptions from `argv` (default: the command line), every flag one of `views`'s
-    or Beam's and every value checked, else UsageError.
-
-    Beam's parser answers --help with its own flags only; ours are listed here instead.
-    """
+    or Beam's and every value checked, else UsageError."""
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        parser = argparse.ArgumentParser(
-            prog=prog,
-            description=about,
-            epilog="Beam's own options (--runner, --direct_num_workers, ...) are accepted too.",
-        )
-        for view in views:
-            view._add_argparse_args(parser)
-        parser.print_help()
-        raise SystemExit(0)
+    answer_help(argv, views, prog, about)
     check_flags(argv, views)
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
     options.view_as(CatalogOptions).check()
     return options
+
+
+def answer_help(
+    argv: list[str], views: tuple[type[PipelineOptions], ...], prog: str, about: str
+) -> None:
+    """If `argv` asks for --help, lists the flags of `views` and exits. (Beam's parser would
+    answer with its own flags only.)"""
+    if not {"-h", "--help"} & set(argv):
+        return
+    parser = argparse.ArgumentParser(prog=prog, description=about, epilog=HELP_EPILOG)
+    for view in views:
+        view._add_argparse_args(parser)
+    parser.print_help()
+    raise SystemExit(0)
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """A command whose flags are Beam options: how it is called, what it does, its views.
+    Declared here rather than in the command's module, so that its --help is answered before
+    that module (and TensorFlow with it) loads."""
+
+    prog: str
+    about: str
+    views: tuple[type[PipelineOptions], ...]
+
+    def parse(self, argv: list[str] | None = None) -> PipelineOptions:
+        return parse_options(argv, self.views, self.prog, self.about)
+
+    def answer_help(self, argv: list[str]) -> None:
+        answer_help(argv, self.views, self.prog, self.about)
+
+
+PREDICT_COMMAND = CommandLine(
+    "python -m pipeline",
+    "Predicts the art style of every image of a catalog, with Apache Beam.",
+    (CatalogOptions, FetchOptions, PredictOptions),
+)
+TRAIN_COMMAND = CommandLine(
+    "python -m pipeline.train",
+    "Trains a style model bundle: backbone features, a fitted head, a manifest.",
+    (CatalogOptions, FetchOptions, TrainOptions),
+)
+COMMAND_LINES = {"pipeline": PREDICT_COMMAND, "pipeline.train": TRAIN_COMMAND}  # by module
 
 
 class _FlagParser(_BeamArgumentParser):
@@ -350,6 +392,15 @@ def run_command(run: Callable[[], object]) -> None:
     with exit_on_interrupt("artstyle: interrupted"):
         try:
             run()
-        except (UsageError, CatalogError, BundleError, OutputError) as error:
+        except startup_errors() as error:
             print(f"artstyle: {error}", file=sys.stderr)
             raise SystemExit(STARTUP_ERROR_STATUS) from None
+
+
+def startup_errors() -> tuple[type[Exception], ...]:
+    """The errors that are one line: a bad flag, catalog, bundle or output folder. The
+    bundle's is in models.bundle, which loads Keras: it is imported when a command has raised
+    (and has loaded it by then), not with this module."""
+    from models.bundle import BundleError
+
+    return UsageError, CatalogError, BundleError, OutputError

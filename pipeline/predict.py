@@ -23,10 +23,10 @@ from models.bundle import ModelBundle, load_classifier
 from models.precision import choose_precision
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
+    PREDICT_COMMAND,
     CatalogOptions,
     FetchOptions,
     PredictOptions,
-    parse_options,
     run_command,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
@@ -37,7 +37,6 @@ from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
 from transforms.predictions import error_row, prediction_row, prediction_schema
 
-PREDICT_ABOUT = "Predicts the art style of every image of a catalog, with Apache Beam."
 IMPORTED_AT = time.monotonic()  # where /proc cannot say when the process started
 
 
@@ -98,9 +97,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     """Runs the pipeline to the end, puts its results in place and returns summary.json's
     content. Every flag, the bundle, the catalog and the output folder are checked first.
     With --template_location, only builds the job (see `build_job_template`)."""
-    options = parse_options(
-        argv, (CatalogOptions, FetchOptions, PredictOptions), "python -m pipeline", PREDICT_ABOUT
-    )
+    options = PREDICT_COMMAND.parse(argv)
     io, predict = options.view_as(CatalogOptions), options.view_as(PredictOptions)
     bundle = ModelBundle.load(predict.model)
     if options.view_as(GoogleCloudOptions).template_location:

@@ -42,17 +42,16 @@ from models.head import (
 )
 from models.scoring import Scoreboard
 from pipeline.options import (
+    TRAIN_COMMAND,
     CatalogOptions,
     FetchOptions,
     TrainOptions,
-    parse_options,
     run_command,
 )
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
 from transforms.infer import InferImages
 from transforms.inference import KerasModelHandler
 
-TRAIN_ABOUT = "Trains a style model bundle: backbone features, a fitted head, a manifest."
 EMBEDDING_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),
@@ -317,9 +316,7 @@ def catalog_digest(pattern: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    options = parse_options(
-        argv, (CatalogOptions, FetchOptions, TrainOptions), "python -m pipeline.train", TRAIN_ABOUT
-    )
+    options = TRAIN_COMMAND.parse(argv)
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     backbones_of(args.backbone)  # an unknown name fails here, before any image is read
     check_fold_count(args.folds)  # and so does a fold count that cannot cross-fit

@@ -1,0 +1,123 @@
+"""`artstyle COMMAND`: each command as its `python -m` form, and --help without TensorFlow."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from pipeline.cli import COMMANDS, Command, main, run
+
+# Runs in a fresh interpreter, then says which heavy libraries the help loaded.
+HELP_THEN_MODULES = """
+import json, runpy, sys
+try:
+    {help}
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+heavy = ("tensorflow", "keras", "apache_beam")
+print(json.dumps({{name: name in sys.modules for name in heavy}}))
+"""
+
+
+def modules_loaded_by(help_call: str) -> tuple[str, dict[str, bool]]:
+    script = HELP_THEN_MODULES.format(help=help_call)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    *shown, loaded = run.stdout.splitlines()
+    return "\n".join(shown), json.loads(loaded)
+
+
+@pytest.mark.parametrize(
+    ("help_call", "prog"),
+    [
+        ("sys.argv = ['-m', '--help']; runpy.run_module('pipeline', run_name='__main__')",
+         "python -m pipeline"),
+        ("from pipeline.cli import main; main(['predict', '--help'])", "python -m pipeline"),
+        ("from pipeline.cli import main; main(['train', '--help'])", "python -m pipeline.train"),
+    ],
+)  # fmt: skip
+def test_help_loads_neither_tensorflow_nor_keras(help_call, prog):
+    shown, loaded = modules_loaded_by(help_call)
+    assert shown.startswith(f"usage: {prog} ")
+    assert "--input INPUT" in shown
+    assert "--verbose" in shown
+    assert not loaded["tensorflow"]
+    assert not loaded["keras"]
+
+
+def test_the_list_of_commands_loads_no_library():
+    shown, loaded = modules_loaded_by("from pipeline.cli import main; main(['--help'])")
+    assert shown.startswith("usage: artstyle [--verbose] COMMAND [FLAGS]")
+    for name, command in COMMANDS.items():
+        assert f"  {name} " in shown
+        assert f"(python -m {command.module})" in shown
+    assert not any(loaded.values())
+
+
+def test_predicts_help_is_the_same_both_ways():
+    """`artstyle predict --help` and `python -m pipeline --help`."""
+    artstyle = "from pipeline.cli import main; main(['predict', '--help'])"
+    python_m = "sys.argv = ['-m', '--help']; runpy.run_module('pipeline', run_name='__main__')"
+    assert modules_loaded_by(artstyle)[0] == modules_loaded_by(python_m)[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["trian"], "artstyle: unknown command 'trian' (did you mean train?)"),
+        (["serv", "--port=1"], "artstyle: unknown command 'serv' (did you mean serve?)"),
+        (["--input=c.csv"],
+         "artstyle: unknown command '--input=c.csv' "
+         "(one of predict, train, serve, explain, report, bench)"),
+    ],
+)  # fmt: skip
+def test_an_unknown_command_is_one_line_with_a_suggestion(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_no_command_is_the_usage_and_status_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--verbose"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: artstyle")
+
+
+def test_a_command_runs_its_module_as_python_m_does(tmp_path, monkeypatch, capsys):
+    (tmp_path / "echo_command.py").write_text(
+        "import json, sys\nprint(json.dumps({'name': __name__, 'argv': sys.argv}))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # a command's own, while it runs
+    run(Command("echo_command", "says how it was run"), ["--input=c.csv", "--top_k", "3"])
+    ran = json.loads(capsys.readouterr().out)
+    assert ran["name"] == "__main__"
+    assert ran["argv"] == [str(tmp_path / "echo_command.py"), "--input=c.csv", "--top_k", "3"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_a_module_that_python_m_runs(name):
+    module = COMMANDS[name].module
+    spec = importlib.util.find_spec(module)
+    assert spec is not None
+    if spec.submodule_search_locations is not None:  # a package: -m runs its __main__
+        assert importlib.util.find_spec(f"{module}.__main__") is not None
+
+
+def test_the_console_script_is_the_cli():
+    (script,) = entry_points(group="console_scripts", name="artstyle")
+    assert script.value == "pipeline.cli:main"
+
+
+def test_a_bad_flag_is_the_same_line_through_artstyle(tmp_path):
+    """The same one-line error and status as `python -m pipeline`'s (tests/test_options.py)."""
+    flags = [f"--input={tmp_path / 'c.csv'}", f"--output={tmp_path / 'out'}", "--top-k", "3"]
+    code = f"from pipeline.cli import main; main({['predict', *flags]!r})"
+    cli = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert cli.returncode == 2
+    assert cli.stderr == "artstyle: unknown flag --top-k (did you mean --top_k?)\n"
