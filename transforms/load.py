@@ -16,6 +16,7 @@ from transforms.catalog import ImageRecord
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.inference import METRICS_NAMESPACE
+from transforms.progress import IMAGES_DONE
 
 ERRORS = "errors"
 
@@ -109,6 +110,7 @@ class LoadImageFn(beam.DoFn):
         decoding.add_done_callback(lambda done: _copy_outcome(done, loaded))
 
     def _outputs(self, record: ImageRecord, loaded: Future) -> Iterator:
+        IMAGES_DONE.add()
         try:
             image = loaded.result()
         except ImageError as error:

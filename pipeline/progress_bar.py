@@ -1,0 +1,131 @@
+"""A progress bar on the terminal while a run reads its images: how many, how fast, how long.
+
+Shown only where it can be true and is wanted: the loading step must run in this process
+(Beam's direct runner in memory or in threads, not in worker processes or on a service), and
+stderr must be a terminal (not a log file or CI's). Its count is transforms/progress.py's; its
+total is the catalog's rows where that is cheap to know (Parquet footers, local CSV files'
+lines, a local folder's images), counted while the run starts; otherwise there is no total,
+and no time left.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import fsspec
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from fsspec.implementations.local import LocalFileSystem
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from transforms.catalog import Catalog, list_images
+from transforms.progress import IMAGES_DONE
+
+IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")  # and None: direct
+REDRAW_S = 0.5
+CHUNK_BYTES = 2**20
+
+
+@contextmanager
+def progress_bar(options: PipelineOptions, catalog: Catalog) -> Iterator[None]:
+    """Around a run: the bar while it runs, gone when it ends (the summary follows)."""
+    if not (sys.stderr.isatty() and runs_in_this_process(options)):
+        yield
+        return
+    columns = (
+        TextColumn("artstyle:"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    bar = Progress(*columns, console=Console(stderr=True), transient=True, auto_refresh=False)
+    task = bar.add_task("images", total=None)
+    start = IMAGES_DONE.value
+    stopped = threading.Event()
+
+    def redraw() -> None:
+        bar.update(task, total=_size_or_none(catalog), refresh=True)
+        while not stopped.wait(REDRAW_S):
+            bar.update(task, completed=IMAGES_DONE.value - start, refresh=True)
+
+    with bar:
+        bar.console.show_cursor(True)  # Ctrl-C ends the process at once: no cursor left hidden
+        drawing = threading.Thread(target=redraw, name="progress-bar", daemon=True)
+        drawing.start()
+        try:
+            yield
+        finally:
+            stopped.set()
+            drawing.join()
+
+
+def runs_in_this_process(options: PipelineOptions) -> bool:
+    """Whether the loading step runs in this process, where its count can be read."""
+    runner = (options.view_as(StandardOptions).runner or "direct").lower().removesuffix("runner")
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return runner in IN_PROCESS_RUNNERS and mode != "multi_processing"
+
+
+def catalog_size(catalog: Catalog) -> int | None:
+    """The catalog's rows, where they can be counted without reading much; else None. A CSV
+    row's count is its file's lines after the header, near enough for a progress bar."""
+    if not catalog.listed:
+        return None
+    if catalog.format == "parquet":
+        return sum(_parquet_rows(file) for file in catalog.files)
+    if not all(_is_local(url) for url in (catalog.pattern, *catalog.files)):
+        return None
+    if catalog.format == "csv":
+        return sum(_csv_rows(file) for file in catalog.files)
+    return sum(1 for _ in list_images(catalog.pattern))
+
+
+def _size_or_none(catalog: Catalog) -> int | None:
+    """The bar goes on without a total where counting fails (a file gone, a footer torn):
+    reading the catalog is the run's business, and its errors are reported there."""
+    try:
+        return catalog_size(catalog)
+    except (OSError, ValueError):
+        return None
+
+
+def _parquet_rows(file: str) -> int:
+    with fsspec.open(file, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _csv_rows(file: str) -> int:
+    lines, last = 0, b"\n"
+    with fsspec.open(file, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    lines += last != b"\n"  # a last line without its newline
+    return max(0, lines - 1)
+
+
+def _is_local(url: str) -> bool:
+    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
+
+
+class RateColumn(ProgressColumn):
+    """Images per second, once there is a rate to show."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text(f"{speed:.1f}/s" if speed else "", style="progress.data.speed")

@@ -1,0 +1,104 @@
+"""The progress bar of a local run: images done of the catalog's rows, on a terminal only."""
+
+import io
+import sys
+import time
+
+import apache_beam as beam
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline.progress_bar import catalog_size, progress_bar, runs_in_this_process
+from tests.conftest import painting
+from transforms.catalog import ImageRecord, open_catalog
+from transforms.load import LoadImages
+from transforms.progress import IMAGES_DONE
+
+
+def test_the_loading_step_counts_every_record_in_this_process(tmp_path):
+    """Loaded or not, each record once: the count a progress bar reads on a local runner."""
+    good = painting(tmp_path / "good.png", (10, 20, 30), seed=0)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    before = IMAGES_DONE.value
+    with beam.Pipeline() as p:
+        loaded = (
+            p
+            | beam.Create([ImageRecord(str(path), str(path), None) for path in (good, bad)])
+            | LoadImages(32)
+        )
+        counts = (loaded.images, loaded.errors) | beam.Flatten() | beam.combiners.Count.Globally()
+        assert_that(counts, equal_to([2]))
+    assert IMAGES_DONE.value - before == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "here"),
+    [
+        ([], True),
+        (["--runner=DirectRunner"], True),
+        (["--direct_running_mode=multi_threading", "--direct_num_workers=2"], True),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], False),
+        (["--runner=DataflowRunner"], False),
+        (["--runner=PortableRunner"], False),
+    ],
+)
+def test_the_bar_is_only_where_the_count_is(flags, here):
+    assert runs_in_this_process(PipelineOptions(flags)) == here
+
+
+def test_a_catalogs_size_from_parquet_footers_and_local_lines(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, n in enumerate((3, 5)):
+        pq.write_table(
+            pa.table({"uri": [f"{i}-{j}.png" for j in range(n)]}), shards / f"{i}.parquet"
+        )
+    assert catalog_size(open_catalog(str(shards / "*.parquet"))) == 8
+
+    (tmp_path / "no_last_newline.csv").write_text("uri,style\na.png,x\nb.png,y")
+    assert catalog_size(open_catalog(str(tmp_path / "no_last_newline.csv"))) == 2
+
+    folder = tmp_path / "images"
+    for i in range(3):
+        painting(folder / f"{i}.png", (0, 0, 0), seed=i)
+    assert catalog_size(open_catalog(str(folder))) == 3
+
+
+def test_a_remote_csv_is_not_read_to_be_counted():
+    with fsspec.open("memory://remote/catalog.csv", "w") as f:
+        f.write("uri\na.png\n")
+    assert catalog_size(open_catalog("memory://remote/catalog.csv")) is None
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def twelve_rows(tmp_path):
+    (tmp_path / "catalog.csv").write_text("uri\n" + "".join(f"{i}.png\n" for i in range(12)))
+    return open_catalog(str(tmp_path / "catalog.csv"))
+
+
+def test_the_bar_shows_images_done_of_the_total_on_a_terminal(tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
+        IMAGES_DONE.add(5)
+        deadline = time.monotonic() + 30  # the bar redraws on a thread of its own
+        while "5/12" not in terminal.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "5/12" in terminal.getvalue()
+
+
+def test_no_bar_in_a_log(tmp_path, monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
+        IMAGES_DONE.add(5)
+    assert log.getvalue() == ""
