@@ -24,7 +24,7 @@ import tensorflow as tf
 from models.bundle import ModelBundle
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.inference import predict_in_fixed_batches
+from transforms.keras_handler import predict_in_fixed_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -40,7 +40,7 @@ from models.bundle import DEFAULT_BUNDLE, ModelBundle, load_classifier
 from models.precision import PRECISIONS
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.inference import predict_in_fixed_batches
+from transforms.keras_handler import predict_in_fixed_batches
 
 CLIENT_LEVELS = (1, 4, 16)
 WARM_UP_S = 3.0

@@ -34,8 +34,8 @@ from pipeline.progress_bar import progress_bar
 from pipeline.report import report_after_run
 from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
 from transforms.evaluation import Evaluate
-from transforms.infer import InferImages
-from transforms.inference import KerasModelHandler
+from transforms.infer_images import InferImages
+from transforms.keras_handler import KerasModelHandler
 from transforms.predictions import error_row, prediction_row, prediction_schema
 
 IMPORTED_AT = time.monotonic()  # where /proc cannot say when the process started

@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
-from models.scoring import CALIBRATION_BINS
+from models.metrics import CALIBRATION_BINS
 from pipeline import figures
 from pipeline.options import CatalogOptions, FetchOptions, check_flags, run_command, whole_number
 from pipeline.outputs import REPORT_FILES, REPORT_PAGE

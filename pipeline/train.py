@@ -40,7 +40,7 @@ from models.head import (
     merge_heads,
     stratified_folds,
 )
-from models.scoring import Scoreboard
+from models.metrics import Scoreboard
 from pipeline.options import (
     TRAIN_COMMAND,
     CatalogOptions,
@@ -49,8 +49,8 @@ from pipeline.options import (
     run_command,
 )
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
-from transforms.infer import InferImages
-from transforms.inference import KerasModelHandler
+from transforms.infer_images import InferImages
+from transforms.keras_handler import KerasModelHandler
 
 EMBEDDING_SCHEMA = pa.schema(
     [

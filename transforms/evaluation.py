@@ -10,7 +10,7 @@ import apache_beam as beam
 import fsspec
 import pyarrow as pa
 
-from models.scoring import Scoreboard
+from models.metrics import Scoreboard
 
 # Long form: every number is one row, so one schema holds overall scores, per-class
 # scores, the confusion matrix and the reliability diagram, and filters are plain queries.

@@ -1,6 +1,6 @@
 import pytest
 
-from models.scoring import Scoreboard
+from models.metrics import Scoreboard
 
 CLASSES = ("A", "B", "C")
 

@@ -8,7 +8,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.inference import KerasModelHandler, predict_in_fixed_batches
+from transforms.keras_handler import KerasModelHandler, predict_in_fixed_batches
 
 
 def small_model(seed: int = 0) -> keras.Model:
