@@ -10,6 +10,7 @@ and no time left.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -64,8 +65,8 @@ def progress_bar(options: PipelineOptions, catalog: Catalog) -> Iterator[None]:
         while not stopped.wait(REDRAW_S):
             bar.update(task, completed=IMAGES_DONE.value - start, refresh=True)
 
-    with bar:
-        bar.console.show_cursor(True)  # Ctrl-C ends the process at once: no cursor left hidden
+    with bar, _cleared_on_interrupt(bar):
+        bar.console.show_cursor(True)  # a process killed mid-run leaves no cursor hidden
         drawing = threading.Thread(target=redraw, name="progress-bar", daemon=True)
         drawing.start()
         try:
@@ -73,6 +74,28 @@ def progress_bar(options: PipelineOptions, catalog: Catalog) -> Iterator[None]:
         finally:
             stopped.set()
             drawing.join()
+
+
+@contextmanager
+def _cleared_on_interrupt(bar: Progress) -> Iterator[None]:
+    """Ctrl-C clears the bar, then does what it did before: an interrupted run prints one line
+    and ends the process at once, which would leave the bar on screen with the shell's prompt
+    after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def clear_then_interrupt(signum: int, frame: object) -> None:
+        bar.stop()
+        signal.signal(signal.SIGINT, previous)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, clear_then_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def runs_in_this_process(options: PipelineOptions) -> bool:

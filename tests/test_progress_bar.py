@@ -1,6 +1,7 @@
 """The progress bar of a local run: images done of the catalog's rows, on a terminal only."""
 
 import io
+import signal
 import sys
 import time
 
@@ -102,3 +103,24 @@ def test_no_bar_in_a_log(tmp_path, monkeypatch):
     with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
         IMAGES_DONE.add(5)
     assert log.getvalue() == ""
+
+
+def test_ctrl_c_clears_the_bar_then_does_what_it_did_before(tmp_path, monkeypatch):
+    """An interrupted run prints its one line and ends at once: the bar must be gone first."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    seen = []
+
+    def earlier_handler(signum, frame):
+        seen.append((sys.stderr is terminal, terminal.getvalue()))
+
+    previous = signal.signal(signal.SIGINT, earlier_handler)
+    try:
+        with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is earlier_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ((bar_stopped, shown),) = seen
+    assert bar_stopped  # rich no longer holds stderr
+    assert shown.endswith("\x1b[2K")  # the bar's line erased
