@@ -48,6 +48,7 @@ from pipeline.options import (
     TrainOptions,
     run_command,
 )
+from pipeline.progress_bar import progress_bar
 from transforms.catalog import Catalog, CatalogError, ImageRecord, ReadCatalog, open_catalog
 from transforms.infer_images import InferImages
 from transforms.keras_handler import KerasModelHandler
@@ -328,8 +329,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     if not args.reuse_embeddings:
-        with beam.Pipeline(options=options) as pipeline:
-            build_embedding_graph(pipeline, options, catalog, embeddings)
+        with progress_bar(options, catalog), beam.Pipeline(options=options) as pipeline:
+            build_embedding_graph(pipeline, options, catalog, embeddings)  # runs on leaving
     embedding_seconds = time.perf_counter() - started
     head, report = fit_bundle_head(training_data(embeddings, args), args)
     model_id = args.model_id or f"artstyle-{args.backbone}-{args.features}"
