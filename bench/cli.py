@@ -1,8 +1,11 @@
 """`python -m bench`: every measurement in one run, printed as a table and written as JSON.
 
 The sections run one after the other, never side by side, so none slows another: the
-model alone, decoding alone, the pipeline as a user runs it (a tiny catalog, N images,
-and optionally many more), and the original project's model-per-image way.
+model alone (in both arithmetics, and which one `--precision auto` picks here), the other
+engines a user could run it on (timed in turns with TensorFlow, and scored on the `val`
+paintings), decoding alone, the pipeline as a user runs it (a tiny catalog, N images, and
+optionally many more; its start-up beside the floor of importing TensorFlow and Beam, and
+`--help`), and the original project's model-per-image way.
 """
 
 from __future__ import annotations
@@ -13,29 +16,39 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bench.engines import engine_paths, top_k_scores
 from bench.fetch import measure_fetch
 from bench.measure import (
+    FLOOR_COMMAND,
+    HELP_COMMAND,
     PIPELINE_PATH,
     REPO_ROOT,
     PipelineRun,
     decode_throughput,
     fixed_batches,
     model_paths,
-    onnx_runtime_path,
     pipeline_rates,
     raw_throughput,
     reload_throughput,
     run_pipeline,
+    run_process,
     tile_batches,
 )
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
-from models.precision import BFLOAT16_CPU_FLAGS, PRECISIONS, cpu_bfloat16_flag, resolve_precision
+from models.precision import (
+    BFLOAT16_CPU_FLAGS,
+    PRECISIONS,
+    choose_precision,
+    cpu_bfloat16_flag,
+    measured_speedup,
+)
 from transforms.fetch import read_file
 from transforms.images import decode_image
 
@@ -75,11 +88,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decode_images", type=int, default=500, help="Images to decode (at most N)."
     )
     parser.add_argument("--raw_batches", type=int, default=8, help="Batches per model path timed.")
+    parser.add_argument("--skip_engines", action="store_true", help="No other engines.")
+    parser.add_argument(
+        "--engine_rounds",
+        type=int,
+        default=3,
+        help="Turns each engine takes over --raw_batches batches; the median one is used.",
+    )
+    parser.add_argument(
+        "--calibration_images",
+        type=int,
+        default=300,
+        help="'train' paintings that calibrate the int8 quantization.",
+    )
+    parser.add_argument(
+        "--val_images",
+        type=int,
+        default=None,
+        help="'val' paintings every engine is scored on (default: all of them).",
+    )
     parser.add_argument(
         "--startup_runs",
         type=int,
         default=3,
-        help="One-batch runs for the start-up time; the median one is used.",
+        help="One-batch runs for the start-up time, each beside a run of the floor (importing "
+        "TensorFlow and Beam) and of --help; the median of each is used.",
     )
     args = parser.parse_args(argv)
     if args.startup_runs < 1:
@@ -117,6 +150,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         bundle, uris[: args.batch_size], args.batch_size, args.raw_batches, args.precision
     )
     results |= model_results
+    if not args.skip_engines:
+        _progress("other engines, and their scores on 'val'")
+        results |= measure_engines(bundle, args, uris[: args.batch_size])
     _progress("decoding alone")
     decode_uris = uris[: min(args.images, args.decode_images)]
     results |= decode_throughput(decode_uris, bundle.input_size)
@@ -149,27 +185,23 @@ def measure_model(
     """The classifier's paths over `n_batches` batches tiled from one batch of paintings;
     and a function that times the pipeline's path again, for after the pipeline's runs.
 
-    The pipeline's precision is timed, and the other one too where bfloat16 is native
-    (elsewhere TensorFlow emulates it: a timing of the emulation would mean nothing), and
-    the float32 classifier through ONNX Runtime where it is installed."""
-    images = np.stack([decode_image(read_file(uri), size=bundle.input_size) for uri in uris])
-    precision, flag = resolve_precision(precision), cpu_bfloat16_flag()
-    model = bundle.classifier(precision=precision)
-    float32_model = model if precision == "float32" else bundle.classifier()
-    paths = model_paths(model, batch_size)
-    if precision == "bfloat16":
-        paths["float32"] = fixed_batches(float32_model, batch_size)
-    elif flag:
-        paths["bfloat16"] = fixed_batches(bundle.classifier(precision="bfloat16"), batch_size)
-    with tempfile.TemporaryDirectory(prefix="artstyle-onnx-") as folder:
-        onnx_runtime = onnx_runtime_path(float32_model, batch_size, folder)
-    results: dict[str, Any] = {"precision": precision}
-    if isinstance(onnx_runtime, str):
-        results["raw_onnxruntime_unsupported"] = onnx_runtime
-    else:
-        paths["onnxruntime"] = onnx_runtime
+    `precision` is resolved as the pipeline resolves it (and logs why); the other one is
+    timed too where bfloat16 is native (elsewhere TensorFlow emulates it: a timing of the
+    emulation would mean nothing), and so is the short measurement `auto` makes where the
+    CPU leaves doubt, to set beside these longer ones."""
+    images = decode_paintings(uris, bundle.input_size)
+    build = partial(bundle.classifier, None)
+    choice = choose_precision(precision, build, bundle.id)
+    paths = model_paths(bundle.classifier(precision=choice.precision), batch_size)
+    other = "float32" if choice.precision == "bfloat16" else "bfloat16"
+    flag = cpu_bfloat16_flag()
+    if flag:
+        paths[other] = fixed_batches(bundle.classifier(precision=other), batch_size)
     inputs = tile_batches(images, batch_size, n_batches)
-    results |= {
+    results: dict[str, Any] = {
+        "precision": choice.precision,
+        "precision_reason": choice.reason,
+        "bfloat16_speedup_short_measurement": measured_speedup(build) if flag else None,
         **raw_throughput(paths, inputs, batch_size),
         "raw_images": len(inputs),
         "bfloat16": flag or f"not native (no {' or '.join(BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo)",
@@ -180,6 +212,54 @@ def measure_model(
         return raw_throughput(pipeline_path, inputs, batch_size)["raw_images_per_s"]
 
     return results, time_again
+
+
+def decode_paintings(uris: list[str], size: int) -> np.ndarray:
+    return np.stack([decode_image(read_file(uri), size=size) for uri in uris])
+
+
+def measure_engines(bundle: ModelBundle, args: argparse.Namespace, uris: list[str]) -> dict:
+    """Keras in float32 (the reference) and in bfloat16 where it is native, then every other
+    engine installed: timed in turns over the same batches (`--engine_rounds` medians), then
+    scored on the `val` paintings of --data, the int8 one calibrated on `train` paintings."""
+    catalog = labelled_splits(args.data, bundle.classes)
+    calibration = decode_paintings(
+        catalog[catalog["split"] == "train"]["uri"].tolist()[: args.calibration_images],
+        bundle.input_size,
+    )
+    reference = bundle.classifier()
+    paths = {"keras_float32": fixed_batches(reference, args.batch_size)}
+    if cpu_bfloat16_flag():
+        rounded = bundle.classifier(precision="bfloat16")
+        paths["keras_bfloat16"] = fixed_batches(rounded, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="artstyle-engines-") as folder:
+        others, missing = engine_paths(reference, args.batch_size, calibration, folder)
+    paths |= others
+    inputs = tile_batches(
+        decode_paintings(uris, bundle.input_size), args.batch_size, args.raw_batches
+    )
+    timings = raw_throughput(paths, inputs, args.batch_size, args.engine_rounds, "engine")
+    val = catalog[catalog["split"] == "val"]
+    val = val.head(args.val_images) if args.val_images else val
+    images = decode_paintings(val["uri"].tolist(), bundle.input_size)
+    labels = np.array([bundle.classes.index(style) for style in val["style"]])
+    return {
+        **{f"engine_{name}": why for name, why in missing.items()},
+        "engine_calibration_images": len(calibration),
+        **timings,
+        "engine_val_images": len(val),
+        **top_k_scores(paths, images, labels),
+    }
+
+
+def labelled_splits(data: Path, classes: tuple[str, ...]) -> pd.DataFrame:
+    """`data`/catalog.csv's rows with a `split` and a style the model knows, absolute URIs."""
+    catalog = pd.read_csv(data / "catalog.csv", dtype=str, keep_default_na=False)
+    if "split" not in catalog:
+        raise SystemExit(f"{data / 'catalog.csv'} has no 'split' column (use --skip_engines)")
+    catalog = catalog[catalog["style"].isin(classes)].reset_index(drop=True)
+    catalog["uri"] = [os.path.join(str(data.resolve()), uri) for uri in catalog["uri"]]
+    return catalog
 
 
 def bracketed_raw(before: float, after: float) -> dict[str, float]:
@@ -200,7 +280,9 @@ def measure_pipeline(
     the median start-up run, which the other sections' rates leave out too.
 
     A one-batch run lasts about ten seconds, so one busy moment of the shared machine moves
-    it by a quarter: the median of several is the start-up figure, and all are reported."""
+    it by a quarter: the median of several is the start-up figure, and all are reported,
+    beside the floor every run pays (Python importing TensorFlow and Beam, and exiting)
+    and `python -m pipeline --help`, each run in turn with them."""
 
     def run(n: int) -> PipelineRun:
         path = folder / f"catalog-{n}.csv"
@@ -208,9 +290,12 @@ def measure_pipeline(
         output = folder / f"run-{n}"
         return run_pipeline(path, output, args.model, args.batch_size, args.precision)
 
-    startups = sorted(
-        (run(args.batch_size) for _ in range(args.startup_runs)), key=lambda one: one.wall_s
-    )
+    floors, helps, startups = [], [], []
+    for _ in range(args.startup_runs):  # in turns, so that the machine's load weighs alike
+        floors.append(run_process(FLOOR_COMMAND, folder / "floor.log").wall_s)
+        helps.append(run_process(HELP_COMMAND, folder / "help.log").wall_s)
+        startups.append(run(args.batch_size))
+    startups.sort(key=lambda one: one.wall_s)
     startup, main = startups[len(startups) // 2], run(args.images)
     large = None if args.skip_large else run(args.large_images)
     rates = pipeline_rates(startup, main)
@@ -221,6 +306,10 @@ def measure_pipeline(
         "pipeline_cpu_ms_per_image": rates["cpu_ms_per_image"],
         "startup_run_s": startup.wall_s,
         "startup_runs_s": [one.wall_s for one in startups],
+        "startup_floor_s": float(np.median(floors)),
+        "startup_floor_runs_s": sorted(floors),
+        "help_s": float(np.median(helps)),
+        "help_runs_s": sorted(helps),
         "pipeline_run_s": main.wall_s,
         "pipeline_images": main.n_images,
         "pipeline_errors": main.n_errors,

@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -46,8 +47,8 @@ def model_paths(model: keras.Model, batch_size: int) -> dict[str, ModelPath]:
     xla = tf.function(lambda batch: model(batch, training=False), jit_compile=True)
     return {
         PIPELINE_PATH: fixed_batches(model, batch_size),
-        "predict_on_batch": lambda x: _per_batch(model.predict_on_batch, x, batch_size),
-        "xla": lambda x: _per_batch(xla, x, batch_size),
+        "predict_on_batch": lambda x: per_batch(model.predict_on_batch, x, batch_size),
+        "xla": lambda x: per_batch(xla, x, batch_size),
     }
 
 
@@ -56,28 +57,7 @@ def fixed_batches(model: keras.Model, batch_size: int) -> ModelPath:
     return partial(predict_in_fixed_batches, model, batch_size=batch_size)
 
 
-def onnx_runtime_path(model: keras.Model, batch_size: int, folder: str) -> ModelPath | str:
-    """The float32 classifier exported to ONNX (Keras's own export, through tf2onnx) and run
-    by ONNX Runtime batch by batch; or, where that cannot run here, why."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return "not installed (pip install -e '.[onnx]')"
-    path = str(Path(folder) / "classifier.onnx")
-    shape = (None, *model.input.shape[1:])
-    model.export(
-        path, format="onnx", input_signature=[keras.InputSpec(shape=shape, dtype="float32")]
-    )
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def run(batch: np.ndarray) -> np.ndarray:  # Keras casts decoded uint8 itself; ONNX does not
-        return session.run(None, {name: batch.astype(np.float32)})[0]
-
-    return lambda x: _per_batch(run, x, batch_size)
-
-
-def _per_batch(predict: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
+def per_batch(predict: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
     """`predict` on each whole batch of `x` (whose length is a multiple of batch_size)."""
     batches = [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
     return np.concatenate([np.asarray(predict(batch), np.float32) for batch in batches])
@@ -89,34 +69,48 @@ def tile_batches(images: np.ndarray, batch_size: int, n_batches: int) -> np.ndar
     return np.resize(images, (batch_size * n_batches, *images.shape[1:]))
 
 
-def raw_throughput(paths: dict[str, ModelPath], inputs: np.ndarray, batch_size: int) -> dict:
+def raw_throughput(
+    paths: dict[str, ModelPath],
+    inputs: np.ndarray,
+    batch_size: int,
+    rounds: int = 1,
+    prefix: str = "raw",
+) -> dict:
     """Per path: images/s over `inputs`, the CPU time per image of this whole process (all
     of TensorFlow's threads) while it ran, the warm-up (tracing, compiling) it needed
-    first, and its largest difference in probability from the pipeline's path.
+    first, and its largest difference in probability from the first path's.
 
-    A path that cannot run this model (XLA has no kernel for some ops, such as the
-    antialiased resize inside an ensemble) is reported as such, not timed.
+    Over several `rounds` the paths take turns, each running once over `inputs` per round,
+    and each figure is the median of its rounds: a shared machine's load, which drifts,
+    then weighs on every path alike. A path that cannot run this model (XLA has no kernel
+    for some ops, such as the antialiased resize inside an ensemble) is reported as such,
+    not timed; the first path must run.
     """
     results: dict[str, float | str] = {}
-    reference = None
+    runnable: dict[str, ModelPath] = {}
     for name, predict in paths.items():
-        prefix = "raw" if name == PIPELINE_PATH else f"raw_{name}"
+        key = prefix if name == PIPELINE_PATH else f"{prefix}_{name}"
         try:
-            warm_up_s, _ = _timed(predict, inputs[:batch_size])
+            results[f"{key}_warm_up_s"], _ = _timed(predict, inputs[:batch_size])
         except tf.errors.OpError as error:
-            if name == PIPELINE_PATH:
+            if name == next(iter(paths)):
                 raise
-            results[f"{prefix}_unsupported"] = error.message.splitlines()[0][:300]
+            results[f"{key}_unsupported"] = error.message.splitlines()[0][:300]
             continue
-        cpu_started = time.process_time()
-        seconds, outputs = _timed(predict, inputs)
-        cpu_s = time.process_time() - cpu_started
-        reference = outputs if reference is None else reference
-        results[f"{prefix}_images_per_s"] = len(inputs) / seconds
-        results[f"{prefix}_cpu_ms_per_image"] = 1e3 * cpu_s / len(inputs)
-        results[f"{prefix}_warm_up_s"] = warm_up_s
-        if name != PIPELINE_PATH:
-            results[f"{prefix}_max_abs_diff"] = float(np.max(np.abs(outputs - reference)))
+        runnable[key] = predict
+    rates, cpu_ms, outputs = defaultdict(list), defaultdict(list), {}
+    for _ in range(rounds):
+        for key, predict in runnable.items():
+            cpu_started = time.process_time()
+            seconds, outputs[key] = _timed(predict, inputs)
+            rates[key].append(len(inputs) / seconds)
+            cpu_ms[key].append(1e3 * (time.process_time() - cpu_started) / len(inputs))
+    reference = outputs[next(iter(runnable))]
+    for key in runnable:
+        results[f"{key}_images_per_s"] = float(np.median(rates[key]))
+        results[f"{key}_cpu_ms_per_image"] = float(np.median(cpu_ms[key]))
+        if outputs[key] is not reference:
+            results[f"{key}_max_abs_diff"] = float(np.max(np.abs(outputs[key] - reference)))
     return results
 
 
@@ -221,6 +215,12 @@ def run_pipeline(
     return PipelineRun(
         process.wall_s, process.peak_rss_mb, process.cpu_s, summary["n_images"], summary["n_errors"]
     )
+
+
+# What every run of `python -m pipeline` pays before any of its own work: starting Python,
+# importing TensorFlow and Beam, and exiting again. Measured as the pipeline is, as a process.
+FLOOR_COMMAND = (sys.executable, "-c", "import tensorflow, apache_beam")
+HELP_COMMAND = (sys.executable, "-m", "pipeline", "--help")
 
 
 def pipeline_rates(startup_run: PipelineRun, run: PipelineRun) -> dict[str, float | None]:

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 
 from bench.cli import main as bench
-from bench.cli import sample_catalog
+from bench.cli import measure_engines, parse_args, sample_catalog
+from bench.engines import top_k_scores
 from bench.fetch import latency_server
 from bench.measure import (
     PipelineRun,
     fixed_batches,
     model_paths,
-    onnx_runtime_path,
     pipeline_rates,
     raw_throughput,
     run_process,
@@ -64,7 +64,7 @@ def test_a_large_sample_repeats_the_catalog_in_one_shuffled_order(tmp_path):
     assert sample_catalog(tmp_path, 3)["uri"].tolist() == sample["uri"].iloc[:3].tolist()
 
 
-def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle, tmp_path):
+def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle):
     bundle = ModelBundle.load(tiny_bundle)
     images = np.random.default_rng(0).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32)
     inputs = tile_batches(images, batch_size=2, n_batches=2)
@@ -72,10 +72,9 @@ def test_every_model_path_computes_the_pipelines_probabilities(tiny_bundle, tmp_
     model = bundle.classifier()
     paths = model_paths(model, batch_size=2)
     paths["bfloat16"] = fixed_batches(bundle.classifier(precision="bfloat16"), batch_size=2)
-    paths["onnxruntime"] = onnx_runtime_path(model, batch_size=2, folder=str(tmp_path))
     results = raw_throughput(paths, inputs, batch_size=2)
     assert results["raw_images_per_s"] > 0
-    for path in ("predict_on_batch", "xla", "onnxruntime"):
+    for path in ("predict_on_batch", "xla"):
         assert results[f"raw_{path}_images_per_s"] > 0
         assert results[f"raw_{path}_cpu_ms_per_image"] > 0
         assert results[f"raw_{path}_max_abs_diff"] < 1e-4
@@ -94,6 +93,59 @@ def test_a_path_that_cannot_compile_the_model_is_reported_not_fatal():
     assert "raw_xla_images_per_s" not in results
 
 
+def test_paths_take_turns_and_each_figure_is_the_median_of_its_rounds(monkeypatch):
+    calls = []
+
+    def path(name: str):
+        def predict(x):
+            calls.append(name)
+            return np.zeros((len(x), 3), np.float32)
+
+        return predict
+
+    clock = iter(range(100))
+    monkeypatch.setattr("bench.measure.time.perf_counter", lambda: float(next(clock)))
+    inputs = np.zeros((4, 2, 2, 3), np.float32)
+    results = raw_throughput(
+        {"a": path("a"), "b": path("b")}, inputs, batch_size=2, rounds=3, prefix="engine"
+    )
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then three rounds in turns
+    assert results["engine_a_images_per_s"] == 4.0  # each call takes one tick of the clock
+    assert results["engine_b_max_abs_diff"] == 0.0 and "engine_a_max_abs_diff" not in results
+
+
+def test_top_k_scores_change_from_the_first_path():
+    labels = np.array([0, 1, 2, 0])
+    exact = np.eye(3, dtype=np.float32)[labels]  # always right
+    second_best = np.roll(exact, 1, axis=1) + 0.5 * exact  # the label comes second
+    scores = top_k_scores({"keras": lambda x: exact, "other": lambda x: second_best}, None, labels)
+    assert scores["engine_keras_top1"] == 100 and scores["engine_keras_top1_change"] == 0
+    assert scores["engine_other_top1"] == 0 and scores["engine_other_top1_change"] == -100
+    assert scores["engine_other_top3"] == 100 and scores["engine_other_top3_change"] == 0
+
+
+def test_every_engine_computes_the_classifier_and_is_scored_on_val(
+    painting_folder, tmp_path, tiny_bundle
+):
+    """ONNX Runtime and OpenVINO in float32 compute Keras's function; bfloat16 and int8
+    round it; every one is timed in the same turns and scored on the same paintings."""
+    args = parse_args([f"--output={tmp_path / 'x.json'}", f"--data={painting_folder}",
+                       f"--model={tiny_bundle}", "--batch_size=2", "--raw_batches=1",
+                       "--engine_rounds=1", "--calibration_images=4"])  # fmt: skip
+    bundle = ModelBundle.load(tiny_bundle)
+    uris = sample_catalog(painting_folder, 2)["uri"].tolist()
+    results = measure_engines(bundle, args, uris)
+    assert results["engine_calibration_images"] == 4 and results["engine_val_images"] == 6
+    names = ["keras_float32", "onnxruntime_float32", "openvino_float32", "openvino_int8"]
+    for name in names:
+        assert results[f"engine_{name}_images_per_s"] > 0
+        assert 0 <= results[f"engine_{name}_top1"] <= 100
+    for exact in ("onnxruntime_float32", "openvino_float32"):
+        assert results[f"engine_{exact}_max_abs_diff"] < 1e-4
+        assert results[f"engine_{exact}_top3_change"] == 0
+    assert 0 < results["engine_openvino_int8_max_abs_diff"] < 0.5
+
+
 @pytest.fixture
 def painting_folder(tmp_path):
     """The layout of ../shared/wikiart16: catalog.csv with uri and style, images beside it."""
@@ -101,7 +153,8 @@ def painting_folder(tmp_path):
     for style in CLASSES:
         for i in range(4):
             path = painting(tmp_path / "images" / style / f"{i}.jpg", COLOURS[style], seed=i)
-            rows.append({"uri": str(path.relative_to(tmp_path)), "style": style})
+            split = "val" if i % 2 else "train"
+            rows.append({"uri": str(path.relative_to(tmp_path)), "style": style, "split": split})
     pd.DataFrame(rows).to_csv(tmp_path / "catalog.csv", index=False)
     return tmp_path
 
@@ -111,23 +164,28 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
             "--images=12", "--large_images=16", "--batch_size=4", "--reload_images=2",
             "--decode_images=4", "--raw_batches=1", "--startup_runs=3",
-            "--skip_fetch"]  # fmt: skip
+            "--skip_fetch", "--skip_engines"]  # fmt: skip
     results = bench(argv)
 
     assert json.loads(output.read_text()) == results
     assert results["model"] == "tiny-test-model"
     assert results["precision"] in ("float32", "bfloat16")  # the pipeline's, resolved here
+    assert results["precision_reason"]  # and why
     assert results["pipeline_images"] == 12 and results["pipeline_errors"] == 0
     assert results["large_images"] == 16 and results["large_errors"] == 0
     assert results["decode_images"] == 4 and results["reload_images"] == 2
     assert results["startup_runs_s"] == sorted(results["startup_runs_s"])
     assert results["startup_run_s"] == results["startup_runs_s"][1]  # the median of three
+    assert results["startup_floor_s"] == results["startup_floor_runs_s"][1]
+    assert results["help_s"] == results["help_runs_s"][1]
+    assert 0 < results["startup_floor_s"] < results["startup_run_s"]
     assert results["raw_images_per_s"] == pytest.approx(
         (results["raw_images_per_s_before"] + results["raw_images_per_s_after"]) / 2
     )
     for key in ("raw_images_per_s_before", "raw_images_per_s_after", "decode_images_per_s",
                 "decode_images_per_s_per_core", "raw_cpu_ms_per_image",
                 "reload_images_per_s", "pipeline_images_per_s_with_startup", "peak_rss_mb",
+                "help_s",
                 "peak_rss_mb_large"):  # fmt: skip
         assert results[key] > 0, key
     # Twelve images may not take measurably longer than four: then the rates are None.

@@ -30,7 +30,7 @@ def cache_folder(tmp_path, monkeypatch):
 @pytest.fixture
 def cpu(monkeypatch):
     """Sets the bfloat16 flag this machine reports, on a machine without a GPU."""
-    monkeypatch.setattr(precision.tf.config, "list_physical_devices", lambda kind: [])
+    monkeypatch.setattr(precision.tf.config, "list_physical_devices", lambda kind=None: [])
     return lambda flag: monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: flag)
 
 
@@ -55,7 +55,7 @@ def test_auto_follows_the_rule_where_the_hardware_leaves_no_doubt(cpu, monkeypat
     cpu("amx_bf16")
     assert str(resolve_precision("auto", never_measured)) == "bfloat16 chosen: this CPU has AMX"
     cpu(None)
-    monkeypatch.setattr(precision.tf.config, "list_physical_devices", lambda kind: ["GPU:0"])
+    monkeypatch.setattr(precision.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
     assert resolve_precision("auto", never_measured).precision == "bfloat16"
 
 
@@ -171,9 +171,12 @@ def test_the_loaded_classifier_computes_in_the_measured_choice_and_logs_why(
     monkeypatch.setattr(precision, "measured_speedup", lambda build: 1.7)
     with caplog.at_level(logging.INFO):
         classifier = load_classifier(tiny_bundle, precision="auto")
-    policy = classifier.get_layer("efficientnet_lite0_pooled").dtype_policy.name
-    assert policy == "mixed_bfloat16"
     assert "bfloat16 chosen: 1.70 x float32 measured on this CPU (--precision=auto)" in caplog.text
+    images = np.random.default_rng(3).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    rounded = ModelBundle.load(tiny_bundle).classifier(precision="bfloat16")
+    np.testing.assert_array_equal(
+        classifier.predict_on_batch(images), np.asarray(rounded.predict_on_batch(images))
+    )
 
 
 def test_summary_json_says_which_arithmetic_the_run_used_and_why(

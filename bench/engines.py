@@ -1,0 +1,130 @@
+"""Engines a user could run the classifier on instead of TensorFlow, timed and scored beside it.
+
+- ONNX Runtime: the float32 classifier exported by Keras (through tf2onnx).
+- OpenVINO's CPU plugin: the float32 classifier converted from its traced TensorFlow
+  graph, run in float32 and, where the CPU has bfloat16 instructions, in bfloat16.
+- OpenVINO int8: NNCF's post-training quantization of that model, calibrated on
+  paintings of the catalog's `train` split (the CPU's VNNI or AMX int8 instructions).
+
+Each is one more `ModelPath`, so the benchmark times them exactly as it times TensorFlow's
+paths, in the same run, and scores them on the same `val` paintings. Their packages are the
+`[engines]` extra; where one is missing, the benchmark says so instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from bench.measure import ModelPath, per_batch
+
+INSTALL_HINT = "not installed (pip install -e '.[engines]')"
+
+# OpenVINO pins its threads to cores by default: on a machine whose cores other processes
+# share, a pinned thread waits for its core instead of moving, and runs 1.5-2 x slower.
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+
+
+def engine_paths(
+    model: keras.Model, batch_size: int, calibration: np.ndarray, folder: str
+) -> tuple[dict[str, ModelPath], dict[str, str]]:
+    """The float32 classifier `model` on every other engine installed here, by name; and,
+    by name, why an engine is not among them."""
+    paths: dict[str, ModelPath] = {}
+    missing: dict[str, str] = {}
+    onnx_runtime = onnx_runtime_path(model, batch_size, folder)
+    if isinstance(onnx_runtime, str):
+        missing["onnxruntime_float32"] = onnx_runtime
+    else:
+        paths["onnxruntime_float32"] = onnx_runtime
+    try:
+        import nncf  # noqa: F401 (only to know it is there)
+        import openvino
+    except ImportError:
+        missing["openvino"] = INSTALL_HINT
+        return paths, missing
+    converted = openvino_model(model)
+    core = openvino.Core()
+    paths["openvino_float32"] = openvino_path(core, converted, "f32", batch_size)
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        paths["openvino_bfloat16"] = openvino_path(core, converted, "bf16", batch_size)
+    else:
+        missing["openvino_bfloat16"] = "not native on this CPU"
+    quantized = openvino_int8(converted, calibration, batch_size)
+    paths["openvino_int8"] = openvino_path(core, quantized, "f32", batch_size)
+    return paths, missing
+
+
+def onnx_runtime_path(model: keras.Model, batch_size: int, folder: str) -> ModelPath | str:
+    """The float32 classifier exported to ONNX (Keras's own export, through tf2onnx) and run
+    by ONNX Runtime batch by batch; or, where that cannot run here, why."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return INSTALL_HINT
+    path = str(Path(folder) / "classifier.onnx")
+    shape = (None, *model.input.shape[1:])
+    model.export(
+        path, format="onnx", input_signature=[keras.InputSpec(shape=shape, dtype="float32")]
+    )
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return _batchwise(lambda batch: session.run(None, {name: batch})[0], batch_size)
+
+
+def openvino_model(model: keras.Model):
+    """The classifier's traced TensorFlow graph, converted by OpenVINO (its TensorFlow
+    front end reads a concrete function directly: no file in between)."""
+    import openvino
+
+    spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32)
+    traced = tf.function(lambda images: model(images, training=False))
+    return openvino.convert_model(traced.get_concrete_function(spec))
+
+
+def openvino_path(core, converted, precision_hint: str, batch_size: int) -> ModelPath:
+    """`converted` compiled for this CPU, computing in `precision_hint` ('f32', 'bf16'; an
+    int8 model's quantized layers are int8 whatever the hint)."""
+    config = {**OPENVINO_CONFIG, "INFERENCE_PRECISION_HINT": precision_hint}
+    compiled = core.compile_model(converted, "CPU", config)
+    return _batchwise(lambda batch: compiled(batch)[0], batch_size)
+
+
+def openvino_int8(converted, calibration: np.ndarray, batch_size: int):
+    """NNCF's default post-training quantization (int8 weights and activations, statistics
+    from `calibration`, fast bias correction), calibrated on paintings the head was
+    trained on, never on the `val` paintings it is scored on."""
+    import nncf
+
+    batches = [
+        calibration[start : start + batch_size].astype(np.float32)
+        for start in range(0, len(calibration), batch_size)
+    ]
+    return nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches))
+
+
+def _batchwise(run: Callable[[np.ndarray], np.ndarray], batch_size: int) -> ModelPath:
+    """Keras casts decoded uint8 images itself; these engines want float32."""
+    return lambda x: per_batch(lambda batch: run(batch.astype(np.float32)), x, batch_size)
+
+
+def top_k_scores(
+    paths: dict[str, ModelPath], images: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
+    """Per path: top-1 and top-3 accuracy in percent over `images` (whose length is a
+    multiple of the paths' batch size), and each one's change from the first path, the
+    reference (Keras in float32)."""
+    results: dict[str, float] = {}
+    reference: dict[int, float] = {}
+    for name, predict in paths.items():
+        ranked = np.argsort(-predict(images), axis=1)
+        for k in (1, 3):
+            score = 100 * float(np.mean(np.any(ranked[:, :k] == labels[:, None], axis=1)))
+            reference.setdefault(k, score)
+            results[f"engine_{name}_top{k}"] = score
+            results[f"engine_{name}_top{k}_change"] = score - reference[k]
+    return results
