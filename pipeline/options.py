@@ -200,8 +200,9 @@ class PredictOptions(PipelineOptions):
             "--precision",
             choices=PRECISIONS,
             default="auto",
-            help="The backbone's arithmetic. 'auto': bfloat16 where the worker runs it "
-            "natively (a GPU, or a CPU with AVX512_BF16 or AMX), else float32.",
+            help="The backbone's arithmetic. 'auto': bfloat16 on a GPU or a CPU with AMX; "
+            "on a CPU with AVX512_BF16 alone, whichever a short timing of both finds faster "
+            "(once per machine, cached); else float32.",
         )
         parser.add_argument(
             "--report",
