@@ -106,6 +106,20 @@ class CatalogOptions(PipelineOptions):
             default=None,
             help="The catalog's label column (default: 'style', if the catalog has one).",
         )
+
+    def check(self) -> None:
+        """Beam parses every options class on every parse (workers, TestPipeline), so argparse's
+        `required=True` would fail them all: the entry points check here instead."""
+        missing = [f"--{name}" for name in ("input", "output") if not getattr(self, name)]
+        if missing:
+            raise UsageError(f"missing {' and '.join(missing)} (see --help)")
+
+
+class ModelOptions(PipelineOptions):
+    """How the model runs: shared by prediction and training (the features' pass)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
         parser.add_argument(
             "--batch_size", type=whole_number(1), default=32, help="Images per model call (fixed)."
         )
@@ -115,25 +129,15 @@ class CatalogOptions(PipelineOptions):
             help="A local file of the backbone's ImageNet weights, for hosts that cannot "
             "download them (ResNet50: Keras's ..._notop.h5 file).",
         )
-        parser.add_argument(
-            "--max_image_pixels",
-            type=whole_number(1),
-            default=DEFAULT_MAX_PIXELS,
-            help="Larger images are error rows (decompression-bomb guard).",
-        )
 
     def check(self) -> None:
-        """Beam parses every options class on every parse (workers, TestPipeline), so argparse's
-        `required=True` would fail them all: the entry points check here instead."""
-        missing = [f"--{name}" for name in ("input", "output") if not getattr(self, name)]
-        if missing:
-            raise UsageError(f"missing {' and '.join(missing)} (see --help)")
         if self.backbone_weights and not _is_file(self.backbone_weights):
             raise UsageError(f"--backbone_weights: no such file: {self.backbone_weights}")
 
 
-class FetchOptions(PipelineOptions):
-    """How images are fetched: concurrency, politeness, retries, deadlines, byte caps."""
+class ImageOptions(PipelineOptions):
+    """How images are fetched and decoded: concurrency, politeness, retries, deadlines, and
+    the caps on bytes and pixels that keep one image from taking a worker's memory."""
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
@@ -171,6 +175,12 @@ class FetchOptions(PipelineOptions):
             default=DEFAULT_MAX_BYTES,
             help="Larger files are error rows, found out while streaming.",
         )
+        parser.add_argument(
+            "--max_image_pixels",
+            type=whole_number(1),
+            default=DEFAULT_MAX_PIXELS,
+            help="Larger images are error rows (decompression-bomb guard).",
+        )
 
     def policy(self) -> FetchPolicy:
         """Beam's own --user_agent ("describing the pipeline to external services") is the
@@ -186,7 +196,7 @@ class FetchOptions(PipelineOptions):
 
 
 class PredictOptions(PipelineOptions):
-    """Prediction flags, beside CatalogOptions."""
+    """Prediction flags, beside CatalogOptions, ModelOptions and ImageOptions."""
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
@@ -213,8 +223,8 @@ class PredictOptions(PipelineOptions):
 
 
 class TrainOptions(PipelineOptions):
-    """Training flags, beside CatalogOptions: every choice that shapes the model is one, and
-    lands in the manifest."""
+    """Training flags, beside CatalogOptions, ModelOptions and ImageOptions: every choice
+    that shapes the model is one, and lands in the manifest."""
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
@@ -297,6 +307,7 @@ def parse_options(
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
     options.view_as(CatalogOptions).check()
+    options.view_as(ModelOptions).check()
     return options
 
 
@@ -334,12 +345,12 @@ class CommandLine:
 PREDICT_COMMAND = CommandLine(
     "python -m pipeline",
     "Predicts the art style of every image of a catalog, with Apache Beam.",
-    (CatalogOptions, FetchOptions, PredictOptions),
+    (CatalogOptions, ModelOptions, ImageOptions, PredictOptions),
 )
 TRAIN_COMMAND = CommandLine(
     "python -m pipeline.train",
     "Trains a style model bundle: backbone features, a fitted head, a manifest.",
-    (CatalogOptions, FetchOptions, TrainOptions),
+    (CatalogOptions, ModelOptions, ImageOptions, TrainOptions),
 )
 COMMAND_LINES = {"pipeline": PREDICT_COMMAND, "pipeline.train": TRAIN_COMMAND}  # by module
 

@@ -25,7 +25,8 @@ from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
     PREDICT_COMMAND,
     CatalogOptions,
-    FetchOptions,
+    ImageOptions,
+    ModelOptions,
     PredictOptions,
     run_command,
 )
@@ -50,12 +51,14 @@ def build_graph(
 ) -> beam.PCollection[dict]:
     """Writes to `output_dir` (default: --output; `run` gives its staging folder) and returns
     the prediction rows, for tests to inspect."""
-    io = options.view_as(CatalogOptions)
+    io, model, images = (
+        options.view_as(view) for view in (CatalogOptions, ModelOptions, ImageOptions)
+    )
     output_dir = output_dir or io.output
     predict = options.view_as(PredictOptions)
     classifier = KerasModelHandler(
-        partial(load_classifier, bundle.path, io.backbone_weights, predict.precision),
-        io.batch_size,
+        partial(load_classifier, bundle.path, model.backbone_weights, predict.precision),
+        model.batch_size,
     )
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
@@ -63,8 +66,8 @@ def build_graph(
     inferred, failures = records | "InferStyles" >> InferImages(
         classifier,
         bundle.input_size,
-        io.max_image_pixels,
-        options.view_as(FetchOptions).policy(),
+        images.max_image_pixels,
+        images.policy(),
     )
     predictions = inferred | "TopK" >> beam.Map(
         prediction_row, classes=bundle.classes, top_k=predict.top_k, **row_context
@@ -90,7 +93,7 @@ def precision_of_workers(options: PipelineOptions, bundle: ModelBundle) -> dict[
     runner = options.view_as(StandardOptions).runner or "direct"
     if runner.lower().removesuffix("runner") not in LOCAL_RUNNERS:
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
-    build = partial(bundle.classifier, options.view_as(CatalogOptions).backbone_weights)
+    build = partial(bundle.classifier, options.view_as(ModelOptions).backbone_weights)
     return choose_precision(asked, build, bundle.id).to_json()
 
 

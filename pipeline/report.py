@@ -36,7 +36,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.metrics import CALIBRATION_BINS
 from pipeline import figures
-from pipeline.options import CatalogOptions, FetchOptions, check_flags, run_command, whole_number
+from pipeline.options import (
+    CatalogOptions,
+    ImageOptions,
+    ModelOptions,
+    check_flags,
+    run_command,
+    whole_number,
+)
 from pipeline.outputs import REPORT_FILES, REPORT_PAGE
 from transforms.catalog import Catalog, open_catalog
 from transforms.explanations import CONFIDENT_MISTAKES, GALLERY, LEAST_CONFIDENT, ExplainSamples
@@ -327,14 +334,14 @@ def report_after_run(
     its results in `staging` (so that it is published, and later replaced, with them), with
     the run's options (runner, backbone weights); returns the line the run prints."""
     started = time.perf_counter()
-    io = options.view_as(CatalogOptions)
+    io, images = options.view_as(CatalogOptions), options.view_as(ImageOptions)
     write_report(
         staging,
         bundle,
         catalog=catalog,
-        backbone_weights=io.backbone_weights,
-        fetch_policy=options.view_as(FetchOptions).policy(),
-        max_pixels=io.max_image_pixels,
+        backbone_weights=options.view_as(ModelOptions).backbone_weights,
+        fetch_policy=images.policy(),
+        max_pixels=images.max_image_pixels,
         beam_options=options,
     )
     path = f"{io.output.rstrip('/')}/{REPORT_PAGE}"

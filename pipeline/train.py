@@ -44,7 +44,8 @@ from models.metrics import Scoreboard
 from pipeline.options import (
     TRAIN_COMMAND,
     CatalogOptions,
-    FetchOptions,
+    ImageOptions,
+    ModelOptions,
     TrainOptions,
     run_command,
 )
@@ -114,23 +115,24 @@ def build_embedding_graph(
     catalog: Catalog,
     embeddings: str,
 ) -> None:
-    io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
+    model, images = options.view_as(ModelOptions), options.view_as(ImageOptions)
+    args = options.view_as(TrainOptions)
     extractor = KerasModelHandler(
         partial(
             load_training_extractor,
             args.backbone,
             args.features,
-            io.backbone_weights,
+            model.backbone_weights,
             args.augment_mirror,
         ),
-        io.batch_size,
+        model.batch_size,
     )
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferFeatures" >> InferImages(
         extractor,
         input_size_of(args.backbone),
-        io.max_image_pixels,
-        options.view_as(FetchOptions).policy(),
+        images.max_image_pixels,
+        images.policy(),
     )
     vectors = inferred | "FeatureRows" >> beam.Map(
         embedding_row, split_column=args.split_column, mirror=args.augment_mirror

@@ -9,7 +9,8 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipeline.options import (
     CatalogOptions,
-    FetchOptions,
+    ImageOptions,
+    ModelOptions,
     PredictOptions,
     TrainOptions,
     UsageError,
@@ -18,8 +19,8 @@ from pipeline.options import (
 )
 from pipeline.predict import run
 
-PREDICT = (CatalogOptions, FetchOptions, PredictOptions)
-TRAIN = (CatalogOptions, FetchOptions, TrainOptions)
+PREDICT = (CatalogOptions, ModelOptions, ImageOptions, PredictOptions)
+TRAIN = (CatalogOptions, ModelOptions, ImageOptions, TrainOptions)
 
 
 def parse(views, *flags):
@@ -88,7 +89,7 @@ def test_beams_own_flags_are_accepted_beside_ours():
     assert options.view_as(StandardOptions).runner == "DirectRunner"
     assert options.view_as(DirectOptions).direct_num_workers == 2
     assert options.view_as(PredictOptions).top_k == 3
-    assert options.view_as(FetchOptions).fetch_timeout_s == 2.5
+    assert options.view_as(ImageOptions).fetch_timeout_s == 2.5
 
 
 def test_the_command_line_says_it_in_one_line_before_any_work(tmp_path):
