@@ -9,8 +9,8 @@ from apache_beam.ml.inference.base import PredictionResult
 
 from models.bundle import ModelBundle, save_bundle
 from models.head import HeadConfig, build_head, fit_temperature, merge_heads, stratified_folds
+from pipeline.features import embedding_row, read_embeddings
 from pipeline.predict import run as predict
-from pipeline.train import embedding_row, read_embeddings
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, lite0_manifest, painting
 from transforms.catalog import ImageRecord

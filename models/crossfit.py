@@ -1,0 +1,122 @@
+"""Heads cross-fitted on a training split's features, merged into the bundle's one head.
+
+Each of k heads trains on all folds but its own and stops early on its own fold, so the
+whole split trains the bundle, and every training painting is also scored by a head that
+never saw it: those out-of-fold logits calibrate the bundle's temperature and score any
+choice of flags over the whole split rather than over one small fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import keras
+import numpy as np
+
+from models.bundle import HeadSpec
+from models.head import (
+    HeadConfig,
+    calibrated_probabilities,
+    fit_head,
+    fit_temperature,
+    merge_heads,
+    stratified_folds,
+)
+from models.metrics import Scoreboard
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    features: np.ndarray
+    mirrored: np.ndarray | None  # the features of each image's mirror, when training on them
+    labels: np.ndarray  # class indices
+    names: np.ndarray  # label names, unknown ones included
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    classes: list[str]
+    train: LabelledSet
+    evaluation: LabelledSet | None
+    counts: dict[str, int]
+
+
+def fit_bundle_head(
+    data: TrainingData, config: HeadConfig, folds: int, eval_split: str
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Cross-fits one head per fold of the training split and merges them into one.
+
+    Head k trains on every fold but k and stops early where fold k stops improving, so all
+    of the split trains the bundle and every training painting is also scored once by a
+    head that never saw it. Those out-of-fold logits calibrate the temperature and give
+    the choices of flags a score over the whole split, not over a small fold.
+    Returns the merged head with everything the manifest records (`eval_split` names the
+    held-out split's scores).
+    """
+    classes, train, held_out = data.classes, data.train, data.evaluation
+    fold_of = stratified_folds(train.labels, folds, config.seed)
+    heads, epochs, out_of_fold = cross_fit_heads(train, fold_of, len(classes), config)
+    head = merge_heads(heads)
+    temperature = fit_temperature(out_of_fold, train.labels)
+    scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
+    if held_out is not None:
+        eval_logits = head.predict(held_out.features, verbose=0)
+        scores[eval_split] = _score(eval_logits, temperature, held_out.names, classes)
+    report = {
+        "classes": classes,
+        "head": HeadSpec(
+            temperature=temperature,
+            fit={
+                "folds": folds,
+                **config.as_dict(),
+                "epochs_trained": epochs,  # each head's, where its fold stopped improving
+            },
+        ),
+        "counts": {
+            **data.counts,
+            "train": len(train.labels),
+            "train_mirrored": 0 if train.mirrored is None else len(train.labels),
+            "eval": 0 if held_out is None else len(held_out.labels),
+        },
+        "scores": scores,
+    }
+    return head, report
+
+
+def cross_fit_heads(
+    train: LabelledSet, folds: np.ndarray, n_classes: int, config: HeadConfig
+) -> tuple[list[keras.Model], list[int], np.ndarray]:
+    """One head per fold, trained on the other folds (and their mirrors) and stopped early
+    on its own; returns the heads, their epochs and every painting's out-of-fold logits."""
+    out_of_fold = np.zeros((len(train.labels), n_classes), dtype=np.float32)
+    heads, epochs = [], []
+    for k in range(folds.max() + 1):
+        held = folds == k
+        x_train, y_train = train.features[~held], train.labels[~held]
+        if train.mirrored is not None:
+            x_train = np.concatenate([x_train, train.mirrored[~held]])
+            y_train = np.concatenate([y_train, y_train])
+        head, head_epochs = fit_head(
+            x_train,
+            y_train,
+            train.features[held],
+            train.labels[held],
+            n_classes,
+            replace(config, seed=config.seed + k),
+        )
+        out_of_fold[held] = head.predict(train.features[held], verbose=0)
+        heads.append(head)
+        epochs.append(head_epochs)
+    return heads, epochs, out_of_fold
+
+
+def _score(
+    logits: np.ndarray, temperature: float, names: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    probabilities = keras.ops.convert_to_numpy(calibrated_probabilities(logits, temperature))
+    board = Scoreboard(tuple(classes))
+    board.add_probabilities(names, probabilities)
+    summary = board.summary()
+    summary["per_class_f1"] = {row["label"]: row["f1"] for row in board.per_class()}
+    return summary
