@@ -1,5 +1,3 @@
-import json
-
 import keras
 import numpy as np
 import pytest
@@ -15,9 +13,6 @@ from models.backbones import (
     resized,
     with_mirror,
 )
-from models.bundle import ModelBundle, load_classifier, save_bundle
-from models.head import HeadConfig, build_head
-from tests.conftest import lite0_manifest
 
 
 def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
@@ -45,24 +40,6 @@ def test_unknown_names_are_clear_errors():
         feature_extractor("efficientnet_lite0", "gram", weights=None)
 
 
-def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
-    bundle = ModelBundle.load(tiny_bundle)
-    assert bundle.input_size == 224 and len(bundle.classes) == 3
-    classifier = load_classifier(tiny_bundle)
-    images = np.random.default_rng(1).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
-    probabilities = np.asarray(classifier.predict_on_batch(images))
-    assert probabilities.shape == (2, 3)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-
-
-def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
-    with pytest.raises(ValueError, match="not a model bundle"):
-        ModelBundle.load(str(tmp_path))
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="format"):
-        ModelBundle.load(str(tmp_path))
-
-
 def test_channel_covariance_is_the_signed_root_of_numpys_covariance():
     feature_map = np.random.default_rng(2).normal(size=(2, 5, 4, 3)).astype(np.float32)
     got = np.asarray(channel_covariance(feature_map))
@@ -79,20 +56,6 @@ def test_lite2_covariance_features_add_the_early_stages_covariances():
     assert model.output.shape[-1] == stats_width + 48 * 49 // 2 + 88 * 89 // 2
     with pytest.raises(ValueError, match="resnet50 has no layers"):
         feature_extractor("resnet50", "stage_covariance", weights=None)
-
-
-def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
-    features = np.random.default_rng(3).normal(size=(8, 6)).astype(np.float32)
-    head = build_head(features, 3, HeadConfig(hidden_units=4, seed=0))
-    head.compile(optimizer="adam", loss="categorical_crossentropy")
-    head.fit(features, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)
-    bundle = save_bundle(str(tmp_path), lite0_manifest("t", ["a", "b", "c"]), head)
-    loaded = bundle.load_head()
-    assert getattr(loaded, "optimizer", None) is None
-    assert not isinstance(loaded(keras.Input((6,))), list)  # as the classifier calls it
-    logits = loaded.predict(features, verbose=0)
-    assert isinstance(logits, np.ndarray) and logits.shape == (8, 3)
-    np.testing.assert_allclose(logits, head.predict(features, verbose=0), rtol=1e-6)
 
 
 def test_an_ensemble_concatenates_its_backbones_features_at_their_own_sizes():

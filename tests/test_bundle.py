@@ -7,9 +7,10 @@ import zipfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from models.bundle import DEFAULT_BUNDLE, BundleError, Manifest, ModelBundle
+from models.bundle import DEFAULT_BUNDLE, BundleError, Manifest, ModelBundle, load_classifier
 from pipeline.options import run_command
 from pipeline.predict import run
 from tests.conftest import CLASSES, lite0_manifest
@@ -111,3 +112,21 @@ def test_a_broken_bundle_stops_the_run_before_any_work(tmp_path, tiny_bundle, ca
     expected = f"artstyle: {bundle}/head.keras is corrupt: model.weights.h5 fails its checksum\n"
     assert capsys.readouterr().err == expected
     assert not (tmp_path / "out").exists()
+
+
+def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
+    bundle = ModelBundle.load(tiny_bundle)
+    assert bundle.input_size == 224 and len(bundle.classes) == 3
+    classifier = load_classifier(tiny_bundle)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    probabilities = np.asarray(classifier.predict_on_batch(images))
+    assert probabilities.shape == (2, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
+    with pytest.raises(ValueError, match="not a model bundle"):
+        ModelBundle.load(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="format"):
+        ModelBundle.load(str(tmp_path))

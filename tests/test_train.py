@@ -5,58 +5,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from apache_beam.ml.inference.base import PredictionResult
 
-from models.bundle import ModelBundle, save_bundle
-from models.head import HeadConfig, build_head, fit_temperature, merge_heads, stratified_folds
-from pipeline.features import embedding_row, read_embeddings
+from pipeline.features import read_embeddings
 from pipeline.predict import run as predict
 from pipeline.train import run as train
-from tests.conftest import CLASSES, COLOURS, lite0_manifest, painting
-from transforms.catalog import ImageRecord
-
-
-def test_temperature_undoes_a_known_sharpening():
-    rng = np.random.default_rng(0)
-    true_logits = rng.normal(size=(4000, 4))
-    cumulative = np.exp(true_logits).cumsum(1) / np.exp(true_logits).sum(1, keepdims=True)
-    labels = (rng.uniform(size=(4000, 1)) > cumulative).sum(1)
-    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
-
-
-def test_folds_deal_every_class_evenly():
-    labels = np.array([0] * 10 + [1] * 20 + [2] * 3)
-    folds = stratified_folds(labels, 5, seed=0)
-    for label, per_fold in ((0, 2), (1, 4)):
-        assert np.bincount(folds[labels == label], minlength=5).tolist() == [per_fold] * 5
-    assert sorted(np.bincount(folds[labels == 2], minlength=5)) == [0, 0, 1, 1, 1]
-    with pytest.raises(ValueError, match="at least 2 folds"):
-        stratified_folds(labels, 1, seed=0)
-
-
-@pytest.mark.parametrize("hidden_units", [0, 4], ids=["linear", "mlp"])
-def test_merged_heads_give_the_mean_logits_and_survive_the_bundle(tmp_path, hidden_units):
-    rng = np.random.default_rng(0)
-    features = rng.normal(loc=3.0, scale=2.0, size=(32, 6)).astype(np.float32)
-    heads = [
-        build_head(features[seed::2], 3, HeadConfig(hidden_units=hidden_units, seed=seed))
-        for seed in (0, 1)
-    ]  # each head standardises with its own statistics, as cross-fitted heads do
-    merged = merge_heads(heads)
-    expected = np.mean([h.predict(features, verbose=0) for h in heads], axis=0)
-    np.testing.assert_allclose(merged.predict(features, verbose=0), expected, atol=1e-5)
-    assert len(merged.layers) == (2 if hidden_units == 0 else 3)  # input and dense layers
-
-    save_bundle(str(tmp_path), lite0_manifest("two-heads", ["a", "b", "c"]), merged)
-    reloaded = ModelBundle.load(str(tmp_path)).load_head()
-    np.testing.assert_allclose(reloaded.predict(features, verbose=0), expected, atol=1e-5)
-
-
-def test_heads_of_different_shapes_are_not_merged():
-    features = np.zeros((4, 6), np.float32)
-    heads = [build_head(features, 3, HeadConfig(hidden_units=h)) for h in (0, 4)]
-    with pytest.raises(ValueError, match="one configuration"):
-        merge_heads(heads)
+from tests.conftest import CLASSES, COLOURS, painting
 
 
 @pytest.fixture
@@ -71,18 +24,6 @@ def labelled_catalog(tmp_path):
     catalog.to_csv(tmp_path / "catalog.csv", index=False)
     catalog[catalog.split == "val"].to_csv(tmp_path / "val.csv", index=False)
     return tmp_path
-
-
-def test_feature_rows_keep_float32_arrays_one_half_per_view():
-    """Arrays, not lists of Python floats: the feature pass holds every row in memory."""
-    record = ImageRecord(uri="a.jpg", location="a.jpg", label="Cubism", extra=(("split", "train"),))
-    vector = np.arange(6, dtype=np.float64)
-    row = embedding_row((record, PredictionResult(None, vector)), split_column="split", mirror=True)
-
-    assert row["split"] == "train"
-    assert row["features"].dtype == row["mirrored_features"].dtype == np.float32
-    np.testing.assert_array_equal(row["features"], [0, 1, 2])
-    np.testing.assert_array_equal(row["mirrored_features"], [3, 4, 5])
 
 
 def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
