@@ -52,7 +52,8 @@ class Network:
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch) -> Iterator[Network]:
     network = Network()
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
 
     def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
         name = host.decode() if isinstance(host, bytes) else host
@@ -66,20 +67,26 @@ def loopback_only(monkeypatch) -> Iterator[Network]:
             for info in real_getaddrinfo(address, port, family, type, proto, flags)
         ]
 
-    def connect(sock: socket.socket, address) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            host = address[0]
-            if host in network.stand_ins:
-                address = network.stand_ins[host]
-            elif not _is_loopback(host):
-                network.forbidden_connects.append(address)
-                raise AssertionError(f"a test tried to connect to {address}")
-        return real_connect(sock, address)
+    def destination(sock: socket.socket, address):
+        """Where a connect may go: loopback, or a stand-in's local server; else the test fails."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return address
+        if address[0] in network.stand_ins:
+            return network.stand_ins[address[0]]
+        if not _is_loopback(address[0]):
+            network.forbidden_connects.append(address)
+            raise AssertionError(f"a test tried to connect to {address}")
+        return address
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    for name, real in (("connect", real_connect), ("connect_ex", real_connect_ex)):
+        monkeypatch.setattr(socket.socket, name, _guarded(real, destination))
     yield network
     assert not network.forbidden_connects, network.forbidden_connects
+
+
+def _guarded(real_connect: Callable, destination: Callable) -> Callable:
+    return lambda sock, address: real_connect(sock, destination(sock, address))
 
 
 def _is_loopback(host: str) -> bool:
