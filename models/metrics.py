@@ -8,7 +8,7 @@ reported on their own instead of being dropped or scored as plain mistakes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,8 @@ class Scoreboard:
             return
         if label is None:
             return
+        # A row without an error is a prediction: it has its ranked styles and confidence.
+        assert ranked_styles is not None and confidence is not None
         self.confusion[(label, ranked_styles[0])] += 1
         if label not in self.classes:
             self.unknown_labels[label] += 1
@@ -57,7 +59,7 @@ class Scoreboard:
         self.bin_confidence[b] += confidence
         self.bin_correct[b] += label == ranked_styles[0]
 
-    def add_probabilities(self, labels: Sequence[str], probabilities: np.ndarray) -> None:
+    def add_probabilities(self, labels: Iterable[str], probabilities: np.ndarray) -> None:
         """Counts a whole labelled set scored by a model (rows of class probabilities)."""
         ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, : max(TOP_KS)]
         for label, order, probs in zip(labels, ranked, probabilities, strict=True):

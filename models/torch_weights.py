@@ -12,7 +12,7 @@ import os
 import pickle
 import zipfile
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 
@@ -106,7 +106,7 @@ _ALLOWED_CALLABLES = {
 class _StateDictUnpickler(pickle.Unpickler):
     """Admits only the globals of a tensor state dict and records every storage it meets."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: IO[bytes]) -> None:
         super().__init__(file)
         self.storages: dict[str, _Storage] = {}
 
