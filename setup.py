@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
     "aiohttp==3.14.5",
-    "tenacity==9.2.1",
+    "tenacity==9.1.4",
     "matplotlib==3.11.2",
     "jinja2==3.1.6",
     "rich==15.0.0",
