@@ -6,7 +6,7 @@ pipeline's own reading and decoding), and the matrices read back from those file
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import apache_beam as beam
 import fsspec
@@ -56,7 +56,8 @@ def embedding_row(
     the rows until the Parquet sink takes them, and as lists of Python floats (8 times the
     bytes) three backbones' features of WikiArt16 ran out of 24 GB; as arrays, 12.5 GB."""
     record, result = inferred
-    vector = result.inference.astype(np.float32)
+    inference = cast(np.ndarray, result.inference)  # Beam types it as a bare TypeVar
+    vector = inference.astype(np.float32)
     features, mirrored = np.split(vector, 2) if mirror else (vector, None)
     return {
         "uri": record.uri,

@@ -309,8 +309,8 @@ def read_csv_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
         for line, fields, problem in lines:
             if fields == []:  # a blank line is no row
                 continue
-            problem = problem or _row_problem(fields, names)
-            if problem is None:
+            # No fields: the csv module could not parse the record, and `problem` says why.
+            if fields is not None and (problem := _row_problem(fields, names)) is None:
                 yield to_record(dict(zip(names, fields, strict=True)), catalog, base_dir)
             else:
                 uri = _readable_field(fields, names.index(catalog.uri_column))
@@ -350,12 +350,13 @@ def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
     for _, fields, problem in lines:
         if fields == []:
             continue
-        bad_byte = None if problem else _bad_byte(fields)
+        bad_byte = None if fields is None else _bad_byte(fields)
         if bad_byte:
             column, byte = bad_byte
             problem = f"byte 0x{byte:02X} in its column {column + 1} is not UTF-8"
         if problem:
             raise CatalogError(f"The catalog {file!r} has no readable header line: {problem}.")
+        assert fields is not None  # a record the csv module could not parse has a problem
         return [name or f"Unnamed: {i}" for i, name in enumerate(fields)]
     raise CatalogError(f"The catalog {file!r} is empty: it needs a header line of column names.")
 

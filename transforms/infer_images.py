@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+import numpy as np
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
 
 from transforms.catalog import ImageRecord
 from transforms.fetch import FetchPolicy
@@ -19,8 +26,15 @@ class InferImages(beam.PTransform):
     they hold every input record exactly once.
     """
 
-    def __init__(self, model: ModelHandler, input_size: int, max_pixels: int, fetch: FetchPolicy):
+    def __init__(
+        self,
+        model: ModelHandler[np.ndarray, PredictionResult, Any],
+        input_size: int,
+        max_pixels: int,
+        fetch: FetchPolicy,
+    ):
         super().__init__()
+        self._model: KeyedModelHandler[ImageRecord, np.ndarray, PredictionResult, Any]
         self._model = KeyedModelHandler(model)
         self._load = LoadImages(input_size, max_pixels, fetch)
 

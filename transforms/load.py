@@ -79,10 +79,10 @@ class LoadImageFn(beam.DoFn):
             record, loaded, timestamp, window = self._pending.popleft()
             for output in self._outputs(record, loaded):
                 if isinstance(output, beam.pvalue.TaggedOutput):
-                    value = WindowedValue(output.value, timestamp, [window])
+                    value = WindowedValue(output.value, timestamp, (window,))
                     yield beam.pvalue.TaggedOutput(output.tag, value)
                 else:
-                    yield WindowedValue(output, timestamp, [window])
+                    yield WindowedValue(output, timestamp, (window,))
 
     def teardown(self) -> None:
         self._pool.shutdown(cancel_futures=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -73,9 +73,10 @@ def prediction_row(
     has_labels: bool,
 ) -> dict[str, Any]:
     record, result = inferred
+    probabilities = cast(np.ndarray, result.inference)  # Beam types it as a bare TypeVar
     return {
         **_record_columns(record, has_labels),
-        **top_k_fields(result.inference, classes=classes, top_k=top_k),
+        **top_k_fields(probabilities, classes=classes, top_k=top_k),
         "model": model_id,
         "error": None,
     }
