@@ -76,8 +76,8 @@ def run(argv: list[str] | None = None) -> None:
     failures = 0
     names = unique_names(args.images)
     for batch in _batches(_read_images(args.images, bundle.input_size), BATCH):
-        for index, error in ((i, image) for i, image in batch if isinstance(image, str)):
-            print(f"artstyle: {brief(args.images[index])}: {error}", file=sys.stderr)
+        for index, problem in ((i, image) for i, image in batch if isinstance(image, str)):
+            print(f"artstyle: {brief(args.images[index])}: {problem}", file=sys.stderr)
             failures += 1
         readable = [(i, image) for i, image in batch if not isinstance(image, str)]
         for (index, image), figure in zip(readable, explainer(readable, args.images), strict=True):
@@ -173,7 +173,8 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 def unique_names(uris: list[str]) -> list[str]:
     """A file name stem per URI, from its last path segment, numbered where two agree."""
-    names, seen = [], {}
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for uri in uris:
         stem = _file_safe(Path(uri.rstrip("/").split("?")[0]).stem or "image")
         seen[stem] = seen.get(stem, 0) + 1

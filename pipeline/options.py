@@ -318,7 +318,7 @@ def answer_help(
     answer with its own flags only.)"""
     if not {"-h", "--help"} & set(argv):
         return
-    parser = argparse.ArgumentParser(prog=prog, description=about, epilog=HELP_EPILOG)
+    parser = _BeamArgumentParser(prog=prog, description=about, epilog=HELP_EPILOG)
     for view in views:
         view._add_argparse_args(parser)
     parser.print_help()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 
 import apache_beam as beam
@@ -157,7 +158,7 @@ def seconds_since_process_start() -> float:
     return uptime - started
 
 
-def human_summary(summary: dict, output: str, seconds: float, others: list[str] = ()) -> str:
+def human_summary(summary: dict, output: str, seconds: float, others: Sequence[str] = ()) -> str:
     """`seconds` since the process started; `others`: files in the output folder that look
     like results but that the tool did not write (left as they are)."""
     n = summary["n_images"]

@@ -20,6 +20,7 @@ import posixpath
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ class _Page:
 def _page(
     output: str,
     summary: dict,
-    classes: list[str],
+    classes: Sequence[str],
     labelled: bool,
     explained: list[dict],
     files_dir: str,
@@ -279,7 +280,7 @@ def _reliability(metrics: pd.DataFrame) -> list[dict[str, float]]:
     ]
 
 
-def _confusion(metrics: pd.DataFrame, true_styles: list[str], classes: list[str]) -> np.ndarray:
+def _confusion(metrics: pd.DataFrame, true_styles: list[str], classes: Sequence[str]) -> np.ndarray:
     table = metrics[metrics["section"] == "confusion"]
     counts = np.zeros((len(true_styles), len(classes)))
     rows, columns = {s: i for i, s in enumerate(true_styles)}, {s: j for j, s in enumerate(classes)}
