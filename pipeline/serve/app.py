@@ -155,6 +155,7 @@ def _api_routes(service: StyleService) -> APIRouter:
             source = await read_image_source(request, service.config.fetch_timeout_s)
             if source.url is not None:
                 return await service.predict_url(source.url, heatmap)
+            assert source.data is not None  # an ImageSource holds exactly one of the two
             return await service.predict_image(source.data, heatmap=heatmap)
 
     @router.post(

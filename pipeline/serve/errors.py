@@ -16,6 +16,9 @@ internal 500.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -87,7 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return internal_error(f"{request.method} {request.url.path}").response()
 
 
-def validation_message(errors: list[dict] | tuple) -> str:
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
     """Pydantic's first complaint, as one line: `urls: List should have at most 32 items`."""
     if not errors:
         return "the request is not valid"

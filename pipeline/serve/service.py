@@ -216,6 +216,7 @@ class StyleService:
 
     async def heatmap(self, image: np.ndarray, style: int) -> str:
         """Grad-CAM for `style` over the image, as a JPEG data URL the page can show as is."""
+        assert self._grad_cam is not None, "heatmaps are off, or their model is not loaded yet"
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(
             self._explainer, self._explain, self._grad_cam, image, style
