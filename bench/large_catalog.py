@@ -96,6 +96,7 @@ def peak_tree_rss_mb(command: list[str], poll_s: float = 0.2) -> tuple[float, fl
             pass  # a process ended between the listing and the reading
         time.sleep(poll_s)
     if process.returncode != 0:
+        assert process.stderr is not None  # a pipe: stderr=subprocess.PIPE above
         raise RuntimeError(process.stderr.read().decode(errors="replace")[-3000:])
     return time.perf_counter() - started, peak / 2**20
 
