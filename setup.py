@@ -49,6 +49,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
         "ruff==0.17.6",
+        "mypy==2.4.1",
         "psutil==7.2.2",
         "scikit-image==0.26.0",
         "selenium==4.51.0",
