@@ -124,11 +124,14 @@ def test_top_k_scores_change_from_the_first_path():
     assert scores["engine_other_top3"] == 100 and scores["engine_other_top3_change"] == 0
 
 
+@pytest.mark.slow
 def test_every_engine_computes_the_classifier_and_is_scored_on_val(
     painting_folder, tmp_path, tiny_bundle
 ):
     """ONNX Runtime and OpenVINO in float32 compute Keras's function; bfloat16 and int8
     round it; every one is timed in the same turns and scored on the same paintings."""
+    for extra in ("onnxruntime", "tf2onnx", "openvino", "nncf"):
+        pytest.importorskip(extra, reason="the [engines] and [onnx] extras")
     args = parse_args([f"--output={tmp_path / 'x.json'}", f"--data={painting_folder}",
                        f"--model={tiny_bundle}", "--batch_size=2", "--raw_batches=1",
                        "--engine_rounds=1", "--calibration_images=4"])  # fmt: skip
@@ -159,6 +162,7 @@ def painting_folder(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_path, tiny_bundle):
     output = tmp_path / "bench.json"
     argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
@@ -192,7 +196,7 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     for key in ("pipeline_images_per_s", "startup_s", "pipeline_vs_raw",
                 "per_image_reload_vs_pipeline", "pipeline_cpu_ms_per_image",
                 "raw_cpu_share_of_pipeline"):  # fmt: skip
-        assert key in results
+        assert results[key] is None or results[key] > 0, key
 
 
 def test_peak_memory_is_the_childs_own_not_this_process(tmp_path):

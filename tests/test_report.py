@@ -22,6 +22,7 @@ from pipeline.options import UsageError
 from pipeline.predict import run as predict
 from pipeline.report import REPORT_FILES, ReportError, parse_args, write_report
 from pipeline.report import run as report
+from tests.browser import headless_chromium
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import open_catalog
 from transforms.explanations import (
@@ -292,24 +293,7 @@ def test_a_later_run_without_report_takes_the_earlier_report_away(tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip(
-            "no headless browser: the report's browser tests need Debian's chromium and "
-            "chromium-driver (apt-get install chromium chromium-driver; .ci/run installs them)"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1280,1600"):  # fmt: skip
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    yield browser
-    browser.quit()
+    yield from headless_chromium("1280,1600")
 
 
 def open_page(browser, output: Path) -> None:

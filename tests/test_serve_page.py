@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests import serve_support
+from tests.browser import headless_chromium
 from tests.serve_support import live_server, make_app, painting_bytes, wait_ready
 
 loopback_only = serve_support.loopback_only
@@ -25,25 +25,7 @@ WAIT_S = 30
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip(
-            "no headless browser: the page's tests need Debian's chromium and chromium-driver "
-            "(apt-get install chromium chromium-driver; .ci/run installs them)"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1100,900", "--disable-background-networking",
-                     "--disable-component-update", "--no-first-run"):  # fmt: skip
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    yield browser
-    browser.quit()
+    yield from headless_chromium("1100,900")
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
         train([*argv, "--folds=1"])  # before any feature is computed
 
 
+@pytest.mark.slow
 def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled_catalog):
     bundle = labelled_catalog / "ensemble"
     argv = [f"--input={labelled_catalog / 'catalog.csv'}", f"--output={bundle}",
