@@ -84,20 +84,20 @@ def peak_tree_rss_mb(command: list[str], poll_s: float = 0.2) -> tuple[float, fl
     summed at each poll (Beam's worker processes are children of the launcher)."""
     import psutil
 
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
-    root, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass  # a process ended between the listing and the reading
-        time.sleep(poll_s)
-    if process.returncode != 0:
-        assert process.stderr is not None  # a pipe: stderr=subprocess.PIPE above
-        raise RuntimeError(process.stderr.read().decode(errors="replace")[-3000:])
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would stall it
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
+        root, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass  # a process ended between the listing and the reading
+            time.sleep(poll_s)
+        if process.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(log.read().decode(errors="replace")[-3000:])
     return time.perf_counter() - started, peak / 2**20
 
 
