@@ -14,7 +14,7 @@ import pytest
 
 from bench.cli import main as bench
 from bench.cli import measure_engines, parse_args, sample_catalog
-from bench.engines import top_k_scores
+from bench.engines import INSTALL_HINT, engine_paths, top_k_scores
 from bench.fetch import latency_server
 from bench.measure import (
     PipelineRun,
@@ -147,6 +147,15 @@ def test_every_engine_computes_the_classifier_and_is_scored_on_val(
         assert results[f"engine_{exact}_max_abs_diff"] < 1e-4
         assert results[f"engine_{exact}_top3_change"] == 0
     assert 0 < results["engine_openvino_int8_max_abs_diff"] < 0.5
+
+
+def test_an_engine_not_installed_is_named_with_its_extra_not_fatal(monkeypatch):
+    for module in ("onnxruntime", "openvino"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    paths, missing = engine_paths(keras.Sequential(), 2, np.zeros((2, 4, 4, 3)), "unused")
+    assert paths == {}
+    assert missing == {"onnxruntime_float32": INSTALL_HINT, "openvino": INSTALL_HINT}
+    assert "pip install -e '.[engines]'" in INSTALL_HINT
 
 
 @pytest.fixture
