@@ -404,6 +404,8 @@ def run_command(run: Callable[[], object]) -> None:
     with exit_on_interrupt("artstyle: interrupted"):
         try:
             run()
+        except SystemExit:  # --help, or a command that ends itself: loads nothing more
+            raise
         except startup_errors() as error:
             print(f"artstyle: {error}", file=sys.stderr)
             raise SystemExit(STARTUP_ERROR_STATUS) from None

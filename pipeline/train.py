@@ -14,19 +14,15 @@ import shlex
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import apache_beam as beam
 import fsspec
 
-from models.backbones import backbones_of, input_size_of
-from models.bundle import BackboneSpec, Manifest, save_bundle
-from models.crossfit import fit_bundle_head
-from models.head import HeadConfig, check_fold_count
-from pipeline.features import build_embedding_graph, training_data
+from models.settings import HeadConfig
 from pipeline.options import TRAIN_COMMAND, CatalogOptions, TrainOptions, run_command
-from pipeline.progress_bar import progress_bar
-from transforms.catalog import CatalogError, open_catalog
+
+if TYPE_CHECKING:
+    from models.bundle import Manifest
 
 
 def catalog_digest(pattern: str) -> str:
@@ -39,7 +35,17 @@ def catalog_digest(pattern: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    options = TRAIN_COMMAND.parse(argv)
+    options = TRAIN_COMMAND.parse(argv)  # --help is answered here, before TensorFlow loads
+    import apache_beam as beam
+
+    from models.backbones import backbones_of, input_size_of
+    from models.bundle import BackboneSpec, Manifest, save_bundle
+    from models.crossfit import fit_bundle_head
+    from models.head import check_fold_count
+    from pipeline.features import build_embedding_graph, training_data
+    from pipeline.progress_bar import progress_bar
+    from transforms.catalog import CatalogError, open_catalog
+
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     backbones_of(args.backbone)  # an unknown name fails here, before any image is read
     check_fold_count(args.folds)  # and so does a fold count that cannot cross-fit

@@ -47,11 +47,17 @@ def test_predicts_help_is_the_same_both_ways_and_loads_neither_keras_nor_tensorf
         assert not modules["tensorflow"] and not modules["keras"]
 
 
-def test_trains_help_loads_neither_keras_nor_tensorflow():
-    shown, loaded = modules_loaded_by(ARTSTYLE.format("train"))
-    assert shown.startswith("usage: python -m pipeline.train ")
-    assert "--backbone BACKBONE" in shown and "--verbose" in shown
-    assert not loaded["tensorflow"] and not loaded["keras"]
+def test_trains_help_is_the_same_both_ways_and_loads_neither_keras_nor_tensorflow():
+    """`artstyle train --help` and `python -m pipeline.train --help`."""
+    (artstyle, loaded), (python_m, loaded_too) = (
+        modules_loaded_by(ARTSTYLE.format("train")),
+        modules_loaded_by(PYTHON_M.format("pipeline.train")),
+    )
+    assert artstyle == python_m
+    assert artstyle.startswith("usage: python -m pipeline.train ")
+    assert "--backbone BACKBONE" in artstyle and "--verbose" in artstyle
+    for modules in (loaded, loaded_too):
+        assert not modules["tensorflow"] and not modules["keras"]
 
 
 def test_the_list_of_commands_loads_no_library():
