@@ -29,7 +29,6 @@ import csv
 import io
 import logging
 import posixpath
-import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from transforms.fetch import scheme_of
 
 CatalogFormat = Literal["csv", "parquet", "images"]
 
@@ -50,9 +51,6 @@ BAD_ROW = "bad_catalog_row"
 PARQUET_BATCH_ROWS = 1024  # rows read at a time: memory stays small for any shard size
 # Python's csv module stops at 128 KiB a field; a `data:` URI of a large image is longer.
 MAX_CSV_FIELD_CHARS = 256 * 2**20
-# A URI with a scheme is never joined to the catalog's folder. fsspec knows `data:` URIs
-# without slashes; every other scheme it opens is written `scheme://`.
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://|data:", re.IGNORECASE)
 # A CSV record as read: (its first line, its fields or None, what is wrong with it or None).
 CsvRecord = tuple[int, list[str] | None, str | None]
 
@@ -239,7 +237,7 @@ def _default_label_column(pattern: str, names: list[str]) -> str | None:
 
 def resolve_location(uri: str, base_dir: str) -> str:
     """Relative URIs are relative to the catalog file's folder, as in a web page."""
-    if not uri or _SCHEME.match(uri) or posixpath.isabs(uri):
+    if not uri or scheme_of(uri) is not None or posixpath.isabs(uri):
         return uri
     return posixpath.join(base_dir, uri)
 

@@ -80,7 +80,8 @@ SOCKET_TIMEOUT_S = 20.0
 # own backoff): a second layer of retries would multiply theirs, so they get one attempt.
 SELF_RETRYING_SCHEMES = frozenset({"gs", "gcs", "s3", "s3a"})
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# `scheme://...`, or a data: URI (fsspec knows those without slashes).
+_SCHEME = re.compile(r"^(?:([A-Za-z][A-Za-z0-9+.-]*)://|(data):)", re.IGNORECASE)
 _READ_CHUNK = 256 * 1024
 
 
@@ -134,7 +135,7 @@ class _Transient(Exception):
 
 
 @dataclass(frozen=True)
-class _Location:
+class Location:
     """Where a URI's bytes are: a scheme (lower case; "" for local paths) and the rest."""
 
     uri: str
@@ -142,18 +143,23 @@ class _Location:
     target: str  # an http(s) URL, a local path, or the URI for fsspec
 
 
-def locate(uri: str) -> _Location:
-    """Parses `uri` the way a catalog means it: see the module's note on paths."""
-    if uri[:5].lower() == "data:":
-        return _Location(uri, "data", uri)
+def scheme_of(uri: str) -> str | None:
+    """The URI's scheme in lower case ("data" for data: URIs), or None for a path."""
     match = _SCHEME.match(uri)
-    if not match:
-        return _Location(uri, "", uri)
-    scheme = match.group(1).lower()
+    return None if match is None else (match.group(1) or match.group(2)).lower()
+
+
+def locate(uri: str) -> Location:
+    """Parses `uri` the way a catalog means it: see the module's note on paths."""
+    scheme = scheme_of(uri)
+    if scheme is None:
+        return Location(uri, "", uri)
+    if scheme == "data":
+        return Location(uri, "data", uri)
     target = f"{scheme}{uri[len(scheme) :]}"
     if scheme == "file":
-        return _Location(uri, "", url2pathname(urlsplit(target).path))
-    return _Location(uri, scheme, target)
+        return Location(uri, "", url2pathname(urlsplit(target).path))
+    return Location(uri, scheme, target)
 
 
 class Fetcher:
@@ -214,7 +220,7 @@ class Fetcher:
                 reason = f"timed out after {self.policy.timeout_s:g} s ({attempts})"
                 raise ImageError("fetch_failed", f"could not read {brief(uri)}: {reason}") from None
 
-    async def _with_retries(self, location: _Location, attempts: _Attempts) -> bytes:
+    async def _with_retries(self, location: Location, attempts: _Attempts) -> bytes:
         retries = 0 if location.scheme in SELF_RETRYING_SCHEMES else self.policy.max_retries
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(retries + 1),
@@ -232,7 +238,7 @@ class Fetcher:
             raise ImageError("fetch_failed", message) from None
         raise AssertionError("tenacity ends in a return or a raise")  # pragma: no cover
 
-    async def _read_once(self, location: _Location) -> bytes:
+    async def _read_once(self, location: Location) -> bytes:
         if location.scheme in ("http", "https"):
             async with self._host_slot(location.target):
                 data = await self._get(location)
@@ -251,7 +257,7 @@ class Fetcher:
             self._host_slots[group] = asyncio.Semaphore(cap)
         return self._host_slots[group]
 
-    async def _get(self, location: _Location) -> bytes:
+    async def _get(self, location: Location) -> bytes:
         """One GET, streamed up to the byte cap; HTTP errors become _Transient or ImageError."""
         assert self._session is not None, "use the Fetcher as an async context manager"
         try:
@@ -355,7 +361,7 @@ def read_file(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         raise ImageError("fetch_failed", f"could not read {brief(uri)}: {error.reason}") from None
 
 
-def _read_file(location: _Location, max_bytes: int) -> bytes:
+def _read_file(location: Location, max_bytes: int) -> bytes:
     """At most `max_bytes` bytes of a local file or any fsspec object, in one read (of one
     byte more, to tell a file over the cap)."""
     fs = _filesystem(location.scheme)
@@ -447,9 +453,3 @@ class BackgroundFetcher:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def fetch_bytes(uri: str, policy: FetchPolicy | None = None) -> bytes:
-    """The bytes of one URI, for a one-off: a loop and a session are made for it."""
-    with BackgroundFetcher(policy or FetchPolicy()) as fetcher:
-        return fetcher.fetch(uri)
