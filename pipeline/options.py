@@ -289,6 +289,18 @@ class TrainOptions(PipelineOptions):
         )
         parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
 
+    def head_config(self) -> HeadConfig:
+        """The head's hyperparameters, as the flags set them."""
+        return HeadConfig(
+            hidden_units=self.hidden_units,
+            dropout=self.dropout,
+            l2=self.l2,
+            label_smoothing=self.label_smoothing,
+            learning_rate=self.learning_rate,
+            epochs=self.epochs,
+            seed=self.seed,
+        )
+
 
 HELP_EPILOG = (
     "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and --verbose "

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from models.settings import HeadConfig
 from pipeline.options import TRAIN_COMMAND, CatalogOptions, TrainOptions, run_command
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             build_embedding_graph(pipeline, options, catalog, embeddings)  # runs on leaving
     embedding_seconds = time.perf_counter() - started
     head, report = fit_bundle_head(
-        training_data(embeddings, args), head_config(args), args.folds, args.eval_split
+        training_data(embeddings, args), args.head_config(), args.folds, args.eval_split
     )
     model_id = args.model_id or f"artstyle-{args.backbone}-{args.features}"
     manifest = Manifest(
@@ -86,18 +85,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     save_bundle(output, manifest, head)
     print(training_summary(manifest, output))
     return manifest.to_json()
-
-
-def head_config(args: TrainOptions) -> HeadConfig:
-    return HeadConfig(
-        hidden_units=args.hidden_units,
-        dropout=args.dropout,
-        l2=args.l2,
-        label_smoothing=args.label_smoothing,
-        learning_rate=args.learning_rate,
-        epochs=args.epochs,
-        seed=args.seed,
-    )
 
 
 def training_summary(manifest: Manifest, output: str) -> str:
