@@ -1,6 +1,6 @@
-"""Remakes docs/report.png: the report of a run of the shipped model over made-up pictures.
+"""Makes docs/report.png: the report of a run of the shipped model over made-up pictures.
 
-WikiArt's paintings may not be copied into the repository, so the screenshot shows a run
+The picture is made, not kept in the repository. The screenshot shows a run
 over pictures drawn here, each in the manner of a style (dots for Pointillism, flat fields
 for Minimalism, ...) and labelled with it. The numbers on it are that run's, not the
 model's accuracy on paintings (README's "Accuracy" has those).
