@@ -2,6 +2,7 @@
 
 import sys
 
+from pipeline import terminal
 from pipeline.options import PREDICT_COMMAND
 
 if __name__ == "__main__":
@@ -9,3 +10,4 @@ if __name__ == "__main__":
     from pipeline.predict import main
 
     main()
+    terminal.end_process()

@@ -20,7 +20,7 @@ from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.feature_maps import LayerError, LayerViewer
 from models.gradcam import GradCam, bundle_grad_cam, overlay
 from models.head import calibrated_probabilities
-from pipeline import figures
+from pipeline import figures, terminal
 from pipeline.options import run_command
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import ImageError, brief, decode_image
@@ -195,3 +195,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    terminal.end_process()

@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.metrics import CALIBRATION_BINS
-from pipeline import figures
+from pipeline import figures, terminal
 from pipeline.options import (
     CatalogOptions,
     ImageOptions,
@@ -408,3 +408,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    terminal.end_process()

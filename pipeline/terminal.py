@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import NoReturn
 
 VERBOSE_FLAG = "--verbose"
 TOOL_PREFIX = "artstyle"
@@ -69,6 +70,19 @@ class TerminalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         return line if line.startswith(TOOL_PREFIX) else f"{record.levelname}:{record.name}: {line}"
+
+
+def end_process() -> NoReturn:
+    """Ends a command whose results are written, without Python's teardown of its modules.
+
+    With TensorFlow and Beam loaded, finalising their modules and threads costs a second or
+    more after the last result is out, a tenth of a small run. The exit handlers still run
+    (logging's flush, the stderr filter's last lines), then the process ends with status 0.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _native_noise(tf_log_level: str) -> str | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
+from pipeline import terminal
 from pipeline.options import TRAIN_COMMAND, CatalogOptions, TrainOptions, run_command
 
 if TYPE_CHECKING:
@@ -104,3 +105,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    terminal.end_process()

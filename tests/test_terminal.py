@@ -147,3 +147,24 @@ def test_a_librarys_log_line_is_marked_as_its_own():
     theirs = logging.LogRecord("keras", logging.WARNING, __file__, 1, "a warning", (), None)
     assert formatter.format(ours) == "artstyle: x"
     assert formatter.format(theirs) == "WARNING:keras: a warning"
+
+
+def test_a_finished_command_ends_without_teardown_but_with_its_exit_handlers_and_output():
+    """end_process skips Python's finalisation, not what a command still owes its terminal:
+    the exit handlers (the stderr filter's last lines among them), both streams' unflushed
+    text, status 0."""
+    script = (
+        "import atexit, sys\n"
+        "from pipeline import terminal\n"
+        "terminal.set_up(False)\n"
+        "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
+        "print('last line, unflushed', end='')\n"
+        "terminal.end_process()\n"
+        "print('never printed')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    assert done.stdout == "last line, unflushed"
+    assert "exit handler ran" in done.stderr
