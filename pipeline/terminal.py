@@ -19,9 +19,12 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import NoReturn
+
+from pipeline.interrupts import INTERRUPTED_STATUS
 
 VERBOSE_FLAG = "--verbose"
 TOOL_PREFIX = "artstyle"
@@ -50,6 +53,7 @@ def take_verbose_flag(argv: list[str]) -> tuple[bool, list[str]]:
 def set_up(verbose: bool) -> None:
     """Quiets the libraries, or lets everything through at INFO. Once per process, before
     the command's imports."""
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
     if verbose:
         logging.basicConfig(level=logging.INFO)
         return
@@ -83,6 +87,14 @@ def end_process() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C before the command guards its own work (pipeline.interrupts), while TensorFlow
+    loads for seconds: nothing is written yet, so one line and status 130, not the traceback
+    of whichever import was running."""
+    print(f"{TOOL_PREFIX}: interrupted", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED_STATUS)
 
 
 def _native_noise(tf_log_level: str) -> str | None:

@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -168,3 +169,27 @@ def test_a_finished_command_ends_without_teardown_but_with_its_exit_handlers_and
     assert done.returncode == 0
     assert done.stdout == "last line, unflushed"
     assert "exit handler ran" in done.stderr
+
+
+def test_ctrl_c_while_tensorflow_loads_is_one_line_and_status_130():
+    """Before a command guards its own work, an interrupt lands in some import: the set-up's
+    handler makes it the one line every interrupted command prints, without a traceback."""
+    script = (
+        "from pipeline import terminal\n"
+        "terminal.set_up(False)\n"
+        "print('set up', flush=True)\n"
+        "import tensorflow\n"
+        "print('loaded', flush=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline() == "set up\n"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "loaded" not in stdout
+    assert stderr.strip().splitlines() == ["artstyle: interrupted"]
