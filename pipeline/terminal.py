@@ -36,6 +36,9 @@ ABSL_LINE = r"^[{severities}][0-9]{{4}} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] "
 ABSL_BANNER = r"^WARNING: All log messages before absl::InitializeLog\(\) is called"
 # Python loggers of libraries whose warnings are for their developers, not for ours.
 QUIET_LOGGERS = ("absl", "tensorflow", "h5py")
+# Where Beam relays the log lines of its worker processes (multi_processing mode), one
+# protobuf's text each ("Worker: severity: WARN ... message: ..."), at their own level.
+WORKER_RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
 # Warnings Beam logs on the root logger at import or at run time: nothing to act on, and no
 # logger of their own to quiet.
 BEAM_NOISE = (
@@ -63,6 +66,7 @@ def set_up(verbose: bool) -> None:
     handler.setFormatter(TerminalFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger().addFilter(_not_beam_noise)
+    logging.getLogger(WORKER_RELAY_LOGGER).addFilter(_worker_line_worth_showing)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -111,6 +115,12 @@ def _native_noise(tf_log_level: str) -> str | None:
 def _not_beam_noise(record: logging.LogRecord) -> bool:
     message = str(record.msg)
     return not any(message.startswith(noise) for noise in BEAM_NOISE)
+
+
+def _worker_line_worth_showing(record: logging.LogRecord) -> bool:
+    """A worker's errors and the tool's own lines; not the warnings every worker process
+    logs as it starts (the flags it does not parse, no resource module, no staging folder)."""
+    return record.levelno >= logging.ERROR or f"{TOOL_PREFIX}:" in record.getMessage()
 
 
 def _filter_native_stderr(noise: str | None) -> None:

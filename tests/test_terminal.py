@@ -48,10 +48,19 @@ def run_pipeline(*flags: str) -> subprocess.CompletedProcess:
 # ## Quiet by default, everything with --verbose
 
 
-def test_a_run_prints_only_its_own_lines(tmp_path, tiny_bundle):
+@pytest.mark.parametrize(
+    "mode",
+    [
+        [],
+        # Worker processes: Beam relays their log lines (its own warnings) to the launcher.
+        ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    ],
+    ids=["in_memory", "multi_processing"],
+)
+def test_a_run_prints_only_its_own_lines(tmp_path, tiny_bundle, mode):
     catalog = catalog_of_paintings(tmp_path / "paintings", 4)
     run = run_pipeline(
-        f"--input={catalog}", f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}"
+        f"--input={catalog}", f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}", *mode
     )
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
@@ -131,6 +140,23 @@ logging.info("artstyle: an INFO line")
     assert run.stderr.splitlines() == [
         "artstyle: could not remove staging: busy",
         "WARNING:apache_beam.io: a warning of Beam's own",
+    ]
+
+
+def test_workers_start_up_warnings_are_dropped_and_their_errors_and_the_tools_lines_kept():
+    code = """
+import logging
+from pipeline.terminal import WORKER_RELAY_LOGGER
+relay = logging.getLogger(WORKER_RELAY_LOGGER)
+relay.warning("Worker: %s", 'severity: WARN message: "Discarding unparseable args: []"')
+relay.warning("Worker: %s", 'severity: WARN message: "artstyle: cannot cache it"')
+relay.error("Worker: %s", 'severity: ERROR message: "a DoFn failed"')
+"""
+    run = set_up_in_a_process(code, without_tf_log_level())
+    relayed = f"WARNING:{terminal.WORKER_RELAY_LOGGER}: Worker: "
+    assert run.stderr.splitlines() == [
+        relayed + 'severity: WARN message: "artstyle: cannot cache it"',
+        relayed.replace("WARNING", "ERROR") + 'severity: ERROR message: "a DoFn failed"',
     ]
 
 
