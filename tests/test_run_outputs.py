@@ -1,5 +1,6 @@
 """Whole runs and their output folder: reruns, a second run at once, Ctrl-C, the time told."""
 
+import os
 import re
 import signal
 import subprocess
@@ -65,15 +66,26 @@ def test_a_second_run_into_a_held_folder_stops_before_any_work(tmp_path, tiny_bu
     assert not files_of(out)
 
 
-def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(tmp_path, tiny_bundle):
+@pytest.mark.parametrize(
+    "mode",
+    [
+        [],
+        # Beam's worker processes share the terminal's process group: Ctrl-C reaches them too.
+        ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    ],
+    ids=["in_memory", "multi_processing"],
+)
+def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(
+    tmp_path, tiny_bundle, mode
+):
     out = tmp_path / "out"
     argv = [f"--input={catalog_of(tmp_path, 400)}", f"--output={out}", f"--model={tiny_bundle}"]
     run(argv)
     earlier = files_of(out)
 
     cli = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *argv, "--batch_size=1"],  # slow: time to interrupt
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "pipeline", *argv, *mode, "--batch_size=1"],  # slow: time to stop it
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -82,7 +94,8 @@ def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(tmp
             time.sleep(0.05)
         time.sleep(0.5)
         assert cli.poll() is None, "the run ended before it could be interrupted"
-        cli.send_signal(signal.SIGINT)
+        children = psutil.Process(cli.pid).children(recursive=True)
+        os.killpg(cli.pid, signal.SIGINT)  # to the process group, as a terminal's Ctrl-C
         interrupted = time.monotonic()
         _, stderr = cli.communicate(timeout=30)
         seconds = time.monotonic() - interrupted
@@ -96,3 +109,5 @@ def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(tmp
     assert ours == [f"artstyle: interrupted; no results were written {kept}"]
     assert files_of(out) == earlier
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, "worker processes outlived the run"
