@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a process that Ctrl-C ended
 CLEANUP_S = 3.0  # the most an interrupted run waits for its clean-up (a remote lock's delete)
@@ -29,20 +30,26 @@ def exit_on_interrupt(message: str, cleanup: Callable[[], None] | None = None) -
         return
 
     def stop(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits for the clean-up
-        print(message, file=sys.stderr, flush=True)
-        if cleanup is not None:
-            worker = threading.Thread(target=cleanup, daemon=True)
-            worker.start()
-            worker.join(CLEANUP_S)
-        sys.stdout.flush()
-        os._exit(INTERRUPTED_STATUS)
+        end_interrupted(message, cleanup)
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def end_interrupted(message: str, cleanup: Callable[[], None] | None = None) -> NoReturn:
+    """Prints `message` on stderr, gives `cleanup` up to CLEANUP_S seconds, and ends the
+    process with status 130."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits for the clean-up
+    print(message, file=sys.stderr, flush=True)
+    if cleanup is not None:
+        worker = threading.Thread(target=cleanup, daemon=True)
+        worker.start()
+        worker.join(CLEANUP_S)
+    sys.stdout.flush()
+    os._exit(INTERRUPTED_STATUS)
 
 
 @contextmanager

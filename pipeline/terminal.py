@@ -24,7 +24,7 @@ import subprocess
 import sys
 from typing import NoReturn
 
-from pipeline.interrupts import INTERRUPTED_STATUS
+from pipeline.interrupts import end_interrupted
 
 VERBOSE_FLAG = "--verbose"
 TOOL_PREFIX = "artstyle"
@@ -97,8 +97,7 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
     """Ctrl-C before the command guards its own work (pipeline.interrupts), while TensorFlow
     loads for seconds: nothing is written yet, so one line and status 130, not the traceback
     of whichever import was running."""
-    print(f"{TOOL_PREFIX}: interrupted", file=sys.stderr, flush=True)
-    os._exit(INTERRUPTED_STATUS)
+    end_interrupted(f"{TOOL_PREFIX}: interrupted")
 
 
 def _native_noise(tf_log_level: str) -> str | None:
