@@ -38,17 +38,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     options = TRAIN_COMMAND.parse(argv)  # --help is answered here, before TensorFlow loads
     import apache_beam as beam
 
-    from models.backbones import backbones_of, input_size_of
+    from models.backbones import input_size_of
     from models.bundle import BackboneSpec, Manifest, save_bundle
     from models.crossfit import fit_bundle_head
-    from models.head import check_fold_count
     from pipeline.features import build_embedding_graph, training_data
     from pipeline.progress_bar import progress_bar
     from transforms.catalog import CatalogError, open_catalog
 
     io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
-    backbones_of(args.backbone)  # an unknown name fails here, before any image is read
-    check_fold_count(args.folds)  # and so does a fold count that cannot cross-fit
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")
