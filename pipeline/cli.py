@@ -48,13 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(command: Command, flags: list[str]) -> None:
-    """As `python -m MODULE FLAGS`. A command whose flags are Beam options answers --help from
-    pipeline.options, before its module (and TensorFlow) loads."""
-    if {"-h", "--help"} & set(flags):
-        from pipeline.options import COMMAND_LINES
-
-        if command.module in COMMAND_LINES:
-            COMMAND_LINES[command.module].answer_help(flags)
+    """As `python -m MODULE FLAGS` (each module answers --help before TensorFlow loads)."""
     sys.argv = [command.module, *flags]  # runpy puts the module's path first, as -m does
     runpy.run_module(command.module, run_name="__main__", alter_sys=True)
 

@@ -364,7 +364,6 @@ TRAIN_COMMAND = CommandLine(
     "Trains a style model bundle: backbone features, a fitted head, a manifest.",
     (CatalogOptions, ModelOptions, ImageOptions, TrainOptions),
 )
-COMMAND_LINES = {"pipeline": PREDICT_COMMAND, "pipeline.train": TRAIN_COMMAND}  # by module
 
 
 class _FlagParser(_BeamArgumentParser):
