@@ -20,7 +20,12 @@ from typing import NoReturn
 import fsspec
 
 # Beam's parser, for the flags Beam declares with its add_value_provider_argument.
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+    _BeamArgumentParser,
+)
 
 from models.settings import DEFAULT_BUNDLE, FEATURE_KINDS, PRECISIONS, HeadConfig
 from pipeline.interrupts import exit_on_interrupt
@@ -406,6 +411,11 @@ def _is_file(url: str) -> bool:
         return fs.isfile(path)
     except (ImportError, ValueError, OSError):
         return False
+
+
+def runner_name(options: PipelineOptions) -> str:
+    """--runner in short and lower case ('direct' when unset, 'dataflow' for DataflowRunner)."""
+    return (options.view_as(StandardOptions).runner or "direct").lower().removesuffix("runner")
 
 
 def run_command(run: Callable[[], object]) -> None:

@@ -17,7 +17,6 @@ import fsspec
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
-    StandardOptions,
 )
 
 from models.bundle import ModelBundle, load_classifier
@@ -30,6 +29,7 @@ from pipeline.options import (
     ModelOptions,
     PredictOptions,
     run_command,
+    runner_name,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
@@ -83,7 +83,7 @@ def build_graph(
     return rows
 
 
-LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism")  # and None: direct
+LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism")
 
 
 def precision_of_workers(options: PipelineOptions, bundle: ModelBundle) -> dict[str, str]:
@@ -91,8 +91,7 @@ def precision_of_workers(options: PipelineOptions, bundle: ModelBundle) -> dict[
     this machine, so resolving here gives their answer (the same rule, the same cached
     measurement); on other runners each worker resolves its own, and logs it."""
     asked = options.view_as(PredictOptions).precision
-    runner = options.view_as(StandardOptions).runner or "direct"
-    if runner.lower().removesuffix("runner") not in LOCAL_RUNNERS:
+    if runner_name(options) not in LOCAL_RUNNERS:
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
     build = partial(bundle.classifier, options.view_as(ModelOptions).backbone_weights)
     return choose_precision(asked, build, bundle.id).to_json()

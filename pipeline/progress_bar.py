@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import fsspec
 import pyarrow.parquet as pq
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from fsspec.implementations.local import LocalFileSystem
 from rich.console import Console
 from rich.progress import (
@@ -32,10 +32,11 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from pipeline.options import runner_name
 from transforms.catalog import Catalog, list_images
 from transforms.progress import IMAGES_DONE
 
-IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")  # and None: direct
+IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")
 REDRAW_S = 0.5
 CHUNK_BYTES = 2**20
 
@@ -100,9 +101,8 @@ def _cleared_on_interrupt(bar: Progress) -> Iterator[None]:
 
 def runs_in_this_process(options: PipelineOptions) -> bool:
     """Whether the loading step runs in this process, where its count can be read."""
-    runner = (options.view_as(StandardOptions).runner or "direct").lower().removesuffix("runner")
     mode = options.view_as(DirectOptions).direct_running_mode
-    return runner in IN_PROCESS_RUNNERS and mode != "multi_processing"
+    return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
 
 
 def catalog_size(catalog: Catalog) -> int | None:
