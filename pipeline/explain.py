@@ -24,6 +24,7 @@ from pipeline import figures, terminal
 from pipeline.options import run_command
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import ImageError, brief, decode_image
+from transforms.predictions import top_k_fields
 
 TOP_STYLES = 5
 BATCH = 8  # images per Grad-CAM call
@@ -110,14 +111,14 @@ class _Explainer:
         classes = self._bundle.classes
         pictures = []
         for i, (index, image) in enumerate(batch):
-            ranked = np.argsort(-probabilities[i], kind="stable")[:TOP_STYLES]
+            top = top_k_fields(probabilities[i], classes=classes, top_k=TOP_STYLES)
             pictures.append(
                 figures.explanation_figure(
                     image,
                     overlay(image, explained.heatmaps[i]),
                     classes[explained.styles[i]],
-                    [classes[j] for j in ranked],
-                    [float(probabilities[i, j]) for j in ranked],
+                    top["top_k_styles"],
+                    top["top_k_probs"],
                     brief(uris[index], 90),
                 )
             )
