@@ -47,7 +47,13 @@ from pipeline.options import (
 )
 from pipeline.outputs import REPORT_FILES, REPORT_PAGE
 from transforms.catalog import Catalog, open_catalog
-from transforms.explanations import CONFIDENT_MISTAKES, GALLERY, LEAST_CONFIDENT, ExplainSamples
+from transforms.explanations import (
+    CONFIDENT_MISTAKES,
+    GALLERY,
+    LEAST_CONFIDENT,
+    ExplainSamples,
+    by_confidence,
+)
 from transforms.fetch import FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS
 
@@ -234,7 +240,7 @@ def _sections(explained: list[dict], labelled: bool) -> list[dict[str, Any]]:
     for section in (CONFIDENT_MISTAKES, LEAST_CONFIDENT) if labelled else (GALLERY,):
         rows = [s for s in explained if s["section"] == section]
         most_first = section != LEAST_CONFIDENT
-        rows.sort(key=lambda s: (s["confidence"], s["uri"]), reverse=most_first)
+        rows.sort(key=by_confidence, reverse=most_first)
         if section == GALLERY:
             groups = [
                 {"title": style, "samples": [s for s in rows if s["style"] == style]}
