@@ -38,6 +38,7 @@ from bench.cli import DEFAULT_DATA, sample_catalog, table
 from bench.measure import REPO_ROOT, _high_water_kb, pipeline_rates, run_pipeline
 from models.bundle import DEFAULT_BUNDLE, ModelBundle, load_classifier
 from models.precision import PRECISIONS
+from pipeline.serve.config import ServeConfig
 from transforms.fetch import read_file
 from transforms.images import decode_image
 from transforms.keras_handler import predict_in_fixed_batches
@@ -62,9 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clients", type=int, nargs="+", default=list(CLIENT_LEVELS), help="The levels."
     )
-    parser.add_argument("--max_batch", type=int, default=32, help="As the service's flag.")
-    parser.add_argument("--max_wait_ms", type=float, default=10.0, help="As the service's flag.")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    service = ServeConfig()  # the service's defaults, so that it is measured as it runs
+    parser.add_argument(
+        "--max_batch", type=int, default=service.max_batch, help="As the service's flag."
+    )
+    parser.add_argument(
+        "--max_wait_ms", type=float, default=service.max_wait_ms, help="As the service's flag."
+    )
+    parser.add_argument("--precision", choices=PRECISIONS, default=service.precision)
     parser.add_argument(
         "--pipeline_images", type=int, default=1500, help="The pipeline's larger run."
     )
