@@ -121,10 +121,9 @@ def describe_catalog(pattern: str, *, uri_column: str, label_column: str | None)
     may not be reachable. Its files are listed when the job runs; it passes no other
     columns through, since their names and types are unknown, and has labels only if
     --label_column names them."""
-    lowered = pattern.lower()
-    if not lowered.endswith((".csv", ".parquet", ".pq")):
+    catalog_format = _table_format_of(pattern)
+    if catalog_format is None:
         return Catalog(pattern, "images", (), "uri", None, ())
-    catalog_format: CatalogFormat = "csv" if lowered.endswith(".csv") else "parquet"
     return Catalog(pattern, catalog_format, (pattern,), uri_column, label_column, (), False)
 
 
@@ -134,12 +133,20 @@ def list_catalog_files(pattern: str) -> list[str]:
     return [_unstrip(pattern, fs, match) for match in sorted(fs.glob(path))]
 
 
-def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
+def _table_format_of(path: str) -> CatalogFormat | None:
+    """'csv' or 'parquet' by the name's extension; None for any other name."""
     lowered = path.lower()
     if lowered.endswith(".csv"):
         return "csv"
     if lowered.endswith((".parquet", ".pq")):
         return "parquet"
+    return None
+
+
+def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
+    table_format = _table_format_of(path)
+    if table_format is not None:
+        return table_format
     if _has_glob(path) or fs.isdir(path):
         return "images"
     raise CatalogError(
