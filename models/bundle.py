@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -262,9 +262,10 @@ def load_classifier(
     bundle_path: str, backbone_weights: str | None = None, precision: str = "float32"
 ) -> keras.Model:
     """Module-level, so that RunInference can pickle it as the model loader. 'auto' is
-    resolved here, on the worker that runs the model."""
+    resolved here, on the worker that runs the model; where that takes a measurement, the
+    classifier measured in the chosen precision is the one returned, not built again."""
     bundle = ModelBundle.load(bundle_path)
-    build = partial(bundle.classifier, backbone_weights)
+    build = cache(partial(bundle.classifier, backbone_weights))
     choice = choose_precision(precision, build, bundle.id)
     logging.info("artstyle: %s (--precision=%s)", choice, precision)
     return build(choice.precision)

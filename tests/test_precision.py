@@ -179,6 +179,22 @@ def test_the_loaded_classifier_computes_in_the_measured_choice_and_logs_why(
     )
 
 
+def test_a_measured_choice_returns_the_classifier_it_measured_not_a_third_build(
+    tiny_bundle, cpu, cache_folder, monkeypatch
+):
+    cpu("avx512_bf16")
+    built = []
+    build = ModelBundle.classifier
+
+    def counting(self, backbone_weights=None, precision="float32"):
+        built.append(precision)
+        return build(self, backbone_weights, precision)
+
+    monkeypatch.setattr(ModelBundle, "classifier", counting)
+    load_classifier(tiny_bundle, precision="auto")
+    assert sorted(built) == ["bfloat16", "float32"]
+
+
 def test_summary_json_says_which_arithmetic_the_run_used_and_why(
     tiny_bundle, cpu, cache_folder, monkeypatch, tmp_path
 ):
