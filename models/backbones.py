@@ -167,16 +167,29 @@ def backbone_features(
         model.get_layer(backbone.last_layer).output
     )
     parts = [pooled]
-    if features in ("stage_stats", "stage_covariance"):
-        for name in backbone.stage_layers:
-            stage = model.get_layer(name).output
-            parts += [ops.mean(stage, axis=(1, 2)), ops.std(stage, axis=(1, 2))]
-    if features == "stage_covariance":
-        parts += [
-            channel_covariance(model.get_layer(name).output) for name in backbone.covariance_layers
-        ]
+    stats_layers, covariance_layers = _statistics_layers(backbone, features)
+    for name in stats_layers:
+        stage = model.get_layer(name).output
+        parts += [ops.mean(stage, axis=(1, 2)), ops.std(stage, axis=(1, 2))]
+    parts += [channel_covariance(model.get_layer(name).output) for name in covariance_layers]
     vector = parts[0] if len(parts) == 1 else layers.Concatenate(name="features")(parts)
     return keras.Model(model.input, vector, name=f"{backbone.name}_{features}")
+
+
+def feature_layers(backbone: Backbone, features: str) -> list[str]:
+    """The layers whose outputs `features` are statistics of (Grad-CAM's feature maps): the
+    last map for 'pooled'; also the stages for 'stage_stats' and 'stage_covariance' (the
+    covariance layers are early stages)."""
+    stats_layers, covariance_layers = _statistics_layers(backbone, features)
+    return list(dict.fromkeys([backbone.last_layer, *stats_layers, *covariance_layers]))
+
+
+def _statistics_layers(backbone: Backbone, features: str) -> tuple[tuple[str, ...], ...]:
+    """The layers `features` reads channel means and deviations of, and those it reads the
+    covariance of, beside the last map's average."""
+    stats = backbone.stage_layers if features in ("stage_stats", "stage_covariance") else ()
+    covariance = backbone.covariance_layers if features == "stage_covariance" else ()
+    return stats, covariance
 
 
 def channel_covariance(feature_map):

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from models.backbones import Backbone, backbones_of, feature_extractor, resized
+from models.backbones import Backbone, backbones_of, feature_extractor, feature_layers, resized
 from models.bundle import ModelBundle
 from models.precision import building_in
 
@@ -134,7 +134,7 @@ def split_at_feature_maps(
     maps, head_inputs, vectors = [], [], []
     for backbone in backbones:
         backbone_model = extractor.get_layer(f"{backbone.name}_{features}")
-        names = read_layers(backbone, features)
+        names = feature_layers(backbone, features)
         tapped = [backbone_model.get_layer(name).output for name in names]
         to_maps = keras.Model(backbone_model.input, tapped)
         to_vector = keras.Model(tapped, backbone_model.output)
@@ -150,18 +150,6 @@ def split_at_feature_maps(
         keras.Model(images, maps, name="feature_maps"),
         keras.Model(head_inputs, head(vector), name="logits_of_feature_maps"),
     )
-
-
-def read_layers(backbone: Backbone, features: str) -> list[str]:
-    """The layers whose outputs `features` are statistics of: the last map for 'pooled';
-    also the stages for 'stage_stats' and 'stage_covariance' (the covariance layers are
-    early stages)."""
-    names = [backbone.last_layer]
-    if features in ("stage_stats", "stage_covariance"):
-        names += backbone.stage_layers
-    if features == "stage_covariance":
-        names += backbone.covariance_layers
-    return list(dict.fromkeys(names))
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:

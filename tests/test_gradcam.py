@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from models.backbones import get_backbone
+from models.backbones import feature_layers, get_backbone
 from models.bundle import DEFAULT_BUNDLE, BackboneSpec, ModelBundle, save_bundle
-from models.gradcam import GradCam, bundle_grad_cam, overlay, read_layers
+from models.gradcam import GradCam, bundle_grad_cam, overlay
 from models.head import HeadConfig, build_head, calibrated_probabilities, merge_heads
 from tests.conftest import COLOURS, painting
 from transforms.images import decode_image
@@ -166,7 +166,7 @@ def test_the_two_stages_are_the_bundles_classifier(
     bundle = ModelBundle.load(covariance_bundle)
     grad_cam = covariance_grad_cam
     assert len(grad_cam.maps.outputs) == 2 * len(
-        read_layers(get_backbone("efficientnet_lite0"), "stage_covariance")
+        feature_layers(get_backbone("efficientnet_lite0"), "stage_covariance")
     )
     explained = grad_cam(paintings)
     probabilities = calibrated_probabilities(explained.logits, bundle.manifest.head.temperature)
