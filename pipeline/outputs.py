@@ -235,11 +235,7 @@ class OutputFolder:
         """Moves the staged results in place, summary.json last, and removes the earlier
         run's results that these do not replace. Ctrl-C waits until it is done."""
         self._fs.invalidate_cache(self._staging_path)  # Beam wrote there, not through fsspec
-        staged = {
-            posixpath.basename(path)
-            for pattern in RESULT_PATTERNS
-            for path in self._fs.glob(f"{self._staging_path}/{pattern}")
-        }
+        staged = self._result_names(self._staging_path)
         if SUMMARY_FILE not in staged:
             raise RuntimeError(f"the run wrote no {SUMMARY_FILE} to {self.staging}")
         earlier = self._recorded_results()
@@ -260,12 +256,15 @@ class OutputFolder:
         """Files in the folder that look like results but that the tool did not write."""
         ours = self._recorded_results()
         self._fs.invalidate_cache(self._path)
-        present = {
+        return sorted(self._result_names(self._path) - ours)
+
+    def _result_names(self, folder: str) -> set[str]:
+        """The names in `folder` that match RESULT_PATTERNS."""
+        return {
             posixpath.basename(path)
             for pattern in RESULT_PATTERNS
-            for path in self._fs.glob(f"{self._path}/{pattern}")
+            for path in self._fs.glob(f"{folder}/{pattern}")
         }
-        return sorted(present - ours)
 
     def release(self) -> None:
         """Removes this run's staging folder and releases the lock; never raises, as it also
