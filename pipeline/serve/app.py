@@ -24,6 +24,7 @@ from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -34,6 +35,7 @@ from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ErrorBody, ServiceError, install_error_handlers, internal_error
 from pipeline.serve.metrics import RequestMetrics
 from pipeline.serve.service import ModelState, StyleService
+from transforms.images import ACCEPTED_FORMATS
 
 logger = logging.getLogger("artstyle.serve")
 
@@ -79,6 +81,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
+def _accepted_media_types() -> list[str]:
+    """The media types of the image formats the decoder accepts, from Pillow's registry."""
+    Image.init()
+    return [Image.MIME[name] for name in ACCEPTED_FORMATS]
+
+
 PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -92,8 +100,8 @@ PREDICT_BODY = {
                 }
             },
             **{
-                f"image/{kind}": {"schema": {"type": "string", "format": "binary"}}
-                for kind in ("jpeg", "png", "webp", "tiff", "gif", "bmp")
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in _accepted_media_types()
             },
         },
     }
