@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import pandas as pd
 
 from bench.cli import DEFAULT_DATA, sample_catalog, table
 from bench.measure import REPO_ROOT, _high_water_kb, pipeline_rates, run_pipeline
@@ -225,7 +226,7 @@ def measure_pipeline(args: argparse.Namespace, uris: list[str], folder: Path) ->
 
     def run(n: int):
         catalog = folder / f"catalog-{n}.csv"
-        catalog.write_text("uri\n" + "".join(f"{uris[i % len(uris)]}\n" for i in range(n)))
+        pd.DataFrame({"uri": [uris[i % len(uris)] for i in range(n)]}).to_csv(catalog, index=False)
         output = folder / f"run-{n}"
         return run_pipeline(catalog, output, args.model, PIPELINE_BATCH_SIZE, args.precision)
 
