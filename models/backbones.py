@@ -15,7 +15,7 @@ import numpy as np
 from keras import layers, ops
 
 from models import efficientnet_lite
-from models.settings import FEATURE_KINDS
+from models.settings import FEATURE_KINDS, check_backbone_names
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,14 @@ BACKBONES: dict[str, Backbone] = {
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"Unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
+    check_backbone_names(name)
+    return BACKBONES[name]
 
 
 def backbones_of(spec: str) -> list[Backbone]:
     """A backbone name, or several joined by '+' (an ensemble: their features concatenated)."""
-    return [get_backbone(name) for name in spec.split("+")]
+    check_backbone_names(spec)
+    return [BACKBONES[name] for name in spec.split("+")]
 
 
 def input_size_of(spec: str) -> int:

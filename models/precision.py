@@ -13,6 +13,7 @@ In bfloat16 the backbone's convolutions run in bfloat16 while the weights stay f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,14 +22,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from models.cache import cache_dir, write_atomically
 from models.settings import PRECISIONS
+
+if TYPE_CHECKING:
+    import keras
 
 AMX_FLAG = "amx_bf16"
 BFLOAT16_CPU_FLAGS = (AMX_FLAG, "avx512_bf16")  # the first one present is reported
@@ -89,7 +93,7 @@ def resolve_precision(
         raise ValueError(f"Unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     if precision != "auto":
         return PrecisionChoice(precision, f"asked for (--precision {precision})")
-    if tf.config.list_physical_devices("GPU"):
+    if _has_gpu():
         return PrecisionChoice("bfloat16", "a GPU computes it natively")
     flag = cpu_bfloat16_flag()
     if flag is None:
@@ -101,6 +105,25 @@ def resolve_precision(
     if speedup is None:
         return PrecisionChoice("float32", "AVX512_BF16 without AMX, and not measured here")
     return choice_by_speedup(PrecisionCache().speedup(model_id, speedup))
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf  # here: only 'auto' asks, and the OpenVINO engine runs without it
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def grow_gpu_memory_on_demand() -> None:
+    """TensorFlow takes all of a GPU's memory when it first touches it, so a second process
+    on the same GPU (another SDK process of a Dataflow worker) would fail to load its model.
+    Growing on demand lets processes share the GPU; it must be set before TensorFlow uses
+    the device, so a worker's loader of a Keras model calls it before building."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        # RuntimeError: the device is already in use, and its setting can no longer change.
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
 
 
 def choose_precision(
@@ -135,8 +158,12 @@ class PrecisionCache:
         if key in entries:
             return float(entries[key]["speedup"])
         value = measure()
-        entries[key] = {"speedup": value, "cpu": _cpuinfo_field("/proc/cpuinfo", "model name"),
-                        "tensorflow": tf.__version__, "model": model_id}  # fmt: skip
+        entries[key] = {
+            "speedup": value,
+            "cpu": _cpuinfo_field("/proc/cpuinfo", "model name"),
+            "tensorflow": metadata.version("tensorflow"),
+            "model": model_id,
+        }
         try:
             write_atomically(self.path, json.dumps(entries, indent=2).encode())
         except OSError as error:
@@ -153,7 +180,7 @@ class PrecisionCache:
 
 def machine_key(model_id: str, cpuinfo: str = "/proc/cpuinfo") -> str:
     parts = (_cpuinfo_field(cpuinfo, "model name"), _cpuinfo_field(cpuinfo, "flags"),
-             tf.__version__, keras.__version__, model_id)  # fmt: skip
+             metadata.version("tensorflow"), metadata.version("keras"), model_id)  # fmt: skip
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
@@ -181,6 +208,8 @@ def measured_speedup(
 def building_in(precision: str) -> Iterator[None]:
     """Layers built inside compute in `precision` ('float32' or 'bfloat16'); Keras's global
     policy is restored after, so layers built later are float32 again."""
+    import keras
+
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_POLICIES[precision])
     try:

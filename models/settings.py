@@ -13,7 +13,18 @@ from pathlib import Path
 
 DEFAULT_BUNDLE = str(Path(__file__).parent / "default_bundle")
 PRECISIONS = ("auto", "float32", "bfloat16")
+ENGINES = ("keras", "openvino")  # what runs a bundle's classifier at prediction
 FEATURE_KINDS = ("pooled", "stage_stats", "stage_covariance")
+# What models.backbones builds (a test holds the two equal): a bundle names them, and its
+# manifest is checked before anything imports Keras.
+BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50")
+
+
+def check_backbone_names(spec: str) -> None:
+    """A backbone name, or several joined by '+' (an ensemble); ValueError names one unknown."""
+    for name in spec.split("+"):
+        if name not in BACKBONE_NAMES:
+            raise ValueError(f"Unknown backbone {name!r}; known: {', '.join(BACKBONE_NAMES)}")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbones import feature_extractor, input_size_of, with_mirror
 from models.crossfit import LabelledSet, TrainingData
+from models.precision import grow_gpu_memory_on_demand
 from pipeline.options import ImageOptions, ModelOptions, TrainOptions
 from transforms.catalog import Catalog, ImageRecord, ReadCatalog
 from transforms.infer_images import InferImages
-from transforms.keras_handler import KerasModelHandler
+from transforms.model_handler import FixedBatchModelHandler
 
 EMBEDDING_SCHEMA = pa.schema(
     [
@@ -41,6 +42,7 @@ def load_training_extractor(
     backbone: str, features: str, weights_path: str | None, mirror: bool
 ) -> keras.Model:
     """Module-level, so that RunInference can pickle it as the model loader."""
+    grow_gpu_memory_on_demand()
     extractor = feature_extractor(backbone, features, weights_path=weights_path)
     return with_mirror(extractor) if mirror else extractor
 
@@ -89,7 +91,7 @@ def build_embedding_graph(
 ) -> None:
     model, images = options.view_as(ModelOptions), options.view_as(ImageOptions)
     args = options.view_as(TrainOptions)
-    extractor = KerasModelHandler(
+    extractor = FixedBatchModelHandler(
         partial(
             load_training_extractor,
             args.backbone,

@@ -27,7 +27,14 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
-from models.settings import DEFAULT_BUNDLE, FEATURE_KINDS, PRECISIONS, HeadConfig
+from models.settings import (
+    DEFAULT_BUNDLE,
+    ENGINES,
+    FEATURE_KINDS,
+    PRECISIONS,
+    HeadConfig,
+    check_backbone_names,
+)
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.outputs import OutputError
 from transforms.catalog import CatalogError
@@ -78,12 +85,9 @@ def number(
 
 
 def backbone_names(text: str) -> str:
-    """An argparse type: a backbone name, or several joined by '+'. The registry builds Keras
-    models, so it is imported when the flag is checked, not with this module."""
-    from models.backbones import backbones_of
-
+    """An argparse type: a backbone name, or several joined by '+'."""
     try:
-        backbones_of(text)
+        check_backbone_names(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
@@ -218,6 +222,15 @@ class PredictOptions(PipelineOptions):
             help="The backbone's arithmetic. 'auto': bfloat16 on a GPU or a CPU with AMX; "
             "on a CPU with AVX512_BF16 alone, whichever a short timing of both finds faster "
             "(once per machine, cached); else float32.",
+        )
+        parser.add_argument(
+            "--engine",
+            choices=ENGINES,
+            default="keras",
+            help="What runs the model. 'keras' (TensorFlow): the fastest over many images, "
+            "where bfloat16 pays. 'openvino': Keras's float32 results from a process without "
+            "TensorFlow, which starts seconds sooner: for small catalogs. Its first run with a "
+            "bundle converts the model (once per machine, cached).",
         )
         parser.add_argument(
             "--report",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import apache_beam as beam
 import fsspec
@@ -20,6 +21,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from models.bundle import ModelBundle, load_classifier
+from models.openvino_engine import load_openvino_classifier, openvino_precision
 from models.precision import choose_precision
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
@@ -33,11 +35,10 @@ from pipeline.options import (
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
-from pipeline.report import report_after_run
 from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer_images import InferImages
-from transforms.keras_handler import KerasModelHandler
+from transforms.model_handler import FixedBatchModelHandler
 from transforms.predictions import error_row, prediction_row, prediction_schema
 
 IMPORTED_AT = time.monotonic()  # where /proc cannot say when the process started
@@ -57,10 +58,7 @@ def build_graph(
     )
     output_dir = output_dir or io.output
     predict = options.view_as(PredictOptions)
-    classifier = KerasModelHandler(
-        partial(load_classifier, bundle.path, model.backbone_weights, predict.precision),
-        model.batch_size,
-    )
+    classifier = FixedBatchModelHandler(classifier_loader(options, bundle), model.batch_size)
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
@@ -78,9 +76,23 @@ def build_graph(
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
         f"{output_dir}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    precision = {"precision": precision_of_workers(options, bundle)}
-    _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, precision)
+    run_facts = {"engine": predict.engine, "precision": precision_of_workers(options, bundle)}
+    _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, run_facts)
     return rows
+
+
+def classifier_loader(options: PipelineOptions, bundle: ModelBundle) -> Callable[[], Any]:
+    """What each worker calls to load the classifier, on the engine --engine names."""
+    model, predict = options.view_as(ModelOptions), options.view_as(PredictOptions)
+    if predict.engine == "openvino":
+        return partial(
+            load_openvino_classifier,
+            bundle.path,
+            model.backbone_weights,
+            predict.precision,
+            model.batch_size,
+        )
+    return partial(load_classifier, bundle.path, model.backbone_weights, predict.precision)
 
 
 LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism")
@@ -90,9 +102,12 @@ def precision_of_workers(options: PipelineOptions, bundle: ModelBundle) -> dict[
     """The backbone's arithmetic and why, for summary.json. A local runner's workers run on
     this machine, so resolving here gives their answer (the same rule, the same cached
     measurement); on other runners each worker resolves its own, and logs it."""
-    asked = options.view_as(PredictOptions).precision
+    predict = options.view_as(PredictOptions)
+    asked = predict.precision
     if runner_name(options) not in LOCAL_RUNNERS:
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
+    if predict.engine == "openvino":
+        return openvino_precision(asked).to_json()
     build = partial(bundle.classifier, options.view_as(ModelOptions).backbone_weights)
     return choose_precision(asked, build, bundle.id).to_json()
 
@@ -117,7 +132,11 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                 result.wait_until_finish()
             if result.state != beam.runners.runner.PipelineState.DONE:
                 raise RuntimeError(f"The pipeline ended in state {result.state}")
-            report = predict.report and report_after_run(options, catalog, bundle, output.staging)
+            report = None
+            if predict.report:  # its Grad-CAM loads Keras: a run on OpenVINO otherwise never does
+                from pipeline.report import report_after_run
+
+                report = report_after_run(options, catalog, bundle, output.staging)
         output.publish()
         with fsspec.open(f"{output.url}/{SUMMARY_FILE}") as f:
             summary = json.load(f)

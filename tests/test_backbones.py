@@ -5,6 +5,7 @@ import tensorflow as tf
 from PIL import Image
 
 from models.backbones import (
+    BACKBONES,
     channel_covariance,
     feature_extractor,
     get_backbone,
@@ -13,6 +14,7 @@ from models.backbones import (
     resized,
     with_mirror,
 )
+from models.settings import BACKBONE_NAMES
 
 
 def test_resnet50_path_builds_and_taps_its_stages_with_random_weights():
@@ -31,6 +33,11 @@ def test_lite2_stage_statistics_have_the_expected_width():
     stats = feature_extractor("efficientnet_lite2", "stage_stats", weights=None)
     assert pooled.output.shape[-1] == 1280
     assert stats.output.shape[-1] == 1280 + 2 * (48 + 88 + 120 + 208 + 352)
+
+
+def test_the_names_a_bundle_is_checked_against_are_the_backbones_built():
+    """models.settings lists them for checks that run before Keras loads."""
+    assert tuple(BACKBONES) == BACKBONE_NAMES
 
 
 def test_unknown_names_are_clear_errors():

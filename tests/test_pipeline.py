@@ -155,6 +155,31 @@ def test_two_workers_predict_what_one_worker_does(catalog_csv, tmp_path, tiny_bu
     np.testing.assert_allclose(one_probs, two_probs, atol=1e-5)
 
 
+def test_openvino_predicts_what_keras_does_and_then_runs_without_tensorflow(
+    catalog_csv, tmp_path, tiny_bundle, monkeypatch
+):
+    monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "cache"))
+    run(argv_for(catalog_csv, tmp_path / "keras", tiny_bundle, "--precision=float32"))
+    summary = run(argv_for(catalog_csv, tmp_path / "openvino", tiny_bundle, "--engine=openvino"))
+    (keras_rows, keras_probs), (openvino_rows, openvino_probs) = (
+        predictions_of(tmp_path / name) for name in ("keras", "openvino")
+    )
+    pd.testing.assert_frame_equal(keras_rows, openvino_rows)
+    np.testing.assert_allclose(keras_probs, openvino_probs, atol=1e-5)
+    assert summary["engine"] == "openvino" and summary["precision"]["precision"] == "float32"
+
+    # The model converted above is in the cache: a new process never loads TensorFlow.
+    script = (
+        "import sys; from pipeline.predict import run; run(sys.argv[1:]); "
+        "print([name for name in ('tensorflow', 'keras') if name in sys.modules])"
+    )
+    argv = argv_for(catalog_csv, tmp_path / "again", tiny_bundle, "--engine=openvino")
+    again = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == "[]"
+    assert predictions_of(tmp_path / "again")[0].equals(openvino_rows)
+
+
 def test_catalog_without_uri_column_stops_at_start_with_a_clear_message(tmp_path, tiny_bundle):
     (tmp_path / "catalog.csv").write_text("path,style\na.jpg,Baroque\n")
     with pytest.raises(CatalogError, match="no column 'uri'"):

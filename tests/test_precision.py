@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import precision
@@ -30,7 +31,7 @@ def cache_folder(tmp_path, monkeypatch):
 @pytest.fixture
 def cpu(monkeypatch):
     """Sets the bfloat16 flag this machine reports, on a machine without a GPU."""
-    monkeypatch.setattr(precision.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     return lambda flag: monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: flag)
 
 
@@ -55,7 +56,7 @@ def test_auto_follows_the_rule_where_the_hardware_leaves_no_doubt(cpu, monkeypat
     cpu("amx_bf16")
     assert str(resolve_precision("auto", never_measured)) == "bfloat16 chosen: this CPU has AMX"
     cpu(None)
-    monkeypatch.setattr(precision.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
     assert resolve_precision("auto", never_measured).precision == "bfloat16"
 
 

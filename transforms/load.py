@@ -15,7 +15,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms.catalog import ImageRecord
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from transforms.keras_handler import METRICS_NAMESPACE
+from transforms.model_handler import METRICS_NAMESPACE
 from transforms.progress import IMAGES_DONE
 
 ERRORS = "errors"

@@ -38,8 +38,8 @@ from pipeline.serve.metrics import ServiceMetrics
 from transforms.explanations import jpeg
 from transforms.fetch import Fetcher, FetchPolicy, default_user_agent
 from transforms.images import ImageError, brief, decode_image
-from transforms.keras_handler import predict_in_fixed_batches
 from transforms.load import DECODE_THREADS
+from transforms.model_handler import predict_in_fixed_batches
 from transforms.predictions import top_k_fields
 
 logger = logging.getLogger("artstyle.serve")

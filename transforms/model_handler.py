@@ -1,13 +1,14 @@
-"""A RunInference ModelHandler for Keras 3 models, in the shape Beam's own handlers have.
+"""A RunInference ModelHandler for the models artstyle runs, in the shape Beam's own have.
 
-Beam's TensorFlow handlers import tensorflow_hub and tf-keras; this one needs only Keras.
-Every batch has the same shape (the last one is padded), so the compiled predict function
-is traced once and reused, instead of Keras re-tracing or running eagerly per batch.
+Beam's TensorFlow handlers import tensorflow_hub and tf-keras; this one needs neither, nor
+Keras itself: it runs whatever its loader returns that has `predict_on_batch` (a Keras model,
+or models.openvino_engine's classifier). Every batch has the same shape (the last one is
+padded), so a Keras model's compiled predict function is traced once and reused, and
+OpenVINO's is compiled for that one shape.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,12 +18,12 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 METRICS_NAMESPACE = "artstyle"
 
 
-class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
-    """Runs a Keras model over fixed-size batches of equally shaped numpy arrays.
+class FixedBatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
+    """Runs a model over fixed-size batches of equally shaped numpy arrays.
 
     `load` builds the model; it runs once per worker (Beam shares the loaded model across
     the worker's threads), so it must be a picklable, module-level callable such as
-    `functools.partial(load_bundle_classifier, path)`.
+    `functools.partial(load_classifier, path)`.
     """
 
     def __init__(self, load: Callable[[], Any], batch_size: int):
@@ -33,7 +34,6 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         self._batch_size = batch_size
 
     def load_model(self) -> Any:
-        grow_gpu_memory_on_demand()
         return self._load()
 
     def run_inference(
@@ -68,16 +68,3 @@ def predict_in_fixed_batches(model: Any, inputs: np.ndarray, batch_size: int) ->
             chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
         outputs.append(np.asarray(model.predict_on_batch(chunk))[: batch_size - padding])
     return np.concatenate(outputs)
-
-
-def grow_gpu_memory_on_demand() -> None:
-    """TensorFlow takes all of a GPU's memory when it first touches it, so a second process
-    on the same GPU (another SDK process of a Dataflow worker) would fail to load its model.
-    Growing on demand lets processes share the GPU; it must be set before TensorFlow uses
-    the device, which is why it runs here, before the model is built."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        # RuntimeError: the device is already in use, and its setting can no longer change.
-        with contextlib.suppress(RuntimeError):
-            tf.config.experimental.set_memory_growth(gpu, True)

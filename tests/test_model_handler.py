@@ -8,7 +8,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.keras_handler import KerasModelHandler, predict_in_fixed_batches
+from transforms.model_handler import FixedBatchModelHandler, predict_in_fixed_batches
 
 
 def small_model(seed: int = 0) -> keras.Model:
@@ -40,17 +40,17 @@ def test_every_call_has_the_fixed_batch_size_and_padding_changes_nothing():
 
 
 def test_handler_asks_beam_for_full_batches():
-    handler = KerasModelHandler(small_model, batch_size=8)
+    handler = FixedBatchModelHandler(small_model, batch_size=8)
     assert handler.batch_elements_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
     with pytest.raises(ValueError):
-        KerasModelHandler(small_model, batch_size=0)
+        FixedBatchModelHandler(small_model, batch_size=0)
 
 
 def test_run_inference_keeps_keys_with_their_predictions():
     images = {f"image{i}": np.full((4, 4, 3), i * 20.0, np.float32) for i in range(5)}
     expected = small_model().predict(np.stack(list(images.values())), verbose=0)
     expected_top = {key: int(np.argmax(row)) for key, row in zip(images, expected, strict=True)}
-    handler = KeyedModelHandler(KerasModelHandler(partial(small_model, 0), batch_size=2))
+    handler = KeyedModelHandler(FixedBatchModelHandler(partial(small_model, 0), batch_size=2))
     with TestPipeline() as pipeline:
         top = (
             pipeline
