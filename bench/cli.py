@@ -5,7 +5,8 @@ model alone (in both arithmetics, and which one `--precision auto` picks here), 
 engines a user could run it on (timed in turns with TensorFlow, and scored on the `val`
 paintings), decoding alone, the pipeline as a user runs it (a tiny catalog, N images, and
 optionally many more; its start-up beside the floor of importing TensorFlow and Beam, and
-`--help`), and the original project's model-per-image way.
+`--help`; the start-up on `--engine openvino` beside its own floor), and the original
+project's model-per-image way.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench.fetch import measure_fetch
 from bench.measure import (
     FLOOR_COMMAND,
     HELP_COMMAND,
+    OPENVINO_FLOOR_COMMAND,
     PIPELINE_PATH,
     REPO_ROOT,
     PipelineRun,
@@ -112,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=3,
         help="One-batch runs for the start-up time, each beside a run of the floor (importing "
-        "TensorFlow and Beam) and of --help; the median of each is used.",
+        "TensorFlow and Beam) and of --help, and on --engine openvino beside its floor; the "
+        "median of each is used.",
     )
     args = parser.parse_args(argv)
     if args.startup_runs < 1:
@@ -282,21 +285,33 @@ def measure_pipeline(
     A one-batch run lasts about ten seconds, so one busy moment of the shared machine moves
     it by a quarter: the median of several is the start-up figure, and all are reported,
     beside the floor every run pays (Python importing TensorFlow and Beam, and exiting)
-    and `python -m pipeline --help`, each run in turn with them."""
+    and `python -m pipeline --help`, each run in turn with them. The same one-batch runs on
+    `--engine openvino` beside their own floor (Beam and OpenVINO), after a first run that
+    converts the model."""
 
-    def run(n: int) -> PipelineRun:
+    def run(n: int, engine: str = "keras") -> PipelineRun:
         path = folder / f"catalog-{n}.csv"
         catalog.head(n).to_csv(path, index=False)
-        output = folder / f"run-{n}"
-        return run_pipeline(path, output, args.model, args.batch_size, args.precision)
+        output = folder / f"run-{n}-{engine}"
+        # OpenVINO's converted model goes to a cache of this run's own, so that its first
+        # run is the conversion, whatever this machine's cache holds.
+        cache = {"ARTSTYLE_CACHE_DIR": str(folder / "cache")} if engine == "openvino" else {}
+        flags = [f"--engine={engine}"]
+        return run_pipeline(path, output, args.model, args.batch_size, args.precision, flags, cache)
 
+    conversion = run(args.batch_size, "openvino")
     floors, helps, startups = [], [], []
+    openvino_floors, openvino_startups = [], []
     for _ in range(args.startup_runs):  # in turns, so that the machine's load weighs alike
         floors.append(run_process(FLOOR_COMMAND, folder / "floor.log").wall_s)
         helps.append(run_process(HELP_COMMAND, folder / "help.log").wall_s)
         startups.append(run(args.batch_size))
+        openvino_floors.append(run_process(OPENVINO_FLOOR_COMMAND, folder / "floor.log").wall_s)
+        openvino_startups.append(run(args.batch_size, "openvino"))
     startups.sort(key=lambda one: one.wall_s)
+    openvino_startups.sort(key=lambda one: one.wall_s)
     startup, main = startups[len(startups) // 2], run(args.images)
+    openvino_startup = openvino_startups[len(openvino_startups) // 2]
     large = None if args.skip_large else run(args.large_images)
     rates = pipeline_rates(startup, main)
     results = {
@@ -310,6 +325,12 @@ def measure_pipeline(
         "startup_floor_runs_s": sorted(floors),
         "help_s": float(np.median(helps)),
         "help_runs_s": sorted(helps),
+        "startup_openvino_run_s": openvino_startup.wall_s,
+        "startup_openvino_runs_s": [one.wall_s for one in openvino_startups],
+        "startup_openvino_floor_s": float(np.median(openvino_floors)),
+        "startup_openvino_floor_runs_s": sorted(openvino_floors),
+        "openvino_conversion_run_s": conversion.wall_s,
+        "peak_rss_mb_startup_openvino": openvino_startup.peak_rss_mb,
         "pipeline_run_s": main.wall_s,
         "pipeline_images": main.n_images,
         "pipeline_errors": main.n_errors,

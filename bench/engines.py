@@ -1,14 +1,15 @@
 """Engines a user could run the classifier on instead of TensorFlow, timed and scored beside it.
 
 - ONNX Runtime: the float32 classifier exported by Keras (through tf2onnx).
-- OpenVINO's CPU plugin: the float32 classifier converted from its traced TensorFlow
-  graph, run in float32 and, where the CPU has bfloat16 instructions, in bfloat16.
+- OpenVINO's CPU plugin: the float32 classifier converted as `--engine openvino` converts
+  it, run in float32 and, where the CPU has bfloat16 instructions, in bfloat16.
 - OpenVINO int8: NNCF's post-training quantization of that model, calibrated on
   paintings of the catalog's `train` split (the CPU's VNNI or AMX int8 instructions).
 
 Each is one more `ModelPath`, so the benchmark times them exactly as it times TensorFlow's
-paths, in the same run, and scores them on the same `val` paintings. Their packages are the
-`[engines]` extra; where one is missing, the benchmark says so instead of failing.
+paths, in the same run, and scores them on the same `val` paintings. OpenVINO is installed
+with artstyle; ONNX Runtime and NNCF are the `[engines]` extra: where one is missing, the
+benchmark says so instead of failing.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
+import openvino
 
 from bench.measure import ModelPath, per_batch
+from models.openvino_engine import OPENVINO_CONFIG, converted_model
 
 INSTALL_HINT = "not installed (pip install -e '.[engines]')"
-
-# OpenVINO pins its threads to cores by default: on a machine whose cores other processes
-# share, a pinned thread waits for its core instead of moving, and runs 1.5-2 x slower.
-OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 
 
 def engine_paths(
@@ -41,21 +39,19 @@ def engine_paths(
         missing["onnxruntime_float32"] = onnx_runtime
     else:
         paths["onnxruntime_float32"] = onnx_runtime
-    try:
-        import nncf  # noqa: F401 (only to know it is there)
-        import openvino
-    except ImportError:
-        missing["openvino"] = INSTALL_HINT
-        return paths, missing
-    converted = openvino_model(model)
+    converted = converted_model(model)
     core = openvino.Core()
     paths["openvino_float32"] = openvino_path(core, converted, "f32", batch_size)
     if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         paths["openvino_bfloat16"] = openvino_path(core, converted, "bf16", batch_size)
     else:
         missing["openvino_bfloat16"] = "not native on this CPU"
-    quantized = openvino_int8(converted, calibration, batch_size)
-    paths["openvino_int8"] = openvino_path(core, quantized, "f32", batch_size)
+    try:
+        quantized = openvino_int8(converted, calibration, batch_size)
+    except ImportError:
+        missing["openvino_int8"] = INSTALL_HINT
+    else:
+        paths["openvino_int8"] = openvino_path(core, quantized, "f32", batch_size)
     return paths, missing
 
 
@@ -74,16 +70,6 @@ def onnx_runtime_path(model: keras.Model, batch_size: int, folder: str) -> Model
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return _batchwise(lambda batch: session.run(None, {name: batch})[0], batch_size)
-
-
-def openvino_model(model: keras.Model):
-    """The classifier's traced TensorFlow graph, converted by OpenVINO (its TensorFlow
-    front end reads a concrete function directly: no file in between)."""
-    import openvino
-
-    spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32)
-    traced = tf.function(lambda images: model(images, training=False))
-    return openvino.convert_model(traced.get_concrete_function(spec))
 
 
 def openvino_path(core, converted, precision_hint: str, batch_size: int) -> ModelPath:

@@ -7,12 +7,13 @@ test can run it on a handful of tiny images, and the CLI on thousands of real pa
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ import tensorflow as tf
 from models.bundle import ModelBundle
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.keras_handler import predict_in_fixed_batches
+from transforms.model_handler import predict_in_fixed_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,8 +150,14 @@ class ProcessRun:
     cpu_s: float  # user + system time of all its threads
 
 
-def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.05) -> ProcessRun:
-    """Runs `command` from the repository root, its output to `log_path`.
+def run_process(
+    command: Sequence[str],
+    log_path: Path,
+    poll_s: float = 0.05,
+    environment: Mapping[str, str] | None = None,
+) -> ProcessRun:
+    """Runs `command` from the repository root, its output to `log_path`, with
+    `environment`'s variables set beside this process's own.
 
     Peak memory is the kernel's high-water mark of the child's resident memory (VmHWM in
     /proc/PID/status), read until it exits: the kernel updates it on every page fault, so
@@ -163,7 +170,13 @@ def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.05) ->
     cpu_before = _children_cpu_s()
     with open(log_path, "wb") as log:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(environment or {})},
+        )
         peak_kb = 0
         while process.poll() is None:
             peak_kb = max(peak_kb, _high_water_kb(process.pid))
@@ -205,12 +218,13 @@ def run_pipeline(
     batch_size: int,
     precision: str,
     flags: Sequence[str] = (),
+    environment: Mapping[str, str] | None = None,
 ) -> PipelineRun:
     """`python -m pipeline` over `catalog`, as a user runs it, with its summary's counts."""
     command = [sys.executable, "-m", "pipeline", f"--input={catalog}", f"--output={output}",
                f"--model={model}", f"--batch_size={batch_size}",
                f"--precision={precision}", *flags]  # fmt: skip
-    process = run_process(command, output.with_suffix(".log"))
+    process = run_process(command, output.with_suffix(".log"), environment=environment)
     summary = json.loads((output / "summary.json").read_text())
     return PipelineRun(
         process.wall_s, process.peak_rss_mb, process.cpu_s, summary["n_images"], summary["n_errors"]
@@ -220,6 +234,8 @@ def run_pipeline(
 # What every run of `python -m pipeline` pays before any of its own work: starting Python,
 # importing TensorFlow and Beam, and exiting again. Measured as the pipeline is, as a process.
 FLOOR_COMMAND = (sys.executable, "-c", "import tensorflow, apache_beam")
+# The same for `--engine openvino`, which runs without TensorFlow once the model is converted.
+OPENVINO_FLOOR_COMMAND = (sys.executable, "-c", "import openvino, apache_beam")
 HELP_COMMAND = (sys.executable, "-m", "pipeline", "--help")
 
 

@@ -42,7 +42,7 @@ from models.precision import PRECISIONS
 from pipeline.serve.config import ServeConfig
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.keras_handler import predict_in_fixed_batches
+from transforms.model_handler import predict_in_fixed_batches
 
 CLIENT_LEVELS = (1, 4, 16)
 WARM_UP_S = 3.0
