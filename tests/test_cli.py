@@ -34,28 +34,22 @@ ARTSTYLE = "from pipeline.cli import main; main([{!r}, '--help'])"
 PYTHON_M = "sys.argv = ['-m', '--help']; runpy.run_module({!r}, run_name='__main__')"
 
 
-def test_predicts_help_is_the_same_both_ways_and_loads_neither_keras_nor_tensorflow():
-    """`artstyle predict --help` and `python -m pipeline --help`."""
+@pytest.mark.parametrize(
+    "command, module, flags",
+    [
+        ("predict", "pipeline", ("--input INPUT", "--top_k TOP_K")),
+        ("train", "pipeline.train", ("--backbone BACKBONE",)),
+    ],
+)
+def test_help_is_the_same_both_ways_and_loads_neither_keras_nor_tensorflow(command, module, flags):
+    """`artstyle COMMAND --help` and `python -m MODULE --help`."""
     (artstyle, loaded), (python_m, loaded_too) = (
-        modules_loaded_by(ARTSTYLE.format("predict")),
-        modules_loaded_by(PYTHON_M.format("pipeline")),
+        modules_loaded_by(ARTSTYLE.format(command)),
+        modules_loaded_by(PYTHON_M.format(module)),
     )
     assert artstyle == python_m
-    assert artstyle.startswith("usage: python -m pipeline ")
-    assert "--input INPUT" in artstyle and "--top_k TOP_K" in artstyle and "--verbose" in artstyle
-    for modules in (loaded, loaded_too):
-        assert not modules["tensorflow"] and not modules["keras"]
-
-
-def test_trains_help_is_the_same_both_ways_and_loads_neither_keras_nor_tensorflow():
-    """`artstyle train --help` and `python -m pipeline.train --help`."""
-    (artstyle, loaded), (python_m, loaded_too) = (
-        modules_loaded_by(ARTSTYLE.format("train")),
-        modules_loaded_by(PYTHON_M.format("pipeline.train")),
-    )
-    assert artstyle == python_m
-    assert artstyle.startswith("usage: python -m pipeline.train ")
-    assert "--backbone BACKBONE" in artstyle and "--verbose" in artstyle
+    assert artstyle.startswith(f"usage: python -m {module} ")
+    assert all(flag in artstyle for flag in (*flags, "--verbose"))
     for modules in (loaded, loaded_too):
         assert not modules["tensorflow"] and not modules["keras"]
 
