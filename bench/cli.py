@@ -308,10 +308,8 @@ def measure_pipeline(
         startups.append(run(args.batch_size))
         openvino_floors.append(run_process(OPENVINO_FLOOR_COMMAND, folder / "floor.log").wall_s)
         openvino_startups.append(run(args.batch_size, "openvino"))
-    startups.sort(key=lambda one: one.wall_s)
-    openvino_startups.sort(key=lambda one: one.wall_s)
-    startup, main = startups[len(startups) // 2], run(args.images)
-    openvino_startup = openvino_startups[len(openvino_startups) // 2]
+    startup, openvino_startup = median_run(startups), median_run(openvino_startups)
+    main = run(args.images)
     large = None if args.skip_large else run(args.large_images)
     rates = pipeline_rates(startup, main)
     results = {
@@ -320,13 +318,13 @@ def measure_pipeline(
         "startup_s": rates["startup_s"],
         "pipeline_cpu_ms_per_image": rates["cpu_ms_per_image"],
         "startup_run_s": startup.wall_s,
-        "startup_runs_s": [one.wall_s for one in startups],
+        "startup_runs_s": sorted(one.wall_s for one in startups),
         "startup_floor_s": float(np.median(floors)),
         "startup_floor_runs_s": sorted(floors),
         "help_s": float(np.median(helps)),
         "help_runs_s": sorted(helps),
         "startup_openvino_run_s": openvino_startup.wall_s,
-        "startup_openvino_runs_s": [one.wall_s for one in openvino_startups],
+        "startup_openvino_runs_s": sorted(one.wall_s for one in openvino_startups),
         "startup_openvino_floor_s": float(np.median(openvino_floors)),
         "startup_openvino_floor_runs_s": sorted(openvino_floors),
         "openvino_conversion_run_s": conversion.wall_s,
@@ -338,6 +336,11 @@ def measure_pipeline(
         "peak_rss_mb": main.peak_rss_mb,
     }
     return results | _large_results(startup, main, large), startup
+
+
+def median_run(runs: list[PipelineRun]) -> PipelineRun:
+    """The run of median wall time (of an even number, the slower of the middle two)."""
+    return sorted(runs, key=lambda one: one.wall_s)[len(runs) // 2]
 
 
 # What the large run adds; all None when it is skipped, so the JSON's keys never change.
