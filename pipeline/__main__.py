@@ -3,7 +3,7 @@
 import sys
 
 from pipeline import terminal
-from pipeline.options import PREDICT_COMMAND
+from pipeline.flags import PREDICT_COMMAND
 
 if __name__ == "__main__":
     PREDICT_COMMAND.answer_help(sys.argv[1:])  # before the pipeline's modules load TensorFlow

@@ -1,20 +1,15 @@
 """Command-line options, as Beam PipelineOptions so that Beam's own flags mix in freely.
 
-Every flag's value is checked where the flag is declared (its argparse `type`), and every
-flag must be one of ours or Beam's: a bad one is a one-line message before any work.
-
-Nothing here loads Keras or TensorFlow (the model layer's defaults come from models.settings),
-so that --help answers at once: the commands' modules import them, after their --help.
+The flags themselves are declared in pipeline.flags (--help is answered from there, before
+Beam loads); here they become Beam's views, and every flag must be one of ours or Beam's: a
+bad one is a one-line message before any work. Nothing here loads Keras or TensorFlow.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
-import math
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import fsspec
@@ -27,70 +22,18 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
-from models.settings import (
-    DEFAULT_BUNDLE,
-    ENGINES,
-    FEATURE_KINDS,
-    PRECISIONS,
-    HeadConfig,
-    check_backbone_names,
-)
+from models.settings import HeadConfig
+from pipeline import flags
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.outputs import OutputError
 from transforms.catalog import CatalogError
-from transforms.fetch import DEFAULT_MAX_BYTES, FetchPolicy, default_user_agent
-from transforms.images import DEFAULT_MAX_PIXELS
+from transforms.fetch import FetchPolicy, default_user_agent
 
 STARTUP_ERROR_STATUS = 2
 
 
 class UsageError(ValueError):
     """An unknown flag, or a value its flag cannot take: a one-line message at start-up."""
-
-
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-
-    return parse
-
-
-def number(
-    minimum: float, *, above: bool = False, below: float = math.inf
-) -> Callable[[str], float]:
-    """An argparse type: a finite number from `minimum` (or `above` it), under `below`."""
-    bounds = f"above {minimum:g}" if above else f"at least {minimum:g}"
-    if below < math.inf:
-        bounds += f" and below {below:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
-        in_bounds = (value > minimum if above else value >= minimum) and value < below
-        if not (math.isfinite(value) and in_bounds):
-            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
-        return value
-
-    return parse
-
-
-def backbone_names(text: str) -> str:
-    """An argparse type: a backbone name, or several joined by '+'."""
-    try:
-        check_backbone_names(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 class CatalogOptions(PipelineOptions):
@@ -103,18 +46,7 @@ class CatalogOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--input",
-            help="A CSV or Parquet catalog (or a glob of shards), or a folder or glob of "
-            "images. URIs may be local paths, gs://, s3://, http(s)://: anything fsspec opens.",
-        )
-        parser.add_argument("--output", help="Folder (or URI) to write to.")
-        parser.add_argument("--uri_column", default="uri", help="The catalog's image column.")
-        parser.add_argument(
-            "--label_column",
-            default=None,
-            help="The catalog's label column (default: 'style', if the catalog has one).",
-        )
+        flags.add_catalog_flags(parser)
 
     def check(self) -> None:
         """Beam parses every options class on every parse (workers, TestPipeline), so argparse's
@@ -129,15 +61,7 @@ class ModelOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--batch_size", type=whole_number(1), default=32, help="Images per model call (fixed)."
-        )
-        parser.add_argument(
-            "--backbone_weights",
-            default=None,
-            help="A local file of the backbone's ImageNet weights, for hosts that cannot "
-            "download them (ResNet50: Keras's ..._notop.h5 file).",
-        )
+        flags.add_model_flags(parser)
 
     def check(self) -> None:
         if self.backbone_weights and not _is_file(self.backbone_weights):
@@ -150,46 +74,7 @@ class ImageOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        defaults = FetchPolicy()
-        parser.add_argument(
-            "--fetch_concurrency",
-            type=whole_number(1),
-            default=defaults.concurrency,
-            help="Images fetched at once per worker (network and bucket reads wait, not work).",
-        )
-        parser.add_argument(
-            "--max_connections_per_host",
-            type=whole_number(1),
-            default=defaults.max_connections_per_host,
-            help="Connections at once to one host (Wikimedia's hosts: at most 2, as its "
-            "robot policy asks).",
-        )
-        parser.add_argument(
-            "--max_retries",
-            type=whole_number(0),
-            default=defaults.max_retries,
-            help="Retries of a transient failure (timeouts, resets, HTTP 408/429/5xx), with "
-            "exponential backoff and the server's Retry-After. gs:// and s3:// retry in "
-            "their own libraries instead.",
-        )
-        parser.add_argument(
-            "--fetch_timeout_s",
-            type=number(0, above=True),
-            default=defaults.timeout_s,
-            help="Deadline per image, all attempts together: then it is an error row.",
-        )
-        parser.add_argument(
-            "--max_image_bytes",
-            type=whole_number(1),
-            default=DEFAULT_MAX_BYTES,
-            help="Larger files are error rows, found out while streaming.",
-        )
-        parser.add_argument(
-            "--max_image_pixels",
-            type=whole_number(1),
-            default=DEFAULT_MAX_PIXELS,
-            help="Larger images are error rows (decompression-bomb guard).",
-        )
+        flags.add_image_flags(parser)
 
     def policy(self) -> FetchPolicy:
         """Beam's own --user_agent ("describing the pipeline to external services") is the
@@ -209,35 +94,7 @@ class PredictOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
-        )
-        parser.add_argument(
-            "--top_k", type=whole_number(1), default=5, help="Styles listed per image."
-        )
-        parser.add_argument(
-            "--precision",
-            choices=PRECISIONS,
-            default="auto",
-            help="The backbone's arithmetic. 'auto': bfloat16 on a GPU or a CPU with AMX; "
-            "on a CPU with AVX512_BF16 alone, whichever a short timing of both finds faster "
-            "(once per machine, cached); else float32.",
-        )
-        parser.add_argument(
-            "--engine",
-            choices=ENGINES,
-            default="keras",
-            help="What runs the model. 'keras' (TensorFlow): the fastest over many images, "
-            "where bfloat16 pays. 'openvino': Keras's float32 results from a process without "
-            "TensorFlow, which starts seconds sooner: for small catalogs. Its first run with a "
-            "bundle converts the model (once per machine, cached).",
-        )
-        parser.add_argument(
-            "--report",
-            action="store_true",
-            help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
-            "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
-        )
+        flags.add_predict_flags(parser)
 
 
 class TrainOptions(PipelineOptions):
@@ -246,66 +103,7 @@ class TrainOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--backbone",
-            type=backbone_names,
-            default="efficientnet_lite2",
-            help="Backbone name, or several joined by '+' (an ensemble: features concatenated).",
-        )
-        parser.add_argument(
-            "--features",
-            choices=FEATURE_KINDS,
-            default="stage_covariance",
-            help="'pooled' (last layer), 'stage_stats' (plus channel means and deviations of "
-            "stages) or 'stage_covariance' (plus channel covariances of early stages).",
-        )
-        parser.add_argument("--model_id", default=None, help="Bundle id (default: derived).")
-        parser.add_argument("--split_column", default="split", help="Catalog's split column.")
-        parser.add_argument("--train_split", default="train", help="Rows to train on.")
-        parser.add_argument("--eval_split", default="val", help="Rows to report scores on.")
-        parser.add_argument(
-            "--embeddings",
-            default=None,
-            help="Where image features are written (default: OUTPUT.embeddings/).",
-        )
-        parser.add_argument(
-            "--reuse_embeddings",
-            action="store_true",
-            help="Fit the head on features written by an earlier run with the same backbone.",
-        )
-        parser.add_argument(
-            "--augment_mirror",
-            action="store_true",
-            help="Also fit the head on every training painting's left-right mirror "
-            "(the feature pass computes both: twice its time).",
-        )
-        parser.add_argument(
-            "--folds",
-            type=whole_number(2),
-            default=5,
-            help="Heads cross-fitted on the training split, each early-stopped on its own "
-            "fold; the bundle averages them, their out-of-fold logits calibrate it.",
-        )
-        parser.add_argument(
-            "--hidden_units",
-            type=whole_number(0),
-            default=HeadConfig.hidden_units,
-            help="MLP head width; 0: linear.",
-        )
-        fraction = number(0, below=1)
-        parser.add_argument("--dropout", type=fraction, default=HeadConfig.dropout)
-        parser.add_argument("--l2", type=number(0), default=HeadConfig.l2)
-        parser.add_argument("--label_smoothing", type=fraction, default=HeadConfig.label_smoothing)
-        parser.add_argument(
-            "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
-        )
-        parser.add_argument(
-            "--epochs",
-            type=whole_number(1),
-            default=HeadConfig.epochs,
-            help="At most; early stopping.",
-        )
-        parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
+        flags.add_train_flags(parser)
 
     def head_config(self) -> HeadConfig:
         """The head's hyperparameters, as the flags set them."""
@@ -320,68 +118,17 @@ class TrainOptions(PipelineOptions):
         )
 
 
-HELP_EPILOG = (
-    "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and --verbose "
-    "shows the libraries' own logs (TensorFlow, absl, Beam) and INFO lines."
-)
-
-
-def parse_options(
-    argv: list[str] | None, views: tuple[type[PipelineOptions], ...], prog: str, about: str
-) -> PipelineOptions:
-    """PipelineOptions from `argv` (default: the command line), every flag one of `views`'s
-    or Beam's and every value checked, else UsageError."""
+def parse_options(argv: list[str] | None, command: flags.CommandLine) -> PipelineOptions:
+    """PipelineOptions from `argv` (default: the command line), every flag one of the
+    command's or Beam's and every value checked, else UsageError."""
     argv = sys.argv[1:] if argv is None else argv
-    answer_help(argv, views, prog, about)
-    check_flags(argv, views)
+    command.answer_help(argv)
+    check_flags(argv, command.groups)
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = False
     options.view_as(CatalogOptions).check()
     options.view_as(ModelOptions).check()
     return options
-
-
-def answer_help(
-    argv: list[str], views: tuple[type[PipelineOptions], ...], prog: str, about: str
-) -> None:
-    """If `argv` asks for --help, lists the flags of `views` and exits. (Beam's parser would
-    answer with its own flags only.)"""
-    if not {"-h", "--help"} & set(argv):
-        return
-    parser = _BeamArgumentParser(prog=prog, description=about, epilog=HELP_EPILOG)
-    for view in views:
-        view._add_argparse_args(parser)
-    parser.print_help()
-    raise SystemExit(0)
-
-
-@dataclass(frozen=True)
-class CommandLine:
-    """A command whose flags are Beam options: how it is called, what it does, its views.
-    Declared here rather than in the command's module, so that its --help is answered before
-    that module (and TensorFlow with it) loads."""
-
-    prog: str
-    about: str
-    views: tuple[type[PipelineOptions], ...]
-
-    def parse(self, argv: list[str] | None = None) -> PipelineOptions:
-        return parse_options(argv, self.views, self.prog, self.about)
-
-    def answer_help(self, argv: list[str]) -> None:
-        answer_help(argv, self.views, self.prog, self.about)
-
-
-PREDICT_COMMAND = CommandLine(
-    "python -m pipeline",
-    "Predicts the art style of every image of a catalog, with Apache Beam.",
-    (CatalogOptions, ModelOptions, ImageOptions, PredictOptions),
-)
-TRAIN_COMMAND = CommandLine(
-    "python -m pipeline.train",
-    "Trains a style model bundle: backbone features, a fitted head, a manifest.",
-    (CatalogOptions, ModelOptions, ImageOptions, TrainOptions),
-)
 
 
 class _FlagParser(_BeamArgumentParser):
@@ -392,14 +139,17 @@ class _FlagParser(_BeamArgumentParser):
         raise UsageError(message.removeprefix("argument "))
 
 
-def check_flags(argv: list[str], views: tuple[type[PipelineOptions], ...]) -> None:
+def check_flags(argv: list[str], groups: Sequence[flags.FlagGroup]) -> None:
     """Beam itself takes an unknown flag for a warning, lost among TensorFlow's start-up
-    lines, and runs on without it; here it is an error, with the nearest known flag."""
+    lines, and runs on without it; here it is an error, with the nearest known flag: every
+    flag must be Beam's or one of `groups`'."""
     parser = _FlagParser(allow_abbrev=False)
     beams = {str(cls): cls for cls in PipelineOptions.__subclasses__()
              if cls.__module__.startswith("apache_beam.")}  # fmt: skip
-    for view in (*beams.values(), *views):
+    for view in beams.values():
         view._add_argparse_args(parser)
+    for add_flags in groups:
+        add_flags(parser)
     _, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [flag for action in parser._actions for flag in action.option_strings]

@@ -23,13 +23,14 @@ from apache_beam.options.pipeline_options import (
 from models.bundle import ModelBundle, load_classifier
 from models.openvino_engine import load_openvino_classifier, openvino_precision
 from models.precision import choose_precision
+from pipeline.flags import PREDICT_COMMAND
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
-    PREDICT_COMMAND,
     CatalogOptions,
     ImageOptions,
     ModelOptions,
     PredictOptions,
+    parse_options,
     run_command,
     runner_name,
 )
@@ -116,7 +117,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     """Runs the pipeline to the end, puts its results in place and returns summary.json's
     content. Every flag, the bundle, the catalog and the output folder are checked first.
     With --template_location, only builds the job (see `build_job_template`)."""
-    options = PREDICT_COMMAND.parse(argv)
+    options = parse_options(argv, PREDICT_COMMAND)
     io, predict = options.view_as(CatalogOptions), options.view_as(PredictOptions)
     bundle = ModelBundle.load(predict.model)
     if options.view_as(GoogleCloudOptions).template_location:

@@ -37,14 +37,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from models.metrics import CALIBRATION_BINS
 from pipeline import figures, terminal
-from pipeline.options import (
-    CatalogOptions,
-    ImageOptions,
-    ModelOptions,
-    check_flags,
-    run_command,
-    whole_number,
-)
+from pipeline.flags import whole_number
+from pipeline.options import CatalogOptions, ImageOptions, ModelOptions, check_flags, run_command
 from pipeline.outputs import REPORT_FILES, REPORT_PAGE
 from transforms.catalog import Catalog, open_catalog
 from transforms.explanations import (

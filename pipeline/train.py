@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from pipeline import terminal
-from pipeline.options import TRAIN_COMMAND, CatalogOptions, TrainOptions, run_command
+from pipeline.flags import TRAIN_COMMAND
 
 if TYPE_CHECKING:
     from models.bundle import Manifest
@@ -35,7 +35,9 @@ def catalog_digest(pattern: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    options = TRAIN_COMMAND.parse(argv)  # --help is answered here, before TensorFlow loads
+    from pipeline.options import CatalogOptions, TrainOptions, parse_options
+
+    options = parse_options(argv, TRAIN_COMMAND)  # a bad flag stops here, before TensorFlow
     import apache_beam as beam
 
     from models.backbones import input_size_of
@@ -97,6 +99,9 @@ def training_summary(manifest: Manifest, output: str) -> str:
 
 
 def main() -> None:
+    TRAIN_COMMAND.answer_help(sys.argv[1:])  # before run_command's module brings Beam in
+    from pipeline.options import run_command
+
     run_command(run)
 
 

@@ -7,24 +7,19 @@ from functools import partial
 import pytest
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
+from pipeline.flags import PREDICT_COMMAND, TRAIN_COMMAND
 from pipeline.options import (
-    CatalogOptions,
     ImageOptions,
-    ModelOptions,
     PredictOptions,
-    TrainOptions,
     UsageError,
     parse_options,
     run_command,
 )
 from pipeline.predict import run
 
-PREDICT = (CatalogOptions, ModelOptions, ImageOptions, PredictOptions)
-TRAIN = (CatalogOptions, ModelOptions, ImageOptions, TrainOptions)
 
-
-def parse(views, *flags):
-    return parse_options(["--input=c.csv", "--output=out", *flags], views, "prog", "about")
+def parse(command, *flags):
+    return parse_options(["--input=c.csv", "--output=out", *flags], command)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +50,7 @@ def parse(views, *flags):
 )  # fmt: skip
 def test_bad_prediction_flags_are_one_line_errors(flags, message):
     with pytest.raises(UsageError) as error:
-        parse(PREDICT, *flags)
+        parse(PREDICT_COMMAND, *flags)
     assert str(error.value) == message
 
 
@@ -77,12 +72,12 @@ def test_bad_prediction_flags_are_one_line_errors(flags, message):
 )
 def test_bad_training_flags_are_one_line_errors(flags, message):
     with pytest.raises(UsageError) as error:
-        parse(TRAIN, *flags)
+        parse(TRAIN_COMMAND, *flags)
     assert str(error.value).startswith(message)
 
 
 def test_beams_own_flags_are_accepted_beside_ours():
-    options = parse(PREDICT, "--runner=DirectRunner", "--direct_num_workers=2",
+    options = parse(PREDICT_COMMAND, "--runner=DirectRunner", "--direct_num_workers=2",
                     "--direct_running_mode=multi_processing", "--temp_location=/tmp/beam",
                     "--user_agent=someone@example.org", "--experiments=a", "--experiments=b",
                     "--top_k=3", "--fetch_timeout_s=2.5")  # fmt: skip

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from models.bundle import DEFAULT_BUNDLE
 from models.precision import PRECISIONS
-from pipeline.options import number, whole_number
+from pipeline.flags import number, whole_number
 from transforms.images import DEFAULT_MAX_PIXELS
 
 SERVE_ABOUT = "Serves the art style of paintings over HTTP: an API, metrics and a page."

@@ -1,0 +1,279 @@
+"""The commands' flags, declared without Beam, so that --help answers before Beam loads.
+
+The flags are Beam options (pipeline.options: each group below is one PipelineOptions view,
+so that Beam's own flags mix in freely), but importing Beam alone takes over a second: --help
+is answered from these declarations with plain argparse instead, and the same declarations
+make the views. Every flag's value is checked where it is declared (its argparse `type`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from models.settings import (
+    DEFAULT_BUNDLE,
+    ENGINES,
+    FEATURE_KINDS,
+    PRECISIONS,
+    HeadConfig,
+    check_backbone_names,
+)
+from transforms.fetch import DEFAULT_MAX_BYTES, FetchPolicy
+from transforms.images import DEFAULT_MAX_PIXELS
+
+FlagGroup = Callable[[argparse.ArgumentParser], None]  # declares some flags on a parser
+
+HELP_EPILOG = (
+    "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and --verbose "
+    "shows the libraries' own logs (TensorFlow, absl, Beam) and INFO lines."
+)
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def number(
+    minimum: float, *, above: bool = False, below: float = math.inf
+) -> Callable[[str], float]:
+    """An argparse type: a finite number from `minimum` (or `above` it), under `below`."""
+    bounds = f"above {minimum:g}" if above else f"at least {minimum:g}"
+    if below < math.inf:
+        bounds += f" and below {below:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+        in_bounds = (value > minimum if above else value >= minimum) and value < below
+        if not (math.isfinite(value) and in_bounds):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+
+    return parse
+
+
+def backbone_names(text: str) -> str:
+    """An argparse type: a backbone name, or several joined by '+'."""
+    try:
+        check_backbone_names(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_catalog_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of pipeline.options.CatalogOptions."""
+    parser.add_argument(
+        "--input",
+        help="A CSV or Parquet catalog (or a glob of shards), or a folder or glob of "
+        "images. URIs may be local paths, gs://, s3://, http(s)://: anything fsspec opens.",
+    )
+    parser.add_argument("--output", help="Folder (or URI) to write to.")
+    parser.add_argument("--uri_column", default="uri", help="The catalog's image column.")
+    parser.add_argument(
+        "--label_column",
+        default=None,
+        help="The catalog's label column (default: 'style', if the catalog has one).",
+    )
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of pipeline.options.ModelOptions."""
+    parser.add_argument(
+        "--batch_size", type=whole_number(1), default=32, help="Images per model call (fixed)."
+    )
+    parser.add_argument(
+        "--backbone_weights",
+        default=None,
+        help="A local file of the backbone's ImageNet weights, for hosts that cannot "
+        "download them (ResNet50: Keras's ..._notop.h5 file).",
+    )
+
+
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of pipeline.options.ImageOptions."""
+    defaults = FetchPolicy()
+    parser.add_argument(
+        "--fetch_concurrency",
+        type=whole_number(1),
+        default=defaults.concurrency,
+        help="Images fetched at once per worker (network and bucket reads wait, not work).",
+    )
+    parser.add_argument(
+        "--max_connections_per_host",
+        type=whole_number(1),
+        default=defaults.max_connections_per_host,
+        help="Connections at once to one host (Wikimedia's hosts: at most 2, as its "
+        "robot policy asks).",
+    )
+    parser.add_argument(
+        "--max_retries",
+        type=whole_number(0),
+        default=defaults.max_retries,
+        help="Retries of a transient failure (timeouts, resets, HTTP 408/429/5xx), with "
+        "exponential backoff and the server's Retry-After. gs:// and s3:// retry in "
+        "their own libraries instead.",
+    )
+    parser.add_argument(
+        "--fetch_timeout_s",
+        type=number(0, above=True),
+        default=defaults.timeout_s,
+        help="Deadline per image, all attempts together: then it is an error row.",
+    )
+    parser.add_argument(
+        "--max_image_bytes",
+        type=whole_number(1),
+        default=DEFAULT_MAX_BYTES,
+        help="Larger files are error rows, found out while streaming.",
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=whole_number(1),
+        default=DEFAULT_MAX_PIXELS,
+        help="Larger images are error rows (decompression-bomb guard).",
+    )
+
+
+def add_predict_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of pipeline.options.PredictOptions."""
+    parser.add_argument(
+        "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
+    )
+    parser.add_argument("--top_k", type=whole_number(1), default=5, help="Styles listed per image.")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="The backbone's arithmetic. 'auto': bfloat16 on a GPU or a CPU with AMX; "
+        "on a CPU with AVX512_BF16 alone, whichever a short timing of both finds faster "
+        "(once per machine, cached); else float32.",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="keras",
+        help="What runs the model. 'keras' (TensorFlow): the fastest over many images, "
+        "where bfloat16 pays. 'openvino': Keras's float32 results from a process without "
+        "TensorFlow, which starts seconds sooner: for small catalogs. Its first run with a "
+        "bundle converts the model (once per machine, cached).",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
+        "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
+    )
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of pipeline.options.TrainOptions."""
+    parser.add_argument(
+        "--backbone",
+        type=backbone_names,
+        default="efficientnet_lite2",
+        help="Backbone name, or several joined by '+' (an ensemble: features concatenated).",
+    )
+    parser.add_argument(
+        "--features",
+        choices=FEATURE_KINDS,
+        default="stage_covariance",
+        help="'pooled' (last layer), 'stage_stats' (plus channel means and deviations of "
+        "stages) or 'stage_covariance' (plus channel covariances of early stages).",
+    )
+    parser.add_argument("--model_id", default=None, help="Bundle id (default: derived).")
+    parser.add_argument("--split_column", default="split", help="Catalog's split column.")
+    parser.add_argument("--train_split", default="train", help="Rows to train on.")
+    parser.add_argument("--eval_split", default="val", help="Rows to report scores on.")
+    parser.add_argument(
+        "--embeddings",
+        default=None,
+        help="Where image features are written (default: OUTPUT.embeddings/).",
+    )
+    parser.add_argument(
+        "--reuse_embeddings",
+        action="store_true",
+        help="Fit the head on features written by an earlier run with the same backbone.",
+    )
+    parser.add_argument(
+        "--augment_mirror",
+        action="store_true",
+        help="Also fit the head on every training painting's left-right mirror "
+        "(the feature pass computes both: twice its time).",
+    )
+    parser.add_argument(
+        "--folds",
+        type=whole_number(2),
+        default=5,
+        help="Heads cross-fitted on the training split, each early-stopped on its own "
+        "fold; the bundle averages them, their out-of-fold logits calibrate it.",
+    )
+    parser.add_argument(
+        "--hidden_units",
+        type=whole_number(0),
+        default=HeadConfig.hidden_units,
+        help="MLP head width; 0: linear.",
+    )
+    fraction = number(0, below=1)
+    parser.add_argument("--dropout", type=fraction, default=HeadConfig.dropout)
+    parser.add_argument("--l2", type=number(0), default=HeadConfig.l2)
+    parser.add_argument("--label_smoothing", type=fraction, default=HeadConfig.label_smoothing)
+    parser.add_argument(
+        "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
+    )
+    parser.add_argument(
+        "--epochs",
+        type=whole_number(1),
+        default=HeadConfig.epochs,
+        help="At most; early stopping.",
+    )
+    parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """A command whose flags are Beam options: how it is called, what it does, its flag
+    groups. Declared here rather than in the command's module, so that its --help is answered
+    before that module (and Beam and TensorFlow with it) loads."""
+
+    prog: str
+    about: str
+    groups: Sequence[FlagGroup]
+
+    def answer_help(self, argv: list[str]) -> None:
+        """If `argv` asks for --help, lists the command's flags and exits. (Beam's parser
+        would answer with its own flags only.)"""
+        if not {"-h", "--help"} & set(argv):
+            return
+        parser = argparse.ArgumentParser(prog=self.prog, description=self.about, epilog=HELP_EPILOG)
+        for add_flags in self.groups:
+            add_flags(parser)
+        parser.print_help()
+        raise SystemExit(0)
+
+
+PREDICT_COMMAND = CommandLine(
+    "python -m pipeline",
+    "Predicts the art style of every image of a catalog, with Apache Beam.",
+    (add_catalog_flags, add_model_flags, add_image_flags, add_predict_flags),
+)
+TRAIN_COMMAND = CommandLine(
+    "python -m pipeline.train",
+    "Trains a style model bundle: backbone features, a fitted head, a manifest.",
+    (add_catalog_flags, add_model_flags, add_image_flags, add_train_flags),
+)
