@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,7 +79,19 @@ def load_openvino_classifier(
     model = classifier_model(core, bundle, backbone_weights)
     model.reshape([batch_size, bundle.input_size, bundle.input_size, 3])
     config = {**OPENVINO_CONFIG, "INFERENCE_PRECISION_HINT": _HINTS[choice.precision]}
-    return OpenVinoClassifier(core.compile_model(model, "CPU", config))
+    return OpenVinoClassifier(compiled_on_a_thread_of_its_own(core, model, config))
+
+
+def compiled_on_a_thread_of_its_own(
+    core: openvino.Core, model: openvino.Model, config: dict[str, Any]
+) -> openvino.CompiledModel:
+    """OpenVINO's CPU plugin gives the thread that compiles a signal stack of its own, and
+    unmaps it when the compiled model is freed, whichever thread frees it: a thread that
+    compiled and lives on (the main one, where Ctrl-C lands) would be left with a stack
+    that is gone, and its next signal would kill the process silently. So the compiling is
+    done on a thread that ends with it."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile") as thread:
+        return thread.submit(core.compile_model, model, "CPU", config).result()
 
 
 def keep_compiled_kernels(core: openvino.Core) -> None:
@@ -134,7 +147,9 @@ def converted_model(model: keras.Model) -> openvino.Model:
 
     spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32)
     traced = tf.function(lambda images: model(images, training=False))
-    return openvino.convert_model(traced.get_concrete_function(spec))
+    # Copied weights: shared ones would point into TensorFlow's variables, which TensorFlow
+    # may move or free once the Keras model is gone (OpenVINO's own examples copy them too).
+    return openvino.convert_model(traced.get_concrete_function(spec), share_weights=False)
 
 
 def save_converted(model: openvino.Model, folder: Path) -> None:

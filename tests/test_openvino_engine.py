@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,3 +64,25 @@ def test_auto_is_float32_and_bfloat16_only_when_asked():
     assert "0.38" in openvino_precision("auto").reason
     assert openvino_precision("bfloat16").precision == "bfloat16"
     assert openvino_precision("float32").precision == "float32"
+
+
+def test_a_classifier_freed_on_another_thread_leaves_ctrl_c_working(cache, tiny_bundle):
+    """OpenVINO's CPU plugin gives the compiling thread a signal stack that it unmaps when
+    the compiled model is freed: compiled on the main thread and freed on another, it left
+    the main thread a stack that was gone, and Ctrl-C then killed the process silently."""
+    script = """if True:
+        import signal, sys, threading
+        from models.openvino_engine import load_openvino_classifier
+        held = [load_openvino_classifier(sys.argv[1], None, "float32", batch_size=2)]
+        freeing = threading.Thread(target=held.clear)
+        freeing.start()
+        freeing.join()
+        handled = []
+        signal.signal(signal.SIGINT, lambda signum, frame: handled.append(signum))
+        signal.raise_signal(signal.SIGINT)
+        print("handled", len(handled))
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script, tiny_bundle], capture_output=True, text=True
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "handled 1"), done.stderr[-2000:]
