@@ -1,5 +1,6 @@
 """Shared fixtures: small images made here, and a small real model bundle."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,17 @@ def lite0_manifest(model_id: str, classes: list[str]) -> Manifest:
         head=HeadSpec(temperature=1.0),
         classes=tuple(classes),
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_folder(tmp_path_factory) -> Iterator[Path]:
+    """What artstyle caches per machine (precision timings, converted models) goes in a
+    folder of the test session's, for this process and the ones it starts: tests neither
+    read the user's cache nor fill it."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ARTSTYLE_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
