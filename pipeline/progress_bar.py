@@ -16,10 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import fsspec
-import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
-from fsspec.implementations.local import LocalFileSystem
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,12 +30,11 @@ from rich.progress import (
 from rich.text import Text
 
 from pipeline.options import runner_name
-from transforms.catalog import Catalog, list_images
+from transforms.catalog import Catalog, catalog_size
 from transforms.progress import IMAGES_DONE
 
 IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")
 REDRAW_S = 0.5
-CHUNK_BYTES = 2**20
 
 
 @contextmanager
@@ -62,7 +58,7 @@ def progress_bar(options: PipelineOptions, catalog: Catalog) -> Iterator[None]:
     stopped = threading.Event()
 
     def redraw() -> None:
-        bar.update(task, total=_size_or_none(catalog), refresh=True)
+        bar.update(task, total=catalog_size(catalog), refresh=True)
         while not stopped.wait(REDRAW_S):
             bar.update(task, completed=IMAGES_DONE.value - start, refresh=True)
 
@@ -103,47 +99,6 @@ def runs_in_this_process(options: PipelineOptions) -> bool:
     """Whether the loading step runs in this process, where its count can be read."""
     mode = options.view_as(DirectOptions).direct_running_mode
     return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
-
-
-def catalog_size(catalog: Catalog) -> int | None:
-    """The catalog's rows, where they can be counted without reading much; else None. A CSV
-    row's count is its file's lines after the header, near enough for a progress bar."""
-    if not catalog.listed:
-        return None
-    if catalog.format == "parquet":
-        return sum(_parquet_rows(file) for file in catalog.files)
-    if not all(_is_local(url) for url in (catalog.pattern, *catalog.files)):
-        return None
-    if catalog.format == "csv":
-        return sum(_csv_rows(file) for file in catalog.files)
-    return sum(1 for _ in list_images(catalog.pattern))
-
-
-def _size_or_none(catalog: Catalog) -> int | None:
-    """The bar goes on without a total where counting fails (a file gone, a footer torn):
-    reading the catalog is the run's business, and its errors are reported there."""
-    try:
-        return catalog_size(catalog)
-    except (OSError, ValueError):
-        return None
-
-
-def _parquet_rows(file: str) -> int:
-    with fsspec.open(file, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
-def _csv_rows(file: str) -> int:
-    lines, last = 0, b"\n"
-    with fsspec.open(file, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
-    lines += last != b"\n"  # a last line without its newline
-    return max(0, lines - 1)
-
-
-def _is_local(url: str) -> bool:
-    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
 
 
 class RateColumn(ProgressColumn):

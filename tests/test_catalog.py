@@ -1,6 +1,7 @@
 import logging
 
 import apache_beam as beam
+import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,10 +9,13 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from tests.conftest import painting
+from transforms import catalog as catalog_module
 from transforms.catalog import (
     CatalogError,
     ImageRecord,
     ReadCatalog,
+    catalog_size,
     open_catalog,
     read_records,
     resolve_location,
@@ -284,3 +288,38 @@ def test_an_earlier_runs_style_is_not_taken_for_a_label(tmp_path, caplog):
     assert "--label_column label" in caplog.text
     named = open_catalog(str(path), label_column="label")
     assert named.label_column == "label" and "style" in [f.name for f in named.extra_fields]
+
+
+def test_a_catalogs_size_from_parquet_footers_and_local_lines(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, n in enumerate((3, 5)):
+        pq.write_table(
+            pa.table({"uri": [f"{i}-{j}.png" for j in range(n)]}), shards / f"{i}.parquet"
+        )
+    assert catalog_size(open_catalog(str(shards / "*.parquet"))) == 8
+
+    (tmp_path / "no_last_newline.csv").write_text("uri,style\na.png,x\nb.png,y")
+    assert catalog_size(open_catalog(str(tmp_path / "no_last_newline.csv"))) == 2
+
+    folder = tmp_path / "images"
+    for i in range(3):
+        painting(folder / f"{i}.png", (0, 0, 0), seed=i)
+    assert catalog_size(open_catalog(str(folder))) == 3
+
+
+def test_a_remote_csv_is_not_read_to_be_counted():
+    with fsspec.open("memory://remote/catalog.csv", "w") as f:
+        f.write("uri\na.png\n")
+    assert catalog_size(open_catalog("memory://remote/catalog.csv")) is None
+
+
+def test_counting_stops_once_past_what_the_caller_asks(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog_module, "CSV_COUNT_CHUNK_BYTES", 16)
+    (tmp_path / "catalog.csv").write_text("uri\n" + "".join(f"{i}.png\n" for i in range(100)))
+    catalog = open_catalog(str(tmp_path / "catalog.csv"))
+    assert catalog_size(catalog) == 100
+    assert 5 < catalog_size(catalog, at_most=5) < 100
+    assert catalog_size(catalog, at_most=100) == 100
+    (tmp_path / "header_only.csv").write_text("uri\n")
+    assert catalog_size(open_catalog(str(tmp_path / "header_only.csv")), at_most=0) == 0

@@ -6,14 +6,11 @@ import sys
 import time
 
 import apache_beam as beam
-import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.progress_bar import catalog_size, progress_bar, runs_in_this_process
+from pipeline.progress_bar import progress_bar, runs_in_this_process
 from tests.conftest import painting
 from transforms.catalog import ImageRecord, open_catalog
 from transforms.load import LoadImages
@@ -50,30 +47,6 @@ def test_the_loading_step_counts_every_record_in_this_process(tmp_path):
 )
 def test_the_bar_is_only_where_the_count_is(flags, here):
     assert runs_in_this_process(PipelineOptions(flags)) == here
-
-
-def test_a_catalogs_size_from_parquet_footers_and_local_lines(tmp_path):
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for i, n in enumerate((3, 5)):
-        pq.write_table(
-            pa.table({"uri": [f"{i}-{j}.png" for j in range(n)]}), shards / f"{i}.parquet"
-        )
-    assert catalog_size(open_catalog(str(shards / "*.parquet"))) == 8
-
-    (tmp_path / "no_last_newline.csv").write_text("uri,style\na.png,x\nb.png,y")
-    assert catalog_size(open_catalog(str(tmp_path / "no_last_newline.csv"))) == 2
-
-    folder = tmp_path / "images"
-    for i in range(3):
-        painting(folder / f"{i}.png", (0, 0, 0), seed=i)
-    assert catalog_size(open_catalog(str(folder))) == 3
-
-
-def test_a_remote_csv_is_not_read_to_be_counted():
-    with fsspec.open("memory://remote/catalog.csv", "w") as f:
-        f.write("uri\na.png\n")
-    assert catalog_size(open_catalog("memory://remote/catalog.csv")) is None
 
 
 class Terminal(io.StringIO):

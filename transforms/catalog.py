@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator
@@ -38,6 +39,7 @@ import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from transforms.fetch import scheme_of
 
@@ -51,6 +53,7 @@ BAD_ROW = "bad_catalog_row"
 PARQUET_BATCH_ROWS = 1024  # rows read at a time: memory stays small for any shard size
 # Python's csv module stops at 128 KiB a field; a `data:` URI of a large image is longer.
 MAX_CSV_FIELD_CHARS = 256 * 2**20
+CSV_COUNT_CHUNK_BYTES = 2**20
 # A CSV record as read: (its first line, its fields or None, what is wrong with it or None).
 CsvRecord = tuple[int, list[str] | None, str | None]
 
@@ -399,6 +402,60 @@ def list_images(pattern: str) -> Iterator[str]:
     for match in sorted(matches):
         if match.lower().endswith(IMAGE_EXTENSIONS):
             yield _unstrip(pattern, fs, match)
+
+
+def catalog_size(catalog: Catalog, at_most: int | None = None) -> int | None:
+    """The catalog's rows, where they can be counted without reading much: Parquet footers,
+    local CSV files' lines after the header (near enough: a quoted field may hold a line
+    break), a local folder's images. None otherwise, and where counting fails: reading the
+    catalog is the run's business, and it reports its errors there.
+
+    With `at_most`, counting stops once past it, for a caller that only asks "more than?"."""
+    if not catalog.listed:
+        return None
+    if catalog.format != "parquet" and not all(
+        _is_local(url) for url in (catalog.pattern, *catalog.files)
+    ):
+        return None
+    total = 0
+    try:
+        for count in _row_counts(catalog):
+            total += count
+            if at_most is not None and total > at_most:
+                break
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+def _row_counts(catalog: Catalog) -> Iterator[int]:
+    if catalog.format == "images":
+        return (1 for _ in list_images(catalog.pattern))
+    if catalog.format == "parquet":
+        return (_parquet_rows(file) for file in catalog.files)
+    return itertools.chain.from_iterable(_csv_rows(file) for file in catalog.files)
+
+
+def _parquet_rows(file: str) -> int:
+    with fsspec.open(file, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _csv_rows(file: str) -> Iterator[int]:
+    """Its lines after the header, counted a chunk at a time, so that counting can stop."""
+    with fsspec.open(file, "rb") as f:
+        chunk = f.read(CSV_COUNT_CHUNK_BYTES)
+        if not chunk:
+            return
+        yield -1  # the header
+        while chunk:
+            yield chunk.count(b"\n")
+            last, chunk = chunk[-1:], f.read(CSV_COUNT_CHUNK_BYTES)
+    yield int(last != b"\n")  # a last line without its newline
+
+
+def _is_local(url: str) -> bool:
+    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
 
 
 def _image_record(uri: str) -> ImageRecord:
