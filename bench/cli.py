@@ -287,28 +287,30 @@ def measure_pipeline(
     beside the floor every run pays (Python importing TensorFlow and Beam, and exiting)
     and `python -m pipeline --help`, each run in turn with them. The same one-batch runs on
     `--engine openvino` beside their own floor (Beam and OpenVINO), after a first run that
-    converts the model."""
+    converts the model; and on the default engine, `auto`, which picks one of the two."""
 
     def run(n: int, engine: str = "keras") -> PipelineRun:
         path = folder / f"catalog-{n}.csv"
         catalog.head(n).to_csv(path, index=False)
         output = folder / f"run-{n}-{engine}"
         # OpenVINO's converted model goes to a cache of this run's own, so that its first
-        # run is the conversion, whatever this machine's cache holds.
-        cache = {"ARTSTYLE_CACHE_DIR": str(folder / "cache")} if engine == "openvino" else {}
+        # run is the conversion, whatever this machine's cache holds; `auto` uses it too.
+        cache = {"ARTSTYLE_CACHE_DIR": str(folder / "cache")} if engine != "keras" else {}
         flags = [f"--engine={engine}"]
         return run_pipeline(path, output, args.model, args.batch_size, args.precision, flags, cache)
 
     conversion = run(args.batch_size, "openvino")
     floors, helps, startups = [], [], []
-    openvino_floors, openvino_startups = [], []
+    openvino_floors, openvino_startups, default_startups = [], [], []
     for _ in range(args.startup_runs):  # in turns, so that the machine's load weighs alike
         floors.append(run_process(FLOOR_COMMAND, folder / "floor.log").wall_s)
         helps.append(run_process(HELP_COMMAND, folder / "help.log").wall_s)
         startups.append(run(args.batch_size))
         openvino_floors.append(run_process(OPENVINO_FLOOR_COMMAND, folder / "floor.log").wall_s)
         openvino_startups.append(run(args.batch_size, "openvino"))
+        default_startups.append(run(args.batch_size, "auto"))
     startup, openvino_startup = median_run(startups), median_run(openvino_startups)
+    default_startup = median_run(default_startups)
     main = run(args.images)
     large = None if args.skip_large else run(args.large_images)
     rates = pipeline_rates(startup, main)
@@ -328,6 +330,9 @@ def measure_pipeline(
         "startup_openvino_floor_s": float(np.median(openvino_floors)),
         "startup_openvino_floor_runs_s": sorted(openvino_floors),
         "openvino_conversion_run_s": conversion.wall_s,
+        "startup_default_run_s": default_startup.wall_s,
+        "startup_default_runs_s": sorted(one.wall_s for one in default_startups),
+        "startup_default_engine": default_startup.engine,
         "peak_rss_mb_startup_openvino": openvino_startup.peak_rss_mb,
         "pipeline_run_s": main.wall_s,
         "pipeline_images": main.n_images,

@@ -209,6 +209,7 @@ def _high_water_kb(pid: int) -> int:
 class PipelineRun(ProcessRun):
     n_images: int
     n_errors: int
+    engine: str  # what ran the model ("auto" is resolved by then)
 
 
 def run_pipeline(
@@ -227,7 +228,12 @@ def run_pipeline(
     process = run_process(command, output.with_suffix(".log"), environment=environment)
     summary = json.loads((output / "summary.json").read_text())
     return PipelineRun(
-        process.wall_s, process.peak_rss_mb, process.cpu_s, summary["n_images"], summary["n_errors"]
+        process.wall_s,
+        process.peak_rss_mb,
+        process.cpu_s,
+        summary["n_images"],
+        summary["n_errors"],
+        summary["engine"]["engine"],
     )
 
 

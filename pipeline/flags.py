@@ -18,6 +18,7 @@ from models.settings import (
     ENGINES,
     FEATURE_KINDS,
     PRECISIONS,
+    SMALL_CATALOG,
     HeadConfig,
     check_backbone_names,
 )
@@ -167,11 +168,13 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         choices=ENGINES,
-        default="keras",
-        help="What runs the model. 'keras' (TensorFlow): the fastest over many images, "
-        "where bfloat16 pays. 'openvino': Keras's float32 results from a process without "
-        "TensorFlow, which starts seconds sooner: for small catalogs. Its first run with a "
-        "bundle converts the model (once per machine, cached).",
+        default="auto",
+        help="What runs the model. 'keras' (TensorFlow): the fastest over many images where "
+        "bfloat16 pays. 'openvino': Keras's float32 results from a process without "
+        "TensorFlow, which starts seconds sooner; its first run with a bundle converts the "
+        "model (once per machine, cached). 'auto': OpenVINO where Keras would compute in "
+        f"float32 or the catalog has under {SMALL_CATALOG} images; Keras on a GPU, on other "
+        "machines' workers, and elsewhere.",
     )
     parser.add_argument(
         "--report",

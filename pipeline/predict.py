@@ -7,6 +7,7 @@ function or a small PTransform from `transforms/`, testable on its own.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +22,10 @@ from apache_beam.options.pipeline_options import (
 )
 
 from models.bundle import ModelBundle, load_classifier
+from models.engine_choice import EngineChoice, choose_engine
 from models.openvino_engine import load_openvino_classifier, openvino_precision
 from models.precision import choose_precision
+from models.settings import SMALL_CATALOG
 from pipeline.flags import PREDICT_COMMAND
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
@@ -36,7 +39,13 @@ from pipeline.options import (
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
-from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
+from transforms.catalog import (
+    Catalog,
+    ReadCatalog,
+    catalog_size,
+    describe_catalog,
+    open_catalog,
+)
 from transforms.evaluation import Evaluate
 from transforms.infer_images import InferImages
 from transforms.model_handler import FixedBatchModelHandler
@@ -59,7 +68,10 @@ def build_graph(
     )
     output_dir = output_dir or io.output
     predict = options.view_as(PredictOptions)
-    classifier = FixedBatchModelHandler(classifier_loader(options, bundle), model.batch_size)
+    engine = engine_of_run(options, catalog, bundle)
+    logging.info("artstyle: %s (--engine=%s)", engine, predict.engine)
+    loader = classifier_loader(options, bundle, engine.engine)
+    classifier = FixedBatchModelHandler(loader, model.batch_size)
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
@@ -77,15 +89,29 @@ def build_graph(
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
         f"{output_dir}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    run_facts = {"engine": predict.engine, "precision": precision_of_workers(options, bundle)}
+    run_facts = {
+        "engine": engine.to_json(),
+        "precision": precision_of_workers(options, bundle, engine.engine),
+    }
     _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, run_facts)
     return rows
 
 
-def classifier_loader(options: PipelineOptions, bundle: ModelBundle) -> Callable[[], Any]:
-    """What each worker calls to load the classifier, on the engine --engine names."""
+def engine_of_run(options: PipelineOptions, catalog: Catalog, bundle: ModelBundle) -> EngineChoice:
+    """--engine, with `auto` resolved here: the choice decides which loader the graph holds."""
+    predict = options.view_as(PredictOptions)
+    on_this_machine = runner_name(options) in LOCAL_RUNNERS
+    wants_size = predict.engine == "auto" and on_this_machine
+    images = catalog_size(catalog, at_most=SMALL_CATALOG) if wants_size else None
+    return choose_engine(predict.engine, predict.precision, bundle.id, images, on_this_machine)
+
+
+def classifier_loader(
+    options: PipelineOptions, bundle: ModelBundle, engine: str
+) -> Callable[[], Any]:
+    """What each worker calls to load the classifier, on `engine`."""
     model, predict = options.view_as(ModelOptions), options.view_as(PredictOptions)
-    if predict.engine == "openvino":
+    if engine == "openvino":
         return partial(
             load_openvino_classifier,
             bundle.path,
@@ -99,15 +125,16 @@ def classifier_loader(options: PipelineOptions, bundle: ModelBundle) -> Callable
 LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism")
 
 
-def precision_of_workers(options: PipelineOptions, bundle: ModelBundle) -> dict[str, str]:
-    """The backbone's arithmetic and why, for summary.json. A local runner's workers run on
-    this machine, so resolving here gives their answer (the same rule, the same cached
-    measurement); on other runners each worker resolves its own, and logs it."""
-    predict = options.view_as(PredictOptions)
-    asked = predict.precision
+def precision_of_workers(
+    options: PipelineOptions, bundle: ModelBundle, engine: str
+) -> dict[str, str]:
+    """The backbone's arithmetic on `engine` and why, for summary.json. A local runner's
+    workers run on this machine, so resolving here gives their answer (the same rule, the
+    same cached measurement); on other runners each worker resolves its own, and logs it."""
+    asked = options.view_as(PredictOptions).precision
     if runner_name(options) not in LOCAL_RUNNERS:
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
-    if predict.engine == "openvino":
+    if engine == "openvino":
         return openvino_precision(asked).to_json()
     build = partial(bundle.classifier, options.view_as(ModelOptions).backbone_weights)
     return choose_precision(asked, build, bundle.id).to_json()

@@ -31,8 +31,12 @@ from tests.conftest import CLASSES, COLOURS, painting
 
 def test_rates_come_from_the_two_runs_through_a_straight_line():
     # wall = 6 s of start-up + n / (10 images/s); CPU = 9 s + n x 0.15 s
-    tiny = PipelineRun(wall_s=6.4, peak_rss_mb=900, cpu_s=9.6, n_images=4, n_errors=0)
-    main = PipelineRun(wall_s=206.0, peak_rss_mb=1000, cpu_s=309.0, n_images=2000, n_errors=0)
+    tiny = PipelineRun(
+        wall_s=6.4, peak_rss_mb=900, cpu_s=9.6, n_images=4, n_errors=0, engine="keras"
+    )
+    main = PipelineRun(
+        wall_s=206.0, peak_rss_mb=1000, cpu_s=309.0, n_images=2000, n_errors=0, engine="keras"
+    )
     rates = pipeline_rates(tiny, main)
     assert rates["images_per_s"] == pytest.approx(10.0)
     assert rates["startup_s"] == pytest.approx(6.0)
@@ -41,15 +45,23 @@ def test_rates_come_from_the_two_runs_through_a_straight_line():
 
 
 def test_rates_are_unknown_when_the_larger_run_was_not_slower():
-    tiny = PipelineRun(wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0)
-    main = PipelineRun(wall_s=6.9, peak_rss_mb=900, cpu_s=9.1, n_images=8, n_errors=0)
+    tiny = PipelineRun(
+        wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0, engine="keras"
+    )
+    main = PipelineRun(
+        wall_s=6.9, peak_rss_mb=900, cpu_s=9.1, n_images=8, n_errors=0, engine="keras"
+    )
     rates = pipeline_rates(tiny, main)
     assert rates["images_per_s"] is None and rates["startup_s"] is None
 
 
 def test_cpu_per_image_is_unknown_when_the_larger_run_took_no_more_cpu():
-    tiny = PipelineRun(wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0)
-    main = PipelineRun(wall_s=7.5, peak_rss_mb=900, cpu_s=8.9, n_images=8, n_errors=0)
+    tiny = PipelineRun(
+        wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0, engine="keras"
+    )
+    main = PipelineRun(
+        wall_s=7.5, peak_rss_mb=900, cpu_s=8.9, n_images=8, n_errors=0, engine="keras"
+    )
     assert pipeline_rates(tiny, main)["cpu_ms_per_image"] is None
 
 

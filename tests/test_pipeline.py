@@ -159,14 +159,19 @@ def test_openvino_predicts_what_keras_does_and_then_runs_without_tensorflow(
     catalog_csv, tmp_path, tiny_bundle, monkeypatch
 ):
     monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "cache"))
-    run(argv_for(catalog_csv, tmp_path / "keras", tiny_bundle, "--precision=float32"))
+    run(
+        argv_for(
+            catalog_csv, tmp_path / "keras", tiny_bundle, "--engine=keras", "--precision=float32"
+        )
+    )
     summary = run(argv_for(catalog_csv, tmp_path / "openvino", tiny_bundle, "--engine=openvino"))
     (keras_rows, keras_probs), (openvino_rows, openvino_probs) = (
         predictions_of(tmp_path / name) for name in ("keras", "openvino")
     )
     pd.testing.assert_frame_equal(keras_rows, openvino_rows)
     np.testing.assert_allclose(keras_probs, openvino_probs, atol=1e-5)
-    assert summary["engine"] == "openvino" and summary["precision"]["precision"] == "float32"
+    assert summary["engine"] == {"engine": "openvino", "reason": "asked for (--engine openvino)"}
+    assert summary["precision"]["precision"] == "float32"
 
     # The model converted above is in the cache: a new process never loads TensorFlow.
     script = (

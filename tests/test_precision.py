@@ -204,7 +204,7 @@ def test_summary_json_says_which_arithmetic_the_run_used_and_why(
     images = [painting(tmp_path / f"p{i}.png", (200, 40, 30), seed=i) for i in range(2)]
     catalog = tmp_path / "catalog.csv"
     catalog.write_text("uri\n" + "".join(f"{path}\n" for path in images))
-    argv = [f"--input={catalog}", f"--model={tiny_bundle}", "--batch_size=2"]
+    argv = [f"--input={catalog}", f"--model={tiny_bundle}", "--batch_size=2", "--engine=keras"]
     summary = run([*argv, f"--output={tmp_path / 'auto'}"])
     assert summary["precision"] == {
         "precision": "float32",
@@ -216,7 +216,7 @@ def test_summary_json_says_which_arithmetic_the_run_used_and_why(
 
 def test_on_a_remote_runner_the_summary_says_each_worker_resolves_its_own(tiny_bundle):
     options = PipelineOptions(["--runner=DataflowRunner", "--precision=auto"])
-    assert precision_of_workers(options, ModelBundle.load(tiny_bundle)) == {
+    assert precision_of_workers(options, ModelBundle.load(tiny_bundle), "keras") == {
         "precision": "auto",
         "reason": "resolved per worker (see the workers' logs)",
     }

@@ -578,7 +578,7 @@ def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tm
         tmp_path / "catalog.csv", index=False
     )
     run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
-         f"--model={tiny_bundle}"])  # fmt: skip
+         f"--model={tiny_bundle}", "--engine=keras"])  # fmt: skip
     rows = pd.concat(map(pd.read_parquet, glob.glob(str(tmp_path / "out" / "predictions-*"))))
     for name in names:
         row = rows.set_index("uri").loc[str(tmp_path / name)]
