@@ -5,7 +5,8 @@ model alone (in both arithmetics, and which one `--precision auto` picks here), 
 engines a user could run it on (timed in turns with TensorFlow, and scored on the `val`
 paintings), decoding alone, the pipeline as a user runs it (a tiny catalog, N images, and
 optionally many more; its start-up beside the floor of importing TensorFlow and Beam, and
-`--help`; the start-up on `--engine openvino` beside its own floor), and the original
+`--help`; the start-up on `--engine openvino` beside its own floor, and on the default
+engine), and the original
 project's model-per-image way.
 """
 
@@ -26,12 +27,12 @@ import pandas as pd
 
 from bench.engines import engine_paths, top_k_scores
 from bench.fetch import measure_fetch
+from bench.flags import parse_args
 from bench.measure import (
     FLOOR_COMMAND,
     HELP_COMMAND,
     OPENVINO_FLOOR_COMMAND,
     PIPELINE_PATH,
-    REPO_ROOT,
     PipelineRun,
     decode_throughput,
     fixed_batches,
@@ -43,86 +44,15 @@ from bench.measure import (
     run_process,
     tile_batches,
 )
-from models.bundle import DEFAULT_BUNDLE, ModelBundle
+from models.bundle import ModelBundle
 from models.precision import (
     BFLOAT16_CPU_FLAGS,
-    PRECISIONS,
     choose_precision,
     cpu_bfloat16_flag,
     measured_speedup,
 )
 from transforms.fetch import read_file
 from transforms.images import decode_image
-
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--output", required=True, help="The JSON file to write.")
-    parser.add_argument("--images", type=int, default=2000, help="N: the pipeline's catalog.")
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
-    parser.add_argument("--batch_size", type=int, default=32, help="As the pipeline's flag.")
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="As the pipeline's flag."
-    )
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="A folder with catalog.csv (uri, style)."
-    )
-    parser.add_argument(
-        "--large_images", type=int, default=8000, help="The catalog for memory growth."
-    )
-    parser.add_argument("--skip_large", action="store_true", help="No large run (quick runs).")
-    parser.add_argument(
-        "--fetch_images",
-        type=int,
-        default=2000,
-        help="Paintings read from disk and over HTTP at 50 and 200 ms per request.",
-    )
-    parser.add_argument(
-        "--fetch_concurrency", type=int, default=32, help="As the pipeline's flag, for that."
-    )
-    parser.add_argument("--skip_fetch", action="store_true", help="No HTTP runs.")
-    parser.add_argument(
-        "--reload_images", type=int, default=200, help="Images for the model-per-image way."
-    )
-    parser.add_argument(
-        "--decode_images", type=int, default=500, help="Images to decode (at most N)."
-    )
-    parser.add_argument("--raw_batches", type=int, default=8, help="Batches per model path timed.")
-    parser.add_argument("--skip_engines", action="store_true", help="No other engines.")
-    parser.add_argument(
-        "--engine_rounds",
-        type=int,
-        default=3,
-        help="Turns each engine takes over --raw_batches batches; the median one is used.",
-    )
-    parser.add_argument(
-        "--calibration_images",
-        type=int,
-        default=300,
-        help="'train' paintings that calibrate the int8 quantization.",
-    )
-    parser.add_argument(
-        "--val_images",
-        type=int,
-        default=None,
-        help="'val' paintings every engine is scored on (default: all of them).",
-    )
-    parser.add_argument(
-        "--startup_runs",
-        type=int,
-        default=3,
-        help="One-batch runs for the start-up time, each beside a run of the floor (importing "
-        "TensorFlow and Beam) and of --help, and on --engine openvino beside its floor; the "
-        "median of each is used.",
-    )
-    args = parser.parse_args(argv)
-    if args.startup_runs < 1:
-        parser.error("--startup_runs must be at least 1")
-    if args.images <= args.batch_size:
-        parser.error("--images must exceed --batch_size: a batch is the start-up run's catalog")
-    return args
 
 
 def sample_catalog(data: Path, n: int, seed: int = 0) -> pd.DataFrame:

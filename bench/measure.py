@@ -23,12 +23,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from bench.flags import REPO_ROOT
 from models.bundle import ModelBundle
 from transforms.fetch import read_file
 from transforms.images import decode_image
 from transforms.model_handler import predict_in_fixed_batches
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The model path the pipeline itself takes; the other paths are alternatives to it.
 PIPELINE_PATH = "fixed_batches"

@@ -35,7 +35,8 @@ import aiohttp
 import numpy as np
 import pandas as pd
 
-from bench.cli import DEFAULT_DATA, sample_catalog, table
+from bench.cli import sample_catalog, table
+from bench.flags import DEFAULT_DATA
 from bench.measure import REPO_ROOT, _high_water_kb, pipeline_rates, run_pipeline
 from models.bundle import DEFAULT_BUNDLE, ModelBundle, load_classifier
 from models.precision import PRECISIONS

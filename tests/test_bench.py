@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from bench.cli import main as bench
-from bench.cli import measure_engines, parse_args, sample_catalog
+from bench.cli import measure_engines, sample_catalog
 from bench.engines import INSTALL_HINT, engine_paths, top_k_scores
 from bench.fetch import latency_server
+from bench.flags import parse_args
 from bench.measure import (
     PipelineRun,
     fixed_batches,

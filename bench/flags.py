@@ -1,0 +1,81 @@
+"""`python -m bench`'s flags, apart from the benchmarks: --help and a bad flag answer
+before they load TensorFlow."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from models.settings import DEFAULT_BUNDLE, PRECISIONS
+
+ABOUT = "Every measurement in one run, printed as a table and written as JSON."
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=ABOUT)
+    parser.add_argument("--output", required=True, help="The JSON file to write.")
+    parser.add_argument("--images", type=int, default=2000, help="N: the pipeline's catalog.")
+    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
+    parser.add_argument("--batch_size", type=int, default=32, help="As the pipeline's flag.")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="As the pipeline's flag."
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="A folder with catalog.csv (uri, style)."
+    )
+    parser.add_argument(
+        "--large_images", type=int, default=8000, help="The catalog for memory growth."
+    )
+    parser.add_argument("--skip_large", action="store_true", help="No large run (quick runs).")
+    parser.add_argument(
+        "--fetch_images",
+        type=int,
+        default=2000,
+        help="Paintings read from disk and over HTTP at 50 and 200 ms per request.",
+    )
+    parser.add_argument(
+        "--fetch_concurrency", type=int, default=32, help="As the pipeline's flag, for that."
+    )
+    parser.add_argument("--skip_fetch", action="store_true", help="No HTTP runs.")
+    parser.add_argument(
+        "--reload_images", type=int, default=200, help="Images for the model-per-image way."
+    )
+    parser.add_argument(
+        "--decode_images", type=int, default=500, help="Images to decode (at most N)."
+    )
+    parser.add_argument("--raw_batches", type=int, default=8, help="Batches per model path timed.")
+    parser.add_argument("--skip_engines", action="store_true", help="No other engines.")
+    parser.add_argument(
+        "--engine_rounds",
+        type=int,
+        default=3,
+        help="Turns each engine takes over --raw_batches batches; the median one is used.",
+    )
+    parser.add_argument(
+        "--calibration_images",
+        type=int,
+        default=300,
+        help="'train' paintings that calibrate the int8 quantization.",
+    )
+    parser.add_argument(
+        "--val_images",
+        type=int,
+        default=None,
+        help="'val' paintings every engine is scored on (default: all of them).",
+    )
+    parser.add_argument(
+        "--startup_runs",
+        type=int,
+        default=3,
+        help="One-batch runs for the start-up time, each beside a run of the floor (importing "
+        "TensorFlow and Beam) and of --help, on --engine openvino beside its floor, and on "
+        "the default engine; the median of each is used.",
+    )
+    args = parser.parse_args(argv)
+    if args.startup_runs < 1:
+        parser.error("--startup_runs must be at least 1")
+    if args.images <= args.batch_size:
+        parser.error("--images must exceed --batch_size: a batch is the start-up run's catalog")
+    return args
