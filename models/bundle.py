@@ -29,7 +29,6 @@ from models.precision import (
     building_in,
     choose_precision,
     grow_gpu_memory_on_demand,
-    resolve_precision,
 )
 from models.settings import DEFAULT_BUNDLE as DEFAULT_BUNDLE  # where commands look for it
 from models.settings import FEATURE_KINDS, check_backbone_names
@@ -230,8 +229,9 @@ class ModelBundle:
     ) -> keras.Model:
         """images (0..255) -> style probabilities, calibrated by the bundle's temperature.
 
-        `precision` is the backbone's arithmetic ('float32', 'bfloat16' or 'auto': see
-        models.precision); the head and its softmax are float32 in every case.
+        `precision` is the backbone's arithmetic, 'float32' or 'bfloat16' (`load_classifier`
+        resolves 'auto', measuring where it must); the head and its softmax are float32 in
+        every case.
         """
         import keras
 
@@ -239,7 +239,7 @@ class ModelBundle:
         from models.head import calibrated_probabilities
 
         spec = self.manifest.backbone
-        with building_in(resolve_precision(precision).precision):
+        with building_in(precision):
             extractor = feature_extractor(
                 spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
             )

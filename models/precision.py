@@ -250,6 +250,8 @@ def building_in(precision: str) -> Iterator[None]:
     policy is restored after, so layers built later are float32 again."""
     import keras
 
+    if precision not in _POLICIES:
+        raise ValueError(f"A model is built in float32 or bfloat16, not {precision!r}")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_POLICIES[precision])
     try:

@@ -152,6 +152,13 @@ def test_building_in_bfloat16_leaves_keras_float32_after():
     assert keras.config.dtype_policy().name == "float32"
 
 
+def test_auto_must_be_resolved_before_a_model_is_built(tiny_bundle):
+    """One way to resolve 'auto' (load_classifier's, which measures where it must)."""
+    with pytest.raises(ValueError, match="not 'auto'"):
+        ModelBundle.load(tiny_bundle).classifier(precision="auto")
+    assert keras.config.dtype_policy().name == "float32"
+
+
 def test_a_bfloat16_classifier_rounds_the_backbone_only(tiny_bundle):
     bundle = ModelBundle.load(tiny_bundle)
     exact, rounded = bundle.classifier(), bundle.classifier(precision="bfloat16")
