@@ -14,6 +14,11 @@ So OpenVINO wherever Keras would compute in float32, and for catalogs too small 
 bfloat16 to repay TensorFlow's start-up; Keras on a GPU, where bfloat16 is asked for, for
 big catalogs where bfloat16 pays or is still to be measured, and wherever the workers are
 other machines.
+
+Worker processes (Beam's multi_processing mode, portable runners, Dataflow) get Keras: their
+start-up is not the one a user waits for, a worker may have a GPU, and Beam's worker
+processes with OpenVINO loaded ended with an abseil check failure on stderr in 2 of 6 runs
+here (after writing every row).
 """
 
 from __future__ import annotations
@@ -39,14 +44,15 @@ class EngineChoice:
 
 
 def choose_engine(
-    asked: str, precision: str, model_id: str, images: int | None, on_this_machine: bool
+    asked: str, precision: str, model_id: str, images: int | None, in_this_process: bool
 ) -> EngineChoice:
     """`images`: the catalog's size where it could be counted (None: unknown, or only known
-    to be at least SMALL_CATALOG); `on_this_machine`: whether the workers run here."""
+    to be at least SMALL_CATALOG); `in_this_process`: whether the model runs in this process
+    (the direct runner in memory or in threads) rather than in workers of its own."""
     if asked != "auto":
         return EngineChoice(asked, f"asked for (--engine {asked})")
-    if not on_this_machine:
-        return EngineChoice("keras", "the workers run elsewhere, where a GPU may be")
+    if not in_this_process:
+        return EngineChoice("keras", "the model runs in worker processes, or on other machines")
     if gpu_device_present():
         return EngineChoice("keras", "a GPU is here")
     if precision == "bfloat16":

@@ -16,6 +16,7 @@ import fsspec
 
 # Beam's parser, for the flags Beam declares with its add_value_provider_argument.
 from apache_beam.options.pipeline_options import (
+    DirectOptions,
     PipelineOptions,
     SetupOptions,
     StandardOptions,
@@ -179,6 +180,17 @@ def _is_file(url: str) -> bool:
 def runner_name(options: PipelineOptions) -> str:
     """--runner in short and lower case ('direct' when unset, 'dataflow' for DataflowRunner)."""
     return (options.view_as(StandardOptions).runner or "direct").lower().removesuffix("runner")
+
+
+IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")
+
+
+def runs_in_this_process(options: PipelineOptions) -> bool:
+    """Whether the graph's steps run in this process (Beam's direct runner in memory or in
+    threads), not in worker processes or on a service: where the progress bar can read the
+    count of images done, and where a run's start-up is this process's."""
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
 
 
 def run_command(run: Callable[[], object]) -> None:

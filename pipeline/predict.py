@@ -36,6 +36,7 @@ from pipeline.options import (
     parse_options,
     run_command,
     runner_name,
+    runs_in_this_process,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
@@ -100,10 +101,10 @@ def build_graph(
 def engine_of_run(options: PipelineOptions, catalog: Catalog, bundle: ModelBundle) -> EngineChoice:
     """--engine, with `auto` resolved here: the choice decides which loader the graph holds."""
     predict = options.view_as(PredictOptions)
-    on_this_machine = runner_name(options) in LOCAL_RUNNERS
-    wants_size = predict.engine == "auto" and on_this_machine
+    in_this_process = runs_in_this_process(options)
+    wants_size = predict.engine == "auto" and in_this_process
     images = catalog_size(catalog, at_most=SMALL_CATALOG) if wants_size else None
-    return choose_engine(predict.engine, predict.precision, bundle.id, images, on_this_machine)
+    return choose_engine(predict.engine, predict.precision, bundle.id, images, in_this_process)
 
 
 def classifier_loader(

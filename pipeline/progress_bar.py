@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,11 +29,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.options import runner_name
+from pipeline.options import runs_in_this_process
 from transforms.catalog import Catalog, catalog_size
 from transforms.progress import IMAGES_DONE
 
-IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")
 REDRAW_S = 0.5
 
 
@@ -93,12 +92,6 @@ def _cleared_on_interrupt(bar: Progress) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def runs_in_this_process(options: PipelineOptions) -> bool:
-    """Whether the loading step runs in this process, where its count can be read."""
-    mode = options.view_as(DirectOptions).direct_running_mode
-    return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
 
 
 class RateColumn(ProgressColumn):

@@ -10,7 +10,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.progress_bar import progress_bar, runs_in_this_process
+from pipeline.options import runs_in_this_process
+from pipeline.progress_bar import progress_bar
 from tests.conftest import painting
 from transforms.catalog import ImageRecord, open_catalog
 from transforms.load import LoadImages
