@@ -145,9 +145,10 @@ def predictions_of(output):
 
 
 def test_two_workers_predict_what_one_worker_does(catalog_csv, tmp_path, tiny_bundle):
-    run(argv_for(catalog_csv, tmp_path / "one", tiny_bundle))
-    run(argv_for(catalog_csv, tmp_path / "two", tiny_bundle, "--direct_num_workers=2",
-                 "--direct_running_mode=multi_processing"))  # fmt: skip
+    # One engine for both: `auto` picks Keras for worker processes, OpenVINO for a small run here.
+    run(argv_for(catalog_csv, tmp_path / "one", tiny_bundle, "--engine=keras"))
+    run(argv_for(catalog_csv, tmp_path / "two", tiny_bundle, "--engine=keras",
+                 "--direct_num_workers=2", "--direct_running_mode=multi_processing"))  # fmt: skip
     (one, one_probs), (two, two_probs) = (
         predictions_of(tmp_path / name) for name in ("one", "two")
     )
