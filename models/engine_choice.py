@@ -68,7 +68,7 @@ def choose_engine(
         return EngineChoice(
             "openvino", f"{images} images, too few for bfloat16 to repay TensorFlow's start-up"
         )
-    catalog = "a catalog of unknown size" if images is None else f"{images}+ images"
+    catalog = "a catalog of unknown size" if images is None else f"{SMALL_CATALOG}+ images"
     if keras_precision is None:
         return EngineChoice("keras", f"{catalog}, and bfloat16's speed here still to measure")
     return EngineChoice("keras", f"{catalog}, and bfloat16 ({keras_precision.reason})")

@@ -62,7 +62,7 @@ def test_where_bfloat16_pays_keras_runs_big_catalogs_and_openvino_small_ones(mac
 def test_avx512_bf16_alone_follows_the_cached_measurement(machine):
     machine("avx512_bf16")
     reason = choose_engine("auto", "auto", "new", BIG, in_this_process=True).reason
-    assert reason == f"{BIG}+ images, and bfloat16's speed here still to measure"
+    assert reason == f"{SMALL_CATALOG}+ images, and bfloat16's speed here still to measure"
     assert engine(SMALL, model_id="new") == "openvino"
 
     PrecisionCache().speedup("slower", lambda: 0.68)
