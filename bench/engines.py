@@ -2,7 +2,8 @@
 
 - ONNX Runtime: the float32 classifier exported by Keras (through tf2onnx).
 - OpenVINO's CPU plugin: the float32 classifier converted as `--engine openvino` converts
-  it, run in float32 and, where the CPU has bfloat16 instructions, in bfloat16.
+  it, run in float32 and, where the CPU has bfloat16 instructions, in bfloat16: the whole
+  model, and as `--engine openvino` runs it, with the head in float32.
 - OpenVINO int8: NNCF's post-training quantization of that model, calibrated on
   paintings of the catalog's `train` split (the CPU's VNNI or AMX int8 instructions).
 
@@ -22,7 +23,7 @@ import numpy as np
 import openvino
 
 from bench.measure import ModelPath, per_batch
-from models.openvino_engine import OPENVINO_CONFIG, converted_model
+from models.openvino_engine import OPENVINO_CONFIG, compiled_classifier, converted_model
 
 INSTALL_HINT = "not installed (pip install -e '.[engines]')"
 
@@ -44,6 +45,14 @@ def engine_paths(
     paths["openvino_float32"] = openvino_path(core, converted, "f32", batch_size)
     if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         paths["openvino_bfloat16"] = openvino_path(core, converted, "bf16", batch_size)
+        try:
+            head_float32 = compiled_classifier(core, converted, "bfloat16")
+        except ValueError as error:  # a model without a style head to cut at
+            missing["openvino_bfloat16_head_float32"] = str(error)
+        else:
+            paths["openvino_bfloat16_head_float32"] = _batchwise(
+                head_float32.predict_on_batch, batch_size
+            )
     else:
         missing["openvino_bfloat16"] = "not native on this CPU"
     try:

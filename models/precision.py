@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,35 +81,23 @@ def _cpuinfo_field(cpuinfo: str, name: str) -> str:
 
 
 def resolve_precision(
-    precision: str, speedup: Speedup | None = None, model_id: str = ""
+    precision: str, speedup: Speedup | None = None, model_id: str = "", cpu_only: bool = False
 ) -> PrecisionChoice:
     """'float32' and 'bfloat16' as asked; 'auto' by the hardware's rule where it has one,
-    else by `speedup` (cached per machine and model), else float32.
+    else by `speedup` (cached per machine and model), else float32. `cpu_only`: for an
+    engine that runs on the CPU whatever GPU there is.
 
     Resolved where the model is loaded (each worker), not where the pipeline is launched:
     the two machines may differ.
     """
     if precision != "auto":
         return asked_precision(precision)
-    rule = hardware_rule(_has_gpu())
+    rule = hardware_rule(not cpu_only and _has_gpu())
     if rule is not None:
         return rule
     if speedup is None:
         return PrecisionChoice("float32", "AVX512_BF16 without AMX, and not measured here")
     return choice_by_speedup(PrecisionCache().speedup(model_id, speedup))
-
-
-def foreseen_precision(precision: str, model_id: str) -> PrecisionChoice | None:
-    """What `resolve_precision` will answer on this machine, told without loading TensorFlow
-    (a GPU known by its device files, the measurement only if cached), for choosing the
-    engine before anything loads; None where a measurement is still to be made."""
-    if precision != "auto":
-        return asked_precision(precision)
-    rule = hardware_rule(gpu_device_present())
-    if rule is not None:
-        return rule
-    speedup = PrecisionCache().cached(model_id)
-    return None if speedup is None else choice_by_speedup(speedup)
 
 
 def asked_precision(precision: str) -> PrecisionChoice:
@@ -185,7 +173,7 @@ class PrecisionCache:
         self.path = path or cache_dir() / "precision.json"
 
     def speedup(self, model_id: str, measure: Speedup) -> float:
-        cached = self.cached(model_id)
+        cached = self._cached(model_id)
         if cached is not None:
             return cached
         value = measure()
@@ -203,7 +191,7 @@ class PrecisionCache:
             logging.warning("artstyle: cannot cache the precision measurement: %s", error)
         return value
 
-    def cached(self, model_id: str) -> float | None:
+    def _cached(self, model_id: str) -> float | None:
         entry = self._read().get(machine_key(model_id))
         try:
             return float(entry["speedup"]) if entry is not None else None
@@ -225,13 +213,17 @@ def machine_key(model_id: str, cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def measured_speedup(
-    build: Callable[[str], keras.Model], batch_size: int = 8, rounds: int = 3
+    build: Callable[[str], Any],
+    batch_size: int = 8,
+    rounds: int = 3,
+    input_shape: tuple[int, ...] | None = None,
 ) -> float:
     """bfloat16's images/s over float32's, for the models `build(precision)` makes, on
-    random images: one warm-up batch each (tracing), then `rounds` batches each, alternated,
-    and each one's fastest batch (another process's load only ever adds time)."""
+    random images of `input_shape` (default: a Keras model's input): one warm-up batch each
+    (tracing), then `rounds` batches each, alternated, and each one's fastest batch (another
+    process's load only ever adds time)."""
     models = {precision: build(precision) for precision in ("float32", "bfloat16")}
-    shape = (batch_size, *models["float32"].input.shape[1:])
+    shape = (batch_size, *(input_shape or models["float32"].input.shape[1:]))
     images = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
     for model in models.values():
         model.predict_on_batch(images)

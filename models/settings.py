@@ -14,10 +14,6 @@ from pathlib import Path
 DEFAULT_BUNDLE = str(Path(__file__).parent / "default_bundle")
 PRECISIONS = ("auto", "float32", "bfloat16")
 ENGINES = ("auto", "keras", "openvino")  # what runs a bundle's classifier at prediction
-# Images below which `--engine auto` takes OpenVINO's head start over Keras's bfloat16: it
-# lasted about 760 paintings in whole runs on a 2-core EPYC, and some 470 on a 2-core AMX
-# Xeon by its timings of the model alone (docs/benchmarks.md).
-SMALL_CATALOG = 500
 FEATURE_KINDS = ("pooled", "stage_stats", "stage_covariance")
 # What models.backbones builds (a test holds the two equal): a bundle names them, and its
 # manifest is checked before anything imports Keras.

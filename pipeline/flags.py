@@ -18,7 +18,6 @@ from models.settings import (
     ENGINES,
     FEATURE_KINDS,
     PRECISIONS,
-    SMALL_CATALOG,
     HeadConfig,
     check_backbone_names,
 )
@@ -169,12 +168,10 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINES,
         default="auto",
-        help="What runs the model. 'keras' (TensorFlow): the fastest over many images where "
-        "bfloat16 pays. 'openvino': Keras's float32 results from a process without "
-        "TensorFlow, which starts seconds sooner; its first run with a bundle converts the "
-        "model (once per machine, cached). 'auto': OpenVINO where Keras would compute in "
-        f"float32 or the catalog has under {SMALL_CATALOG} images; Keras on a GPU, on other "
-        "machines' workers, and elsewhere.",
+        help="What runs the model. 'keras': TensorFlow. 'openvino': the same results (in "
+        "bfloat16, the same rounding) from a process without TensorFlow, which starts "
+        "seconds sooner; its first run with a bundle converts the model (once per machine, "
+        "cached). 'auto': OpenVINO on a CPU; Keras on a GPU and in worker processes.",
     )
     parser.add_argument(
         "--report",

@@ -23,9 +23,8 @@ from apache_beam.options.pipeline_options import (
 
 from models.bundle import ModelBundle, load_classifier
 from models.engine_choice import EngineChoice, choose_engine
-from models.openvino_engine import load_openvino_classifier, openvino_precision
+from models.openvino_engine import load_openvino_classifier, openvino_precision_of
 from models.precision import choose_precision
-from models.settings import SMALL_CATALOG
 from pipeline.flags import PREDICT_COMMAND
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.options import (
@@ -43,7 +42,6 @@ from pipeline.progress_bar import progress_bar
 from transforms.catalog import (
     Catalog,
     ReadCatalog,
-    catalog_size,
     describe_catalog,
     open_catalog,
 )
@@ -69,7 +67,7 @@ def build_graph(
     )
     output_dir = output_dir or io.output
     predict = options.view_as(PredictOptions)
-    engine = engine_of_run(options, catalog, bundle)
+    engine = engine_of_run(options)
     logging.info("artstyle: %s (--engine=%s)", engine, predict.engine)
     loader = classifier_loader(options, bundle, engine.engine)
     classifier = FixedBatchModelHandler(loader, model.batch_size)
@@ -98,13 +96,10 @@ def build_graph(
     return rows
 
 
-def engine_of_run(options: PipelineOptions, catalog: Catalog, bundle: ModelBundle) -> EngineChoice:
+def engine_of_run(options: PipelineOptions) -> EngineChoice:
     """--engine, with `auto` resolved here: the choice decides which loader the graph holds."""
-    predict = options.view_as(PredictOptions)
-    in_this_process = runs_in_this_process(options)
-    wants_size = predict.engine == "auto" and in_this_process
-    images = catalog_size(catalog, at_most=SMALL_CATALOG) if wants_size else None
-    return choose_engine(predict.engine, predict.precision, bundle.id, images, in_this_process)
+    asked = options.view_as(PredictOptions).engine
+    return choose_engine(asked, runs_in_this_process(options))
 
 
 def classifier_loader(
@@ -135,9 +130,12 @@ def precision_of_workers(
     asked = options.view_as(PredictOptions).precision
     if runner_name(options) not in LOCAL_RUNNERS:
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
+    model = options.view_as(ModelOptions)
     if engine == "openvino":
-        return openvino_precision(asked).to_json()
-    build = partial(bundle.classifier, options.view_as(ModelOptions).backbone_weights)
+        return openvino_precision_of(
+            bundle.path, model.backbone_weights, asked, model.batch_size
+        ).to_json()
+    build = partial(bundle.classifier, model.backbone_weights)
     return choose_precision(asked, build, bundle.id).to_json()
 
 

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from models import openvino_engine
+from models import openvino_engine, precision
 from models.bundle import ModelBundle
 from models.openvino_engine import load_openvino_classifier, openvino_precision
+from models.precision import PrecisionCache
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def images(n: int, size: int = 224) -> np.ndarray:
 def test_it_computes_the_keras_classifier_in_float32(cache, tiny_bundle):
     batch = images(4)
     expected = ModelBundle.load(tiny_bundle).classifier(precision="float32").predict_on_batch(batch)
-    classifier = load_openvino_classifier(tiny_bundle, None, "auto", batch_size=4)
+    classifier = load_openvino_classifier(tiny_bundle, None, "float32", batch_size=4)
     np.testing.assert_allclose(classifier.predict_on_batch(batch), expected, atol=1e-5)
 
 
@@ -59,11 +60,41 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(
     assert classifier.predict_on_batch(images(2)).shape == (2, 3)
 
 
-def test_auto_is_float32_and_bfloat16_only_when_asked():
+def test_auto_follows_the_cpus_rule_with_openvinos_own_measurement(cache, monkeypatch):
+    monkeypatch.setattr(precision, "_has_gpu", lambda: pytest.fail("OpenVINO runs on the CPU"))
+    monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: None)
     assert openvino_precision("auto").precision == "float32"
-    assert "0.38" in openvino_precision("auto").reason
-    assert openvino_precision("bfloat16").precision == "bfloat16"
+    monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: "amx_bf16")
+    assert openvino_precision("auto").precision == "bfloat16"
+    monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: "avx512_bf16")
+    assert (
+        openvino_precision("auto", lambda: 1.7, "m").reason == "1.70 x float32 measured on this CPU"
+    )
+    PrecisionCache().speedup("m", lambda: 0.5)  # Keras's, kept apart
+    assert (
+        openvino_precision("auto", lambda: pytest.fail("measured again"), "m").precision
+        == "bfloat16"
+    )
     assert openvino_precision("float32").precision == "float32"
+
+
+def test_bfloat16_runs_the_head_in_float32_after_the_backbone(cache, tiny_bundle):
+    """Cut at the head, the two parts in float32 compute the whole; in bfloat16 only the
+    backbone is rounded, as Keras's mixed policy does."""
+    import openvino
+
+    bundle = ModelBundle.load(tiny_bundle)
+    core = openvino.Core()
+    model = openvino_engine.classifier_model(core, bundle, None)
+    model.reshape([2, 224, 224, 3])
+    batch = images(2).astype(np.float32)
+    whole = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(batch)[0]
+    backbone, head = openvino_engine.split_at_head(model)
+    features = core.compile_model(backbone, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(batch)[0]
+    parts = core.compile_model(head, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(features)[0]
+    np.testing.assert_allclose(parts, whole, atol=1e-6)
+    rounded = load_openvino_classifier(tiny_bundle, None, "bfloat16", batch_size=2)
+    np.testing.assert_allclose(rounded.predict_on_batch(images(2)), whole, atol=0.05)
 
 
 def test_a_classifier_freed_on_another_thread_leaves_ctrl_c_working(cache, tiny_bundle):

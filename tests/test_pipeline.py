@@ -165,7 +165,8 @@ def test_openvino_predicts_what_keras_does_and_then_runs_without_tensorflow(
             catalog_csv, tmp_path / "keras", tiny_bundle, "--engine=keras", "--precision=float32"
         )
     )
-    summary = run(argv_for(catalog_csv, tmp_path / "openvino", tiny_bundle, "--engine=openvino"))
+    openvino = ("--engine=openvino", "--precision=float32")
+    summary = run(argv_for(catalog_csv, tmp_path / "openvino", tiny_bundle, *openvino))
     (keras_rows, keras_probs), (openvino_rows, openvino_probs) = (
         predictions_of(tmp_path / name) for name in ("keras", "openvino")
     )
@@ -179,7 +180,7 @@ def test_openvino_predicts_what_keras_does_and_then_runs_without_tensorflow(
         "import sys; from pipeline.predict import run; run(sys.argv[1:]); "
         "print([name for name in ('tensorflow', 'keras') if name in sys.modules])"
     )
-    argv = argv_for(catalog_csv, tmp_path / "again", tiny_bundle, "--engine=openvino")
+    argv = argv_for(catalog_csv, tmp_path / "again", tiny_bundle, *openvino)
     again = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[-1] == "[]"

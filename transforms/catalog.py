@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator
@@ -404,36 +403,24 @@ def list_images(pattern: str) -> Iterator[str]:
             yield _unstrip(pattern, fs, match)
 
 
-def catalog_size(catalog: Catalog, at_most: int | None = None) -> int | None:
+def catalog_size(catalog: Catalog) -> int | None:
     """The catalog's rows, where they can be counted without reading much: Parquet footers,
     local CSV files' lines after the header (near enough: a quoted field may hold a line
     break), a local folder's images. None otherwise, and where counting fails: reading the
-    catalog is the run's business, and it reports its errors there.
-
-    With `at_most`, counting stops once past it, for a caller that only asks "more than?"."""
+    catalog is the run's business, and it reports its errors there."""
     if not catalog.listed:
         return None
     if catalog.format != "parquet" and not all(
         _is_local(url) for url in (catalog.pattern, *catalog.files)
     ):
         return None
-    total = 0
     try:
-        for count in _row_counts(catalog):
-            total += count
-            if at_most is not None and total > at_most:
-                break
+        if catalog.format == "images":
+            return sum(1 for _ in list_images(catalog.pattern))
+        count_rows = _parquet_rows if catalog.format == "parquet" else _csv_rows
+        return sum(count_rows(file) for file in catalog.files)
     except (OSError, ValueError):
         return None
-    return total
-
-
-def _row_counts(catalog: Catalog) -> Iterator[int]:
-    if catalog.format == "images":
-        return (1 for _ in list_images(catalog.pattern))
-    if catalog.format == "parquet":
-        return (_parquet_rows(file) for file in catalog.files)
-    return itertools.chain.from_iterable(_csv_rows(file) for file in catalog.files)
 
 
 def _parquet_rows(file: str) -> int:
@@ -441,17 +428,13 @@ def _parquet_rows(file: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def _csv_rows(file: str) -> Iterator[int]:
-    """Its lines after the header, counted a chunk at a time, so that counting can stop."""
+def _csv_rows(file: str) -> int:
+    lines, last = 0, b"\n"
     with fsspec.open(file, "rb") as f:
-        chunk = f.read(CSV_COUNT_CHUNK_BYTES)
-        if not chunk:
-            return
-        yield -1  # the header
-        while chunk:
-            yield chunk.count(b"\n")
-            last, chunk = chunk[-1:], f.read(CSV_COUNT_CHUNK_BYTES)
-    yield int(last != b"\n")  # a last line without its newline
+        while chunk := f.read(CSV_COUNT_CHUNK_BYTES):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    lines += last != b"\n"  # a last line without its newline
+    return max(0, lines - 1)
 
 
 def _is_local(url: str) -> bool:
