@@ -5,7 +5,7 @@ On a CPU, OpenVINO computes what Keras computes: in float32 the same function (t
 same `val` scores as Keras's). It does so at least as fast (OpenVINO's bfloat16 took 9% less
 CPU a painting than Keras's on a 2-core AMX Xeon), chooses its arithmetic by the same rule
 with a measurement of its own, and its process never imports TensorFlow: a one-batch run
-ends in about 4.5 s where Keras's takes 11 s on a 2-core EPYC, in 0.8 GB instead of 1.4 GB.
+ends in 3.0 s where Keras's takes 9.6 s on a 2-core EPYC, in 0.7 GB instead of 1.4 GB.
 Its first run with a bundle converts the model, once per machine.
 
 Keras remains where OpenVINO's CPU plugin is not the fast path or the start-up is not one a
