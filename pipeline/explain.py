@@ -13,18 +13,20 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
-from models.feature_maps import LayerError, LayerViewer
-from models.gradcam import GradCam, bundle_grad_cam, overlay
-from models.head import calibrated_probabilities
-from pipeline import figures, terminal
-from pipeline.options import run_command
+from pipeline import terminal
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import ImageError, brief, decode_image
-from transforms.predictions import top_k_fields
+
+# Keras, TensorFlow and Beam load when a run starts, not with this module: --help and a bad
+# flag answer at once.
+if TYPE_CHECKING:
+    from models.feature_maps import LayerViewer
+    from models.gradcam import GradCam
 
 TOP_STYLES = 5
 BATCH = 8  # images per Grad-CAM call
@@ -61,6 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> None:
     """Explains every image it can read; then raises ExplainError if some could not be."""
+    from models.feature_maps import LayerError, LayerViewer
+    from models.gradcam import bundle_grad_cam
+    from pipeline import figures
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     bundle = ModelBundle.load(args.model)
     style = _style_index(bundle, args.style)
@@ -101,6 +107,11 @@ class _Explainer:
         self._style = style
 
     def __call__(self, batch: list[tuple[int, np.ndarray]], uris: list[str]) -> list[bytes]:
+        from models.gradcam import overlay
+        from models.head import calibrated_probabilities
+        from pipeline import figures
+        from transforms.predictions import top_k_fields
+
         if not batch:
             return []
         images = np.stack([image for _, image in batch])
@@ -138,6 +149,8 @@ def _style_index(bundle: ModelBundle, style: str | None) -> int | None:
 
 def _write_filters(viewer: LayerViewer, bundle: ModelBundle, output: Path) -> None:
     """The layer's filters: the same for every image, so drawn once."""
+    from pipeline import figures
+
     blank = np.zeros((bundle.input_size, bundle.input_size, 3), np.uint8)
     pictures = viewer(blank)
     picture = figures.filters_figure(pictures)
@@ -188,6 +201,9 @@ def _file_safe(text: str) -> str:
 
 
 def main() -> None:
+    parse_args(sys.argv[1:])  # --help and a bad flag, before the run's imports
+    from pipeline.options import run_command
+
     try:
         run_command(run)
     except ExplainError as error:
