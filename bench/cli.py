@@ -6,8 +6,7 @@ engines a user could run it on (timed in turns with TensorFlow, and scored on th
 paintings), decoding alone, the pipeline as a user runs it (a tiny catalog, N images, and
 optionally many more; its start-up beside the floor of importing TensorFlow and Beam, and
 `--help`; the start-up on `--engine openvino` beside its own floor, and on the default
-engine), and the original
-project's model-per-image way.
+engine), and the original project's model-per-image way.
 """
 
 from __future__ import annotations

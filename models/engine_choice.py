@@ -18,8 +18,7 @@ stderr in 2 of 6 runs here (after writing every row).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from models.precision import gpu_device_present
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,12 @@ class EngineChoice:
 
     def to_json(self) -> dict[str, str]:
         return {"engine": self.engine, "reason": self.reason}
+
+
+def gpu_device_present(devices: str = "/dev") -> bool:
+    """An NVIDIA GPU's device files, seen without loading TensorFlow (which may still not use
+    it: a build without CUDA)."""
+    return any(Path(devices).glob("nvidia[0-9]*"))
 
 
 def choose_engine(asked: str, in_this_process: bool) -> EngineChoice:

@@ -90,26 +90,11 @@ def resolve_precision(
     Resolved where the model is loaded (each worker), not where the pipeline is launched:
     the two machines may differ.
     """
-    if precision != "auto":
-        return asked_precision(precision)
-    rule = hardware_rule(not cpu_only and _has_gpu())
-    if rule is not None:
-        return rule
-    if speedup is None:
-        return PrecisionChoice("float32", "AVX512_BF16 without AMX, and not measured here")
-    return choice_by_speedup(PrecisionCache().speedup(model_id, speedup))
-
-
-def asked_precision(precision: str) -> PrecisionChoice:
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    return PrecisionChoice(precision, f"asked for (--precision {precision})")
-
-
-def hardware_rule(has_gpu: bool) -> PrecisionChoice | None:
-    """`auto`'s answer where the hardware decides; None on a CPU with AVX512_BF16 but no AMX,
-    where only a measurement can."""
-    if has_gpu:
+    if precision != "auto":
+        return PrecisionChoice(precision, f"asked for (--precision {precision})")
+    if not cpu_only and _has_gpu():
         return PrecisionChoice("bfloat16", "a GPU computes it natively")
     flag = cpu_bfloat16_flag()
     if flag is None:
@@ -118,19 +103,15 @@ def hardware_rule(has_gpu: bool) -> PrecisionChoice | None:
         )
     if flag == AMX_FLAG:
         return PrecisionChoice("bfloat16", "this CPU has AMX")
-    return None
+    if speedup is None:
+        return PrecisionChoice("float32", "AVX512_BF16 without AMX, and not measured here")
+    return choice_by_speedup(PrecisionCache().speedup(model_id, speedup))
 
 
 def _has_gpu() -> bool:
     import tensorflow as tf  # here: only 'auto' asks, and the OpenVINO engine runs without it
 
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-def gpu_device_present(devices: str = "/dev") -> bool:
-    """An NVIDIA GPU's device files, seen without loading TensorFlow (which may still not use
-    it: a build without CUDA)."""
-    return any(Path(devices).glob("nvidia[0-9]*"))
 
 
 def grow_gpu_memory_on_demand() -> None:
@@ -173,12 +154,12 @@ class PrecisionCache:
         self.path = path or cache_dir() / "precision.json"
 
     def speedup(self, model_id: str, measure: Speedup) -> float:
-        cached = self._cached(model_id)
-        if cached is not None:
-            return cached
+        entries, key = self._read(), machine_key(model_id)
+        try:
+            return float(entries[key]["speedup"])
+        except (KeyError, TypeError, ValueError):
+            pass  # not measured here yet, or a garbled entry: measured now, and mended
         value = measure()
-        entries = self._read()
-        key = machine_key(model_id)
         entries[key] = {
             "speedup": value,
             "cpu": _cpuinfo_field("/proc/cpuinfo", "model name"),
@@ -190,13 +171,6 @@ class PrecisionCache:
         except OSError as error:
             logging.warning("artstyle: cannot cache the precision measurement: %s", error)
         return value
-
-    def _cached(self, model_id: str) -> float | None:
-        entry = self._read().get(machine_key(model_id))
-        try:
-            return float(entry["speedup"]) if entry is not None else None
-        except (KeyError, TypeError, ValueError):
-            return None  # a garbled entry: measured again, and mended
 
     def _read(self) -> dict:
         try:

@@ -39,12 +39,7 @@ from pipeline.options import (
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
-from transforms.catalog import (
-    Catalog,
-    ReadCatalog,
-    describe_catalog,
-    open_catalog,
-)
+from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
 from transforms.evaluation import Evaluate
 from transforms.infer_images import InferImages
 from transforms.model_handler import FixedBatchModelHandler

@@ -6,8 +6,7 @@ import sys
 import pytest
 
 from models import engine_choice, openvino_engine, precision
-from models.engine_choice import choose_engine
-from models.precision import gpu_device_present
+from models.engine_choice import choose_engine, gpu_device_present
 from pipeline.predict import run
 from tests.conftest import painting
 
