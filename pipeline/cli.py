@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(command: Command, flags: list[str]) -> None:
-    """As `python -m MODULE FLAGS` (each command but report answers --help before
-    TensorFlow loads)."""
+    """As `python -m MODULE FLAGS` (each command answers --help before TensorFlow and Beam
+    load)."""
     sys.argv = [command.module, *flags]  # runpy puts the module's path first, as -m does
     runpy.run_module(command.module, run_name="__main__", alter_sys=True)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from models.bundle import DEFAULT_BUNDLE, ModelBundle
 from pipeline import terminal
+from pipeline.flags import UsageError
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import ImageError, brief, decode_image
 
@@ -33,7 +34,8 @@ BATCH = 8  # images per Grad-CAM call
 
 
 class ExplainError(ValueError):
-    """A flag the images cannot be explained with: one line before any work."""
+    """Some images could not be read (each is named on stderr, the rest are explained): one
+    line and exit status 1. A bad flag is a UsageError instead, before any work."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,7 +75,7 @@ def run(argv: list[str] | None = None) -> None:
     try:
         viewer = args.feature_maps and LayerViewer(bundle, args.feature_maps, args.backbone_weights)
     except LayerError as error:
-        raise ExplainError(f"--feature_maps: {error}") from None
+        raise UsageError(f"--feature_maps: {error}") from None
     explainer = _Explainer(bundle, bundle_grad_cam(bundle, args.backbone_weights), style)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ def _style_index(bundle: ModelBundle, style: str | None) -> int | None:
     if style is None:
         return None
     if style not in bundle.classes:
-        raise ExplainError(
+        raise UsageError(
             f"--style: model {bundle.id} knows no style {style!r}; its styles: "
             f"{', '.join(bundle.classes)}"
         )

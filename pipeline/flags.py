@@ -26,10 +26,16 @@ from transforms.images import DEFAULT_MAX_PIXELS
 
 FlagGroup = Callable[[argparse.ArgumentParser], None]  # declares some flags on a parser
 
+REPORT_SAMPLES = 12  # the report's confident mistakes, and least confident rows (labelled runs)
+REPORT_PER_STYLE = 4  # the report's paintings per predicted style (runs without labels)
 HELP_EPILOG = (
     "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and --verbose "
     "shows the libraries' own logs (TensorFlow, absl, Beam) and INFO lines."
 )
+
+
+class UsageError(ValueError):
+    """An unknown flag, or a value its flag cannot take: a one-line message at start-up."""
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:

@@ -25,16 +25,13 @@ from apache_beam.options.pipeline_options import (
 
 from models.settings import HeadConfig
 from pipeline import flags
+from pipeline.flags import UsageError
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.outputs import OutputError
 from transforms.catalog import CatalogError
 from transforms.fetch import FetchPolicy, default_user_agent
 
 STARTUP_ERROR_STATUS = 2
-
-
-class UsageError(ValueError):
-    """An unknown flag, or a value its flag cannot take: a one-line message at start-up."""
 
 
 class CatalogOptions(PipelineOptions):

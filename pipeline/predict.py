@@ -156,7 +156,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                 raise RuntimeError(f"The pipeline ended in state {result.state}")
             report = None
             if predict.report:  # its Grad-CAM loads Keras: a run on OpenVINO otherwise never does
-                from pipeline.report import report_after_run
+                from pipeline.report_page import report_after_run
 
                 report = report_after_run(options, catalog, bundle, output.staging)
         output.publish()

@@ -42,6 +42,7 @@ PYTHON_M = "sys.argv = ['-m', '--help']; runpy.run_module({!r}, run_name='__main
         ("serve", "pipeline.serve", ("--port PORT", "--max_batch MAX_BATCH")),
         ("bench", "bench", ("--output OUTPUT", "--startup_runs STARTUP_RUNS")),
         ("explain", "pipeline.explain", ("--output DIR", "--feature_maps LAYER")),
+        ("report", "pipeline.report", ("--samples SAMPLES", "--per_style PER_STYLE")),
     ],
 )
 def test_help_is_the_same_both_ways_and_loads_no_heavy_library(command, module, flags):

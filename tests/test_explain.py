@@ -7,6 +7,7 @@ from PIL import Image
 from models.bundle import ModelBundle
 from models.feature_maps import MAX_CHANNELS, LayerError, LayerViewer
 from pipeline.explain import ExplainError, main, run, unique_names
+from pipeline.flags import UsageError
 from tests.conftest import CLASSES, COLOURS, painting
 
 
@@ -53,14 +54,18 @@ def test_unreadable_images_are_named_and_the_rest_explained(images, tiny_bundle,
     assert (tmp_path / "out" / "Red_Period.png").is_file()
 
 
-def test_an_unknown_style_or_layer_is_one_line_before_any_work(
-    images, tiny_bundle, tmp_path, monkeypatch
+def test_an_unknown_style_or_layer_is_one_line_and_status_2_before_any_work(
+    images, tiny_bundle, tmp_path, monkeypatch, capsys
 ):
     argv = [images[0], f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}"]
     monkeypatch.setattr("sys.argv", ["explain", *argv, "--style=Rose_Period"])
-    with pytest.raises(SystemExit, match="knows no style 'Rose_Period'; its styles: Blue_Period"):
+    with pytest.raises(SystemExit) as stop:
         main()
-    with pytest.raises(ExplainError, match="has no layer 'stem'; its convolutions: stem_conv"):
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("artstyle: --style: model ") and message.count("\n") == 1
+    assert "knows no style 'Rose_Period'; its styles: Blue_Period" in message
+    with pytest.raises(UsageError, match="has no layer 'stem'; its convolutions: stem_conv"):
         run([*argv, "--feature_maps=stem"])
     assert not (tmp_path / "out").exists()
 

@@ -7,11 +7,10 @@ from functools import partial
 import pytest
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-from pipeline.flags import PREDICT_COMMAND, TRAIN_COMMAND
+from pipeline.flags import PREDICT_COMMAND, TRAIN_COMMAND, UsageError
 from pipeline.options import (
     ImageOptions,
     PredictOptions,
-    UsageError,
     parse_options,
     run_command,
 )

@@ -15,7 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from models.bundle import ModelBundle
-from pipeline.options import UsageError
+from pipeline.flags import UsageError
 from pipeline.predict import build_graph, run
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting

@@ -18,10 +18,11 @@ from PIL import Image
 
 import transforms.explanations
 from models.bundle import ModelBundle
-from pipeline.options import UsageError
+from pipeline.flags import UsageError
 from pipeline.predict import run as predict
-from pipeline.report import REPORT_FILES, ReportError, parse_args, write_report
+from pipeline.report import main, parse_args
 from pipeline.report import run as report
+from pipeline.report_page import REPORT_FILES, ReportError, write_report
 from tests.browser import headless_chromium
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import open_catalog
@@ -219,9 +220,22 @@ def test_a_mistyped_flag_is_an_error_not_a_beam_option():
     assert args.samples == 3 and beam_args == ["--direct_num_workers=2"]
 
 
-def test_a_folder_without_a_run_is_a_clear_error(tmp_path, tiny_bundle):
-    with pytest.raises(ReportError, match=r"has no summary\.json"):
-        write_report(str(tmp_path), ModelBundle.load(tiny_bundle))
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "{folder!r} has no summary.json: not the output of a finished run of python -m "
+             "pipeline"),
+        (["--runer=DirectRunner"], "unknown flag --runer (did you mean --runner?)"),
+    ],
+)  # fmt: skip
+def test_a_folder_without_a_run_or_a_mistyped_flag_is_one_line_and_status_2(
+    flags, message, tmp_path, tiny_bundle, monkeypatch, capsys
+):
+    monkeypatch.setattr("sys.argv", ["report", str(tmp_path), f"--model={tiny_bundle}", *flags])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"artstyle: {message.format(folder=str(tmp_path))}\n"
 
 
 def test_another_models_run_is_a_clear_error(labelled_run, tiny_bundle, tmp_path):
