@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.engines import engine_paths, top_k_scores
+from bench.engines import engine_path_name, engine_paths, top_k_scores
 from bench.fetch import measure_fetch
 from bench.flags import parse_args
 from bench.measure import (
@@ -208,8 +208,9 @@ def bracketed_raw(before: float, after: float) -> dict[str, float]:
 def measure_pipeline(
     catalog: pd.DataFrame, args: argparse.Namespace, folder: Path
 ) -> tuple[dict[str, Any], PipelineRun]:
-    """Start-up runs over one batch, a run over N images, and optionally a large run; and
-    the median start-up run, which the other sections' rates leave out too.
+    """Start-up runs over one batch, a run over N images on Keras and one on the default
+    engine, and optionally a large run; and the median start-up run on Keras, which the other
+    sections' rates leave out too.
 
     A one-batch run lasts about ten seconds, so one busy moment of the shared machine moves
     it by a quarter: the median of several is the start-up figure, and all are reported,
@@ -241,8 +242,12 @@ def measure_pipeline(
     startup, openvino_startup = median_run(startups), median_run(openvino_startups)
     default_startup = median_run(default_startups)
     main = run(args.images)
+    default_main = run(args.images, "auto")
     large = None if args.skip_large else run(args.large_images)
-    rates = pipeline_rates(startup, main)
+    rates, default_rates = (
+        pipeline_rates(startup, main),
+        pipeline_rates(default_startup, default_main),
+    )
     results = {
         "pipeline_images_per_s": rates["images_per_s"],
         "pipeline_images_per_s_with_startup": rates["images_per_s_with_startup"],
@@ -268,6 +273,12 @@ def measure_pipeline(
         "pipeline_errors": main.n_errors,
         "peak_rss_mb_startup": startup.peak_rss_mb,
         "peak_rss_mb": main.peak_rss_mb,
+        "pipeline_default_engine": default_main.engine,
+        "pipeline_default_precision": default_main.precision,
+        "pipeline_default_images_per_s": default_rates["images_per_s"],
+        "pipeline_default_images_per_s_with_startup": default_rates["images_per_s_with_startup"],
+        "pipeline_default_run_s": default_main.wall_s,
+        "peak_rss_mb_default": default_main.peak_rss_mb,
     }
     return results | _large_results(startup, main, large), startup
 
@@ -308,8 +319,18 @@ def _large_results(
 def comparisons(results: dict[str, Any]) -> dict[str, float | None]:
     """The pipeline's rate (without start-up) against the model alone and the old way; and
     the model's share of the CPU time the pipeline spends on an image: where the model
-    keeps every core busy, as on a CPU, that share is the most pipeline_vs_raw can be."""
+    keeps every core busy, as on a CPU, that share is the most pipeline_vs_raw can be.
+
+    Where the engines were timed, the same for the default engine: its pipeline against its
+    model alone, and its model alone against Keras's float32 (each model alone as the
+    engines section timed it, in turns with the others)."""
     pipeline, pipeline_cpu = results["pipeline_images_per_s"], results["pipeline_cpu_ms_per_image"]
+    default = results["pipeline_default_images_per_s"]
+    path = engine_path_name(
+        results["pipeline_default_engine"], results["pipeline_default_precision"]
+    )
+    default_model = results.get(f"engine_{path}_images_per_s")  # None where engines were skipped
+    keras_float32 = results.get("engine_keras_float32_images_per_s")
     return {
         "pipeline_vs_raw": pipeline / results["raw_images_per_s"] if pipeline else None,
         "raw_cpu_share_of_pipeline": (
@@ -317,6 +338,12 @@ def comparisons(results: dict[str, Any]) -> dict[str, float | None]:
         ),
         "per_image_reload_vs_pipeline": (
             pipeline / results["reload_images_per_s"] if pipeline else None
+        ),
+        "pipeline_default_vs_its_model_alone": (
+            default / default_model if default and default_model else None
+        ),
+        "default_model_alone_vs_keras_float32": (
+            default_model / keras_float32 if default_model and keras_float32 else None
         ),
     }
 

@@ -28,6 +28,15 @@ from models.openvino_engine import OPENVINO_CONFIG, compiled_classifier, convert
 INSTALL_HINT = "not installed (pip install -e '.[engines]')"
 
 
+def engine_path_name(engine: str, precision: str) -> str:
+    """The name `engine_paths` (or Keras's paths beside them) gives what `python -m pipeline
+    --engine ENGINE --precision PRECISION` runs: OpenVINO's bfloat16 keeps the head in
+    float32."""
+    if (engine, precision) == ("openvino", "bfloat16"):
+        return "openvino_bfloat16_head_float32"
+    return f"{engine}_{precision}"
+
+
 def engine_paths(
     model: keras.Model, batch_size: int, calibration: np.ndarray, folder: str
 ) -> tuple[dict[str, ModelPath], dict[str, str]]:

@@ -209,6 +209,7 @@ class PipelineRun(ProcessRun):
     n_images: int
     n_errors: int
     engine: str  # what ran the model ("auto" is resolved by then)
+    precision: str  # its arithmetic, resolved likewise
 
 
 def run_pipeline(
@@ -233,6 +234,7 @@ def run_pipeline(
         summary["n_images"],
         summary["n_errors"],
         summary["engine"]["engine"],
+        summary["precision"]["precision"],
     )
 
 

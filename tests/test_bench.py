@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.cli import comparisons, measure_engines, sample_catalog
 from bench.cli import main as bench
-from bench.cli import measure_engines, sample_catalog
 from bench.engines import INSTALL_HINT, engine_paths, top_k_scores
 from bench.fetch import latency_server
 from bench.flags import parse_args
@@ -30,14 +30,15 @@ from models.bundle import ModelBundle
 from tests.conftest import CLASSES, COLOURS, painting
 
 
+def run_of(n_images: int, wall_s: float, cpu_s: float) -> PipelineRun:
+    """A pipeline run of `n_images`, as bench.measure.run_pipeline reports one."""
+    return PipelineRun(wall_s, 900, cpu_s, n_images, 0, engine="keras", precision="float32")
+
+
 def test_rates_come_from_the_two_runs_through_a_straight_line():
     # wall = 6 s of start-up + n / (10 images/s); CPU = 9 s + n x 0.15 s
-    tiny = PipelineRun(
-        wall_s=6.4, peak_rss_mb=900, cpu_s=9.6, n_images=4, n_errors=0, engine="keras"
-    )
-    main = PipelineRun(
-        wall_s=206.0, peak_rss_mb=1000, cpu_s=309.0, n_images=2000, n_errors=0, engine="keras"
-    )
+    tiny = run_of(n_images=4, wall_s=6.4, cpu_s=9.6)
+    main = run_of(n_images=2000, wall_s=206.0, cpu_s=309.0)
     rates = pipeline_rates(tiny, main)
     assert rates["images_per_s"] == pytest.approx(10.0)
     assert rates["startup_s"] == pytest.approx(6.0)
@@ -46,24 +47,41 @@ def test_rates_come_from_the_two_runs_through_a_straight_line():
 
 
 def test_rates_are_unknown_when_the_larger_run_was_not_slower():
-    tiny = PipelineRun(
-        wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0, engine="keras"
-    )
-    main = PipelineRun(
-        wall_s=6.9, peak_rss_mb=900, cpu_s=9.1, n_images=8, n_errors=0, engine="keras"
-    )
+    tiny = run_of(n_images=4, wall_s=7.0, cpu_s=9.0)
+    main = run_of(n_images=8, wall_s=6.9, cpu_s=9.1)
     rates = pipeline_rates(tiny, main)
     assert rates["images_per_s"] is None and rates["startup_s"] is None
 
 
 def test_cpu_per_image_is_unknown_when_the_larger_run_took_no_more_cpu():
-    tiny = PipelineRun(
-        wall_s=7.0, peak_rss_mb=900, cpu_s=9.0, n_images=4, n_errors=0, engine="keras"
-    )
-    main = PipelineRun(
-        wall_s=7.5, peak_rss_mb=900, cpu_s=8.9, n_images=8, n_errors=0, engine="keras"
-    )
+    tiny = run_of(n_images=4, wall_s=7.0, cpu_s=9.0)
+    main = run_of(n_images=8, wall_s=7.5, cpu_s=8.9)
     assert pipeline_rates(tiny, main)["cpu_ms_per_image"] is None
+
+
+def test_the_default_engine_is_compared_with_its_own_model_alone():
+    """OpenVINO in bfloat16 runs with the head in float32: that path is its model alone."""
+    results = {
+        "pipeline_images_per_s": 40.0,
+        "pipeline_cpu_ms_per_image": 50.0,
+        "raw_images_per_s": 50.0,
+        "raw_cpu_ms_per_image": 40.0,
+        "reload_images_per_s": 2.0,
+        "pipeline_default_images_per_s": 60.0,
+        "pipeline_default_engine": "openvino",
+        "pipeline_default_precision": "bfloat16",
+        "engine_keras_float32_images_per_s": 40.0,
+        "engine_openvino_bfloat16_images_per_s": 90.0,  # the whole model rounded: not it
+        "engine_openvino_bfloat16_head_float32_images_per_s": 75.0,
+    }
+    ratios = comparisons(results)
+    assert ratios["pipeline_vs_raw"] == pytest.approx(0.8)
+    assert ratios["pipeline_default_vs_its_model_alone"] == pytest.approx(60 / 75)
+    assert ratios["default_model_alone_vs_keras_float32"] == pytest.approx(75 / 40)
+    without_engines = {k: v for k, v in results.items() if not k.startswith("engine_")}
+    ratios = comparisons(without_engines)
+    assert ratios["pipeline_default_vs_its_model_alone"] is None
+    assert ratios["default_model_alone_vs_keras_float32"] is None
 
 
 def test_a_large_sample_repeats_the_catalog_in_one_shuffled_order(tmp_path):
@@ -203,6 +221,8 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     assert results["precision"] in ("float32", "bfloat16")  # the pipeline's, resolved here
     assert results["precision_reason"]  # and why
     assert results["pipeline_images"] == 12 and results["pipeline_errors"] == 0
+    assert results["pipeline_default_engine"] == results["startup_default_engine"] == "openvino"
+    assert results["pipeline_default_precision"] in ("float32", "bfloat16")
     assert results["large_images"] == 16 and results["large_errors"] == 0
     assert results["decode_images"] == 4 and results["reload_images"] == 2
     assert results["startup_runs_s"] == sorted(results["startup_runs_s"])
@@ -221,14 +241,16 @@ def test_a_whole_run_writes_every_figure_the_readme_names(painting_folder, tmp_p
     for key in ("raw_images_per_s_before", "raw_images_per_s_after", "decode_images_per_s",
                 "decode_images_per_s_per_core", "raw_cpu_ms_per_image",
                 "reload_images_per_s", "pipeline_images_per_s_with_startup", "peak_rss_mb",
-                "help_s", "peak_rss_mb_startup_openvino",
-                "peak_rss_mb_large"):  # fmt: skip
+                "help_s", "peak_rss_mb_startup_openvino", "peak_rss_mb_default",
+                "pipeline_default_images_per_s_with_startup", "peak_rss_mb_large"):  # fmt: skip
         assert results[key] > 0, key
     # Twelve images may not take measurably longer than four: then the rates are None.
     for key in ("pipeline_images_per_s", "startup_s", "pipeline_vs_raw",
                 "per_image_reload_vs_pipeline", "pipeline_cpu_ms_per_image",
-                "raw_cpu_share_of_pipeline"):  # fmt: skip
+                "raw_cpu_share_of_pipeline", "pipeline_default_images_per_s"):  # fmt: skip
         assert results[key] is None or results[key] > 0, key
+    # The engines were skipped: the default engine's model alone was not timed.
+    assert results["pipeline_default_vs_its_model_alone"] is None
 
 
 def test_peak_memory_is_the_childs_own_not_this_process(tmp_path):
