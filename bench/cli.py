@@ -209,8 +209,8 @@ def measure_pipeline(
     catalog: pd.DataFrame, args: argparse.Namespace, folder: Path
 ) -> tuple[dict[str, Any], PipelineRun]:
     """Start-up runs over one batch, a run over N images on Keras and one on the default
-    engine, and optionally a large run; and the median start-up run on Keras, which the other
-    sections' rates leave out too.
+    engine, and optionally a large run on the default engine; and the median start-up run on
+    Keras, which the other sections' rates leave out too.
 
     A one-batch run lasts about ten seconds, so one busy moment of the shared machine moves
     it by a quarter: the median of several is the start-up figure, and all are reported,
@@ -243,7 +243,7 @@ def measure_pipeline(
     default_startup = median_run(default_startups)
     main = run(args.images)
     default_main = run(args.images, "auto")
-    large = None if args.skip_large else run(args.large_images)
+    large = None if args.skip_large else run(args.large_images, "auto")
     rates, default_rates = (
         pipeline_rates(startup, main),
         pipeline_rates(default_startup, default_main),
@@ -280,7 +280,7 @@ def measure_pipeline(
         "pipeline_default_run_s": default_main.wall_s,
         "peak_rss_mb_default": default_main.peak_rss_mb,
     }
-    return results | _large_results(startup, main, large), startup
+    return results | _large_results(default_startup, default_main, large), startup
 
 
 def median_run(runs: list[PipelineRun]) -> PipelineRun:
@@ -302,7 +302,8 @@ LARGE_KEYS = (
 def _large_results(
     startup: PipelineRun, main: PipelineRun, large: PipelineRun | None
 ) -> dict[str, Any]:
-    """Memory growth from N to the large catalog, and whether throughput holds up there."""
+    """Memory growth from N to the large catalog, and whether throughput holds up there
+    (`main` and `large` on the same engine, `startup` its one-batch run)."""
     if large is None:
         return dict.fromkeys(LARGE_KEYS)
     values = (
