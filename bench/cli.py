@@ -174,13 +174,12 @@ def measure_engines(bundle: ModelBundle, args: argparse.Namespace, uris: list[st
     val = catalog[catalog["split"] == "val"]
     val = val.head(args.val_images) if args.val_images else val
     images = decode_paintings(val["uri"].tolist(), bundle.input_size)
-    labels = np.array([bundle.classes.index(style) for style in val["style"]])
     return {
         **{f"engine_{name}": why for name, why in missing.items()},
         "engine_calibration_images": len(calibration),
         **timings,
         "engine_val_images": len(val),
-        **top_k_scores(paths, images, labels),
+        **top_k_scores(paths, images, val["style"].tolist(), bundle.classes),
     }
 
 

@@ -15,7 +15,7 @@ benchmark says so instead of failing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
@@ -23,6 +23,7 @@ import numpy as np
 import openvino
 
 from bench.measure import ModelPath, per_batch
+from models.metrics import Scoreboard
 from models.openvino_engine import OPENVINO_CONFIG, compiled_classifier, converted_model
 
 INSTALL_HINT = "not installed (pip install -e '.[engines]')"
@@ -117,17 +118,19 @@ def _batchwise(run: Callable[[np.ndarray], np.ndarray], batch_size: int) -> Mode
 
 
 def top_k_scores(
-    paths: dict[str, ModelPath], images: np.ndarray, labels: np.ndarray
+    paths: dict[str, ModelPath], images: np.ndarray, labels: Sequence[str], classes: Sequence[str]
 ) -> dict[str, float]:
     """Per path: top-1 and top-3 accuracy in percent over `images` (whose length is a
-    multiple of the paths' batch size), and each one's change from the first path, the
-    reference (Keras in float32)."""
+    multiple of the paths' batch size), counted as the pipeline counts them, and each one's
+    change from the first path, the reference (Keras in float32)."""
     results: dict[str, float] = {}
     reference: dict[int, float] = {}
     for name, predict in paths.items():
-        ranked = np.argsort(-predict(images), axis=1)
+        scoreboard = Scoreboard(tuple(classes))
+        scoreboard.add_probabilities(labels, predict(images))
+        scores = scoreboard.summary()
         for k in (1, 3):
-            score = 100 * float(np.mean(np.any(ranked[:, :k] == labels[:, None], axis=1)))
+            score = 100 * scores[f"top{k}"]
             reference.setdefault(k, score)
             results[f"engine_{name}_top{k}"] = score
             results[f"engine_{name}_top{k}_change"] = score - reference[k]

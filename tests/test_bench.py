@@ -146,10 +146,12 @@ def test_paths_take_turns_and_each_figure_is_the_median_of_its_rounds(monkeypatc
 
 
 def test_top_k_scores_change_from_the_first_path():
+    classes = ("a", "b", "c")
     labels = np.array([0, 1, 2, 0])
     exact = np.eye(3, dtype=np.float32)[labels]  # always right
     second_best = np.roll(exact, 1, axis=1) + 0.5 * exact  # the label comes second
-    scores = top_k_scores({"keras": lambda x: exact, "other": lambda x: second_best}, None, labels)
+    paths = {"keras": lambda x: exact, "other": lambda x: second_best}
+    scores = top_k_scores(paths, None, [classes[i] for i in labels], classes)
     assert scores["engine_keras_top1"] == 100 and scores["engine_keras_top1_change"] == 0
     assert scores["engine_other_top1"] == 0 and scores["engine_other_top1_change"] == -100
     assert scores["engine_other_top3"] == 100 and scores["engine_other_top3_change"] == 0
