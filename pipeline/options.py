@@ -180,6 +180,7 @@ def runner_name(options: PipelineOptions) -> str:
 
 
 IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")
+LOCAL_RUNNERS = (*IN_PROCESS_RUNNERS, "prism")  # Prism: worker processes on this machine
 
 
 def runs_in_this_process(options: PipelineOptions) -> bool:
@@ -188,6 +189,12 @@ def runs_in_this_process(options: PipelineOptions) -> bool:
     count of images done, and where a run's start-up is this process's."""
     mode = options.view_as(DirectOptions).direct_running_mode
     return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
+
+
+def runs_on_this_machine(options: PipelineOptions) -> bool:
+    """Whether the graph's workers run on this machine, in this process or in others: what
+    they resolve (an arithmetic measured and cached per machine) can be resolved here."""
+    return runner_name(options) in LOCAL_RUNNERS
 
 
 def run_command(run: Callable[[], object]) -> None:

@@ -34,8 +34,8 @@ from pipeline.options import (
     PredictOptions,
     parse_options,
     run_command,
-    runner_name,
     runs_in_this_process,
+    runs_on_this_machine,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
@@ -113,9 +113,6 @@ def classifier_loader(
     return partial(load_classifier, bundle.path, model.backbone_weights, predict.precision)
 
 
-LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism")
-
-
 def precision_of_workers(
     options: PipelineOptions, bundle: ModelBundle, engine: str
 ) -> dict[str, str]:
@@ -123,7 +120,7 @@ def precision_of_workers(
     workers run on this machine, so resolving here gives their answer (the same rule, the
     same cached measurement); on other runners each worker resolves its own, and logs it."""
     asked = options.view_as(PredictOptions).precision
-    if runner_name(options) not in LOCAL_RUNNERS:
+    if not runs_on_this_machine(options):
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
     model = options.view_as(ModelOptions)
     if engine == "openvino":
