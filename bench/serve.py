@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from bench.cli import sample_catalog, table
-from bench.flags import DEFAULT_DATA
-from bench.measure import REPO_ROOT, _high_water_kb, pipeline_rates, run_pipeline
+from bench.flags import DEFAULT_DATA, REPO_ROOT
+from bench.measure import _high_water_kb, pipeline_rates, run_pipeline
 from models.bundle import DEFAULT_BUNDLE, ModelBundle, load_classifier
 from models.precision import PRECISIONS
 from pipeline.serve.config import ServeConfig
