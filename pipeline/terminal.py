@@ -39,6 +39,8 @@ QUIET_LOGGERS = ("absl", "tensorflow", "h5py")
 # Where Beam relays the log lines of its worker processes (multi_processing mode), one
 # protobuf's text each ("Worker: severity: WARN ... message: ..."), at their own level.
 WORKER_RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
+# How a relayed worker's traceback ends when Ctrl-C stopped it.
+WORKER_INTERRUPTED = "KeyboardInterrupt"
 # Warnings Beam logs on the root logger at import or at run time: nothing to act on, and no
 # logger of their own to quiet.
 BEAM_NOISE = (
@@ -118,8 +120,13 @@ def _not_beam_noise(record: logging.LogRecord) -> bool:
 
 def _worker_line_worth_showing(record: logging.LogRecord) -> bool:
     """A worker's errors and the tool's own lines; not the warnings every worker process
-    logs as it starts (the flags it does not parse, no resource module, no staging folder)."""
-    return record.levelno >= logging.ERROR or f"{TOOL_PREFIX}:" in record.getMessage()
+    logs as it starts (the flags it does not parse, no resource module, no staging folder),
+    nor the traceback of a worker that the terminal's Ctrl-C reached too (the workers share
+    its process group): the launcher says "interrupted" in its own line."""
+    message = record.getMessage()
+    if WORKER_INTERRUPTED in message:
+        return False
+    return record.levelno >= logging.ERROR or f"{TOOL_PREFIX}:" in message
 
 
 def _filter_native_stderr(noise: str | None) -> None:

@@ -150,7 +150,7 @@ logging.info("artstyle: an INFO line")
     ]
 
 
-def test_workers_start_up_warnings_are_dropped_and_their_errors_and_the_tools_lines_kept():
+def test_workers_start_up_warnings_and_ctrl_c_tracebacks_are_dropped_their_errors_kept():
     code = """
 import logging
 from pipeline.terminal import WORKER_RELAY_LOGGER
@@ -158,6 +158,7 @@ relay = logging.getLogger(WORKER_RELAY_LOGGER)
 relay.warning("Worker: %s", 'severity: WARN message: "Discarding unparseable args: []"')
 relay.warning("Worker: %s", 'severity: WARN message: "artstyle: cannot cache it"')
 relay.error("Worker: %s", 'severity: ERROR message: "a DoFn failed"')
+relay.error("Worker: %s", 'severity: ERROR message: "failed: Traceback ... KeyboardInterrupt"')
 """
     run = set_up_in_a_process(code, without_tf_log_level())
     relayed = f"WARNING:{terminal.WORKER_RELAY_LOGGER}: Worker: "
