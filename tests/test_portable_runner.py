@@ -2,6 +2,7 @@
 whole graph crosses process boundaries as it must on Flink, Spark or Dataflow, and gives
 what the DirectRunner gives."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,10 +23,13 @@ def worker_pool() -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # The pool starts each worker as `python -c ...`: the one on PATH must be this one, with
+    # Beam installed, even where its folder was never put on PATH (.venv/bin/python -m pytest).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     pool = subprocess.Popen(
         [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
          f"--service_port={port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PATH": path},
     )  # fmt: skip
     try:
         yield f"localhost:{port}"
