@@ -36,6 +36,7 @@ from bench.measure import (
     decode_throughput,
     fixed_batches,
     model_paths,
+    own_cache,
     pipeline_rates,
     raw_throughput,
     reload_throughput,
@@ -209,7 +210,8 @@ def measure_pipeline(
 ) -> tuple[dict[str, Any], PipelineRun]:
     """Start-up runs over one batch, a run over N images on Keras and one on the default
     engine, and optionally a large run on the default engine; and the median start-up run on
-    Keras, which the other sections' rates leave out too.
+    the default engine, which the fetch section's runs (on that engine, in the same cache)
+    leave out too.
 
     A one-batch run lasts about ten seconds, so one busy moment of the shared machine moves
     it by a quarter: the median of several is the start-up figure, and all are reported,
@@ -222,9 +224,7 @@ def measure_pipeline(
         path = folder / f"catalog-{n}.csv"
         catalog.head(n).to_csv(path, index=False)
         output = folder / f"run-{n}-{engine}"
-        # OpenVINO's converted model goes to a cache of this run's own, so that its first
-        # run is the conversion, whatever this machine's cache holds; `auto` uses it too.
-        cache = {"ARTSTYLE_CACHE_DIR": str(folder / "cache")} if engine != "keras" else {}
+        cache = own_cache(folder) if engine != "keras" else {}
         flags = [f"--engine={engine}"]
         return run_pipeline(path, output, args.model, args.batch_size, args.precision, flags, cache)
 
@@ -279,7 +279,7 @@ def measure_pipeline(
         "pipeline_default_run_s": default_main.wall_s,
         "peak_rss_mb_default": default_main.peak_rss_mb,
     }
-    return results | _large_results(default_startup, default_main, large), startup
+    return results | _large_results(default_startup, default_main, large), default_startup
 
 
 def median_run(runs: list[PipelineRun]) -> PipelineRun:

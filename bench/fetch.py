@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from aiohttp import web
 
-from bench.measure import PipelineRun, pipeline_rates, run_pipeline
+from bench.measure import PipelineRun, own_cache, pipeline_rates, run_pipeline
 
 LATENCIES_MS = (50, 200)
 
@@ -66,11 +66,13 @@ def measure_fetch(
 ) -> dict[str, Any]:
     """Disk, then HTTP at each latency, over the same `catalog` (absolute paths under `root`).
 
-    Each rate leaves out the start-up (the one-batch run's fixed cost, as for the main
-    figures). Disk is read before the HTTP runs and again after them, and HTTP compared with
-    the mean of the two, so that a shared machine's load drifting moves the ratios less. The
-    per-host cap is raised to the concurrency, since every request goes to one host here,
-    which a real collection spreads over many or a bucket serves at scale.
+    The runs are on the default engine, in `folder`'s cache, where `startup` (that engine's
+    one-batch run) converted the model already. Each rate leaves out that run's time, the
+    fixed cost, as the main figures do. Disk is read before the HTTP runs and again after
+    them, and HTTP compared with the mean of the two, so that a shared machine's load
+    drifting moves the ratios less. The per-host cap is raised to the concurrency, since
+    every request goes to one host here, which a real collection spreads over many or a
+    bucket serves at scale.
     """
     flags = [f"--fetch_concurrency={concurrency}", f"--max_connections_per_host={concurrency}"]
 
@@ -78,11 +80,14 @@ def measure_fetch(
         path = folder / f"fetch-{name}.csv"
         catalog.assign(uri=list(uris)).to_csv(path, index=False)
         output = folder / f"fetch-{name}"
-        return run_pipeline(path, output, args.model, args.batch_size, args.precision, flags)
+        return run_pipeline(
+            path, output, args.model, args.batch_size, args.precision, flags, own_cache(folder)
+        )
 
     disk_before = run("disk-before", catalog["uri"])
     results: dict[str, Any] = {
         "fetch_images": disk_before.n_images,
+        "fetch_engine": disk_before.engine,
         "fetch_concurrency": concurrency,
     }
     for latency_ms in LATENCIES_MS:

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from bench.flags import REPO_ROOT
 from models.bundle import ModelBundle
+from models.cache import CACHE_DIR_VARIABLE
 from transforms.fetch import read_file
 from transforms.images import decode_image
 from transforms.model_handler import predict_in_fixed_batches
@@ -236,6 +237,13 @@ def run_pipeline(
         summary["engine"]["engine"],
         summary["precision"]["precision"],
     )
+
+
+def own_cache(folder: Path) -> dict[str, str]:
+    """The environment of runs whose cache is `folder`/cache: the first run on OpenVINO there
+    converts the model, whatever this machine's cache holds, and the later ones (on
+    `--engine openvino` or the default engine) reuse that conversion, as a user's runs do."""
+    return {CACHE_DIR_VARIABLE: str(folder / "cache")}
 
 
 # What every run of `python -m pipeline` pays before any of its own work: starting Python,

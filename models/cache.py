@@ -11,10 +11,12 @@ import os
 import tempfile
 from pathlib import Path
 
+CACHE_DIR_VARIABLE = "ARTSTYLE_CACHE_DIR"
+
 
 def cache_dir() -> Path:
-    if "ARTSTYLE_CACHE_DIR" in os.environ:
-        return Path(os.environ["ARTSTYLE_CACHE_DIR"])
+    if CACHE_DIR_VARIABLE in os.environ:
+        return Path(os.environ[CACHE_DIR_VARIABLE])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "artstyle"
 

@@ -304,6 +304,8 @@ def test_the_fetch_section_reads_the_same_paintings_over_http(
             "--fetch_images=12"]  # fmt: skip
     results = bench(argv)
     assert results["fetch_images"] == 12
+    # the runs and the start-up their rates leave out are the default engine's
+    assert results["fetch_engine"] == results["startup_default_engine"] == "openvino"
     for latency in (50, 200):
         assert results[f"fetch_http_{latency}ms_errors"] == 0
         assert results[f"fetch_http_{latency}ms_peak_rss_mb"] > 0
