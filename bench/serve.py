@@ -9,9 +9,10 @@ Then one client asking for Grad-CAM's heatmaps too (?heatmap=true): their p50.
 
 Two references, measured in the same run: the model's one-image latency (the classifier
 on a batch of one, in this process, before the service starts), and the batch pipeline's
-images/s over the same paintings read from disk (`python -m pipeline`, start-up left out
-as `python -m bench` does). The targets: at 16 clients, at least 0.8 x the pipeline's
-images/s; at 1 client, a p50 under 2 x the model's one-image latency.
+images/s over the same paintings read from disk (`python -m pipeline --engine keras`, the
+service's engine, start-up left out as `python -m bench` does). The targets: at 16
+clients, at least 0.8 x the pipeline's images/s; at 1 client, a p50 under 2 x the model's
+one-image latency.
 """
 
 from __future__ import annotations
@@ -223,13 +224,16 @@ def measure_service(args: argparse.Namespace, bodies: list[bytes], folder: Path)
 
 def measure_pipeline(args: argparse.Namespace, uris: list[str], folder: Path) -> dict:
     """Images/s of `python -m pipeline` over the paintings, start-up left out: a run of one
-    batch and a larger one, through the straight line of bench.measure.pipeline_rates."""
+    batch and a larger one, through the straight line of bench.measure.pipeline_rates. On
+    Keras, the service's engine, so that the two differ by serving alone."""
 
     def run(n: int):
         catalog = folder / f"catalog-{n}.csv"
         pd.DataFrame({"uri": [uris[i % len(uris)] for i in range(n)]}).to_csv(catalog, index=False)
         output = folder / f"run-{n}"
-        return run_pipeline(catalog, output, args.model, PIPELINE_BATCH_SIZE, args.precision)
+        return run_pipeline(
+            catalog, output, args.model, PIPELINE_BATCH_SIZE, args.precision, ["--engine=keras"]
+        )
 
     startup, main = run(PIPELINE_BATCH_SIZE), run(args.pipeline_images)
     return {"pipeline_images_per_s": pipeline_rates(startup, main)["images_per_s"]}
