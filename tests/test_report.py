@@ -18,7 +18,7 @@ from PIL import Image
 
 import transforms.explanations
 from models.bundle import ModelBundle
-from pipeline.flags import UsageError
+from pipeline.flags import REPORT_PER_STYLE, REPORT_SAMPLES, UsageError
 from pipeline.predict import run as predict
 from pipeline.report import main, parse_args
 from pipeline.report import run as report
@@ -284,7 +284,8 @@ def test_sampled_images_are_found_in_their_own_catalog_files_folder(tmp_path, ti
                      "top_k_styles": [style], "top_k_probs": [0.9], "error": None})  # fmt: skip
     catalog = open_catalog(str(tmp_path / "museum_*" / "catalog.csv"))
     explain = ExplainSamples(ModelBundle.load(tiny_bundle), labelled=False,
-                             files_dir=str(tmp_path / "files"), catalog=catalog)  # fmt: skip
+                             files_dir=str(tmp_path / "files"), catalog=catalog,
+                             count=REPORT_SAMPLES, per_style=REPORT_PER_STYLE)  # fmt: skip
     with TestPipeline() as pipeline:
         samples = pipeline | beam.Create(rows) | explain
         found = samples | beam.Map(lambda sample: (sample["uri"], sample["error"]))

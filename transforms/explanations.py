@@ -186,8 +186,8 @@ class ExplainSamples(beam.PTransform):
         backbone_weights: str | None = None,
         fetch_policy: FetchPolicy | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        count: int = 12,
-        per_style: int = 4,
+        count: int,
+        per_style: int,
     ):
         """`catalog`: the run's, where the sampled rows' images are found (without it, URIs
         are read as they are); `fetch_policy` and `max_pixels`: the run's, so that the
