@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
+from models.cache import CACHE_DIR_VARIABLE
 from models.head import HeadConfig, build_head, merge_heads
 from tests.faulty_host import faulty_host, flaky_filesystem  # noqa: F401 (fixtures for all)
 
@@ -42,7 +43,7 @@ def own_cache_folder(tmp_path_factory) -> Iterator[Path]:
     read the user's cache nor fill it."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ARTSTYLE_CACHE_DIR", str(folder))
+        patch.setenv(CACHE_DIR_VARIABLE, str(folder))
         yield folder
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from models import engine_choice, openvino_engine, precision
+from models.cache import CACHE_DIR_VARIABLE
 from models.engine_choice import choose_engine, gpu_device_present
 from pipeline.predict import run
 from tests.conftest import painting
@@ -71,7 +72,7 @@ def test_a_run_says_which_engine_it_chose_and_why(tiny_bundle, gpu, tmp_path):
 
 def test_summary_json_gives_the_precision_openvino_ran_in(tiny_bundle, gpu, tmp_path, monkeypatch):
     gpu(False)
-    monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "cache"))  # nothing measured yet
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))  # nothing measured yet
     monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: "avx512_bf16")
     monkeypatch.setattr(openvino_engine, "measured_speedup", lambda *args, **kwargs: 1.7)
     image = painting(tmp_path / "p.png", (200, 40, 30), seed=0)

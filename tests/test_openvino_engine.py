@@ -10,13 +10,14 @@ import pytest
 
 from models import openvino_engine, precision
 from models.bundle import ModelBundle
+from models.cache import CACHE_DIR_VARIABLE
 from models.openvino_engine import load_openvino_classifier, openvino_precision
 from models.precision import PrecisionCache
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -55,7 +56,7 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(
     tiny_bundle, tmp_path, monkeypatch
 ):
     (tmp_path / "a_file").write_text("")
-    monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "a_file" / "cache"))
     classifier = load_openvino_classifier(tiny_bundle, None, "float32", batch_size=2)
     assert classifier.predict_on_batch(images(2)).shape == (2, 3)
 

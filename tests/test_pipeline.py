@@ -15,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from models.bundle import ModelBundle
+from models.cache import CACHE_DIR_VARIABLE
 from pipeline.flags import UsageError
 from pipeline.predict import build_graph, run
 from pipeline.train import run as train
@@ -159,7 +160,7 @@ def test_two_workers_predict_what_one_worker_does(catalog_csv, tmp_path, tiny_bu
 def test_openvino_predicts_what_keras_does_and_then_runs_without_tensorflow(
     catalog_csv, tmp_path, tiny_bundle, monkeypatch
 ):
-    monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
     run(
         argv_for(
             catalog_csv, tmp_path / "keras", tiny_bundle, "--engine=keras", "--precision=float32"

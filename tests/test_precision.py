@@ -10,6 +10,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import precision
 from models.bundle import ModelBundle, load_classifier
+from models.cache import CACHE_DIR_VARIABLE
 from models.precision import (
     PrecisionCache,
     building_in,
@@ -24,7 +25,7 @@ from tests.conftest import painting
 
 @pytest.fixture
 def cache_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("ARTSTYLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
