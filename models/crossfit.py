@@ -17,10 +17,12 @@ import numpy as np
 from models.bundle import HeadSpec
 from models.head import (
     HeadConfig,
+    Rows,
     calibrated_probabilities,
     fit_head,
     fit_temperature,
     merge_heads,
+    predict_logits,
     stratified_folds,
 )
 from models.metrics import Scoreboard
@@ -28,7 +30,7 @@ from models.metrics import Scoreboard
 
 @dataclass(frozen=True)
 class LabelledSet:
-    features: np.ndarray
+    features: np.ndarray  # (images, width), float16 as stored, or float32
     mirrored: np.ndarray | None  # the features of each image's mirror, when training on them
     labels: np.ndarray  # class indices
     names: np.ndarray  # label names, unknown ones included
@@ -61,7 +63,7 @@ def fit_bundle_head(
     temperature = fit_temperature(out_of_fold, train.labels)
     scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
     if held_out is not None:
-        eval_logits = head.predict(held_out.features, verbose=0)
+        eval_logits = predict_logits(head, held_out.features)
         scores[eval_split] = _score(eval_logits, temperature, held_out.names, classes)
     report = {
         "classes": classes,
@@ -90,22 +92,19 @@ def cross_fit_heads(
     """One head per fold, trained on the other folds (and their mirrors) and stopped early
     on its own; returns the heads, their epochs and every painting's out-of-fold logits."""
     out_of_fold = np.zeros((len(train.labels), n_classes), dtype=np.float32)
+    views = (train.features,) if train.mirrored is None else (train.features, train.mirrored)
     heads, epochs = [], []
     for k in range(folds.max() + 1):
-        held = folds == k
-        x_train, y_train = train.features[~held], train.labels[~held]
-        if train.mirrored is not None:
-            x_train = np.concatenate([x_train, train.mirrored[~held]])
-            y_train = np.concatenate([y_train, y_train])
+        held = np.flatnonzero(folds == k)
+        trained = np.flatnonzero(folds != k)
+        fold_rows = Rows.of((train.features,), held, train.labels[held])
         head, head_epochs = fit_head(
-            x_train,
-            y_train,
-            train.features[held],
-            train.labels[held],
+            Rows.of(views, trained, train.labels[trained]),
+            fold_rows,
             n_classes,
             replace(config, seed=config.seed + k),
         )
-        out_of_fold[held] = head.predict(train.features[held], verbose=0)
+        out_of_fold[held] = predict_logits(head, fold_rows)
         heads.append(head)
         epochs.append(head_epochs)
     return heads, epochs, out_of_fold

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 from keras import layers, ops
@@ -9,11 +11,15 @@ from keras import layers, ops
 from models.settings import HeadConfig
 
 
-def build_head(features: np.ndarray, n_classes: int, config: HeadConfig) -> keras.Model:
-    """features -> logits. The standardisation is fitted here and saved with the head, so
-    features of very different scales (pooled activations, channel deviations) train well."""
+def build_head(
+    features: np.ndarray, n_classes: int, config: HeadConfig, rows: np.ndarray | None = None
+) -> keras.Model:
+    """features (`rows` of them, default all) -> logits. The standardisation is fitted here
+    and saved with the head, so features of very different scales (pooled activations,
+    channel deviations) train well."""
+    mean, variance = feature_moments(features, rows)
     inputs = keras.Input((features.shape[1],), name="features")
-    x = layers.Normalization(mean=features.mean(0), variance=features.var(0) + 1e-6)(inputs)
+    x = layers.Normalization(mean=mean, variance=variance + 1e-6)(inputs)
     x = layers.Dropout(config.dropout, seed=config.seed)(x)
     if config.hidden_units:
         x = layers.Dense(config.hidden_units, activation="relu")(x)
@@ -23,21 +29,112 @@ def build_head(features: np.ndarray, n_classes: int, config: HeadConfig) -> kera
     return keras.Model(inputs, logits, name="style_head")
 
 
-def fit_head(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_fold: np.ndarray,
-    y_fold: np.ndarray,
-    n_classes: int,
-    config: HeadConfig,
-) -> tuple[keras.Model, int]:
-    """Trains on x_train and stops where the held-out fold stops improving.
+def feature_moments(
+    features: np.ndarray, rows: np.ndarray | None = None, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and variance over `rows` (default: all), accumulated in float64 a
+    slice at a time: the features may be a float16 matrix of gigabytes, which a float32 copy
+    of the rows chosen would double."""
+    rows = np.arange(len(features)) if rows is None else np.sort(rows)
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(rows), chunk):
+        part = np.asarray(features[rows[start : start + chunk]], dtype=np.float64)
+        total += part.sum(0)
+        squares += np.square(part).sum(0)
+    mean = total / max(len(rows), 1)
+    variance = np.maximum(squares / max(len(rows), 1) - np.square(mean), 0.0)
+    return mean.astype(np.float32), variance.astype(np.float32)
 
-    Classes are weighted by inverse frequency: the catalog's styles are not balanced, the
-    scores we report (macro F1) weigh every style alike. Returns the head and its epochs.
+
+@dataclass(frozen=True)
+class Rows:
+    """Chosen rows of equally wide feature matrices (a split's paintings and their mirrors),
+    read a batch at a time as float32: the matrices stay as they are stored (float16) and
+    are never concatenated, so fitting holds one copy of the features, not one per fold."""
+
+    matrices: tuple[np.ndarray, ...]
+    matrix: np.ndarray  # which matrix each row is in
+    row: np.ndarray  # its row there
+    labels: np.ndarray  # its class index
+
+    @classmethod
+    def of(cls, matrices: tuple[np.ndarray, ...], rows: np.ndarray, labels: np.ndarray) -> Rows:
+        """`rows` of every matrix (each painting once per view), with their labels."""
+        return cls(
+            matrices,
+            np.repeat(np.arange(len(matrices)), len(rows)),
+            np.tile(rows, len(matrices)),
+            np.tile(labels, len(matrices)),
+        )
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def features(self, positions: np.ndarray | slice = slice(None)) -> np.ndarray:
+        matrix, row = self.matrix[positions], self.row[positions]
+        out = np.empty((len(row), self.matrices[0].shape[1]), np.float32)
+        for m, values in enumerate(self.matrices):
+            mine = matrix == m
+            out[mine] = values[row[mine]]
+        return out
+
+
+class FeatureBatches(keras.utils.PyDataset):
+    """Rows in batches for Keras's fit: features, one-hot labels and each row's class weight
+    (reshuffled every epoch when `seed` is given; in order otherwise, for predicting)."""
+
+    def __init__(
+        self,
+        rows: Rows,
+        n_classes: int,
+        batch_size: int,
+        class_weights: np.ndarray | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        self._rows, self._n_classes, self._batch_size = rows, n_classes, batch_size
+        self._weights = None if class_weights is None else class_weights[rows.labels]
+        self._rng = None if seed is None else np.random.default_rng(seed)
+        self._order = np.arange(len(rows))
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return -(-len(self._rows) // self._batch_size)
+
+    def __getitem__(self, index: int):
+        positions = self._order[index * self._batch_size : (index + 1) * self._batch_size]
+        positions = np.sort(positions)  # reads each matrix in row order
+        x = self._rows.features(positions)
+        y = np.eye(self._n_classes, dtype=np.float32)[self._rows.labels[positions]]
+        if self._weights is None:
+            return x, y
+        return x, y, self._weights[positions].astype(np.float32)
+
+    def on_epoch_end(self) -> None:
+        if self._rng is not None:
+            self._order = self._rng.permutation(len(self._rows))
+
+
+def class_weights(labels: np.ndarray, n_classes: int, power: float) -> np.ndarray:
+    """Each class's weight, (mean count / its count) ** power: 1 weighs every style alike
+    whatever its share of the training paintings (what macro scores and a balanced test set
+    reward), 0 weighs every painting alike, in between softens the rare styles' boost."""
+    counts = np.maximum(np.bincount(labels, minlength=n_classes), 1)
+    return (len(labels) / (n_classes * counts)) ** power
+
+
+def fit_head(
+    train: Rows, held_out: Rows, n_classes: int, config: HeadConfig
+) -> tuple[keras.Model, int]:
+    """Trains on `train` and stops where `held_out` stops improving.
+
+    Returns the head and its epochs.
     """
     keras.utils.set_random_seed(config.seed)
-    head = build_head(x_train, n_classes, config)
+    # The paintings as they are set the standardisation: a mirror's column statistics are
+    # the same, so reading the mirrors too would add nothing.
+    head = build_head(train.matrices[0], n_classes, config, train.row[train.matrix == 0])
     head.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=keras.losses.CategoricalCrossentropy(
@@ -45,23 +142,38 @@ def fit_head(
         ),
         metrics=["accuracy"],
     )
-    counts = np.bincount(y_train, minlength=n_classes)
-    class_weight = {c: len(y_train) / (n_classes * max(n, 1)) for c, n in enumerate(counts)}
+    weights = class_weights(train.labels, n_classes, config.class_balance)
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True
     )
     history = head.fit(
-        x_train,
-        keras.utils.to_categorical(y_train, n_classes),
-        validation_data=(x_fold, keras.utils.to_categorical(y_fold, n_classes)),
+        FeatureBatches(train, n_classes, config.batch_size, weights, seed=config.seed),
+        validation_data=FeatureBatches(held_out, n_classes, PREDICT_BATCH),
         epochs=config.epochs,
-        batch_size=config.batch_size,
-        class_weight=class_weight,
         callbacks=[stop],
         verbose=0,
     )
     best_epoch = int(np.argmin(history.history["val_loss"])) + 1
     return head, best_epoch
+
+
+PREDICT_BATCH = 1024  # rows a head scores at once: a few tens of megabytes of features
+
+
+def predict_logits(head: keras.Model, features: np.ndarray | Rows) -> np.ndarray:
+    """The head's logits for every row, a batch at a time (float16 features are widened one
+    batch at a time, never whole)."""
+    rows = features if isinstance(features, Rows) else _all_rows(features)
+    return np.concatenate(
+        [
+            np.asarray(head.predict_on_batch(rows.features(slice(i, i + PREDICT_BATCH))))
+            for i in range(0, len(rows), PREDICT_BATCH)
+        ]
+    )
+
+
+def _all_rows(features: np.ndarray) -> Rows:
+    return Rows.of((features,), np.arange(len(features)), np.zeros(len(features), int))
 
 
 def calibrated_probabilities(logits, temperature: float):
@@ -132,6 +244,42 @@ def merge_heads(heads: list[keras.Model]) -> keras.Model:
     )
 
 
+def low_rank_head(merged: keras.Model, features: np.ndarray, rank: int) -> keras.Model:
+    """`merged` (a two-layer head from merge_heads) with its wide first layer replaced by a
+    projection to `rank` numbers and a map back: features -> projection -> hidden -> logits.
+
+    The first layer's kernel holds nearly all of a merged head's weights (features x every
+    head's hidden units). Its pre-activations over `features` (a sample of training rows)
+    lie close to a subspace of far fewer dimensions; the projection onto that subspace's
+    leading directions keeps what the hidden units see there, with the features' mean
+    passed through the bias exactly. The projection also gives each painting a short vector
+    of what the heads read in it.
+    """
+    (kernel, bias), (out_kernel, out_bias) = [
+        layer.get_weights() for layer in merged.layers if isinstance(layer, layers.Dense)
+    ]
+    mean = feature_moments(features)[0]
+    pre_activations = np.concatenate(
+        [
+            (np.asarray(features[i : i + PREDICT_BATCH], np.float32) - mean) @ kernel
+            for i in range(0, len(features), PREDICT_BATCH)
+        ]
+    )
+    _, _, directions = np.linalg.svd(pre_activations, full_matrices=False)
+    basis = directions[:rank].T  # (hidden units, rank)
+    projection = kernel @ basis
+    inputs = keras.Input(merged.inputs[0].shape[1:], name="features")
+    return _dense_model(
+        inputs,
+        [
+            (projection, -mean @ projection, None),
+            (basis.T, bias + mean @ kernel, "relu"),
+            (out_kernel, out_bias, None),
+        ],
+        names=("projection", "hidden", "logits"),
+    )
+
+
 def _standardisation_folded(head: keras.Model) -> list[tuple[np.ndarray, np.ndarray]]:
     """A head's dense (kernel, bias) pairs, the first taking raw features: ((x - m) / s) K + b
     is x (K / s) + (b - (m / s) K), with K / s dividing each row of K by its feature's s."""
@@ -146,17 +294,17 @@ def _standardisation_folded(head: keras.Model) -> list[tuple[np.ndarray, np.ndar
     return [first] + [(k, b) for k, b in rest]
 
 
-def _dense_model(inputs, dense: list[tuple[np.ndarray, np.ndarray, str | None]]) -> keras.Model:
+def _dense_model(
+    inputs,
+    dense: list[tuple[np.ndarray, np.ndarray, str | None]],
+    names: tuple[str, ...] = ("hidden", "logits"),
+) -> keras.Model:
     x = inputs
-    for i, (kernel, bias, activation) in enumerate(dense):
-        last = i == len(dense) - 1
+    for name, (kernel, bias, activation) in zip(names[-len(dense) :], dense, strict=True):
         # Initialised at zero, then set: saved with that config, the head then loads without
         # drawing millions of random weights it would overwrite.
         layer = layers.Dense(
-            len(bias),
-            activation=activation,
-            kernel_initializer="zeros",
-            name="logits" if last else "hidden",
+            len(bias), activation=activation, kernel_initializer="zeros", name=name
         )
         x = layer(x)
         layer.set_weights([kernel, bias])

@@ -39,6 +39,7 @@ class HeadConfig:
     batch_size: int = 128
     patience: int = 10
     seed: int = 0
+    class_balance: float = 1.0  # 1: every style weighs alike; 0: every painting does
 
     def as_dict(self) -> dict:
         return asdict(self)
