@@ -31,8 +31,10 @@ EMBEDDING_SCHEMA = pa.schema(
         pa.field("uri", pa.string()),
         pa.field("label", pa.string()),
         pa.field("split", pa.string()),
-        pa.field("features", pa.list_(pa.float32())),
-        pa.field("mirrored_features", pa.list_(pa.float32())),  # with --augment_mirror
+        # float16: half the bytes of the float32 the backbones compute, and heads fitted on
+        # them score as on float32 (their standardisation dwarfs the rounding).
+        pa.field("features", pa.list_(pa.float16())),
+        pa.field("mirrored_features", pa.list_(pa.float16())),  # with --augment_mirror
         pa.field("error", pa.string()),
     ]
 )
@@ -54,12 +56,11 @@ def _split_of(record: ImageRecord, split_column: str) -> str | None:
 def embedding_row(
     inferred: tuple[ImageRecord, PredictionResult], *, split_column: str, mirror: bool
 ) -> dict[str, Any]:
-    """The vectors stay float32 arrays, which Arrow writes as lists: the DirectRunner holds
-    the rows until the Parquet sink takes them, and as lists of Python floats (8 times the
-    bytes) three backbones' features of WikiArt16 ran out of 24 GB; as arrays, 12.5 GB."""
+    """The vectors stay numpy arrays, which Arrow writes as lists (as lists of Python floats
+    they would take 16 times the bytes until the Parquet sink takes them)."""
     record, result = inferred
     inference = cast(np.ndarray, result.inference)  # Beam types it as a bare TypeVar
-    vector = inference.astype(np.float32)
+    vector = inference.astype(np.float16)
     features, mirrored = np.split(vector, 2) if mirror else (vector, None)
     return {
         "uri": record.uri,
@@ -122,51 +123,89 @@ def build_embedding_graph(
     )
 
 
-def read_embeddings(embeddings: str) -> pa.Table:
-    """An Arrow table, not a DataFrame: converting would copy every vector once more, a
-    gigabyte and a half for an ensemble's features."""
+def feature_files(embeddings: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, path = fsspec.core.url_to_fs(embeddings)
     files = sorted(fs.glob(f"{path}/features-*.parquet"))
     if not files:
         raise FileNotFoundError(f"No features-*.parquet under {embeddings!r}")
+    return fs, files
+
+
+def read_embeddings(embeddings: str) -> pa.Table:
+    """Every row and column, as one Arrow table (for small sets: training reads the vectors
+    a batch at a time with `read_matrix`)."""
+    fs, files = feature_files(embeddings)
     return pq.read_table(files, filesystem=fs)
 
 
-def matrix_of(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<float> column without nulls -> a (rows, width) float32 matrix."""
-    values = column.combine_chunks().flatten().to_numpy()
-    return values.reshape(len(column), -1).astype(np.float32, copy=False)
+ROW_COLUMNS = ["uri", "label", "split", "error"]
 
 
-def labelled_set(rows: pa.Table, classes: list[str], mirrored: bool = False) -> LabelledSet:
-    """`mirrored`: read the mirrors' features too (only training uses them)."""
+def read_matrix(embeddings: str, column: str, rows: np.ndarray) -> np.ndarray:
+    """The vectors of `column` at `rows` (positions over all the feature files, in their
+    order) as a float16 matrix, filled a record batch at a time: the files' vectors are
+    never all in memory at once beside it. ValueError if a row asked for has none."""
+    fs, files = feature_files(embeddings)
+    slot = np.full(rows.max() + 1 if len(rows) else 0, -1)
+    slot[rows] = np.arange(len(rows))
+    matrix: np.ndarray | None = None
+    start = 0
+    for name in files:
+        with fs.open(name, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=[column]):
+                taken = np.flatnonzero(slot[start : start + batch.num_rows] >= 0)
+                if len(taken):
+                    values = batch.column(0).take(taken)
+                    if values.null_count:
+                        raise ValueError(f"{embeddings!r}: rows without {column}")
+                    vectors = matrix_of(values)
+                    if matrix is None:
+                        matrix = np.empty((len(rows), vectors.shape[1]), np.float16)
+                    matrix[slot[start + taken]] = vectors
+                start += batch.num_rows
+    if matrix is None:
+        raise ValueError(f"{embeddings!r}: no {column} at the rows asked for")
+    return matrix
+
+
+def matrix_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column without nulls -> a (rows, width) matrix of its own type."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), -1)
+
+
+def labelled_set(
+    embeddings: str, rows: pa.Table, classes: list[str], mirrored: bool
+) -> LabelledSet:
+    """The set of `rows` (their `position` in the feature files); `mirrored`: read the
+    mirrors' features too (only training uses them)."""
     index = {name: i for i, name in enumerate(classes)}
     names = np.array(rows["label"].to_pylist(), dtype=object)
+    positions = rows["position"].to_numpy()
     return LabelledSet(
-        matrix_of(rows["features"]),
-        _mirrored_matrix(rows) if mirrored else None,
+        read_matrix(embeddings, "features", positions),
+        _mirrored_matrix(embeddings, positions) if mirrored else None,
         np.array([index.get(n, -1) for n in names]),
         names,
     )
 
 
-def _mirrored_matrix(rows: pa.Table) -> np.ndarray:
-    if "mirrored_features" not in rows.column_names or rows["mirrored_features"].null_count:
+def _mirrored_matrix(embeddings: str, positions: np.ndarray) -> np.ndarray:
+    try:
+        return read_matrix(embeddings, "mirrored_features", positions)
+    except ValueError:
         raise ValueError(
             "--augment_mirror: these embeddings hold no mirror features; "
             "write them again (without --reuse_embeddings)"
-        )
-    return matrix_of(rows["mirrored_features"])
-
-
-def rows_of_split(rows: pa.Table, split: str) -> pa.Table:
-    return rows.filter(pc.equal(rows["split"], split))
+        ) from None
 
 
 def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
-    """The splits' matrices, read from the feature files. The Arrow table (and the copies
-    its filters make) is let go on return: only the matrices stay through the fit."""
-    table = read_embeddings(embeddings)
+    """The splits' matrices, read from the feature files a batch at a time into float16."""
+    fs, files = feature_files(embeddings)
+    table = pq.read_table(files, filesystem=fs, columns=ROW_COLUMNS)
+    table = table.append_column("position", pa.array(np.arange(table.num_rows)))
     usable = table.filter(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])))
     train_rows = rows_of_split(usable, args.train_split) if args.split_column else usable
     if train_rows.num_rows == 0:
@@ -175,7 +214,11 @@ def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
     evaluation = rows_of_split(usable, args.eval_split)
     return TrainingData(
         classes,
-        labelled_set(train_rows, classes, mirrored=args.augment_mirror),
-        labelled_set(evaluation, classes) if evaluation.num_rows else None,
+        labelled_set(embeddings, train_rows, classes, args.augment_mirror),
+        labelled_set(embeddings, evaluation, classes, False) if evaluation.num_rows else None,
         {"rows": table.num_rows, "errors": table.num_rows - table["error"].null_count},
     )
+
+
+def rows_of_split(rows: pa.Table, split: str) -> pa.Table:
+    return rows.filter(pc.equal(rows["split"], split))
