@@ -1,3 +1,4 @@
+import hashlib
 import logging
 
 import apache_beam as beam
@@ -9,6 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipeline.train import catalog_digest
 from tests.conftest import painting
 from transforms.catalog import (
     CatalogError,
@@ -124,6 +126,44 @@ def test_a_folder_of_images_is_a_catalog_of_one_row_per_image(tmp_path):
     with TestPipeline() as pipeline:
         uris = pipeline | ReadCatalog(catalog) | beam.Map(lambda record: record.location)
         assert_that(uris, equal_to(expected))
+
+
+@pytest.mark.parametrize("folder", ["cat [2024]", "cat*", "cat?"])
+def test_a_catalog_path_that_exists_is_that_file_whatever_its_characters(tmp_path, folder):
+    """Only a path that does not exist is a glob: `cat*/catalog.csv` would match the decoy."""
+    for name, uri in ((folder, "a.jpg"), ("cat2", "decoy.jpg")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "catalog.csv").write_text(f"uri\n{uri}\n")
+    path = tmp_path / folder / "catalog.csv"
+    catalog = open_catalog(str(path))
+    assert catalog.files == (str(path),)
+    assert [(r.uri, r.location) for r in records_of(catalog)] == [
+        ("a.jpg", f"{tmp_path}/{folder}/a.jpg")
+    ]
+    assert catalog_size(catalog) == 1
+    assert catalog_digest(catalog.files) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_folder_of_images_whose_name_holds_glob_characters(tmp_path):
+    folder = tmp_path / "scans [2024]"
+    for name in ("a.jpg", "b.png"):
+        painting(folder / name, (0, 0, 0), seed=0)
+    (tmp_path / "scans 2").mkdir()  # what `scans [2024]` matches as a glob
+    painting(tmp_path / "scans 2" / "decoy.jpg", (0, 0, 0), seed=0)
+    catalog = open_catalog(str(folder))
+    assert catalog.format == "images" and catalog_size(catalog) == 2
+    with TestPipeline() as pipeline:
+        uris = pipeline | ReadCatalog(catalog) | beam.Map(lambda record: record.location)
+        assert_that(uris, equal_to([str(folder / "a.jpg"), str(folder / "b.png")]))
+
+
+def test_a_glob_in_a_folder_with_a_bracket_says_how_to_write_one(tmp_path):
+    (tmp_path / "cat [2024]").mkdir()
+    (tmp_path / "cat [2024]" / "a.csv").write_text("uri\na.jpg\n")
+    with pytest.raises(CatalogError, match=r"write \[\[\] for a '\[' in a name"):
+        open_catalog(str(tmp_path / "cat [2024]" / "*.csv"))
+    escaped = open_catalog(str(tmp_path / "cat [[]2024]" / "*.csv"))
+    assert escaped.files == (str(tmp_path / "cat [2024]" / "a.csv"),)
 
 
 def records_of(catalog):

@@ -108,3 +108,18 @@ def test_parquet_shards_whose_column_types_differ(tmp_path, tiny_bundle):
         ("c. 1500", 0.5, "ok"),
     ]
     assert summary["n_images"] == 4 and summary["errors_by_kind"] == {"not_found": 2}
+
+
+def test_a_catalog_in_a_folder_whose_name_holds_glob_characters(tmp_path, tiny_bundle):
+    folder = tmp_path / "cat [2024]"
+    for name in ("a.jpg", "b.jpg"):
+        painting(folder / "images" / name, COLOURS["Blue_Period"], 4)
+    pd.DataFrame({"uri": ["images/a.jpg", "images/b.jpg"], "id": [7, 8]}).to_csv(
+        folder / "catalog.csv", index=False
+    )
+    output = tmp_path / "out"
+    summary = run(argv_for(folder / "catalog.csv", output, tiny_bundle))
+
+    _, frame = read_predictions(output)
+    assert sorted(frame.id) == ["7", "8"] and frame.error.isna().all()  # CSV columns are text
+    assert summary["n_images"] == 2 and summary["n_errors"] == 0

@@ -1,10 +1,12 @@
 """The catalog: which images to read, what their labels are, and what to pass through.
 
 A catalog is a CSV or Parquet file (or a glob of shards, in one folder or many), or a
-folder or glob of images, in which case every image is a row of its own. Everything that
-can be checked before the pipeline starts (files exist, every shard has the URI column, the
-shards' column types agree) is checked in `open_catalog`, so a wrong column name is one
-clear message at start-up, not thousands of error rows.
+folder or glob of images, in which case every image is a row of its own. A path that
+exists is that file or folder, whatever its name holds (`cat [2024]/catalog.csv`); only a
+path that does not exist is read as a glob. Everything that can be checked before the
+pipeline starts (files exist, every shard has the URI column, the shards' column types
+agree) is checked in `open_catalog`, so a wrong column name is one clear message at
+start-up, not thousands of error rows.
 
 What the catalog promises the rest of the pipeline:
 - A relative URI is relative to the folder of the catalog file its row is in (as in a web
@@ -106,7 +108,8 @@ def open_catalog(
         return Catalog(pattern, "images", (), "uri", None, ())
     files = tuple(list_catalog_files(pattern))
     if not files:
-        raise CatalogError(f"No catalog file matches {pattern!r}.")
+        hint = " (In a glob, write [[] for a '[' in a name.)" if "[" in pattern else ""
+        raise CatalogError(f"No catalog file matches {pattern!r}.{hint}")
     schemas = [_read_schema(file, catalog_format) for file in files]
     for file, schema in zip(files, schemas, strict=True):
         _check_columns(file, schema.names, uri_column, label_column)
@@ -130,9 +133,11 @@ def describe_catalog(pattern: str, *, uri_column: str, label_column: str | None)
 
 
 def list_catalog_files(pattern: str) -> list[str]:
-    """The files a catalog pattern matches, each as fsspec opens it."""
+    """The files a catalog pattern matches, each as fsspec opens it: a file that exists is
+    itself, whatever its name holds; only a path that does not exist is a glob."""
     fs, path = fsspec.core.url_to_fs(pattern)
-    return [_unstrip(pattern, fs, match) for match in sorted(fs.glob(path))]
+    matches = [path] if fs.isfile(path) else sorted(fs.glob(path))
+    return [_unstrip(pattern, fs, match) for match in matches]
 
 
 def _table_format_of(path: str) -> CatalogFormat | None:
@@ -149,7 +154,7 @@ def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
     table_format = _table_format_of(path)
     if table_format is not None:
         return table_format
-    if _has_glob(path) or fs.isdir(path):
+    if fs.isdir(path) or (_has_glob(path) and not fs.exists(path)):
         return "images"
     raise CatalogError(
         f"Cannot tell what {path!r} is: give a .csv or .parquet catalog (or a glob of them), "
@@ -395,9 +400,10 @@ def _readable_field(fields: list[str] | None, index: int) -> str | None:
 
 
 def list_images(pattern: str) -> Iterator[str]:
-    """The image files in a folder (recursively) or matched by a glob, in a stable order."""
+    """The image files in a folder (recursively), or matched by a glob where no folder has
+    that name, in a stable order."""
     fs, path = fsspec.core.url_to_fs(pattern)
-    matches = fs.glob(path) if _has_glob(path) else fs.find(path)
+    matches = fs.find(path) if fs.isdir(path) else fs.glob(path)
     for match in sorted(matches):
         if match.lower().endswith(IMAGE_EXTENSIONS):
             yield _unstrip(pattern, fs, match)
