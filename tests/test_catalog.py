@@ -307,6 +307,68 @@ def test_parquet_shards_values_take_the_unified_type(tmp_path):
     ]
 
 
+def test_parquet_bytes_that_are_not_utf8_spoil_their_row_not_the_run(tmp_path):
+    """One shard's column is binary, the other's text: the catalog's type is text. A value
+    that decodes is that text; one that does not is an error row keeping the rest."""
+    pq.write_table(
+        pa.table({"uri": ["a.jpg", "b.jpg", "c.jpg"], "id": [1, 2, 3],
+                  "title": pa.array([b"Caf\xc3\xa9", b"\xff\xfe", None], pa.binary())}),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    pq.write_table(
+        pa.table({"uri": ["d.jpg"], "id": [4], "title": ["Dunes"]}), tmp_path / "b.parquet"
+    )
+    catalog = open_catalog(str(tmp_path / "*.parquet"))
+    assert catalog.extra_fields[1] == pa.field("title", pa.string())
+    records = records_of(catalog)
+    assert [(r.uri, r.extra, r.error) for r in records] == [
+        ("a.jpg", (("id", 1), ("title", "Café")), None),
+        ("b.jpg", (("id", 2), ("title", None)),
+         f"bad_catalog_row: row 2: byte 0xFF in column 'title' is not UTF-8 "
+         f"({tmp_path}/a.parquet)"),
+        ("c.jpg", (("id", 3), ("title", None)), None),
+        ("d.jpg", (("id", 4), ("title", "Dunes")), None),
+    ]  # fmt: skip
+    assert records[1].location == ""  # nothing is fetched for a row that cannot be trusted
+
+
+def test_a_parquet_text_column_written_with_bytes_that_are_not_utf8(tmp_path):
+    """Parquet readers do not check a string column's bytes: whatever its writer put there
+    arrives, in the URI, the label, a pass-through column or a list of texts."""
+
+    def text(*values):
+        return pa.array(values, pa.binary()).cast(pa.string(), safe=False)
+
+    tags = pa.ListArray.from_arrays([0, 1, 2, 3], text(b"sea", b"\xffport", b"dunes"))
+    pq.write_table(
+        pa.table({"uri": text(b"a.jpg", b"b\xe9.jpg", b"c.jpg"),
+                  "style": text(b"Baroque", b"Rococo", b"Cubism\x92"),
+                  "tags": tags}),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    pq.write_table(pa.table({"uri": ["d.jpg"], "tags": ["dunes"]}), tmp_path / "b.parquet")
+    catalog = open_catalog(str(tmp_path / "*.parquet"))
+    records = records_of(catalog)
+    file = f"{tmp_path}/a.parquet"
+    assert [(r.uri, r.label, r.extra, r.error) for r in records] == [
+        ("a.jpg", "Baroque", (("tags", "['sea']"),), None),
+        (None, "Rococo", (("tags", None),),
+         f"bad_catalog_row: row 2: byte 0xE9 in column 'uri' is not UTF-8, byte 0xFF in "
+         f"column 'tags' is not UTF-8 ({file})"),
+        ("c.jpg", None, (("tags", "['dunes']"),),
+         f"bad_catalog_row: row 3: byte 0x92 in column 'style' is not UTF-8 ({file})"),
+        ("d.jpg", None, (("tags", "dunes"),), None),
+    ]  # fmt: skip
+
+
+def test_a_binary_uri_column_holds_text(tmp_path):
+    pq.write_table(
+        pa.table({"uri": pa.array([b"images/a.jpg"], pa.binary())}), tmp_path / "a.parquet"
+    )
+    [record] = records_of(open_catalog(str(tmp_path / "a.parquet")))
+    assert (record.uri, record.location) == ("images/a.jpg", f"{tmp_path}/images/a.jpg")
+
+
 def test_a_large_parquet_shard_is_read_in_batches(tmp_path):
     pq.write_table(pa.table({"uri": [f"{i}.jpg" for i in range(5000)]}), tmp_path / "c.parquet")
     records = records_of(open_catalog(str(tmp_path / "c.parquet")))

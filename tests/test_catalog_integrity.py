@@ -123,3 +123,27 @@ def test_a_catalog_in_a_folder_whose_name_holds_glob_characters(tmp_path, tiny_b
     _, frame = read_predictions(output)
     assert sorted(frame.id) == ["7", "8"] and frame.error.isna().all()  # CSV columns are text
     assert summary["n_images"] == 2 and summary["n_errors"] == 0
+
+
+def test_parquet_shards_one_with_bytes_that_are_not_utf8(tmp_path, tiny_bundle):
+    """The whole run used to fail in ReadCatalog; now the row with 0xFF is an error row."""
+    for museum in ("a", "b"):
+        painting(tmp_path / f"museum_{museum}/images/{museum}.jpg", COLOURS["Red_Period"], 5)
+    pq.write_table(
+        pa.table({"uri": ["images/a.jpg", "images/a.jpg"], "id": [1, 2],
+                  "title": pa.array([b"Harbour", b"Caf\xff"], pa.binary())}),
+        tmp_path / "museum_a/catalog.parquet",
+    )  # fmt: skip
+    pq.write_table(
+        pa.table({"uri": ["images/b.jpg"], "id": [3], "title": ["Dunes"]}),
+        tmp_path / "museum_b/catalog.parquet",
+    )
+    output = tmp_path / "out"
+    summary = run(argv_for(tmp_path / "museum_*/catalog.parquet", output, tiny_bundle))
+
+    _, frame = read_predictions(output)
+    rows = sorted(zip(frame.id, frame.title.fillna("-"), frame.error.fillna("ok"), strict=True))
+    assert [row[:2] for row in rows] == [(1, "Harbour"), (2, "-"), (3, "Dunes")]
+    assert [row[2].split(":")[0] for row in rows] == ["ok", "bad_catalog_row", "ok"]
+    assert "byte 0xFF in column 'title' is not UTF-8" in rows[1][2]
+    assert summary["errors_by_kind"] == {"bad_catalog_row": 1}

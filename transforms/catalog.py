@@ -16,10 +16,12 @@ What the catalog promises the rest of the pipeline:
   location the bytes are fetched from is stripped of surrounding spaces.
 - Each pass-through column has one type across all shards: the shards' own type where they
   agree, int64 for integers of several widths, float64 for integers mixed with floats, and
-  text otherwise; values are converted to it as rows are read.
-- A CSV row that cannot be read (more or fewer fields than the header, bytes that are not
-  UTF-8, broken quoting) is a record whose `error` says `bad_catalog_row: line N: ...`: it
-  becomes an error row like an unreadable image, and the run goes on.
+  text otherwise (bytes become their UTF-8 text); values are converted to it as rows are
+  read. A URI or label column of bytes is read as text.
+- A row that cannot be read whole (a CSV line with more or fewer fields than the header,
+  or broken quoting; text in CSV or Parquet whose bytes are not UTF-8) is a record whose
+  `error` says `bad_catalog_row: line N: ...` (`row N` in Parquet), with the columns it
+  could read: it becomes an error row like an unreadable image, and the run goes on.
 - A catalog that is an earlier run's predictions (it has `top_k_styles` and `confidence`)
   has predictions in its `style` column, not labels: it has labels only if --label_column
   names them.
@@ -33,7 +35,7 @@ import logging
 import posixpath
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TextIO
 
 import apache_beam as beam
@@ -287,30 +289,85 @@ def read_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
 
 def read_parquet_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
     base_dir = posixpath.dirname(file)
+    with fsspec.open(file, "rb") as f:
+        for number, row in enumerate(_parquet_values(pq.ParquetFile(f), catalog), start=1):
+            unreadable = {name: v.byte for name, v in row.items() if isinstance(v, NotUtf8)}
+            if not unreadable:
+                yield to_record(row, catalog, base_dir)
+                continue
+            problem = ", ".join(_not_utf8(byte, name) for name, byte in unreadable.items())
+            readable = {name: value for name, value in row.items() if name not in unreadable}
+            yield _bad_record(readable, catalog, f"row {number}", problem, file)
+
+
+def _parquet_values(parquet: pq.ParquetFile, catalog: Catalog) -> Iterator[dict[str, Any]]:
+    """The rows, read a batch at a time, each column in the catalog's type for it."""
     types = {f.name: f.type for f in catalog.extra_fields}
     wanted = {catalog.uri_column, catalog.label_column, *types}
-    with fsspec.open(file, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        columns = [name for name in parquet.schema_arrow.names if name in wanted]
-        for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
-            conformed = {
-                name: conform(column, types[name]) if name in types else column
-                for name, column in zip(batch.schema.names, batch.columns, strict=True)
-            }
-            for row in pa.RecordBatch.from_pydict(conformed).to_pylist():
-                yield to_record(row, catalog, base_dir)
+    columns = [name for name in parquet.schema_arrow.names if name in wanted]
+    for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
+        values = {
+            name: column_values(column, types.get(name, _text_type_of(column.type)))
+            for name, column in zip(batch.schema.names, batch.columns, strict=True)
+        }
+        for index in range(batch.num_rows):
+            yield {name: column[index] for name, column in values.items()}
 
 
-def conform(values: pa.Array, data_type: pa.DataType) -> pa.Array:
-    """A shard's column in the catalog's type for it. Arrow casts what it can; values it
-    cannot cast to text (nested ones) become Python's text of them: never a failed run."""
-    if values.type == data_type:
-        return values
+@dataclass(frozen=True)
+class NotUtf8:
+    """A value whose bytes are not UTF-8 text: Parquet readers do not check a string
+    column's bytes, and a binary column cast to text is not checked either."""
+
+    byte: int  # the first that is not UTF-8
+
+
+def _text_type_of(data_type: pa.DataType) -> pa.DataType:
+    """The type the URI and label columns are read in: text, where a shard has bytes."""
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+    return pa.string() if any(is_binary(data_type) for is_binary in binary) else data_type
+
+
+def column_values(values: pa.Array, data_type: pa.DataType) -> list[Any]:
+    """A shard's column as Python values of the catalog's type for it. Arrow casts what it
+    can; values it cannot cast to text (nested ones) become Python's text of them; a value
+    with bytes that are not UTF-8 is a NotUtf8: never a failed run."""
+    if values.type != data_type:
+        try:
+            values = values.cast(data_type, safe=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return [
+                value if value is None or isinstance(value, NotUtf8) else str(value)
+                for value in _python_values(values)
+            ]
+    return _python_values(values)
+
+
+def _python_values(values: pa.Array) -> list[Any]:
     try:
-        return values.cast(data_type, safe=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        texts = [None if value is None else str(value) for value in values.to_pylist()]
-        return pa.array(texts, pa.string())
+        return values.to_pylist()
+    except UnicodeDecodeError:  # some value's text is not UTF-8: find which, one by one
+        return [_python_value(value) for value in values]
+
+
+def _python_value(value: pa.Scalar) -> Any:
+    try:
+        return value.as_py()
+    except UnicodeDecodeError as error:
+        return NotUtf8(error.object[error.start])
+
+
+def _not_utf8(byte: int, column: str) -> str:
+    return f"byte 0x{byte:02X} in column {column!r} is not UTF-8"
+
+
+def _bad_record(
+    row: dict[str, Any], catalog: Catalog, where: str, problem: str, file: str
+) -> ImageRecord:
+    """A row that cannot be trusted as a whole: an error record that fetches nothing but
+    keeps the columns it could read, the id users join predictions on among them."""
+    record = to_record(row, catalog, "")
+    return replace(record, location="", error=f"{BAD_ROW}: {where}: {problem} ({file})")
 
 
 def read_csv_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
