@@ -212,8 +212,10 @@ def test_malformed_csv_rows_become_error_records_that_say_where(tmp_path):
     assert [(r.uri, r.error) for r in records] == [
         ("a.jpg", None),
         ("b.jpg", None),
-        ("c.jpg", f"bad_catalog_row: line 6: 3 fields where the header has 2 ({path})"),
-        ("d.jpg", f"bad_catalog_row: line 7: 1 fields where the header has 2 ({path})"),
+        ("c.jpg", f"bad_catalog_row: line 6: 3 fields where the header has 2 (a comma in a "
+                  f"value that is not quoted?): the columns hold the first 2 ({path})"),
+        ("d.jpg", f"bad_catalog_row: line 7: 1 field where the header has 2: the columns "
+                  f"from 'title' on are empty ({path})"),
         ("e.jpg", f"bad_catalog_row: line 8: byte 0x92 in column 'title' is not UTF-8 "
                   f"(save it as UTF-8) ({path})"),
         (None, f"bad_catalog_row: line 9: byte 0x92 in column 'uri' is not UTF-8 "
@@ -223,8 +225,32 @@ def test_malformed_csv_rows_become_error_records_that_say_where(tmp_path):
         (None, f"bad_catalog_row: line 12: unexpected end of data ({path})"),
     ]  # fmt: skip
     assert records[1].extra == (("title", "Two\nlines"),)
-    bad = records[2]
-    assert (bad.location, bad.label, bad.extra) == ("", None, ())
+    # A bad line fetches nothing, and keeps what it gives: the header's columns, in order.
+    assert [(r.location, r.extra) for r in records[2:6]] == [
+        ("", (("title", "Harbour"),)),
+        ("", (("title", None),)),
+        ("", (("title", None),)),
+        ("", (("title", "Cafe"),)),
+    ]
+
+
+def test_a_bad_csv_line_keeps_the_id_users_join_on_and_its_label(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_bytes(
+        b"id,uri,style,title\n"
+        b"17,a.jpg,Baroque,Harbour, at night\n"
+        b"18,b.jpg,Rococo,Caf\xe9,\xff\n"
+    )  # fmt: skip
+    catalog = open_catalog(str(path))
+    assert [(r.uri, r.label, r.extra) for r in records_of(catalog)] == [
+        ("a.jpg", "Baroque", (("id", "17"), ("title", "Harbour"))),
+        ("b.jpg", "Rococo", (("id", "18"), ("title", None))),
+    ]
+    assert records_of(catalog)[1].error == (
+        f"bad_catalog_row: line 3: 5 fields where the header has 4 (a comma in a value that "
+        f"is not quoted?): the columns hold the first 4; byte 0xE9 in column 'title' is not "
+        f"UTF-8 (save it as UTF-8) ({path})"
+    )
 
 
 def test_a_bad_byte_late_in_a_csv_is_a_row_not_a_startup_error(tmp_path):
@@ -353,7 +379,7 @@ def test_a_parquet_text_column_written_with_bytes_that_are_not_utf8(tmp_path):
     assert [(r.uri, r.label, r.extra, r.error) for r in records] == [
         ("a.jpg", "Baroque", (("tags", "['sea']"),), None),
         (None, "Rococo", (("tags", None),),
-         f"bad_catalog_row: row 2: byte 0xE9 in column 'uri' is not UTF-8, byte 0xFF in "
+         f"bad_catalog_row: row 2: byte 0xE9 in column 'uri' is not UTF-8; byte 0xFF in "
          f"column 'tags' is not UTF-8 ({file})"),
         ("c.jpg", None, (("tags", "['dunes']"),),
          f"bad_catalog_row: row 3: byte 0x92 in column 'style' is not UTF-8 ({file})"),

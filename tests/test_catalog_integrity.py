@@ -76,6 +76,10 @@ def test_csv_shards_of_an_earlier_run_with_bad_lines(museums_csv, tmp_path, tiny
         "line 5",
     ]
     assert set(bad.uri) == {"images/a.jpg", "images/b.jpg"}
+    # They keep what the line gives: its fields in the header's order (past an unquoted
+    # comma, each a column late), a field with a bad byte left out.
+    assert sorted(bad.title.fillna("-")) == ["-", "Harbour"]
+    assert sorted(bad.catalog_model) == ["['Cubism']", "old-model"]
     assert summary["n_images"] == 7
     assert summary["errors_by_kind"] == {"bad_catalog_row": 2, "not_an_image": 1}
     # The earlier run's `style` is a prediction: never taken for a label.

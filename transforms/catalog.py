@@ -295,7 +295,7 @@ def read_parquet_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
             if not unreadable:
                 yield to_record(row, catalog, base_dir)
                 continue
-            problem = ", ".join(_not_utf8(byte, name) for name, byte in unreadable.items())
+            problem = "; ".join(_not_utf8(byte, name) for name, byte in unreadable.items())
             readable = {name: value for name, value in row.items() if name not in unreadable}
             yield _bad_record(readable, catalog, f"row {number}", problem, file)
 
@@ -378,13 +378,16 @@ def read_csv_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
         for line, fields, problem in lines:
             if fields == []:  # a blank line is no row
                 continue
-            # No fields: the csv module could not parse the record, and `problem` says why.
-            if fields is not None and (problem := _row_problem(fields, names)) is None:
-                yield to_record(dict(zip(names, fields, strict=True)), catalog, base_dir)
-            else:
-                uri = _readable_field(fields, names.index(catalog.uri_column))
-                error = f"{BAD_ROW}: line {line}: {problem} ({file})"
-                yield ImageRecord(uri, "", None, error=error)
+            if fields is None:  # the csv module could not parse the record: `problem` says why
+                yield _bad_record({}, catalog, f"line {line}", str(problem), file)
+                continue
+            row = dict(zip(names, fields, strict=False))  # the header's columns, in order
+            problem = _row_problem(fields, names)
+            if problem is None:
+                yield to_record(row, catalog, base_dir)
+                continue
+            readable = {name: value for name, value in row.items() if _bad_byte(value) is None}
+            yield _bad_record(readable, catalog, f"line {line}", problem, file)
 
 
 @contextmanager
@@ -419,10 +422,10 @@ def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
     for _, fields, problem in lines:
         if fields == []:
             continue
-        bad_byte = None if fields is None else _bad_byte(fields)
-        if bad_byte:
-            column, byte = bad_byte
-            problem = f"byte 0x{byte:02X} in its column {column + 1} is not UTF-8"
+        for column, name in enumerate(fields or []):
+            if (byte := _bad_byte(name)) is not None:
+                problem = f"byte 0x{byte:02X} in its column {column + 1} is not UTF-8"
+                break
         if problem:
             raise CatalogError(f"The catalog {file!r} has no readable header line: {problem}.")
         assert fields is not None  # a record the csv module could not parse has a problem
@@ -431,29 +434,32 @@ def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
 
 
 def _row_problem(fields: list[str], names: list[str]) -> str | None:
-    if len(fields) != len(names):
-        return f"{len(fields)} fields where the header has {len(names)}"
-    if bad_byte := _bad_byte(fields):
-        column, byte = bad_byte
-        return f"byte 0x{byte:02X} in column {names[column]!r} is not UTF-8 (save it as UTF-8)"
+    """What is wrong with a parsed CSV line, if anything: the count of its fields, and each
+    field of the header's columns whose bytes are not UTF-8."""
+    problems = []
+    if len(fields) > len(names):
+        problems.append(
+            f"{len(fields)} fields where the header has {len(names)} (a comma in a value "
+            f"that is not quoted?): the columns hold the first {len(names)}"
+        )
+    elif len(fields) < len(names):
+        problems.append(
+            f"{len(fields)} field{'s' * (len(fields) != 1)} where the header has "
+            f"{len(names)}: the columns from {names[len(fields)]!r} on are empty"
+        )
+    for name, field in zip(names, fields, strict=False):
+        if (byte := _bad_byte(field)) is not None:
+            problems.append(f"{_not_utf8(byte, name)} (save it as UTF-8)")
+    return "; ".join(problems) or None
+
+
+def _bad_byte(field: str) -> int | None:
+    """The first byte of the field that is not UTF-8 (read as a lone surrogate), if any."""
+    try:
+        field.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return ord(field[error.start]) - 0xDC00
     return None
-
-
-def _bad_byte(fields: list[str]) -> tuple[int, int] | None:
-    """(field index, byte) of the first byte that is not UTF-8: a lone surrogate here."""
-    for index, field in enumerate(fields):
-        try:
-            field.encode("utf-8")
-        except UnicodeEncodeError as error:
-            return index, ord(field[error.start]) - 0xDC00
-    return None
-
-
-def _readable_field(fields: list[str] | None, index: int) -> str | None:
-    """The field as written, if the row got that far and it is text."""
-    if fields is None or index >= len(fields) or _bad_byte(fields[index : index + 1]):
-        return None
-    return fields[index]
 
 
 def list_images(pattern: str) -> Iterator[str]:
