@@ -99,6 +99,18 @@ def add_catalog_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    """--overwrite, of the commands that publish into a run's output folder."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace files in the output folder that look like results (predictions-*.parquet, "
+        "summary.json, report.html, ...) but that artstyle has no record of writing (an "
+        "earlier version's, or copied in). Without it, such files stop the command at "
+        "start-up: they would be read with its results.",
+    )
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of pipeline.options.ModelOptions."""
     parser.add_argument(
@@ -179,6 +191,7 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
         "seconds sooner; its first run with a bundle converts the model (once per machine, "
         "cached). 'auto': OpenVINO on a CPU; Keras on a GPU and in worker processes.",
     )
+    add_overwrite_flag(parser)
     parser.add_argument(
         "--report",
         action="store_true",

@@ -7,8 +7,15 @@ the folder's earlier results stay as they were, however the run ends; a staging 
 left by a run that died is removed by the next run into the folder.
 
 `.artstyle-files.json` lists the results the tool wrote in the folder. A later run replaces
-or removes those and no others: a file of the user's that happens to match
-`predictions-*.parquet` is left alone.
+or removes those and no others. A file that looks like a result (`predictions-*.parquet`,
+`summary.json`, ...) but is not on record (an earlier version's, or one copied in) would be
+read with the run's results by any reader of `predictions-*.parquet`: it stops the run at
+start-up, unless the run is told to replace it (--overwrite). The report command
+(`python -m pipeline.report`) publishes the same way, its page and pictures alone.
+
+Beam's file writers read a `[` in a path as a glob, and cannot write under one: such a
+folder is refused at start-up. Elsewhere the folder's path is taken as it is, never as a
+glob: its files are listed, and matched by name.
 
 `.artstyle-lock` keeps a second run out while one is live. On a local disk the kernel holds
 it (flock) and releases it when the process ends, however it ends. Object stores (gs://,
@@ -42,13 +49,16 @@ from pipeline.interrupts import interrupts_deferred
 SUMMARY_FILE = "summary.json"
 REPORT_PAGE = "report.html"
 REPORT_FILES = "report_files"  # a folder: the report's pictures
+PREDICTION_FILES = "predictions-*.parquet"
+METRICS_FILES = "metrics-*.parquet"
 RESULT_PATTERNS = (
-    "predictions-*.parquet",
-    "metrics-*.parquet",
+    PREDICTION_FILES,
+    METRICS_FILES,
     SUMMARY_FILE,
     REPORT_PAGE,
     REPORT_FILES,
 )
+MOST_NAMES_SHOWN = 5  # of the files a refusal names
 FILES_RECORD = ".artstyle-files.json"
 RECORD_FORMAT = "artstyle.outputs/1"
 LOCK_FILE = ".artstyle-lock"
@@ -59,6 +69,37 @@ STALE_AFTER_S = 600.0
 
 class OutputError(ValueError):
     """--output cannot take a run's results; raised before the pipeline starts."""
+
+
+@dataclass(frozen=True)
+class Results:
+    """What one command publishes in the folder: the patterns of its files (the earlier of
+    which it replaces), and the file it moves last, whose presence says the rest is whole."""
+
+    patterns: tuple[str, ...]
+    last: str
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.patterns)
+
+
+RUN_RESULTS = Results(RESULT_PATTERNS, SUMMARY_FILE)
+REPORT_RESULTS = Results((REPORT_PAGE, REPORT_FILES), REPORT_PAGE)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """A run's result files: the folder they are in (a URL) and their names there."""
+
+    folder: str
+    names: frozenset[str]
+
+    def named(self, pattern: str) -> list[str]:
+        """The names that match `pattern`, sorted."""
+        return sorted(name for name in self.names if fnmatch.fnmatchcase(name, pattern))
+
+    def url(self, name: str) -> str:
+        return f"{self.folder}/{name}"
 
 
 @dataclass(frozen=True)
@@ -172,8 +213,9 @@ class ObjectLock:
 class OutputFolder:
     """--output, held by this run: see the module's docstring. Beam writes to `staging`."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, results: Results = RUN_RESULTS, overwrite: bool = False):
         self.url = url.rstrip("/") or url
+        self._results, self._overwrite = results, overwrite
         self._fs, self._path = _filesystem_of(self.url)
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         self.staging = f"{self.url}/{STAGING_PREFIX}{run_id}"
@@ -187,10 +229,14 @@ class OutputFolder:
 
     @classmethod
     @contextmanager
-    def claim(cls, url: str) -> Iterator[OutputFolder]:
+    def claim(
+        cls, url: str, results: Results = RUN_RESULTS, overwrite: bool = False
+    ) -> Iterator[OutputFolder]:
         """The folder, checked, created and locked, with any staging folder of a dead run
-        removed; on leaving, this run's staging folder is removed and the lock released."""
-        folder = cls(url)
+        removed; on leaving, this run's staging folder is removed and the lock released.
+        `results`: what this command publishes; `overwrite`: whether it may replace files
+        that look like those but are not on record as the tool's."""
+        folder = cls(url, results, overwrite)
         folder._open()
         try:
             yield folder
@@ -198,6 +244,11 @@ class OutputFolder:
             folder.release()
 
     def _open(self) -> None:
+        if "[" in self.url:
+            raise OutputError(
+                f"--output {self.url}: Beam's file writers read '[' in a path as a glob and "
+                "cannot write under it: choose a folder without '['"
+            )
         if self._fs.isfile(self._path):
             raise OutputError(f"--output {self.url} is a file, not a folder")
         try:
@@ -214,13 +265,30 @@ class OutputFolder:
                 f"--output {self.url} cannot be written ({error.strerror or error})"
             ) from None
         try:
-            for leftover in self._fs.glob(f"{self._path}/{STAGING_PREFIX}*"):
-                self._fs.rm(leftover, recursive=True)
+            self._check_unrecorded()
+            for name in self._names_in(self._path):
+                if name.startswith(STAGING_PREFIX):
+                    self._fs.rm(self._in_folder(name), recursive=True)
             self._fs.makedirs(self._staging_path, exist_ok=True)
             self._had_results = bool(self._recorded_results())
         except BaseException:
             self._lock.release()
             raise
+
+    def _check_unrecorded(self) -> None:
+        """Stops here where the folder holds files that look like what this command
+        publishes but that the tool has no record of writing, unless it may replace them."""
+        unrecorded = self._unrecorded_results()
+        if not unrecorded or self._overwrite:
+            return
+        shown = ", ".join(unrecorded[:MOST_NAMES_SHOWN])
+        more = len(unrecorded) - MOST_NAMES_SHOWN
+        if more > 0:
+            shown += f" and {more} more"
+        raise OutputError(
+            f"{self.url} holds files that look like artstyle's results but are not on record "
+            f"as its own ({shown}): move them away, or pass --overwrite to replace them"
+        )
 
     @property
     def interrupted_message(self) -> str:
@@ -231,40 +299,60 @@ class OutputFolder:
             )
         return f"artstyle: interrupted; no results were written to {self.url}"
 
-    def publish(self) -> None:
-        """Moves the staged results in place, summary.json last, and removes the earlier
-        run's results that these do not replace. Ctrl-C waits until it is done."""
+    def staged_results(self) -> RunFiles:
+        """This run's results, in the staging folder until `publish`."""
         self._fs.invalidate_cache(self._staging_path)  # Beam wrote there, not through fsspec
-        staged = self._result_names(self._staging_path)
-        if SUMMARY_FILE not in staged:
-            raise RuntimeError(f"the run wrote no {SUMMARY_FILE} to {self.staging}")
-        earlier = self._recorded_results()
+        return RunFiles(self.staging, frozenset(self._result_names(self._staging_path)))
+
+    def published_results(self) -> RunFiles:
+        """The results in the folder: those on record as the tool's, or, in a folder without
+        a record (an earlier version's), every file that looks like one."""
+        recorded = self._recorded_results()
+        if not recorded and not self._fs.exists(self._in_folder(FILES_RECORD)):
+            recorded = self._result_names(self._path)
+        return RunFiles(self.url, frozenset(recorded))
+
+    def publish(self) -> None:
+        """Moves the staged results in place, the `last` of them last, and removes the
+        earlier results of the same kinds that these do not replace (with --overwrite, those
+        not on record too). Ctrl-C waits until it is done."""
+        staged = set(self.staged_results().names)
+        last = self._results.last
+        if last not in staged:
+            raise RuntimeError(f"the run wrote no {last} to {self.staging}")
+        recorded = self._recorded_results()
+        others = set(self._unrecorded_results()) if self._overwrite else set()
+        earlier = {name for name in recorded | others if self._results.matches(name)}
+        kept = recorded - earlier
         with interrupts_deferred():
-            self._record(earlier | staged)  # whatever a crash below leaves is on record as ours
-            if SUMMARY_FILE in earlier:  # no summary.json: the folder's results are incomplete
-                self._fs.rm(self._in_folder(SUMMARY_FILE))
-            for name in sorted(staged & earlier - {SUMMARY_FILE}):  # a folder is not merged
+            self._record(recorded | earlier | staged)  # what a crash below leaves is on record
+            if last in earlier:  # without it, the folder's results are incomplete
+                self._fs.rm(self._in_folder(last), recursive=True)
+            for name in sorted(staged & earlier - {last}):  # a folder is not merged
                 self._fs.rm(self._in_folder(name), recursive=True)
-            for name in sorted(staged - {SUMMARY_FILE}):
+            for name in sorted(staged - {last}):
                 self._fs.mv(self._in_staging(name), self._in_folder(name), recursive=True)
             for name in sorted(earlier - staged):
                 self._fs.rm(self._in_folder(name), recursive=True)
-            self._fs.mv(self._in_staging(SUMMARY_FILE), self._in_folder(SUMMARY_FILE))
-            self._record(staged)
+            self._fs.mv(self._in_staging(last), self._in_folder(last), recursive=True)
+            self._record(kept | staged)
 
     def others_files(self) -> list[str]:
         """Files in the folder that look like results but that the tool did not write."""
-        ours = self._recorded_results()
         self._fs.invalidate_cache(self._path)
-        return sorted(self._result_names(self._path) - ours)
+        return sorted(self._result_names(self._path) - self._recorded_results())
+
+    def _unrecorded_results(self) -> list[str]:
+        """`others_files` of the kinds this command publishes."""
+        return [name for name in self.others_files() if self._results.matches(name)]
 
     def _result_names(self, folder: str) -> set[str]:
         """The names in `folder` that match RESULT_PATTERNS."""
-        return {
-            posixpath.basename(path)
-            for pattern in RESULT_PATTERNS
-            for path in self._fs.glob(f"{folder}/{pattern}")
-        }
+        return {name for name in self._names_in(folder) if RUN_RESULTS.matches(name)}
+
+    def _names_in(self, folder: str) -> list[str]:
+        """The names in `folder`, listed: its path is never read as a glob."""
+        return [posixpath.basename(path.rstrip("/")) for path in self._fs.ls(folder, detail=False)]
 
     def release(self) -> None:
         """Removes this run's staging folder and releases the lock; never raises, as it also
@@ -297,7 +385,7 @@ class OutputFolder:
             for name in names
             if isinstance(name, str)
             and name == posixpath.basename(name)
-            and any(fnmatch.fnmatchcase(name, pattern) for pattern in RESULT_PATTERNS)
+            and RUN_RESULTS.matches(name)
             and self._fs.exists(self._in_folder(name))
         }
 

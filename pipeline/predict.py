@@ -142,7 +142,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         return build_job_template(options, bundle)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
 
-    with OutputFolder.claim(io.output) as output:
+    with OutputFolder.claim(io.output, overwrite=predict.overwrite) as output:
         with exit_on_interrupt(output.interrupted_message, cleanup=output.release):
             pipeline = test_pipeline or beam.Pipeline(options=options)
             build_graph(pipeline, options, catalog, bundle, output.staging)
@@ -155,7 +155,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             if predict.report:  # its Grad-CAM loads Keras: a run on OpenVINO otherwise never does
                 from pipeline.report_page import report_after_run
 
-                report = report_after_run(options, catalog, bundle, output.staging)
+                report = report_after_run(options, catalog, bundle, output)
         output.publish()
         with fsspec.open(f"{output.url}/{SUMMARY_FILE}") as f:
             summary = json.load(f)

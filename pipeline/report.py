@@ -9,7 +9,7 @@ import sys
 
 from models.settings import DEFAULT_BUNDLE
 from pipeline import terminal
-from pipeline.flags import REPORT_PER_STYLE, REPORT_SAMPLES, whole_number
+from pipeline.flags import REPORT_PER_STYLE, REPORT_SAMPLES, add_overwrite_flag, whole_number
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -49,27 +49,35 @@ def report_parser() -> argparse.ArgumentParser:
         default=REPORT_PER_STYLE,
         help="Gallery rows per style (no labels).",
     )
+    add_overwrite_flag(parser)
     return parser
 
 
 def run(argv: list[str] | None = None) -> str:
+    """Writes the page and publishes it in DIR (pipeline/outputs.py), beside the run's
+    results, which stay as they are; returns the page's path."""
     args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from models.bundle import ModelBundle
-    from pipeline.report_page import write_report
+    from pipeline.outputs import REPORT_RESULTS, OutputFolder
+    from pipeline.report_page import check_finished_run, write_report
     from transforms.catalog import open_catalog
 
+    check_finished_run(args.output)  # before the folder is claimed: claiming creates one
     catalog = open_catalog(args.input, uri_column=args.uri_column) if args.input else None
-    path = write_report(
-        args.output,
-        ModelBundle.load(args.model),
-        catalog=catalog,
-        backbone_weights=args.backbone_weights,
-        beam_options=PipelineOptions(beam_args),
-        samples=args.samples,
-        per_style=args.per_style,
-    )
+    with OutputFolder.claim(args.output, REPORT_RESULTS, args.overwrite) as output:
+        path = write_report(
+            output,
+            output.published_results(),
+            ModelBundle.load(args.model),
+            catalog=catalog,
+            backbone_weights=args.backbone_weights,
+            beam_options=PipelineOptions(beam_args),
+            samples=args.samples,
+            per_style=args.per_style,
+        )
+        output.publish()
     print(f"artstyle: report written to {path}")
     return path
 

@@ -7,19 +7,18 @@ rows explained with Grad-CAM in a small Beam pipeline over `DIR/predictions-*.pa
 `python -m pipeline.report DIR` writes it for a finished run, `python -m pipeline ...
 --report` after its own.
 
-A failed report leaves the earlier page whole: every file under report_files/ is named by
-its content, the page replaces the old one in one rename, and only then are files that no
-page names any more removed.
+The page and its pictures are written in the output folder's staging folder and published
+from there like a run's results (pipeline/outputs.py): a failed report leaves the earlier
+page whole, and the page names `DIR`, where its run's results are, not the staging folder.
+Its figures are named by their content, so a browser never shows an earlier report's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,23 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.bundle import ModelBundle
 from models.metrics import CALIBRATION_BINS
 from pipeline import figures
 from pipeline.flags import REPORT_PER_STYLE, REPORT_SAMPLES, UsageError
-from pipeline.options import CatalogOptions, ImageOptions, ModelOptions
-from pipeline.outputs import REPORT_FILES, REPORT_PAGE
+from pipeline.options import ImageOptions, ModelOptions
+from pipeline.outputs import (
+    METRICS_FILES,
+    PREDICTION_FILES,
+    REPORT_FILES,
+    REPORT_PAGE,
+    SUMMARY_FILE,
+    OutputFolder,
+    RunFiles,
+)
 from transforms.catalog import Catalog
 from transforms.explanations import (
     CONFIDENT_MISTAKES,
@@ -86,7 +94,8 @@ class ReportError(UsageError):
 
 
 def write_report(
-    output: str,
+    output: OutputFolder,
+    results: RunFiles,
     bundle: ModelBundle,
     *,
     catalog: Catalog | None = None,
@@ -97,22 +106,21 @@ def write_report(
     samples: int = REPORT_SAMPLES,
     per_style: int = REPORT_PER_STYLE,
 ) -> str:
-    """Writes `output`/report.html and its files; returns the page's path.
+    """Writes the page of the run whose files are `results`, with its pictures, in
+    `output`'s staging folder, for `output.publish()`; returns where the page is then.
 
     `bundle` must be the run's model: the sampled rows are explained with it. `catalog`
     (the run's, which knows where each row's image is), `fetch_policy` and `max_pixels`
     read the sampled images again as the run read them.
     """
-    output = output.rstrip("/")
-    summary = _read_summary(output)
+    summary = _read_summary(results)
     if summary["model"] != bundle.id:
         raise ReportError(
-            f"{output}'s predictions are by model {summary['model']!r}, not by {bundle.id!r}: "
-            "name its bundle with --model"
+            f"{output.url}'s predictions are by model {summary['model']!r}, not by "
+            f"{bundle.id!r}: name its bundle with --model"
         )
-    fs, _ = fsspec.core.url_to_fs(output)
-    files_dir = f"{output}/{REPORT_FILES}"
-    fs.makedirs(files_dir, exist_ok=True)
+    files_dir = f"{output.staging}/{REPORT_FILES}"
+    fsspec.core.url_to_fs(files_dir)[0].makedirs(files_dir, exist_ok=True)
     labelled = summary["n_labelled"] > 0
     explain = ExplainSamples(
         bundle,
@@ -125,37 +133,49 @@ def write_report(
         count=samples,
         per_style=per_style,
     )
-    explained = _explain_samples(output, explain, files_dir, beam_options)
-    page = _page(output, summary, bundle.classes, labelled, explained, files_dir)
-    path = f"{output}/{REPORT_PAGE}"
-    temporary = f"{output}/.{REPORT_PAGE}.{uuid.uuid4().hex}"
-    with fsspec.open(temporary, "w", encoding="utf-8") as file:
-        file.write(page.html)
-    fs.mv(temporary, path)
-    _remove_unnamed(fs, files_dir, page.files)
-    return path
+    explained = _explain_samples(results, explain, files_dir, beam_options)
+    html = _page(output.url, results, summary, bundle.classes, labelled, explained, files_dir)
+    with fsspec.open(f"{output.staging}/{REPORT_PAGE}", "w", encoding="utf-8") as file:
+        file.write(html)
+    return f"{output.url}/{REPORT_PAGE}"
 
 
-def _read_summary(output: str) -> dict[str, Any]:
-    try:
-        with fsspec.open(f"{output}/summary.json") as file:
+def check_finished_run(folder: str) -> None:
+    """ReportError where `folder` holds no summary.json: not a finished run's output."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.isfile(f"{path.rstrip('/')}/{SUMMARY_FILE}"):
+        raise _not_a_run(folder)
+
+
+def _read_summary(results: RunFiles) -> dict[str, Any]:
+    """The run's summary.json; ReportError where it has none (not a finished run)."""
+    if SUMMARY_FILE in results.names:
+        with fsspec.open(results.url(SUMMARY_FILE)) as file:
             return json.load(file)
-    except FileNotFoundError:
-        raise ReportError(
-            f"{output!r} has no summary.json: not the output of a finished run of "
-            "python -m pipeline"
-        ) from None
+    raise _not_a_run(results.folder)
+
+
+def _not_a_run(folder: str) -> ReportError:
+    return ReportError(
+        f"{folder!r} has no {SUMMARY_FILE}: not the output of a finished run of python -m pipeline"
+    )
 
 
 def _explain_samples(
-    output: str, explain: ExplainSamples, files_dir: str, beam_options: PipelineOptions | None
+    results: RunFiles,
+    explain: ExplainSamples,
+    files_dir: str,
+    beam_options: PipelineOptions | None,
 ) -> list[dict[str, Any]]:
     """Runs the Beam pipeline that samples rows and explains them; returns the samples."""
     samples_path = f"{files_dir}/{SAMPLES_FILE}"
+    predictions = [results.url(name) for name in results.named(PREDICTION_FILES)]
     with beam.Pipeline(options=beam_options or PipelineOptions([])) as pipeline:
         _ = (
             pipeline
-            | "ReadPredictions" >> beam.io.ReadFromParquet(f"{output}/predictions-*.parquet")
+            | "PredictionFiles" >> beam.Create(predictions)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadPredictions" >> beam.FlatMap(_parquet_rows)
             | "ExplainSamples" >> explain
             | "AllSamples" >> beam.combiners.ToList()
             | "WriteSamples" >> beam.Map(_write_json, samples_path)
@@ -164,27 +184,32 @@ def _explain_samples(
         return json.load(file)
 
 
+def _parquet_rows(url: str) -> Iterator[dict[str, Any]]:
+    """The rows of one Parquet file, a batch at a time. (Beam's ReadFromParquet takes a
+    glob: a `*` in the name of the run's folder would match other folders.)"""
+    with fsspec.open(url, "rb") as file:
+        for batch in pq.ParquetFile(file).iter_batches():
+            yield from batch.to_pylist()
+
+
 def _write_json(value: Any, path: str) -> None:
     with fsspec.open(path, "w") as file:
         json.dump(value, file, indent=1)
 
 
-@dataclass(frozen=True)
-class _Page:
-    html: str
-    files: set[str]  # the names under report_files/ the page uses
-
-
 def _page(
     output: str,
+    results: RunFiles,
     summary: dict,
     classes: Sequence[str],
     labelled: bool,
     explained: list[dict],
     files_dir: str,
-) -> _Page:
-    metrics = _read_metrics(output)
-    predictions = _read_predictions(output)
+) -> str:
+    """The page's HTML, which names `output`, the folder its run's results are published
+    in; its figures are written to `files_dir` on the way."""
+    metrics = _read_metrics(results)
+    predictions = _read_predictions(results)
     per_class = _per_class(metrics)
     pictures: dict[str, bytes] = {
         "confidence": figures.confidence_histogram_figure(predictions.confidences)
@@ -204,7 +229,7 @@ def _page(
     figure_files = {
         name: _write_content_named(files_dir, name, png) for name, png in pictures.items()
     }
-    html = TEMPLATES.get_template(REPORT_PAGE).render(
+    return TEMPLATES.get_template(REPORT_PAGE).render(
         output=output,
         summary=summary,
         labelled=labelled,
@@ -215,8 +240,6 @@ def _page(
         sections=_sections(explained, labelled),
         errors=predictions.errors,
     )
-    sample_files = {s[kind] for s in explained for kind in ("image", "gradcam") if s.get(kind)}
-    return _Page(html, {*figure_files.values(), *sample_files, SAMPLES_FILE})
 
 
 def _write_content_named(files_dir: str, name: str, content: bytes) -> str:
@@ -250,12 +273,17 @@ def _sections(explained: list[dict], labelled: bool) -> list[dict[str, Any]]:
 # --- The run's numbers -------------------------------------------------------------------
 
 
-def _read_metrics(output: str) -> pd.DataFrame:
-    fs, path = fsspec.core.url_to_fs(output)
-    files = fs.glob(f"{path}/metrics-*.parquet")
-    if not files:
-        raise ReportError(f"{output!r} has no metrics-*.parquet: not the output of a finished run")
-    return ds.dataset(files, format="parquet", filesystem=fs).to_table().to_pandas()
+def _dataset(results: RunFiles, pattern: str) -> ds.Dataset:
+    """The run's files that match `pattern`, as one dataset; ReportError where there are none."""
+    names = results.named(pattern)
+    if not names:
+        raise ReportError(f"{results.folder!r} has no {pattern}: not the output of a finished run")
+    fs, folder = fsspec.core.url_to_fs(results.folder)
+    return ds.dataset([f"{folder}/{name}" for name in names], format="parquet", filesystem=fs)
+
+
+def _read_metrics(results: RunFiles) -> pd.DataFrame:
+    return _dataset(results, METRICS_FILES).to_table().to_pandas()
 
 
 def _per_class(metrics: pd.DataFrame) -> list[dict[str, Any]]:
@@ -299,9 +327,8 @@ class _Predictions:
     errors: list[dict]  # uri and error of the first MAX_ERROR_ROWS error rows, by uri
 
 
-def _read_predictions(output: str) -> _Predictions:
-    fs, path = fsspec.core.url_to_fs(output)
-    dataset = ds.dataset(fs.glob(f"{path}/predictions-*.parquet"), format="parquet", filesystem=fs)
+def _read_predictions(results: RunFiles) -> _Predictions:
+    dataset = _dataset(results, PREDICTION_FILES)
     predicted = dataset.to_table(
         columns=["style", "confidence"], filter=pc.field("error").is_null()
     )
@@ -315,24 +342,17 @@ def _read_predictions(output: str) -> _Predictions:
     )
 
 
-def _remove_unnamed(fs: fsspec.AbstractFileSystem, files_dir: str, named: set[str]) -> None:
-    """Removes the files of earlier reports that the page no longer names."""
-    _, path = fsspec.core.url_to_fs(files_dir)
-    for file in fs.ls(path, detail=False):
-        if posixpath.basename(file) not in named:
-            fs.rm(file)
-
-
 def report_after_run(
-    options: PipelineOptions, catalog: Catalog, bundle: ModelBundle, staging: str
+    options: PipelineOptions, catalog: Catalog, bundle: ModelBundle, output: OutputFolder
 ) -> str:
     """`python -m pipeline --report`: the report of the run just finished, written beside
-    its results in `staging` (so that it is published, and later replaced, with them), with
-    the run's options (runner, backbone weights); returns the line the run prints."""
+    its staged results (so that it is published, and later replaced, with them), with the
+    run's options (runner, backbone weights); returns the line the run prints."""
     started = time.perf_counter()
-    io, images = options.view_as(CatalogOptions), options.view_as(ImageOptions)
-    write_report(
-        staging,
+    images = options.view_as(ImageOptions)
+    path = write_report(
+        output,
+        output.staged_results(),
         bundle,
         catalog=catalog,
         backbone_weights=options.view_as(ModelOptions).backbone_weights,
@@ -340,5 +360,4 @@ def report_after_run(
         max_pixels=images.max_image_pixels,
         beam_options=options,
     )
-    path = f"{io.output.rstrip('/')}/{REPORT_PAGE}"
     return f"  report:      {path} ({time.perf_counter() - started:.1f} s)"

@@ -13,6 +13,7 @@ import hashlib
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,12 @@ if TYPE_CHECKING:
     from models.bundle import Manifest
 
 
-def catalog_digest(pattern: str) -> str:
+def catalog_digest(files: Sequence[str]) -> str:
     """sha256 of the catalog file(s): the manifest says exactly which data trained it."""
-    fs, path = fsspec.core.url_to_fs(pattern)
     digest = hashlib.sha256()
-    for name in sorted(fs.glob(path)):
-        digest.update(fs.cat_file(name))
+    for name in files:
+        with fsspec.open(name, "rb") as file:
+            digest.update(file.read())
     return digest.hexdigest()
 
 
@@ -74,7 +75,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         training={
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
             "catalog": io.input,
-            "catalog_sha256": catalog_digest(io.input),
+            "catalog_sha256": catalog_digest(catalog.files),
             "splits": {"train": args.train_split, "eval": args.eval_split},
             "counts": report["counts"],
             "embedding_seconds": round(embedding_seconds, 1),

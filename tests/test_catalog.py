@@ -1,3 +1,4 @@
+import hashlib
 import logging
 
 import apache_beam as beam
@@ -9,6 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipeline.train import catalog_digest
 from tests.conftest import painting
 from transforms.catalog import (
     CatalogError,
@@ -126,6 +128,44 @@ def test_a_folder_of_images_is_a_catalog_of_one_row_per_image(tmp_path):
         assert_that(uris, equal_to(expected))
 
 
+@pytest.mark.parametrize("folder", ["cat [2024]", "cat*", "cat?"])
+def test_a_catalog_path_that_exists_is_that_file_whatever_its_characters(tmp_path, folder):
+    """Only a path that does not exist is a glob: `cat*/catalog.csv` would match the decoy."""
+    for name, uri in ((folder, "a.jpg"), ("cat2", "decoy.jpg")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "catalog.csv").write_text(f"uri\n{uri}\n")
+    path = tmp_path / folder / "catalog.csv"
+    catalog = open_catalog(str(path))
+    assert catalog.files == (str(path),)
+    assert [(r.uri, r.location) for r in records_of(catalog)] == [
+        ("a.jpg", f"{tmp_path}/{folder}/a.jpg")
+    ]
+    assert catalog_size(catalog) == 1
+    assert catalog_digest(catalog.files) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_folder_of_images_whose_name_holds_glob_characters(tmp_path):
+    folder = tmp_path / "scans [2024]"
+    for name in ("a.jpg", "b.png"):
+        painting(folder / name, (0, 0, 0), seed=0)
+    (tmp_path / "scans 2").mkdir()  # what `scans [2024]` matches as a glob
+    painting(tmp_path / "scans 2" / "decoy.jpg", (0, 0, 0), seed=0)
+    catalog = open_catalog(str(folder))
+    assert catalog.format == "images" and catalog_size(catalog) == 2
+    with TestPipeline() as pipeline:
+        uris = pipeline | ReadCatalog(catalog) | beam.Map(lambda record: record.location)
+        assert_that(uris, equal_to([str(folder / "a.jpg"), str(folder / "b.png")]))
+
+
+def test_a_glob_in_a_folder_with_a_bracket_says_how_to_write_one(tmp_path):
+    (tmp_path / "cat [2024]").mkdir()
+    (tmp_path / "cat [2024]" / "a.csv").write_text("uri\na.jpg\n")
+    with pytest.raises(CatalogError, match=r"write \[\[\] for a '\[' in a name"):
+        open_catalog(str(tmp_path / "cat [2024]" / "*.csv"))
+    escaped = open_catalog(str(tmp_path / "cat [[]2024]" / "*.csv"))
+    assert escaped.files == (str(tmp_path / "cat [2024]" / "a.csv"),)
+
+
 def records_of(catalog):
     return [record for file in catalog.files for record in read_records(file, catalog)]
 
@@ -172,8 +212,10 @@ def test_malformed_csv_rows_become_error_records_that_say_where(tmp_path):
     assert [(r.uri, r.error) for r in records] == [
         ("a.jpg", None),
         ("b.jpg", None),
-        ("c.jpg", f"bad_catalog_row: line 6: 3 fields where the header has 2 ({path})"),
-        ("d.jpg", f"bad_catalog_row: line 7: 1 fields where the header has 2 ({path})"),
+        ("c.jpg", f"bad_catalog_row: line 6: 3 fields where the header has 2 (a comma in a "
+                  f"value that is not quoted?): the columns hold the first 2 ({path})"),
+        ("d.jpg", f"bad_catalog_row: line 7: 1 field where the header has 2: the columns "
+                  f"from 'title' on are empty ({path})"),
         ("e.jpg", f"bad_catalog_row: line 8: byte 0x92 in column 'title' is not UTF-8 "
                   f"(save it as UTF-8) ({path})"),
         (None, f"bad_catalog_row: line 9: byte 0x92 in column 'uri' is not UTF-8 "
@@ -183,8 +225,32 @@ def test_malformed_csv_rows_become_error_records_that_say_where(tmp_path):
         (None, f"bad_catalog_row: line 12: unexpected end of data ({path})"),
     ]  # fmt: skip
     assert records[1].extra == (("title", "Two\nlines"),)
-    bad = records[2]
-    assert (bad.location, bad.label, bad.extra) == ("", None, ())
+    # A bad line fetches nothing, and keeps what it gives: the header's columns, in order.
+    assert [(r.location, r.extra) for r in records[2:6]] == [
+        ("", (("title", "Harbour"),)),
+        ("", (("title", None),)),
+        ("", (("title", None),)),
+        ("", (("title", "Cafe"),)),
+    ]
+
+
+def test_a_bad_csv_line_keeps_the_id_users_join_on_and_its_label(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_bytes(
+        b"id,uri,style,title\n"
+        b"17,a.jpg,Baroque,Harbour, at night\n"
+        b"18,b.jpg,Rococo,Caf\xe9,\xff\n"
+    )  # fmt: skip
+    catalog = open_catalog(str(path))
+    assert [(r.uri, r.label, r.extra) for r in records_of(catalog)] == [
+        ("a.jpg", "Baroque", (("id", "17"), ("title", "Harbour"))),
+        ("b.jpg", "Rococo", (("id", "18"), ("title", None))),
+    ]
+    assert records_of(catalog)[1].error == (
+        f"bad_catalog_row: line 3: 5 fields where the header has 4 (a comma in a value that "
+        f"is not quoted?): the columns hold the first 4; byte 0xE9 in column 'title' is not "
+        f"UTF-8 (save it as UTF-8) ({path})"
+    )
 
 
 def test_a_bad_byte_late_in_a_csv_is_a_row_not_a_startup_error(tmp_path):
@@ -265,6 +331,68 @@ def test_parquet_shards_values_take_the_unified_type(tmp_path):
         (None, (("year", "1890"), ("height", 60.0), ("tags", None))),
         ("b.jpg", (("year", "c. 1500"), ("height", 0.5), ("tags", "dunes"))),
     ]
+
+
+def test_parquet_bytes_that_are_not_utf8_spoil_their_row_not_the_run(tmp_path):
+    """One shard's column is binary, the other's text: the catalog's type is text. A value
+    that decodes is that text; one that does not is an error row keeping the rest."""
+    pq.write_table(
+        pa.table({"uri": ["a.jpg", "b.jpg", "c.jpg"], "id": [1, 2, 3],
+                  "title": pa.array([b"Caf\xc3\xa9", b"\xff\xfe", None], pa.binary())}),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    pq.write_table(
+        pa.table({"uri": ["d.jpg"], "id": [4], "title": ["Dunes"]}), tmp_path / "b.parquet"
+    )
+    catalog = open_catalog(str(tmp_path / "*.parquet"))
+    assert catalog.extra_fields[1] == pa.field("title", pa.string())
+    records = records_of(catalog)
+    assert [(r.uri, r.extra, r.error) for r in records] == [
+        ("a.jpg", (("id", 1), ("title", "Café")), None),
+        ("b.jpg", (("id", 2), ("title", None)),
+         f"bad_catalog_row: row 2: byte 0xFF in column 'title' is not UTF-8 "
+         f"({tmp_path}/a.parquet)"),
+        ("c.jpg", (("id", 3), ("title", None)), None),
+        ("d.jpg", (("id", 4), ("title", "Dunes")), None),
+    ]  # fmt: skip
+    assert records[1].location == ""  # nothing is fetched for a row that cannot be trusted
+
+
+def test_a_parquet_text_column_written_with_bytes_that_are_not_utf8(tmp_path):
+    """Parquet readers do not check a string column's bytes: whatever its writer put there
+    arrives, in the URI, the label, a pass-through column or a list of texts."""
+
+    def text(*values):
+        return pa.array(values, pa.binary()).cast(pa.string(), safe=False)
+
+    tags = pa.ListArray.from_arrays([0, 1, 2, 3], text(b"sea", b"\xffport", b"dunes"))
+    pq.write_table(
+        pa.table({"uri": text(b"a.jpg", b"b\xe9.jpg", b"c.jpg"),
+                  "style": text(b"Baroque", b"Rococo", b"Cubism\x92"),
+                  "tags": tags}),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    pq.write_table(pa.table({"uri": ["d.jpg"], "tags": ["dunes"]}), tmp_path / "b.parquet")
+    catalog = open_catalog(str(tmp_path / "*.parquet"))
+    records = records_of(catalog)
+    file = f"{tmp_path}/a.parquet"
+    assert [(r.uri, r.label, r.extra, r.error) for r in records] == [
+        ("a.jpg", "Baroque", (("tags", "['sea']"),), None),
+        (None, "Rococo", (("tags", None),),
+         f"bad_catalog_row: row 2: byte 0xE9 in column 'uri' is not UTF-8; byte 0xFF in "
+         f"column 'tags' is not UTF-8 ({file})"),
+        ("c.jpg", None, (("tags", "['dunes']"),),
+         f"bad_catalog_row: row 3: byte 0x92 in column 'style' is not UTF-8 ({file})"),
+        ("d.jpg", None, (("tags", "dunes"),), None),
+    ]  # fmt: skip
+
+
+def test_a_binary_uri_column_holds_text(tmp_path):
+    pq.write_table(
+        pa.table({"uri": pa.array([b"images/a.jpg"], pa.binary())}), tmp_path / "a.parquet"
+    )
+    [record] = records_of(open_catalog(str(tmp_path / "a.parquet")))
+    assert (record.uri, record.location) == ("images/a.jpg", f"{tmp_path}/images/a.jpg")
 
 
 def test_a_large_parquet_shard_is_read_in_batches(tmp_path):

@@ -76,6 +76,10 @@ def test_csv_shards_of_an_earlier_run_with_bad_lines(museums_csv, tmp_path, tiny
         "line 5",
     ]
     assert set(bad.uri) == {"images/a.jpg", "images/b.jpg"}
+    # They keep what the line gives: its fields in the header's order (past an unquoted
+    # comma, each a column late), a field with a bad byte left out.
+    assert sorted(bad.title.fillna("-")) == ["-", "Harbour"]
+    assert sorted(bad.catalog_model) == ["['Cubism']", "old-model"]
     assert summary["n_images"] == 7
     assert summary["errors_by_kind"] == {"bad_catalog_row": 2, "not_an_image": 1}
     # The earlier run's `style` is a prediction: never taken for a label.
@@ -108,3 +112,42 @@ def test_parquet_shards_whose_column_types_differ(tmp_path, tiny_bundle):
         ("c. 1500", 0.5, "ok"),
     ]
     assert summary["n_images"] == 4 and summary["errors_by_kind"] == {"not_found": 2}
+
+
+def test_a_catalog_in_a_folder_whose_name_holds_glob_characters(tmp_path, tiny_bundle):
+    folder = tmp_path / "cat [2024]"
+    for name in ("a.jpg", "b.jpg"):
+        painting(folder / "images" / name, COLOURS["Blue_Period"], 4)
+    pd.DataFrame({"uri": ["images/a.jpg", "images/b.jpg"], "id": [7, 8]}).to_csv(
+        folder / "catalog.csv", index=False
+    )
+    output = tmp_path / "out"
+    summary = run(argv_for(folder / "catalog.csv", output, tiny_bundle))
+
+    _, frame = read_predictions(output)
+    assert sorted(frame.id) == ["7", "8"] and frame.error.isna().all()  # CSV columns are text
+    assert summary["n_images"] == 2 and summary["n_errors"] == 0
+
+
+def test_parquet_shards_one_with_bytes_that_are_not_utf8(tmp_path, tiny_bundle):
+    """The whole run used to fail in ReadCatalog; now the row with 0xFF is an error row."""
+    for museum in ("a", "b"):
+        painting(tmp_path / f"museum_{museum}/images/{museum}.jpg", COLOURS["Red_Period"], 5)
+    pq.write_table(
+        pa.table({"uri": ["images/a.jpg", "images/a.jpg"], "id": [1, 2],
+                  "title": pa.array([b"Harbour", b"Caf\xff"], pa.binary())}),
+        tmp_path / "museum_a/catalog.parquet",
+    )  # fmt: skip
+    pq.write_table(
+        pa.table({"uri": ["images/b.jpg"], "id": [3], "title": ["Dunes"]}),
+        tmp_path / "museum_b/catalog.parquet",
+    )
+    output = tmp_path / "out"
+    summary = run(argv_for(tmp_path / "museum_*/catalog.parquet", output, tiny_bundle))
+
+    _, frame = read_predictions(output)
+    rows = sorted(zip(frame.id, frame.title.fillna("-"), frame.error.fillna("ok"), strict=True))
+    assert [row[:2] for row in rows] == [(1, "Harbour"), (2, "-"), (3, "Dunes")]
+    assert [row[2].split(":")[0] for row in rows] == ["ok", "bad_catalog_row", "ok"]
+    assert "byte 0xFF in column 'title' is not UTF-8" in rows[1][2]
+    assert summary["errors_by_kind"] == {"bad_catalog_row": 1}

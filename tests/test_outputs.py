@@ -3,6 +3,7 @@ run at a time (local disks: flock; memory:// stands in for an object store)."""
 
 import json
 import os
+import posixpath
 import signal
 import socket
 import subprocess
@@ -18,11 +19,14 @@ from pipeline.interrupts import interrupts_deferred
 from pipeline.outputs import (
     FILES_RECORD,
     LOCK_FILE,
+    REPORT_RESULTS,
+    RUN_RESULTS,
     STAGING_PREFIX,
     STALE_AFTER_S,
     Holder,
     OutputError,
     OutputFolder,
+    Results,
 )
 
 
@@ -30,6 +34,7 @@ def stage(folder: OutputFolder, files: dict[str, str]) -> None:
     """What a pipeline run leaves in the staging folder."""
     fs, _ = fsspec.core.url_to_fs(folder.staging)
     for name, text in files.items():
+        fs.makedirs(posixpath.dirname(f"{folder.staging}/{name}"), exist_ok=True)
         fs.pipe_file(f"{folder.staging}/{name}", text.encode())
 
 
@@ -47,13 +52,12 @@ RUN_2 = {"predictions-00000-of-00001.parquet": "2a", "metrics-00000-of-00001.par
 def test_results_appear_only_when_published_and_replace_only_our_own(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "predictions-mine.parquet").write_text("the user's")
     (out / "notes.txt").write_text("the user's")
     with OutputFolder.claim(str(out)) as folder:
         stage(folder, RUN_1)
         assert not (out / "summary.json").exists()  # nothing in place before the end
         folder.publish()
-    user_files = {"predictions-mine.parquet": "the user's", "notes.txt": "the user's"}
+    user_files = {"notes.txt": "the user's"}
     assert contents(out) == {**RUN_1, **user_files}
     assert json.loads((out / FILES_RECORD).read_text())["files"] == sorted(RUN_1)
 
@@ -61,9 +65,106 @@ def test_results_appear_only_when_published_and_replace_only_our_own(tmp_path):
         stage(folder, RUN_2)
         assert contents(out) == {**RUN_1, **user_files}  # until the run has finished
         folder.publish()
-        assert folder.others_files() == ["predictions-mine.parquet"]
+        assert folder.others_files() == []
     assert contents(out) == {**RUN_2, **user_files}
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
+
+
+AN_EARLIER_VERSIONS = {f"predictions-0000{i}-of-00003.parquet": "old" for i in range(3)} | {
+    "summary.json": "old",
+    "report.html": "old",
+}
+
+
+def test_results_the_tool_has_no_record_of_stop_the_run_at_start_up(tmp_path):
+    for name, text in AN_EARLIER_VERSIONS.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "notes.txt").write_text("the user's")
+    names = ", ".join(sorted(AN_EARLIER_VERSIONS)[:5])
+    refused = f"^{tmp_path} holds files .* not on record as its own \\({names}\\): move them "
+    with pytest.raises(OutputError, match=refused + "away, or pass --overwrite to replace them$"):
+        claim_and_leave(str(tmp_path))
+    assert contents(tmp_path) == {**AN_EARLIER_VERSIONS, "notes.txt": "the user's"}
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+    claim_and_leave(str(tmp_path), overwrite=True)  # the refusal released the lock
+
+    for i in range(124):
+        (tmp_path / f"metrics-{i:05d}-of-00124.parquet").write_text("old")
+    with pytest.raises(OutputError, match=r"metrics-00004-of-00124.parquet and 124 more\)"):
+        claim_and_leave(str(tmp_path))
+
+
+def test_overwrite_replaces_them_when_the_run_publishes_and_not_before(tmp_path):
+    for name, text in AN_EARLIER_VERSIONS.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "notes.txt").write_text("the user's")
+    with (
+        pytest.raises(RuntimeError, match="the pipeline broke"),
+        OutputFolder.claim(str(tmp_path), overwrite=True) as folder,
+    ):
+        stage(folder, RUN_2)
+        raise RuntimeError("the pipeline broke")
+    assert contents(tmp_path) == {**AN_EARLIER_VERSIONS, "notes.txt": "the user's"}
+
+    with OutputFolder.claim(str(tmp_path), overwrite=True) as folder:
+        stage(folder, RUN_2)
+        folder.publish()
+    assert contents(tmp_path) == {**RUN_2, "notes.txt": "the user's"}
+    assert json.loads((tmp_path / FILES_RECORD).read_text())["files"] == sorted(RUN_2)
+
+
+def test_a_file_copied_in_during_the_run_is_named_after_it(tmp_path):
+    with OutputFolder.claim(str(tmp_path)) as folder:
+        stage(folder, RUN_2)
+        (tmp_path / "predictions-mine.parquet").write_text("the user's")
+        folder.publish()
+        assert folder.others_files() == ["predictions-mine.parquet"]
+    assert (tmp_path / "predictions-mine.parquet").read_text() == "the user's"
+
+
+def test_a_report_publishes_its_page_beside_the_runs_results(tmp_path):
+    with OutputFolder.claim(str(tmp_path)) as folder:
+        stage(folder, RUN_1)
+        folder.publish()
+    (tmp_path / "predictions-mine.parquet").write_text("the user's")  # not the run's
+
+    page = {"report.html": "page 1", "report_files/chart-1.png": "chart 1"}
+    with OutputFolder.claim(str(tmp_path), REPORT_RESULTS) as folder:
+        assert folder.published_results().names == set(RUN_1)
+        stage(folder, page)
+        folder.publish()
+    with OutputFolder.claim(str(tmp_path), REPORT_RESULTS) as folder:
+        stage(folder, {"report.html": "page 2", "report_files/chart-2.png": "chart 2"})
+        folder.publish()
+    assert contents(tmp_path) == {**RUN_1, "predictions-mine.parquet": "the user's",
+                                  "report.html": "page 2"}  # fmt: skip
+    assert [p.name for p in (tmp_path / "report_files").iterdir()] == ["chart-2.png"]
+    recorded = json.loads((tmp_path / FILES_RECORD).read_text())["files"]
+    assert recorded == sorted([*RUN_1, "report.html", "report_files"])
+
+    (tmp_path / FILES_RECORD).unlink()  # as an earlier version left it
+    with pytest.raises(OutputError, match=r"\(report.html, report_files\): move them away"):
+        claim_and_leave(str(tmp_path), REPORT_RESULTS)
+    with OutputFolder.claim(str(tmp_path), REPORT_RESULTS, overwrite=True) as folder:
+        everything = {*RUN_1, "predictions-mine.parquet", "report.html", "report_files"}
+        assert folder.published_results().names == everything  # without a record
+
+
+def test_the_folders_path_is_never_a_glob(tmp_path):
+    """`out*` is a folder of its own: `outA` beside it is not its results."""
+    elsewhere = tmp_path / "outA"
+    elsewhere.mkdir()
+    for name, text in RUN_1.items():
+        (elsewhere / name).write_text(text)
+    out = tmp_path / "out*"
+    with OutputFolder.claim(str(out)) as folder:
+        stage(folder, RUN_2)
+        folder.publish()
+        assert folder.others_files() == []
+    assert contents(out) == RUN_2 and contents(elsewhere) == RUN_1
+    with pytest.raises(OutputError, match=r"cannot write under it: choose a folder without '\['"):
+        claim_and_leave(str(tmp_path / "out [1]"))
+    assert not (tmp_path / "out [1]").exists()
 
 
 def test_a_run_that_fails_leaves_the_earlier_results_and_no_staging_folder(tmp_path):
@@ -164,8 +265,8 @@ def test_object_stores_get_a_lock_object_that_goes_stale():
     claim_and_leave("memory://runs/out")
 
 
-def claim_and_leave(url: str) -> None:
-    with OutputFolder.claim(url):
+def claim_and_leave(url: str, results: Results = RUN_RESULTS, overwrite: bool = False) -> None:
+    with OutputFolder.claim(url, results, overwrite):
         pass
 
 

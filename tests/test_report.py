@@ -19,10 +19,11 @@ from PIL import Image
 import transforms.explanations
 from models.bundle import ModelBundle
 from pipeline.flags import REPORT_PER_STYLE, REPORT_SAMPLES, UsageError
+from pipeline.outputs import FILES_RECORD, STAGING_PREFIX, OutputError
 from pipeline.predict import run as predict
 from pipeline.report import main, parse_args
 from pipeline.report import run as report
-from pipeline.report_page import REPORT_FILES, ReportError, write_report
+from pipeline.report_page import REPORT_FILES, ReportError
 from tests.browser import headless_chromium
 from tests.conftest import CLASSES, COLOURS, painting
 from transforms.catalog import open_catalog
@@ -64,8 +65,9 @@ def labelled_run(tmp_path_factory, tiny_bundle) -> Path:
 
 @pytest.fixture(scope="module")
 def unlabelled_run(tmp_path_factory, tiny_bundle) -> Path:
-    """`python -m pipeline.report DIR` after a run over a catalog without labels, one of
-    whose paintings was deleted in between."""
+    """`python -m pipeline.report DIR --overwrite` after a run over a catalog without
+    labels, one of whose paintings was deleted in between, in a folder that also holds a
+    report the tool has no record of (an earlier version's)."""
     folder = tmp_path_factory.mktemp("unlabelled")
     catalog = make_catalog(folder, labelled=False)
     output = folder / "out"
@@ -74,7 +76,8 @@ def unlabelled_run(tmp_path_factory, tiny_bundle) -> Path:
     (folder / most_confident(output)["uri"]).unlink()  # surely in its style's gallery
     (output / REPORT_FILES).mkdir()
     (output / REPORT_FILES / STALE).write_bytes(b"an earlier report's chart")
-    report([str(output), f"--input={catalog}", f"--model={tiny_bundle}"])
+    (output / "report.html").write_text("an earlier report's page")
+    report([str(output), f"--input={catalog}", f"--model={tiny_bundle}", "--overwrite"])
     return output
 
 
@@ -192,11 +195,36 @@ def test_without_labels_a_gallery_per_predicted_style(unlabelled_run):
     assert "not shown: not_found" in html
 
 
-def test_a_report_removes_the_files_no_page_names(unlabelled_run):
+def test_a_report_replaces_the_earlier_page_and_files_and_records_them(unlabelled_run):
     assert not (unlabelled_run / REPORT_FILES / STALE).exists()
     _, facts = page_of(unlabelled_run)
     named = {Path(source).name for source in facts.sources} | {"samples.json"}
     assert {path.name for path in (unlabelled_run / REPORT_FILES).iterdir()} == named
+    recorded = json.loads((unlabelled_run / FILES_RECORD).read_text())["files"]
+    assert {"report.html", REPORT_FILES, "summary.json"} <= set(recorded)
+    assert not list(unlabelled_run.glob(f"{STAGING_PREFIX}*"))
+
+
+@pytest.mark.parametrize("run", ["labelled_run", "unlabelled_run"])
+def test_the_page_names_the_runs_folder_not_where_it_was_written(run, request):
+    output = request.getfixturevalue(run)
+    html, _ = page_of(output)
+    assert f"images from <code>{output}</code>" in html
+    assert STAGING_PREFIX not in html  # nowhere: not in the text, nor in a link or a picture
+
+
+def test_a_report_the_tool_has_no_record_of_is_replaced_only_when_asked(
+    unlabelled_run, tiny_bundle, tmp_path
+):
+    earlier = tmp_path / "out"
+    shutil.copytree(unlabelled_run, earlier)
+    (earlier / FILES_RECORD).unlink()  # as an earlier version left it
+    page = (earlier / "report.html").read_bytes()
+    with pytest.raises(
+        OutputError, match=r"\(report.html, report_files\): move them away, or pass --overwrite"
+    ):
+        report([str(earlier), f"--model={tiny_bundle}"])
+    assert (earlier / "report.html").read_bytes() == page
 
 
 def test_a_failed_report_leaves_the_earlier_page_whole(labelled_run, tiny_bundle, monkeypatch):
@@ -208,9 +236,10 @@ def test_a_failed_report_leaves_the_earlier_page_whole(labelled_run, tiny_bundle
 
     monkeypatch.setattr(transforms.explanations, "bundle_grad_cam", broken)
     with pytest.raises(Exception, match="the explainer broke"):
-        write_report(str(labelled_run), ModelBundle.load(tiny_bundle))
+        report([str(labelled_run), f"--model={tiny_bundle}"])
     assert (labelled_run / "report.html").read_bytes() == before
     assert all((labelled_run / source).is_file() for source in named)
+    assert not list(labelled_run.glob(f"{STAGING_PREFIX}*"))
 
 
 def test_a_mistyped_flag_is_an_error_not_a_beam_option():
@@ -244,7 +273,7 @@ def test_another_models_run_is_a_clear_error(labelled_run, tiny_bundle, tmp_path
     manifest = json.loads((other / "manifest.json").read_text())
     (other / "manifest.json").write_text(json.dumps({**manifest, "id": "another-model"}))
     with pytest.raises(ReportError, match="name its bundle with --model"):
-        write_report(str(labelled_run), ModelBundle.load(str(other)))
+        report([str(labelled_run), f"--model={other}"])
 
 
 def test_sampling_picks_by_confidence_with_ties_broken_by_uri():

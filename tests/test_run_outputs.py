@@ -9,6 +9,8 @@ import time
 
 import pandas as pd
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.outputs import LOCK_FILE, STAGING_PREFIX, OutputError, OutputFolder
@@ -37,7 +39,7 @@ def test_a_run_keeps_the_users_files_and_tells_the_time_since_the_process_starte
 ):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "predictions-mine.parquet").write_bytes(b"the user's")
+    (out / "notes.parquet").write_bytes(b"the user's")
     age_before_the_run = seconds_since_process_start()
 
     summary = run(
@@ -45,12 +47,36 @@ def test_a_run_keeps_the_users_files_and_tells_the_time_since_the_process_starte
     )
 
     assert summary["n_images"] == 3
-    assert (out / "predictions-mine.parquet").read_bytes() == b"the user's"
+    assert (out / "notes.parquet").read_bytes() == b"the user's"
     assert (out / "summary.json").exists() and not list(out.glob(f"{STAGING_PREFIX}*"))
     printed = capsys.readouterr().out
     seconds = float(re.search(r"model tiny-test-model, ([\d.]+) s", printed).group(1))
     assert seconds >= age_before_the_run  # pytest's start-up and the tests before count too
-    assert "also holds files artstyle did not write: predictions-mine.parquet" in printed
+    assert "also holds" not in printed
+
+
+def test_an_earlier_versions_shards_are_never_read_with_a_runs_own(tmp_path, tiny_bundle):
+    """A folder of 120 rows in 3 shards that the tool has no record of: the run stops at
+    start-up, or with --overwrite replaces them; never 124 rows for a 4-row run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for shard in range(3):
+        rows = pa.table({"uri": [f"old-{shard}-{i}.png" for i in range(40)]})
+        pq.write_table(rows, out / f"predictions-{shard:05d}-of-00003.parquet")
+    (out / "summary.json").write_text('{"n_images": 120}')
+    earlier = files_of(out)
+    argv = [f"--input={catalog_of(tmp_path, 4)}", f"--output={out}", f"--model={tiny_bundle}"]
+
+    shards = "predictions-00000-of-00003.parquet, predictions-00001-of-00003.parquet, "
+    with pytest.raises(OutputError, match=f"not on record as its own \\({shards}.*--overwrite"):
+        run(argv)
+    assert files_of(out) == earlier and not list(out.glob(f"{STAGING_PREFIX}*"))
+
+    summary = run([*argv, "--overwrite"])
+    predictions = pq.read_table(sorted(map(str, out.glob("predictions-*-of-*.parquet"))))
+    assert predictions.num_rows == summary["n_images"] == 4
+    assert not [uri for uri in predictions["uri"].to_pylist() if uri.startswith("old-")]
+    run(argv)  # the folder's results are now on record: a rerun needs no flag
 
 
 def test_the_process_age_is_the_kernels():
@@ -111,3 +137,12 @@ def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, "worker processes outlived the run"
+
+
+def test_an_output_folder_with_a_bracket_stops_before_any_work(tmp_path, tiny_bundle):
+    """Beam's writers take `[` for a glob: the run used to end in a BeamIOError traceback."""
+    out = tmp_path / "out [1]"
+    argv = [f"--input={catalog_of(tmp_path, 1)}", f"--output={out}", f"--model={tiny_bundle}"]
+    with pytest.raises(OutputError, match=r"choose a folder without '\['$"):
+        run(argv)
+    assert not out.exists()

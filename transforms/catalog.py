@@ -1,10 +1,12 @@
 """The catalog: which images to read, what their labels are, and what to pass through.
 
 A catalog is a CSV or Parquet file (or a glob of shards, in one folder or many), or a
-folder or glob of images, in which case every image is a row of its own. Everything that
-can be checked before the pipeline starts (files exist, every shard has the URI column, the
-shards' column types agree) is checked in `open_catalog`, so a wrong column name is one
-clear message at start-up, not thousands of error rows.
+folder or glob of images, in which case every image is a row of its own. A path that
+exists is that file or folder, whatever its name holds (`cat [2024]/catalog.csv`); only a
+path that does not exist is read as a glob. Everything that can be checked before the
+pipeline starts (files exist, every shard has the URI column, the shards' column types
+agree) is checked in `open_catalog`, so a wrong column name is one clear message at
+start-up, not thousands of error rows.
 
 What the catalog promises the rest of the pipeline:
 - A relative URI is relative to the folder of the catalog file its row is in (as in a web
@@ -14,10 +16,12 @@ What the catalog promises the rest of the pipeline:
   location the bytes are fetched from is stripped of surrounding spaces.
 - Each pass-through column has one type across all shards: the shards' own type where they
   agree, int64 for integers of several widths, float64 for integers mixed with floats, and
-  text otherwise; values are converted to it as rows are read.
-- A CSV row that cannot be read (more or fewer fields than the header, bytes that are not
-  UTF-8, broken quoting) is a record whose `error` says `bad_catalog_row: line N: ...`: it
-  becomes an error row like an unreadable image, and the run goes on.
+  text otherwise (bytes become their UTF-8 text); values are converted to it as rows are
+  read. A URI or label column of bytes is read as text.
+- A row that cannot be read whole (a CSV line with more or fewer fields than the header,
+  or broken quoting; text in CSV or Parquet whose bytes are not UTF-8) is a record whose
+  `error` says `bad_catalog_row: line N: ...` (`row N` in Parquet), with the columns it
+  could read: it becomes an error row like an unreadable image, and the run goes on.
 - A catalog that is an earlier run's predictions (it has `top_k_styles` and `confidence`)
   has predictions in its `style` column, not labels: it has labels only if --label_column
   names them.
@@ -31,7 +35,7 @@ import logging
 import posixpath
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TextIO
 
 import apache_beam as beam
@@ -106,7 +110,8 @@ def open_catalog(
         return Catalog(pattern, "images", (), "uri", None, ())
     files = tuple(list_catalog_files(pattern))
     if not files:
-        raise CatalogError(f"No catalog file matches {pattern!r}.")
+        hint = " (In a glob, write [[] for a '[' in a name.)" if "[" in pattern else ""
+        raise CatalogError(f"No catalog file matches {pattern!r}.{hint}")
     schemas = [_read_schema(file, catalog_format) for file in files]
     for file, schema in zip(files, schemas, strict=True):
         _check_columns(file, schema.names, uri_column, label_column)
@@ -130,9 +135,11 @@ def describe_catalog(pattern: str, *, uri_column: str, label_column: str | None)
 
 
 def list_catalog_files(pattern: str) -> list[str]:
-    """The files a catalog pattern matches, each as fsspec opens it."""
+    """The files a catalog pattern matches, each as fsspec opens it: a file that exists is
+    itself, whatever its name holds; only a path that does not exist is a glob."""
     fs, path = fsspec.core.url_to_fs(pattern)
-    return [_unstrip(pattern, fs, match) for match in sorted(fs.glob(path))]
+    matches = [path] if fs.isfile(path) else sorted(fs.glob(path))
+    return [_unstrip(pattern, fs, match) for match in matches]
 
 
 def _table_format_of(path: str) -> CatalogFormat | None:
@@ -149,7 +156,7 @@ def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
     table_format = _table_format_of(path)
     if table_format is not None:
         return table_format
-    if _has_glob(path) or fs.isdir(path):
+    if fs.isdir(path) or (_has_glob(path) and not fs.exists(path)):
         return "images"
     raise CatalogError(
         f"Cannot tell what {path!r} is: give a .csv or .parquet catalog (or a glob of them), "
@@ -282,30 +289,85 @@ def read_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
 
 def read_parquet_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
     base_dir = posixpath.dirname(file)
+    with fsspec.open(file, "rb") as f:
+        for number, row in enumerate(_parquet_values(pq.ParquetFile(f), catalog), start=1):
+            unreadable = {name: v.byte for name, v in row.items() if isinstance(v, NotUtf8)}
+            if not unreadable:
+                yield to_record(row, catalog, base_dir)
+                continue
+            problem = "; ".join(_not_utf8(byte, name) for name, byte in unreadable.items())
+            readable = {name: value for name, value in row.items() if name not in unreadable}
+            yield _bad_record(readable, catalog, f"row {number}", problem, file)
+
+
+def _parquet_values(parquet: pq.ParquetFile, catalog: Catalog) -> Iterator[dict[str, Any]]:
+    """The rows, read a batch at a time, each column in the catalog's type for it."""
     types = {f.name: f.type for f in catalog.extra_fields}
     wanted = {catalog.uri_column, catalog.label_column, *types}
-    with fsspec.open(file, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        columns = [name for name in parquet.schema_arrow.names if name in wanted]
-        for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
-            conformed = {
-                name: conform(column, types[name]) if name in types else column
-                for name, column in zip(batch.schema.names, batch.columns, strict=True)
-            }
-            for row in pa.RecordBatch.from_pydict(conformed).to_pylist():
-                yield to_record(row, catalog, base_dir)
+    columns = [name for name in parquet.schema_arrow.names if name in wanted]
+    for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
+        values = {
+            name: column_values(column, types.get(name, _text_type_of(column.type)))
+            for name, column in zip(batch.schema.names, batch.columns, strict=True)
+        }
+        for index in range(batch.num_rows):
+            yield {name: column[index] for name, column in values.items()}
 
 
-def conform(values: pa.Array, data_type: pa.DataType) -> pa.Array:
-    """A shard's column in the catalog's type for it. Arrow casts what it can; values it
-    cannot cast to text (nested ones) become Python's text of them: never a failed run."""
-    if values.type == data_type:
-        return values
+@dataclass(frozen=True)
+class NotUtf8:
+    """A value whose bytes are not UTF-8 text: Parquet readers do not check a string
+    column's bytes, and a binary column cast to text is not checked either."""
+
+    byte: int  # the first that is not UTF-8
+
+
+def _text_type_of(data_type: pa.DataType) -> pa.DataType:
+    """The type the URI and label columns are read in: text, where a shard has bytes."""
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+    return pa.string() if any(is_binary(data_type) for is_binary in binary) else data_type
+
+
+def column_values(values: pa.Array, data_type: pa.DataType) -> list[Any]:
+    """A shard's column as Python values of the catalog's type for it. Arrow casts what it
+    can; values it cannot cast to text (nested ones) become Python's text of them; a value
+    with bytes that are not UTF-8 is a NotUtf8: never a failed run."""
+    if values.type != data_type:
+        try:
+            values = values.cast(data_type, safe=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return [
+                value if value is None or isinstance(value, NotUtf8) else str(value)
+                for value in _python_values(values)
+            ]
+    return _python_values(values)
+
+
+def _python_values(values: pa.Array) -> list[Any]:
     try:
-        return values.cast(data_type, safe=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        texts = [None if value is None else str(value) for value in values.to_pylist()]
-        return pa.array(texts, pa.string())
+        return values.to_pylist()
+    except UnicodeDecodeError:  # some value's text is not UTF-8: find which, one by one
+        return [_python_value(value) for value in values]
+
+
+def _python_value(value: pa.Scalar) -> Any:
+    try:
+        return value.as_py()
+    except UnicodeDecodeError as error:
+        return NotUtf8(error.object[error.start])
+
+
+def _not_utf8(byte: int, column: str) -> str:
+    return f"byte 0x{byte:02X} in column {column!r} is not UTF-8"
+
+
+def _bad_record(
+    row: dict[str, Any], catalog: Catalog, where: str, problem: str, file: str
+) -> ImageRecord:
+    """A row that cannot be trusted as a whole: an error record that fetches nothing but
+    keeps the columns it could read, the id users join predictions on among them."""
+    record = to_record(row, catalog, "")
+    return replace(record, location="", error=f"{BAD_ROW}: {where}: {problem} ({file})")
 
 
 def read_csv_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
@@ -316,13 +378,16 @@ def read_csv_records(file: str, catalog: Catalog) -> Iterator[ImageRecord]:
         for line, fields, problem in lines:
             if fields == []:  # a blank line is no row
                 continue
-            # No fields: the csv module could not parse the record, and `problem` says why.
-            if fields is not None and (problem := _row_problem(fields, names)) is None:
-                yield to_record(dict(zip(names, fields, strict=True)), catalog, base_dir)
-            else:
-                uri = _readable_field(fields, names.index(catalog.uri_column))
-                error = f"{BAD_ROW}: line {line}: {problem} ({file})"
-                yield ImageRecord(uri, "", None, error=error)
+            if fields is None:  # the csv module could not parse the record: `problem` says why
+                yield _bad_record({}, catalog, f"line {line}", str(problem), file)
+                continue
+            row = dict(zip(names, fields, strict=False))  # the header's columns, in order
+            problem = _row_problem(fields, names)
+            if problem is None:
+                yield to_record(row, catalog, base_dir)
+                continue
+            readable = {name: value for name, value in row.items() if _bad_byte(value) is None}
+            yield _bad_record(readable, catalog, f"line {line}", problem, file)
 
 
 @contextmanager
@@ -357,10 +422,10 @@ def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
     for _, fields, problem in lines:
         if fields == []:
             continue
-        bad_byte = None if fields is None else _bad_byte(fields)
-        if bad_byte:
-            column, byte = bad_byte
-            problem = f"byte 0x{byte:02X} in its column {column + 1} is not UTF-8"
+        for column, name in enumerate(fields or []):
+            if (byte := _bad_byte(name)) is not None:
+                problem = f"byte 0x{byte:02X} in its column {column + 1} is not UTF-8"
+                break
         if problem:
             raise CatalogError(f"The catalog {file!r} has no readable header line: {problem}.")
         assert fields is not None  # a record the csv module could not parse has a problem
@@ -369,35 +434,39 @@ def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
 
 
 def _row_problem(fields: list[str], names: list[str]) -> str | None:
-    if len(fields) != len(names):
-        return f"{len(fields)} fields where the header has {len(names)}"
-    if bad_byte := _bad_byte(fields):
-        column, byte = bad_byte
-        return f"byte 0x{byte:02X} in column {names[column]!r} is not UTF-8 (save it as UTF-8)"
+    """What is wrong with a parsed CSV line, if anything: the count of its fields, and each
+    field of the header's columns whose bytes are not UTF-8."""
+    problems = []
+    if len(fields) > len(names):
+        problems.append(
+            f"{len(fields)} fields where the header has {len(names)} (a comma in a value "
+            f"that is not quoted?): the columns hold the first {len(names)}"
+        )
+    elif len(fields) < len(names):
+        problems.append(
+            f"{len(fields)} field{'s' * (len(fields) != 1)} where the header has "
+            f"{len(names)}: the columns from {names[len(fields)]!r} on are empty"
+        )
+    for name, field in zip(names, fields, strict=False):
+        if (byte := _bad_byte(field)) is not None:
+            problems.append(f"{_not_utf8(byte, name)} (save it as UTF-8)")
+    return "; ".join(problems) or None
+
+
+def _bad_byte(field: str) -> int | None:
+    """The first byte of the field that is not UTF-8 (read as a lone surrogate), if any."""
+    try:
+        field.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return ord(field[error.start]) - 0xDC00
     return None
-
-
-def _bad_byte(fields: list[str]) -> tuple[int, int] | None:
-    """(field index, byte) of the first byte that is not UTF-8: a lone surrogate here."""
-    for index, field in enumerate(fields):
-        try:
-            field.encode("utf-8")
-        except UnicodeEncodeError as error:
-            return index, ord(field[error.start]) - 0xDC00
-    return None
-
-
-def _readable_field(fields: list[str] | None, index: int) -> str | None:
-    """The field as written, if the row got that far and it is text."""
-    if fields is None or index >= len(fields) or _bad_byte(fields[index : index + 1]):
-        return None
-    return fields[index]
 
 
 def list_images(pattern: str) -> Iterator[str]:
-    """The image files in a folder (recursively) or matched by a glob, in a stable order."""
+    """The image files in a folder (recursively), or matched by a glob where no folder has
+    that name, in a stable order."""
     fs, path = fsspec.core.url_to_fs(pattern)
-    matches = fs.glob(path) if _has_glob(path) else fs.find(path)
+    matches = fs.find(path) if fs.isdir(path) else fs.glob(path)
     for match in sorted(matches):
         if match.lower().endswith(IMAGE_EXTENSIONS):
             yield _unstrip(pattern, fs, match)
