@@ -34,7 +34,6 @@ from pipeline.options import (
     PredictOptions,
     parse_options,
     run_command,
-    runs_in_this_process,
     runs_on_this_machine,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
@@ -94,7 +93,7 @@ def build_graph(
 def engine_of_run(options: PipelineOptions) -> EngineChoice:
     """--engine, with `auto` resolved here: the choice decides which loader the graph holds."""
     asked = options.view_as(PredictOptions).engine
-    return choose_engine(asked, runs_in_this_process(options))
+    return choose_engine(asked, runs_on_this_machine(options))
 
 
 def classifier_loader(

@@ -1,4 +1,4 @@
-"""`--engine auto`: OpenVINO on a CPU in this process, Keras on a GPU and in workers."""
+"""`--engine auto`: OpenVINO on this machine's CPU, Keras on a GPU and on other machines."""
 
 import subprocess
 import sys
@@ -20,21 +20,21 @@ def gpu(monkeypatch):
 
 def test_an_asked_engine_is_kept(gpu):
     gpu(True)
-    choice = choose_engine("openvino", in_this_process=False)
+    choice = choose_engine("openvino", on_this_machine=False)
     assert choice.to_json() == {"engine": "openvino", "reason": "asked for (--engine openvino)"}
     gpu(False)
-    assert choose_engine("keras", in_this_process=True).engine == "keras"
+    assert choose_engine("keras", on_this_machine=True).engine == "keras"
 
 
-def test_openvino_on_a_cpu_in_this_process_keras_elsewhere(gpu):
+def test_openvino_on_this_machines_cpu_keras_elsewhere(gpu):
     gpu(False)
-    assert choose_engine("auto", in_this_process=True).engine == "openvino"
-    assert choose_engine("auto", in_this_process=False).to_json() == {
+    assert choose_engine("auto", on_this_machine=True).engine == "openvino"
+    assert choose_engine("auto", on_this_machine=False).to_json() == {
         "engine": "keras",
-        "reason": "the model runs in worker processes, or on other machines",
+        "reason": "the model runs on other machines, which may have GPUs",
     }
     gpu(True)
-    assert str(choose_engine("auto", in_this_process=True)) == "keras chosen: a GPU is here"
+    assert str(choose_engine("auto", on_this_machine=True)) == "keras chosen: a GPU is here"
 
 
 def test_a_gpu_is_seen_by_its_device_files(tmp_path):
