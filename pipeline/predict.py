@@ -63,7 +63,8 @@ def build_graph(
     predict = options.view_as(PredictOptions)
     engine = engine_of_run(options)
     logging.info("artstyle: %s (--engine=%s)", engine, predict.engine)
-    loader = classifier_loader(options, bundle, engine.engine)
+    precision = precision_of_workers(options, bundle, engine.engine)
+    loader = classifier_loader(options, bundle, engine.engine, precision["precision"])
     classifier = FixedBatchModelHandler(loader, model.batch_size)
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
@@ -82,10 +83,7 @@ def build_graph(
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
         f"{output_dir}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    run_facts = {
-        "engine": engine.to_json(),
-        "precision": precision_of_workers(options, bundle, engine.engine),
-    }
+    run_facts = {"engine": engine.to_json(), "precision": precision}
     _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, run_facts)
     return rows
 
@@ -97,27 +95,29 @@ def engine_of_run(options: PipelineOptions) -> EngineChoice:
 
 
 def classifier_loader(
-    options: PipelineOptions, bundle: ModelBundle, engine: str
+    options: PipelineOptions, bundle: ModelBundle, engine: str, precision: str
 ) -> Callable[[], Any]:
-    """What each worker calls to load the classifier, on `engine`."""
-    model, predict = options.view_as(ModelOptions), options.view_as(PredictOptions)
+    """What each worker calls to load the classifier, on `engine`, in `precision`: the one
+    resolved for the run where its workers are on this machine (so that none measures
+    again, and perhaps differently), else as asked, for each worker to resolve."""
+    model = options.view_as(ModelOptions)
     if engine == "openvino":
         return partial(
             load_openvino_classifier,
             bundle.path,
             model.backbone_weights,
-            predict.precision,
+            precision,
             model.batch_size,
         )
-    return partial(load_classifier, bundle.path, model.backbone_weights, predict.precision)
+    return partial(load_classifier, bundle.path, model.backbone_weights, precision)
 
 
 def precision_of_workers(
     options: PipelineOptions, bundle: ModelBundle, engine: str
 ) -> dict[str, str]:
-    """The backbone's arithmetic on `engine` and why, for summary.json. A local runner's
-    workers run on this machine, so resolving here gives their answer (the same rule, the
-    same cached measurement); on other runners each worker resolves its own, and logs it."""
+    """The backbone's arithmetic on `engine` and why, for summary.json and the workers. A
+    local runner's workers run on this machine, so it is resolved here, once, and they run
+    in it; on other runners each worker resolves its own, and logs it."""
     asked = options.view_as(PredictOptions).precision
     if not runs_on_this_machine(options):
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}

@@ -1,5 +1,6 @@
 """`--engine auto`: OpenVINO on this machine's CPU, Keras on a GPU and on other machines."""
 
+import logging
 import subprocess
 import sys
 
@@ -84,3 +85,24 @@ def test_summary_json_gives_the_precision_openvino_ran_in(tiny_bundle, gpu, tmp_
         "precision": "bfloat16",
         "reason": "1.70 x float32 measured on this CPU",
     }
+
+
+def test_the_model_runs_in_the_precision_resolved_at_start_even_where_none_is_kept(
+    tiny_bundle, tmp_path, monkeypatch, caplog
+):
+    """Where the cache cannot be written, each resolution of `auto` measures afresh, and two
+    timings on a shared machine may disagree: the run resolves once, and its workers run
+    what summary.json says."""
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "not-a-folder"))
+    monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: "avx512_bf16")
+    timings = iter([1.7, 0.9])
+    monkeypatch.setattr(precision, "measured_speedup", lambda *args, **kwargs: next(timings))
+    image = painting(tmp_path / "p.png", (200, 40, 30), seed=0)
+    (tmp_path / "catalog.csv").write_text(f"uri\n{image}\n")
+    with caplog.at_level(logging.INFO):
+        summary = run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
+                       f"--model={tiny_bundle}", "--batch_size=2", "--engine=keras"])  # fmt: skip
+    assert summary["precision"]["precision"] == "bfloat16"
+    loaded = [r.getMessage() for r in caplog.records if "(--precision=" in r.getMessage()]
+    assert loaded and all("bfloat16 chosen" in line for line in loaded), loaded
