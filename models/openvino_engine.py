@@ -198,16 +198,22 @@ def classifier_model(
     """The bundle's classifier for OpenVINO: read from the cache, or converted (TensorFlow
     loads) and cached for the next run. A cache that cannot be written costs a conversion
     per run, never a failed run."""
-    folder = cache_dir() / "openvino" / conversion_key(bundle, backbone_weights)
-    if (folder / CONVERTED_FILE).is_file():
-        return core.read_model(folder / CONVERTED_FILE)
+    converted = converted_file(bundle, backbone_weights)
+    if converted.is_file():
+        return core.read_model(converted)
     logging.info("artstyle: converting %s for OpenVINO, once on this machine", bundle.id)
     model = converted_model(bundle.classifier(backbone_weights, "float32"))
     try:
-        save_converted(model, folder)
+        save_converted(model, converted.parent)
     except OSError as error:
         logging.warning("artstyle: cannot cache the converted model: %s", error)
     return model
+
+
+def converted_file(bundle: ModelBundle, backbone_weights: str | None) -> Path:
+    """Where the bundle's converted classifier is kept (it may not be there yet). Its being
+    there also says that Keras read the bundle's head as it is now."""
+    return cache_dir() / "openvino" / conversion_key(bundle, backbone_weights) / CONVERTED_FILE
 
 
 def conversion_key(bundle: ModelBundle, backbone_weights: str | None) -> str:

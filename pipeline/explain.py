@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.bundle import DEFAULT_BUNDLE, ModelBundle
+from models.bundle import DEFAULT_BUNDLE, ModelBundle, check_backbone_weights
 from pipeline import terminal
 from pipeline.flags import UsageError
 from transforms.fetch import BackgroundFetcher, FetchPolicy
@@ -83,6 +83,7 @@ def run(argv: list[str] | None = None) -> None:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output: {output} is a file, not a folder")
     bundle = ModelBundle.load(args.model)
+    check_backbone_weights(bundle.manifest.backbone.name, args.backbone_weights)
     style = _style_index(bundle, args.style)
     try:
         viewer = args.feature_maps and LayerViewer(bundle, args.feature_maps, args.backbone_weights)

@@ -21,9 +21,13 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
 )
 
-from models.bundle import ModelBundle, load_classifier
+from models.bundle import ModelBundle, check_backbone_weights, load_classifier
 from models.engine_choice import EngineChoice, choose_engine
-from models.openvino_engine import load_openvino_classifier, openvino_precision_of
+from models.openvino_engine import (
+    converted_file,
+    load_openvino_classifier,
+    openvino_precision_of,
+)
 from models.precision import choose_precision
 from pipeline.flags import PREDICT_COMMAND
 from pipeline.interrupts import exit_on_interrupt
@@ -137,6 +141,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = parse_options(argv, PREDICT_COMMAND)
     io, predict = options.view_as(CatalogOptions), options.view_as(PredictOptions)
     bundle = ModelBundle.load(predict.model)
+    check_model(options, bundle)
     if options.view_as(GoogleCloudOptions).template_location:
         return build_job_template(options, bundle)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
@@ -163,6 +168,17 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if report:
         print(report)
     return summary
+
+
+def check_model(options: PipelineOptions, bundle: ModelBundle) -> None:
+    """What would stop the model in its workers is one line now, before the catalog is
+    read: backbone weights that cannot be its, and a head that Keras refuses. (OpenVINO,
+    running files it converted before, needs no check of the head: Keras read it then.)"""
+    weights = options.view_as(ModelOptions).backbone_weights
+    check_backbone_weights(bundle.manifest.backbone.name, weights)
+    engine = engine_of_run(options).engine
+    if engine == "keras" or not converted_file(bundle, weights).is_file():
+        bundle.check_head()
 
 
 def build_job_template(options: PipelineOptions, bundle: ModelBundle) -> dict:

@@ -56,14 +56,17 @@ def run(argv: list[str] | None = None) -> str:
     args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from models.bundle import ModelBundle
+    from models.bundle import ModelBundle, check_backbone_weights
     from pipeline.report_page import write_report
     from transforms.catalog import open_catalog
 
+    bundle = ModelBundle.load(args.model)
+    check_backbone_weights(bundle.manifest.backbone.name, args.backbone_weights)
+    bundle.check_head()  # Grad-CAM's Keras reads it in a Beam step: refused, it is one line now
     catalog = open_catalog(args.input, uri_column=args.uri_column) if args.input else None
     path = write_report(
         args.output,
-        ModelBundle.load(args.model),
+        bundle,
         catalog=catalog,
         backbone_weights=args.backbone_weights,
         beam_options=PipelineOptions(beam_args),
