@@ -1,9 +1,10 @@
 """`python -m pipeline.explain IMAGE_OR_URI... --output DIR`: why the model said what it said.
 
 Per image, DIR/NAME.png: the painting as the model sees it, Grad-CAM for its top style (or
---style), and the top styles as bars. With --feature_maps LAYER, also DIR/LAYER-filters.png
-(the layer's filters, where they are spatial) and DIR/NAME-LAYER.png (its activation maps
-for the image): the pictures of the classic "what a network sees" pages.
+--style), and the top styles as bars. With --feature_maps LAYER, also
+DIR/BACKBONE_LAYER-filters.png (the layer's filters, where they are spatial) and
+DIR/NAME-LAYER.png (its activation maps for the image): the pictures of the classic "what a
+network sees" pages.
 
 NAME is the image's own file name, made safe and unique (`output_names`). An image that
 cannot be read, drawn or written costs its own pictures and one line on stderr, never the
