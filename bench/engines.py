@@ -20,11 +20,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import openvino
 
 from bench.measure import ModelPath, per_batch
 from models.metrics import Scoreboard
-from models.openvino_engine import OPENVINO_CONFIG, compiled_classifier, converted_model
+from models.openvino_engine import (
+    OPENVINO_CONFIG,
+    compiled_classifier,
+    converted_model,
+    imported_openvino,
+)
 
 INSTALL_HINT = "not installed (pip install -e '.[engines]')"
 
@@ -51,7 +55,7 @@ def engine_paths(
     else:
         paths["onnxruntime_float32"] = onnx_runtime
     converted = converted_model(model)
-    core = openvino.Core()
+    core = imported_openvino().Core()
     paths["openvino_float32"] = openvino_path(core, converted, "f32", batch_size)
     if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         paths["openvino_bfloat16"] = openvino_path(core, converted, "bf16", batch_size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import posixpath
 import tempfile
 import zipfile
@@ -32,6 +33,7 @@ from models.precision import (
 )
 from models.settings import DEFAULT_BUNDLE as DEFAULT_BUNDLE  # where commands look for it
 from models.settings import FEATURE_KINDS, check_backbone_names
+from models.torch_weights import imagenet_weights_path, read_torch_state_dict
 
 if TYPE_CHECKING:
     import keras
@@ -49,7 +51,9 @@ PREPROCESSING = (
 
 
 class BundleError(ValueError):
-    """--model is not a usable bundle; raised before the pipeline starts, naming the file."""
+    """The model a command is given cannot run: its bundle (--model) or the backbone weights
+    it is run with (--backbone_weights). Raised before the pipeline starts, naming the file:
+    one line, and exit status 2."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,14 +219,44 @@ class ModelBundle:
         return self.manifest.backbone.input_size
 
     def load_head(self) -> keras.Model:
-        """Keras reads .keras files from local disk only: remote bundles are copied first."""
+        """The trained head, read by Keras in its safe mode (nothing in the file runs): one
+        feature vector in, one score per class of the manifest out, else a BundleError.
+        Keras reads .keras files from local disk only: remote bundles are copied first."""
         import keras
 
+        path = posixpath.join(self.path, self.manifest.head.file)
         with tempfile.TemporaryDirectory() as local:
             local_head = os.path.join(local, HEAD_FILE)
-            with fsspec.open(posixpath.join(self.path, self.manifest.head.file), "rb") as src:
+            with fsspec.open(path, "rb") as src:
                 Path(local_head).write_bytes(src.read())
-            return keras.saving.load_model(local_head)
+            try:
+                head = keras.saving.load_model(local_head, safe_mode=True)
+            except Exception as error:  # Keras's refusals take many types; each is the file's
+                raise BundleError(f"{path}: Keras cannot load this head ({_gist(error)})") from None
+        try:
+            shapes = [tuple(t.shape) for t in (*head.inputs, *head.outputs)]
+        except (AttributeError, ValueError):  # a layer, or a model never built on inputs
+            raise BundleError(f"{path} is not a Keras model with inputs and outputs") from None
+        if len(shapes) != 2 or any(len(shape) != 2 for shape in shapes):
+            raise BundleError(f"{path} must map one feature vector to scores, not {shapes}")
+        if shapes[1][1] != len(self.classes):
+            raise BundleError(f"{path} gives {shapes[1][1]} scores; the manifest names "
+                              f"{len(self.classes)} classes")  # fmt: skip
+        return head
+
+    def check_head(self) -> None:
+        """Keras's verdict on the head, at start-up: a head it refuses is one line then, not
+        a worker's traceback later."""
+        self.load_head()
+
+    def check_features(self, head: keras.Model, extractor: keras.Model) -> None:
+        """The head reads the features `extractor` gives, else a BundleError (a head fitted
+        over other features)."""
+        wants, gets = head.inputs[0].shape[-1], extractor.output.shape[-1]
+        if wants != gets:
+            spec = self.manifest.backbone
+            raise BundleError(f"{self.path}: its head reads {wants} features; {spec.name}'s "
+                              f"{spec.features!r} features are {gets}")  # fmt: skip
 
     def classifier(
         self, backbone_weights: str | None = None, precision: str = "float32"
@@ -239,11 +273,13 @@ class ModelBundle:
         from models.head import calibrated_probabilities
 
         spec = self.manifest.backbone
+        head = self.load_head()  # first: a head Keras refuses costs no backbone's building
         with building_in(precision):
             extractor = feature_extractor(
                 spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
             )
-        logits = self.load_head()(extractor.output)
+        self.check_features(head, extractor)
+        logits = head(extractor.output)
         probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
         return keras.Model(extractor.input, probabilities, name="style_classifier")
 
@@ -265,6 +301,63 @@ def check_head_file(path: str) -> None:
         raise BundleError(f"{path} cannot be read ({error})") from None
     if damaged:
         raise BundleError(f"{path} is corrupt: {damaged} fails its checksum")
+
+
+def check_backbone_weights(backbone: str, path: str | None) -> None:
+    """--backbone_weights, checked before anything is built: weights for one backbone (an
+    ensemble's come from its backbones' packages), in a file that backbone's reader takes.
+    EfficientNet-Lite's: a PyTorch file that the restricted reader admits (it runs nothing),
+    with the tensors, by name and shape, of the variant's own ImageNet weights. ResNet50's:
+    an HDF5 file, which Keras reads."""
+    if path is None:
+        return
+    if "+" in backbone:
+        raise BundleError(
+            f"--backbone_weights names one backbone's weights; {backbone} is an ensemble, "
+            "whose backbones' weights come from their packages"
+        )
+    if backbone == "resnet50":
+        if not _is_hdf5(path):
+            raise BundleError(f"--backbone_weights: {path} is not an HDF5 file of Keras weights")
+        return
+    try:
+        tensors = _tensor_shapes(read_torch_state_dict(path))
+    except (pickle.UnpicklingError, OSError, ValueError) as error:
+        raise BundleError(f"--backbone_weights: {_gist(error)}") from None
+    expected = _tensor_shapes(read_torch_state_dict(imagenet_weights_path(backbone)))
+    if tensors != expected:
+        different = sorted(tensors.keys() ^ expected.keys()) or sorted(
+            name for name in tensors if tensors[name] != expected[name]
+        )
+        raise BundleError(
+            f"--backbone_weights: {path} does not hold {backbone}'s weights "
+            f"({len(different)} tensors differ, the first {different[0]!r})"
+        )
+
+
+def _tensor_shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensors the backbone reads, by name: batch norms' counters are not weights."""
+    return {name: tuple(value.shape) for name, value in state.items()
+            if not name.endswith(".num_batches_tracked")}  # fmt: skip
+
+
+def _is_hdf5(path: str) -> bool:
+    import h5py
+
+    try:
+        return h5py.is_hdf5(path)
+    except OSError:
+        return False
+
+
+def _gist(error: BaseException) -> str:
+    """An error in one line: its type and its message's first line, cut at its first
+    sentence where that line is long (Keras's run to several sentences of advice)."""
+    message = str(error).strip().split("\n", 1)[0]
+    if len(message) > 200:
+        first, stop, _ = message.partition(". ")
+        message = first if stop and len(first) <= 200 else f"{message[:197]}..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _filesystem_of(path: str) -> tuple[fsspec.AbstractFileSystem, str]:

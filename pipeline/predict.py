@@ -21,9 +21,13 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
 )
 
-from models.bundle import ModelBundle, load_classifier
+from models.bundle import ModelBundle, check_backbone_weights, load_classifier
 from models.engine_choice import EngineChoice, choose_engine
-from models.openvino_engine import load_openvino_classifier, openvino_precision_of
+from models.openvino_engine import (
+    converted_file,
+    load_openvino_classifier,
+    openvino_precision_of,
+)
 from models.precision import choose_precision
 from pipeline.flags import PREDICT_COMMAND
 from pipeline.interrupts import exit_on_interrupt
@@ -34,7 +38,6 @@ from pipeline.options import (
     PredictOptions,
     parse_options,
     run_command,
-    runs_in_this_process,
     runs_on_this_machine,
 )
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
@@ -64,7 +67,8 @@ def build_graph(
     predict = options.view_as(PredictOptions)
     engine = engine_of_run(options)
     logging.info("artstyle: %s (--engine=%s)", engine, predict.engine)
-    loader = classifier_loader(options, bundle, engine.engine)
+    precision = precision_of_workers(options, bundle, engine.engine)
+    loader = classifier_loader(options, bundle, engine.engine, precision["precision"])
     classifier = FixedBatchModelHandler(loader, model.batch_size)
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
 
@@ -83,10 +87,7 @@ def build_graph(
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
         f"{output_dir}/predictions", prediction_schema(catalog), file_name_suffix=".parquet"
     )
-    run_facts = {
-        "engine": engine.to_json(),
-        "precision": precision_of_workers(options, bundle, engine.engine),
-    }
+    run_facts = {"engine": engine.to_json(), "precision": precision}
     _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, run_facts)
     return rows
 
@@ -94,31 +95,33 @@ def build_graph(
 def engine_of_run(options: PipelineOptions) -> EngineChoice:
     """--engine, with `auto` resolved here: the choice decides which loader the graph holds."""
     asked = options.view_as(PredictOptions).engine
-    return choose_engine(asked, runs_in_this_process(options))
+    return choose_engine(asked, runs_on_this_machine(options))
 
 
 def classifier_loader(
-    options: PipelineOptions, bundle: ModelBundle, engine: str
+    options: PipelineOptions, bundle: ModelBundle, engine: str, precision: str
 ) -> Callable[[], Any]:
-    """What each worker calls to load the classifier, on `engine`."""
-    model, predict = options.view_as(ModelOptions), options.view_as(PredictOptions)
+    """What each worker calls to load the classifier, on `engine`, in `precision`: the one
+    resolved for the run where its workers are on this machine (so that none measures
+    again, and perhaps differently), else as asked, for each worker to resolve."""
+    model = options.view_as(ModelOptions)
     if engine == "openvino":
         return partial(
             load_openvino_classifier,
             bundle.path,
             model.backbone_weights,
-            predict.precision,
+            precision,
             model.batch_size,
         )
-    return partial(load_classifier, bundle.path, model.backbone_weights, predict.precision)
+    return partial(load_classifier, bundle.path, model.backbone_weights, precision)
 
 
 def precision_of_workers(
     options: PipelineOptions, bundle: ModelBundle, engine: str
 ) -> dict[str, str]:
-    """The backbone's arithmetic on `engine` and why, for summary.json. A local runner's
-    workers run on this machine, so resolving here gives their answer (the same rule, the
-    same cached measurement); on other runners each worker resolves its own, and logs it."""
+    """The backbone's arithmetic on `engine` and why, for summary.json and the workers. A
+    local runner's workers run on this machine, so it is resolved here, once, and they run
+    in it; on other runners each worker resolves its own, and logs it."""
     asked = options.view_as(PredictOptions).precision
     if not runs_on_this_machine(options):
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
@@ -138,6 +141,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = parse_options(argv, PREDICT_COMMAND)
     io, predict = options.view_as(CatalogOptions), options.view_as(PredictOptions)
     bundle = ModelBundle.load(predict.model)
+    check_model(options, bundle)
     if options.view_as(GoogleCloudOptions).template_location:
         return build_job_template(options, bundle)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
@@ -164,6 +168,17 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if report:
         print(report)
     return summary
+
+
+def check_model(options: PipelineOptions, bundle: ModelBundle) -> None:
+    """What would stop the model in its workers is one line now, before the catalog is
+    read: backbone weights that cannot be its, and a head that Keras refuses. (OpenVINO,
+    running files it converted before, needs no check of the head: Keras read it then.)"""
+    weights = options.view_as(ModelOptions).backbone_weights
+    check_backbone_weights(bundle.manifest.backbone.name, weights)
+    engine = engine_of_run(options).engine
+    if engine == "keras" or not converted_file(bundle, weights).is_file():
+        bundle.check_head()
 
 
 def build_job_template(options: PipelineOptions, bundle: ModelBundle) -> dict:

@@ -59,18 +59,21 @@ def run(argv: list[str] | None = None) -> str:
     args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from models.bundle import ModelBundle
+    from models.bundle import ModelBundle, check_backbone_weights
     from pipeline.outputs import REPORT_RESULTS, OutputFolder
     from pipeline.report_page import check_finished_run, write_report
     from transforms.catalog import open_catalog
 
+    bundle = ModelBundle.load(args.model)
+    check_backbone_weights(bundle.manifest.backbone.name, args.backbone_weights)
+    bundle.check_head()  # Grad-CAM's Keras reads it in a Beam step: refused, it is one line now
     check_finished_run(args.output)  # before the folder is claimed: claiming creates one
     catalog = open_catalog(args.input, uri_column=args.uri_column) if args.input else None
     with OutputFolder.claim(args.output, REPORT_RESULTS, args.overwrite) as output:
         path = write_report(
             output,
             output.published_results(),
-            ModelBundle.load(args.model),
+            bundle,
             catalog=catalog,
             backbone_weights=args.backbone_weights,
             beam_options=PipelineOptions(beam_args),

@@ -36,19 +36,20 @@ def catalog_digest(files: Sequence[str]) -> str:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipeline.options import CatalogOptions, TrainOptions, parse_options
+    from models.bundle import BackboneSpec, Manifest, check_backbone_weights, save_bundle
+    from pipeline.options import CatalogOptions, ModelOptions, TrainOptions, parse_options
 
     options = parse_options(argv, TRAIN_COMMAND)  # a bad flag stops here, before TensorFlow
+    io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
+    check_backbone_weights(args.backbone, options.view_as(ModelOptions).backbone_weights)
     import apache_beam as beam
 
     from models.backbones import input_size_of
-    from models.bundle import BackboneSpec, Manifest, save_bundle
     from models.crossfit import fit_bundle_head
     from pipeline.features import build_embedding_graph, training_data
     from pipeline.progress_bar import progress_bar
     from transforms.catalog import CatalogError, open_catalog
 
-    io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
     catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")

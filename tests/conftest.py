@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,6 +53,7 @@ def tiny_bundle(tmp_path_factory) -> str:
     """EfficientNet-Lite0 (real ImageNet weights) with a seeded, untrained 3-style head."""
     path = tmp_path_factory.mktemp("bundle") / "tiny"
     features = np.random.default_rng(0).normal(size=(16, 1280)).astype(np.float32)
+    keras.utils.set_random_seed(0)  # the head's initial weights: the same head every session
     head = merge_heads([build_head(features, len(CLASSES), HeadConfig(seed=0))])  # as trained
     save_bundle(str(path), lite0_manifest("tiny-test-model", CLASSES), head)
     return str(path)

@@ -2,17 +2,30 @@
 error at start-up, naming the file at fault, without building the model."""
 
 import json
+import os
+import pickle
 import shutil
 import zipfile
 from functools import partial
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-from models.bundle import DEFAULT_BUNDLE, BundleError, Manifest, ModelBundle, load_classifier
+from models.bundle import (
+    DEFAULT_BUNDLE,
+    BundleError,
+    Manifest,
+    ModelBundle,
+    check_backbone_weights,
+    load_classifier,
+)
+from models.torch_weights import imagenet_weights_path
+from pipeline import explain, report, train
 from pipeline.options import run_command
 from pipeline.predict import run
+from pipeline.serve import __main__ as serve
 from tests.conftest import CLASSES, lite0_manifest
 
 
@@ -130,3 +143,155 @@ def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="format"):
         ModelBundle.load(str(tmp_path))
+
+
+def replace_head(bundle: Path, inputs: int, outputs: int, lambda_layer: bool = False) -> None:
+    """head.keras as a Dense head of other widths, or one with a Python lambda in it (which
+    Keras's safe mode refuses to load: it would run code from the file)."""
+    features = keras.Input((inputs,))
+    hidden = keras.layers.Lambda(lambda x: x * 2)(features) if lambda_layer else features
+    keras.Model(features, keras.layers.Dense(outputs)(hidden)).save(bundle / "head.keras")
+
+
+HEAD_BREAKAGES = {
+    "Keras refuses it": (partial(replace_head, inputs=1280, outputs=3, lambda_layer=True),
+                         r"^{b}/head.keras: Keras cannot load this head \(ValueError: Requested "
+                         r"the deserialization of a `Lambda` layer whose `function` is a Python "
+                         r"lambda\)$"),
+    "other classes": (partial(replace_head, inputs=1280, outputs=4),
+                      r"^{b}/head.keras gives 4 scores; the manifest names 3 classes$"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage", HEAD_BREAKAGES)
+def test_a_head_keras_cannot_use_is_a_one_line_error_naming_the_file(
+    tmp_path, tiny_bundle, breakage
+):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    breaks, message = HEAD_BREAKAGES[breakage]
+    breaks(bundle)
+    with pytest.raises(BundleError, match=message.format(b=bundle)):
+        ModelBundle.load(str(bundle)).check_head()
+
+
+def test_a_head_over_other_features_is_found_before_it_is_joined_to_the_backbone(
+    tmp_path, tiny_bundle
+):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    replace_head(bundle, inputs=100, outputs=3)
+    message = "its head reads 100 features; efficientnet_lite0's 'pooled' features are 1280"
+    with pytest.raises(BundleError, match=message):
+        ModelBundle.load(str(bundle)).classifier()
+
+
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def refused_weights(tmp_path) -> Path:
+    """A PyTorch-style file whose pickle would run a shell command."""
+    path = tmp_path / "weights.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": _RunsShell(tmp_path / "ran")}))
+    return path
+
+
+def test_backbone_weights_are_checked_without_building_anything(refused_weights, tmp_path):
+    lite0 = imagenet_weights_path("efficientnet_lite0")
+    check_backbone_weights("efficientnet_lite0", lite0)
+    check_backbone_weights("efficientnet_lite0", None)
+    refusals = {
+        ("efficientnet_lite0", str(refused_weights)):
+            r"^--backbone_weights: UnpicklingError: .*weights.pth: refusing to unpickle .*system",
+        ("efficientnet_lite0+efficientnet_lite1", lite0):
+            r"^--backbone_weights names one backbone's weights; "
+            r"efficientnet_lite0\+efficientnet_lite1 is an ensemble",
+        ("efficientnet_lite1", lite0):
+            r"^--backbone_weights: .*lite0.*\.pth does not hold efficientnet_lite1's weights \(",
+        ("efficientnet_lite0", str(tmp_path / "nothing.pth")):
+            r"^--backbone_weights: FileNotFoundError: ",
+        ("resnet50", lite0): r"^--backbone_weights: .* is not an HDF5 file of Keras weights$",
+    }  # fmt: skip
+    for (backbone, path), message in refusals.items():
+        with pytest.raises(BundleError, match=message):
+            check_backbone_weights(backbone, path)
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.fixture
+def broken_models(tmp_path, tiny_bundle, refused_weights) -> dict[str, tuple[list[str], str]]:
+    """Flags naming a model that cannot run, and the line each must give."""
+    refused_head = tmp_path / "refused-head"
+    shutil.copytree(tiny_bundle, refused_head)
+    replace_head(refused_head, inputs=1280, outputs=3, lambda_layer=True)
+    ensemble = tmp_path / "ensemble"
+    shutil.copytree(tiny_bundle, ensemble)
+    edit_manifest(
+        ensemble, lambda m: m["backbone"].update(name="efficientnet_lite0+efficientnet_lite1")
+    )
+    return {
+        "head Keras refuses": ([f"--model={refused_head}"],
+                               f"artstyle: {refused_head}/head.keras: Keras cannot load this head"),
+        "weights refused": ([f"--model={tiny_bundle}", f"--backbone_weights={refused_weights}"],
+                            f"artstyle: --backbone_weights: UnpicklingError: {refused_weights}: "
+                            "refusing to unpickle"),
+        "weights for an ensemble": ([f"--model={ensemble}",
+                                     f"--backbone_weights={imagenet_weights_path('efficientnet_lite0')}"],
+                                    "artstyle: --backbone_weights names one backbone's weights"),
+    }  # fmt: skip
+
+
+def _serve_without_listening(argv: list[str], monkeypatch) -> None:
+    def started(*args, **kwargs):
+        raise AssertionError("the service started")
+
+    monkeypatch.setattr(serve.uvicorn, "run", started)
+    monkeypatch.setattr("sys.argv", ["serve", *argv, "--port=0"])
+    serve.serve()
+
+
+COMMANDS = {
+    "predict": lambda argv, out, monkeypatch: run(
+        [f"--input={out}/no-catalog.csv", f"--output={out}", *argv]
+    ),
+    "explain": lambda argv, out, monkeypatch: explain.run(
+        [f"{out}/x.jpg", f"--output={out}", *argv]
+    ),
+    "report": lambda argv, out, monkeypatch: report.run([str(out), *argv]),
+    "serve": lambda argv, out, monkeypatch: _serve_without_listening(argv, monkeypatch),
+    "train": lambda argv, out, monkeypatch: train.run(
+        [f"--input={out}/no-catalog.csv", f"--output={out}", "--backbone=efficientnet_lite0",
+         *argv]
+    ),
+}  # fmt: skip
+TAKES = {  # what each command is given: serve has no --backbone_weights, train no --model
+    "predict": ("head Keras refuses", "weights refused", "weights for an ensemble"),
+    "explain": ("head Keras refuses", "weights refused", "weights for an ensemble"),
+    "report": ("head Keras refuses", "weights refused", "weights for an ensemble"),
+    "serve": ("head Keras refuses",),
+    "train": ("weights refused",),
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "breakage"), [(c, b) for c, breakages in TAKES.items() for b in breakages]
+)
+def test_every_command_stops_a_model_that_cannot_run_in_one_line_before_any_work(
+    command, breakage, broken_models, tmp_path, monkeypatch, capsys
+):
+    argv, line = broken_models[breakage]
+    if command == "train":  # its backbone is a flag; no bundle
+        argv = [flag for flag in argv if not flag.startswith("--model=")]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run_command(partial(COMMANDS[command], argv, out, monkeypatch))
+    err = capsys.readouterr().err
+    assert (stop.value.code, err.count("\n"), err[: len(line)]) == (2, 1, line), err
+    assert not out.exists()

@@ -1,5 +1,6 @@
-"""`--engine auto`: OpenVINO on a CPU in this process, Keras on a GPU and in workers."""
+"""`--engine auto`: OpenVINO on this machine's CPU, Keras on a GPU and on other machines."""
 
+import logging
 import subprocess
 import sys
 
@@ -20,21 +21,21 @@ def gpu(monkeypatch):
 
 def test_an_asked_engine_is_kept(gpu):
     gpu(True)
-    choice = choose_engine("openvino", in_this_process=False)
+    choice = choose_engine("openvino", on_this_machine=False)
     assert choice.to_json() == {"engine": "openvino", "reason": "asked for (--engine openvino)"}
     gpu(False)
-    assert choose_engine("keras", in_this_process=True).engine == "keras"
+    assert choose_engine("keras", on_this_machine=True).engine == "keras"
 
 
-def test_openvino_on_a_cpu_in_this_process_keras_elsewhere(gpu):
+def test_openvino_on_this_machines_cpu_keras_elsewhere(gpu):
     gpu(False)
-    assert choose_engine("auto", in_this_process=True).engine == "openvino"
-    assert choose_engine("auto", in_this_process=False).to_json() == {
+    assert choose_engine("auto", on_this_machine=True).engine == "openvino"
+    assert choose_engine("auto", on_this_machine=False).to_json() == {
         "engine": "keras",
-        "reason": "the model runs in worker processes, or on other machines",
+        "reason": "the model runs on other machines, which may have GPUs",
     }
     gpu(True)
-    assert str(choose_engine("auto", in_this_process=True)) == "keras chosen: a GPU is here"
+    assert str(choose_engine("auto", on_this_machine=True)) == "keras chosen: a GPU is here"
 
 
 def test_a_gpu_is_seen_by_its_device_files(tmp_path):
@@ -84,3 +85,24 @@ def test_summary_json_gives_the_precision_openvino_ran_in(tiny_bundle, gpu, tmp_
         "precision": "bfloat16",
         "reason": "1.70 x float32 measured on this CPU",
     }
+
+
+def test_the_model_runs_in_the_precision_resolved_at_start_even_where_none_is_kept(
+    tiny_bundle, tmp_path, monkeypatch, caplog
+):
+    """Where the cache cannot be written, each resolution of `auto` measures afresh, and two
+    timings on a shared machine may disagree: the run resolves once, and its workers run
+    what summary.json says."""
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "not-a-folder"))
+    monkeypatch.setattr(precision, "cpu_bfloat16_flag", lambda: "avx512_bf16")
+    timings = iter([1.7, 0.9])
+    monkeypatch.setattr(precision, "measured_speedup", lambda *args, **kwargs: next(timings))
+    image = painting(tmp_path / "p.png", (200, 40, 30), seed=0)
+    (tmp_path / "catalog.csv").write_text(f"uri\n{image}\n")
+    with caplog.at_level(logging.INFO):
+        summary = run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
+                       f"--model={tiny_bundle}", "--batch_size=2", "--engine=keras"])  # fmt: skip
+    assert summary["precision"]["precision"] == "bfloat16"
+    loaded = [r.getMessage() for r in caplog.records if "(--precision=" in r.getMessage()]
+    assert loaded and all("bfloat16 chosen" in line for line in loaded), loaded

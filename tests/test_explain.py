@@ -6,9 +6,11 @@ from PIL import Image
 
 from models.bundle import ModelBundle
 from models.feature_maps import MAX_CHANNELS, LayerError, LayerViewer
-from pipeline.explain import ExplainError, main, run, unique_names
+from pipeline import figures
+from pipeline.explain import MAX_NAME_BYTES, ExplainError, main, output_names, run
 from pipeline.flags import UsageError
 from tests.conftest import CLASSES, COLOURS, painting
+from transforms.images import brief
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_style_chooses_the_style_explained(images, tiny_bundle, tmp_path):
 
 def test_unreadable_images_are_named_and_the_rest_explained(images, tiny_bundle, tmp_path, capsys):
     missing = str(tmp_path / "nowhere.jpg")
-    with pytest.raises(ExplainError, match="1 of 2 images could not be read"):
+    with pytest.raises(ExplainError, match="1 of 2 images could not be explained"):
         run([missing, images[2], f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}"])
     assert f"{missing}: not_found" in capsys.readouterr().err
     assert (tmp_path / "out" / "Red_Period.png").is_file()
@@ -86,6 +88,75 @@ def test_layer_pictures_show_filters_where_they_are_spatial(tiny_bundle):
         LayerViewer(bundle, "efficientnet_lite2/stem_conv")
 
 
-def test_names_are_file_safe_and_unique():
-    uris = ["a/starry night.jpg", "b/starry night.jpg", "https://host/x/Mona.jpg?w=640", "c/"]
-    assert unique_names(uris) == ["starry_night", "starry_night-2", "Mona", "c"]
+def test_names_are_readable_file_safe_and_short():
+    uris = ["a/starry night.jpg", "https://host/x/Mona.jpg?w=640", "c/", "../$\\foo$.jpg",
+            "Café.jpg", "", "x/" + "y" * 300 + ".jpg"]  # fmt: skip
+    names = output_names(uris)
+    assert names[:6] == ["starry_night", "Mona", "c", "foo", "Café", "image"]
+    assert names[6] == "y" * MAX_NAME_BYTES
+
+
+def test_names_never_collide_and_do_not_depend_on_the_order():
+    uris = ["../../a.jpg", "../../sub/a.jpg", "../../a-2.jpg", "A.png", "x/" + "y" * 300,
+            "z/" + "y" * 301, "b.jpg", "b-stem_conv.jpg", "lite0_stem_conv-filters.jpg",
+            "c.jpg", "../../a.jpg"]  # fmt: skip
+    suffixes, reserved = ("", "-stem_conv"), ["lite0_stem_conv-filters.png"]
+    names = output_names(uris, suffixes, reserved)
+    files = [f"{name}{suffix}.png".casefold() for name in set(names) for suffix in suffixes]
+    assert len(files) == len(set(files)) and not set(files) & set(reserved)
+    assert len(set(names)) == len(set(uris))  # the same URI twice: one name
+    assert names[2] == "a-2" and names[9] == "c"  # others' clashes leave them as they are
+    assert names[0].startswith("a-") and names[7].startswith("b-stem_conv-")
+    assert all(len(name.encode()) < MAX_NAME_BYTES + 20 for name in names)
+    assert output_names(uris[::-1], suffixes, reserved) == names[::-1]
+
+
+def test_each_image_costs_only_its_own_pictures(tiny_bundle, tmp_path, monkeypatch, capsys,
+                                                faulty_host):  # fmt: skip
+    """Names with mathtext in them, too long for a file, or the same as another's; and a
+    picture that cannot be drawn: one line for that image, the others written."""
+    folder = tmp_path / "in"
+    for i, name in enumerate(["a.jpg", "sub/a.jpg", "a-2.jpg", "a$\\foo$.jpg", "broken.jpg"]):
+        painting(folder / name, COLOURS[CLASSES[i % 3]], i)
+    long_name = "y" * 300 + ".jpg"
+    faulty_host.files[long_name] = (folder / "a.jpg").read_bytes()
+    (folder / "x" / "y").mkdir(parents=True)
+    monkeypatch.chdir(folder / "x" / "y")
+    drawn = figures.explanation_figure
+
+    def draw_unless_broken(*args):
+        if "broken" in args[-1]:
+            raise RuntimeError("a library's surprise")
+        return drawn(*args)
+
+    monkeypatch.setattr(figures, "explanation_figure", draw_unless_broken)
+    uris = ["../../a.jpg", "../../sub/a.jpg", "../../a-2.jpg", "../../a$\\foo$.jpg",
+            "../../broken.jpg", f"{faulty_host.url}/files/{long_name}"]  # fmt: skip
+    with pytest.raises(ExplainError, match="1 of 6 images could not be explained"):
+        run([*uris, f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}"])
+    out, err = capsys.readouterr()
+    written = dict(line.split(" -> ") for line in out.splitlines())
+    assert sorted(written) == sorted(map(brief, uris[:4] + uris[5:]))  # as printed
+    assert sorted(map(str, (tmp_path / "out").iterdir())) == sorted(written.values())
+    assert err.splitlines() == [
+        "artstyle: ../../broken.jpg: draw_failed: broken.png: RuntimeError: a library's surprise"
+    ]
+
+
+def test_figures_draw_text_as_written():
+    """A report's style names come from a bundle, and may hold a `$` pair too."""
+    styles = ["$\\foo$", "Baroque"]
+    for picture in (
+        figures.confusion_figure(styles, styles, [[1, 0], [0, 1]]),
+        figures.style_counts_figure(dict.fromkeys(styles, 2)),
+        figures.per_style_figure(
+            [{"label": s, "precision": 1, "recall": 1, "f1": 1} for s in styles]
+        ),
+    ):
+        assert picture.startswith(b"\x89PNG")
+
+
+def test_an_output_that_is_a_file_is_a_usage_error_before_any_work(images, tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(UsageError, match=r"--output: .*out is a file, not a folder"):
+        run([images[0], f"--output={tmp_path / 'out'}", "--model=/nowhere"])

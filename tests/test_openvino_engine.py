@@ -118,3 +118,28 @@ def test_a_classifier_freed_on_another_thread_leaves_ctrl_c_working(cache, tiny_
         [sys.executable, "-c", script, tiny_bundle], capture_output=True, text=True
     )
     assert (done.returncode, done.stdout.strip()) == (0, "handled 1"), done.stderr[-2000:]
+
+
+def test_openvino_loads_without_telemetry_or_a_forked_process(tiny_bundle, tmp_path):
+    """`import openvino` sent a usage event to Google Analytics from a process it forked, and
+    kept a client id in ~/intel. Forked from a Beam worker while gRPC's threads held their
+    locks, the child aborted ("RAW: Check ... failed: Mutex::Fer ...") on the run's stderr.
+    The environment is a user's: no CI variable (the library sends nothing in CI)."""
+    script = """if True:
+        import os, sys
+        os.register_at_fork(before=lambda: print("forked", flush=True))
+        from models.openvino_engine import load_openvino_classifier
+        load_openvino_classifier(sys.argv[1], None, "float32", batch_size=2)
+        print("loaded")
+    """
+    ci_variables = ("CI", "TF_BUILD", "JENKINS_URL")
+    environment = {k: v for k, v in os.environ.items() if k not in ci_variables}
+    environment["HOME"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", script, tiny_bundle],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert (done.returncode, done.stdout.split()) == (0, ["loaded"]), done.stderr[-2000:]
+    assert not (tmp_path / "intel").exists()  # the telemetry's client id, in the user's home

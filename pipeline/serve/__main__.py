@@ -15,6 +15,7 @@ def serve() -> None:
 
     config = parse_config()
     bundle = ModelBundle.load(config.model)
+    bundle.check_head()  # a head Keras refuses is one line, not a service that never loads
     logging.getLogger("artstyle.serve").setLevel(logging.INFO)
     uvicorn.run(
         create_app(config, bundle),
