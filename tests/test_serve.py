@@ -16,6 +16,7 @@ import io
 import json
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -591,17 +592,52 @@ def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tm
 # --- python -m pipeline.serve ----------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
 def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch):
     served = {}
-    monkeypatch.setattr(serve_command.uvicorn, "run", lambda app, **kw: served.update(kw, app=app))
+
+    def run(server, sockets):
+        served.update(app=server.config.app, listening_on=[s.getsockname() for s in sockets])
+
+    monkeypatch.setattr(serve_command.uvicorn.Server, "run", run)
+    port = free_port()
     monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", "--host=127.0.0.1",
-                                      "--port=8123", "--max_batch=8", "--max_wait_ms=5",
+                                      f"--port={port}", "--max_batch=8", "--max_wait_ms=5",
                                       "--top_k=2", "--allow_private_urls"])  # fmt: skip
     run_command(serve_command.serve)
     config = served["app"].state.service.config
-    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    assert served["listening_on"] == [("127.0.0.1", port)]
     assert (config.max_batch, config.max_wait_ms, config.top_k) == (8, 5.0, 2)
     assert config.allow_private_urls and config.model == tiny_bundle
+
+
+def test_an_address_in_use_is_told_first_in_one_line_status_2(tiny_bundle, monkeypatch, capsys):
+    monkeypatch.setattr(serve_command.ModelBundle, "load", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(serve_command.uvicorn.Server, "run", lambda *a: pytest.fail("served"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", f"--port={port}"])
+        with pytest.raises(SystemExit) as exited:
+            run_command(serve_command.serve)
+    assert exited.value.code == 2
+    said = f"artstyle: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert capsys.readouterr().err == said
+
+
+def test_python_m_pipeline_serve_on_a_port_in_use_exits_2_with_one_line(tiny_bundle):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "pipeline.serve", f"--model={tiny_bundle}",
+                   f"--port={port}"]  # fmt: skip
+        served = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.splitlines() == [
+        f"artstyle: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
 
 
 @pytest.mark.parametrize(
