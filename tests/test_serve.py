@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import glob
-import http.client
 import io
-import json
 import re
 import socket
 import subprocess
@@ -550,22 +548,6 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(tiny_bundle, fau
         assert_error(batch, 503, "overloaded")
         holder.join()
         assert post_image(client, images["red.png"]).status_code == 200  # the place is free
-
-
-def test_a_body_that_does_not_arrive_in_time_is_408(tiny_bundle):
-    app = make_app(tiny_bundle, max_batch=1, fetch_timeout_s=0.5)
-    with live_server(app) as url:
-        wait_ready(lambda path: httpx.get(url + path))
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-            connection.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                b"Content-Length: 1000\r\n\r\n\x89PNG"  # and then nothing
-            )
-            answer = http.client.HTTPResponse(connection)
-            answer.begin()
-            body = json.loads(answer.read())
-    assert answer.status == 408 and body["error"]["kind"] == "body_timeout", body
 
 
 # --- The same probabilities as the batch pipeline -------------------------------------------

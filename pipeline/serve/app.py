@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from models.bundle import ModelBundle
 from models.gradcam import GradCam
-from pipeline.serve.bodies import UPLOAD_FIELD, BodyLimit, UrlRequest, read_image_source
+from pipeline.serve.bodies import UPLOAD_FIELD, RequestBodies, UrlRequest, read_image_source
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ErrorBody, ServiceError, install_error_handlers, internal_error
 from pipeline.serve.metrics import RequestMetrics
@@ -137,7 +137,11 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_image_bytes)
+    app.add_middleware(
+        RequestBodies,
+        max_bytes=config.max_image_bytes,
+        timeout_s=config.fetch_timeout_s,
+    )
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: counts all
     app.include_router(_api_routes(service))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -160,7 +164,7 @@ def _api_routes(service: StyleService) -> APIRouter:
         heatmap: bool = Query(False, description="Add Grad-CAM's heatmap for the top style."),
     ) -> dict[str, Any]:
         with service.admitted():
-            source = await read_image_source(request, service.config.fetch_timeout_s)
+            source = await read_image_source(request)
             if source.url is not None:
                 return await service.predict_url(source.url, heatmap)
             assert source.data is not None  # an ImageSource holds exactly one of the two

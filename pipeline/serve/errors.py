@@ -11,7 +11,8 @@ image's fault, 422, except those that are the network's or the guard's:
 and the service adds its own: body_too_large 413, unsupported_media_type 415,
 invalid_request 400 or 422, empty 422, body_timeout 408, overloaded and not_ready 503
 (with Retry-After), model_failed 503, unknown_route 404, method_not_allowed 405,
-internal 500.
+internal 500, and client_disconnected 499 (nginx's "client closed request"): a client
+that hung up before its body was in, never sent, but counted apart in the metrics.
 """
 
 from __future__ import annotations
