@@ -1,6 +1,7 @@
 """Clients that misbehave, on a real uvicorn on 127.0.0.1 and bare sockets: a body that
-never ends, and a client that hangs up halfway. Every route that reads a body is tried:
-/predict's three kinds of body and /predict/batch.
+never ends, a client that hangs up halfway, and crowds of slow bodies that must not keep a
+normal request out. Every route that reads a body is tried: /predict's three kinds of
+body and /predict/batch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import select
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
 
 from tests import serve_support
-from tests.serve_support import live_server, make_app, wait_ready
+from tests.serve_support import live_server, make_app, painting_bytes, wait_ready
 
 loopback_only = serve_support.loopback_only
 image_host = serve_support.image_host
@@ -150,3 +151,54 @@ def test_a_body_trickled_past_the_deadline_is_408_on_every_route(service, kind):
             select.select([client], [], [], 0.25)
         status, answer = read_answer(client)
     assert (status, answer["error"]["kind"]) == (408, "body_timeout"), answer
+
+
+# --- Slow bodies and everyone else -----------------------------------------------------------
+
+
+def test_a_crowd_of_slow_bodies_keeps_no_normal_request_waiting(tiny_bundle, image_host, tmp_path):
+    """Three times as many unfinished bodies as the queue has places, all in the service's
+    hands, and still every kind of normal request is answered while they wait."""
+    max_queue = 4
+    image = painting_bytes(tmp_path, "Red_Period")
+    image_host.files["red.png"] = image
+    settings = {"max_queue": max_queue, "fetch_timeout_s": 60.0, "allow_private_urls": True}
+    with serving(tiny_bundle, **settings) as url, ExitStack() as stack:
+        kinds = list(UNFINISHED_BODIES) * (3 * max_queue // len(UNFINISHED_BODIES))
+        slow = [stack.enter_context(start_request(url, kind)) for kind in kinds]
+        sent = sum(len(UNFINISHED_BODIES[kind][2]) for kind in kinds)
+        wait_until(lambda: gauge(url, "artstyle_body_bytes") == sent, "the slow bodies read")
+
+        answers = [
+            httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/png"}),
+            httpx.post(f"{url}/predict", files={"file": ("red.png", image)}),
+            httpx.post(f"{url}/predict", json={"url": f"{image_host.url}/files/red.png"}),
+            httpx.post(f"{url}/predict/batch", json={"urls": [f"{image_host.url}/files/red.png"]}),
+        ]
+        assert [answer.status_code for answer in answers] == [200] * 4, answers[0].text
+        assert not any(has_answered(client) for client in slow)  # still waiting, all of them
+
+
+def test_bodies_in_memory_are_bounded_by_bytes_and_freed_with_their_answer(tiny_bundle):
+    """--max_queue x --max_image_bytes of bodies at once: past it 503, until one is done."""
+    settings = {"max_queue": 2, "max_image_bytes": DECLARED_LENGTH, "fetch_timeout_s": 60.0}
+    with serving(tiny_bundle, **settings) as url:
+        budget = 2 * DECLARED_LENGTH
+        first, second = start_request(url, "image"), start_request(url, "image")
+        for client in (first, second):
+            client.sendall(b"\0" * (DECLARED_LENGTH - 1000))
+        held = 2 * (DECLARED_LENGTH - 1000 + len(UNFINISHED_BODIES["image"][2]))
+        wait_until(lambda: gauge(url, "artstyle_body_bytes") == held, "both bodies held")
+
+        one_byte_too_many = {"content": b"\0" * (budget - held + 1),
+                             "headers": {"Content-Type": "image/png"}}  # fmt: skip
+        refused = httpx.post(f"{url}/predict", **one_byte_too_many)
+        assert refused.status_code == 503 and refused.json()["error"]["kind"] == "overloaded"
+        assert refused.headers["Retry-After"] == "1"
+
+        first.close()
+        wait_until(lambda: gauge(url, "artstyle_body_bytes") == held / 2, "the first let go")
+        read = httpx.post(f"{url}/predict", **one_byte_too_many)
+        assert read.json()["error"]["kind"] == "not_an_image"  # read whole, then judged
+        second.close()
+        wait_until(lambda: gauge(url, "artstyle_body_bytes") == 0, "every body let go")

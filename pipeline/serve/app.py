@@ -141,6 +141,7 @@ def create_app(
         RequestBodies,
         max_bytes=config.max_image_bytes,
         timeout_s=config.fetch_timeout_s,
+        budget=service.bodies,
     )
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: counts all
     app.include_router(_api_routes(service))
@@ -163,8 +164,8 @@ def _api_routes(service: StyleService) -> APIRouter:
         request: Request,
         heatmap: bool = Query(False, description="Add Grad-CAM's heatmap for the top style."),
     ) -> dict[str, Any]:
+        source = await read_image_source(request)  # before its place: a slow body holds none
         with service.admitted():
-            source = await read_image_source(request)
             if source.url is not None:
                 return await service.predict_url(source.url, heatmap)
             assert source.data is not None  # an ImageSource holds exactly one of the two

@@ -6,11 +6,13 @@ first waiting image, gathers more for at most `max_wait_s` (or up to `max_batch`
 hands the batch to the model's own thread, off the event loop. While the model computes,
 new images queue up for the next batch: the busier the service, the fuller its batches.
 
-The queue is bounded by admissions: a request is admitted before its body is read or its
-URL fetched, at most `max_queue` at once, and refused at once past that (QueueFull), so
-memory never grows with the load. Admissions also tell the gatherer whether waiting is
-worth it: when no admitted request is still on its way (reading, fetching, decoding), a
-lone image goes to the model at once instead of waiting for company that is not coming.
+The queue is bounded by admissions: a request is admitted once its body is in, before
+its URL is fetched or its image decoded, at most `max_queue` at once, and refused at once
+past that (QueueFull), so the queue never grows with the load. A body still arriving
+holds no place (bodies.py bounds their memory by bytes), so clients that send slowly
+cannot keep others out. Admissions also tell the gatherer whether waiting is worth it:
+when no admitted request is still on its way (fetching, decoding), a lone image goes to
+the model at once instead of waiting for company that is not coming.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Request bodies: their limits (size, deadline), and the three ways /predict takes an
-image.
+"""Request bodies: their limits (size, deadline, memory), and the three ways /predict takes
+an image.
 
 application/json      {"url": "https://..."}: the image is fetched (guard.py)
 multipart/form-data   the image in the field `file` (an HTML form's upload)
@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.serve.errors import ServiceError, validation_message
+from pipeline.serve.errors import ServiceError, overloaded, validation_message
 
 UPLOAD_FIELD = "file"
 
@@ -35,25 +35,47 @@ class ImageSource:
     url: str | None = None
 
 
+class BodyBudget:
+    """The bytes of request bodies the service holds at once. A body holds what it has sent
+    so far, until its answer: a client that trickles its body holds next to nothing, so
+    slow clients cannot crowd out others; only bodies that have arrived can fill it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Holds `size` more bytes, or refuses them (503 overloaded) past the limit."""
+        if self.held + size > self.limit:
+            raise overloaded(f"bodies hold {self.held:,} of {self.limit:,} bytes")
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
 class RequestBodies:
     """ASGI middleware: every request's body, whichever route reads it, must stay under
-    `max_bytes` (413, as soon as its declared length or the bytes so far show it), so that
-    no request buffers more than that, and arrive whole within `timeout_s` of the request
-    (408): a client that trickles its body would otherwise hold its place for ever. A
-    client that hangs up before its body is whole is answered 499: its own doing, counted
-    apart from the service's errors, and no one is there to read it."""
+    `max_bytes` (413, as soon as its declared length or the bytes so far show it), arrive
+    whole within `timeout_s` of the request (408), and fit in the budget of bodies in
+    memory (503). A client that hangs up before its body is whole is answered 499: its
+    own doing, counted apart from the service's errors, and no one is there to read it."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float):
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float, budget: BodyBudget):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         body = IncomingBody(self, receive, _declared_length(scope))
-        await self.app(scope, body.receive, send)
+        try:
+            await self.app(scope, body.receive, send)
+        finally:
+            self.budget.give_back(body.received)
 
     def check_size(self, length: int) -> None:
         if length > self.max_bytes:
@@ -83,6 +105,7 @@ class IncomingBody:
             raise ServiceError(499, "client_disconnected", "the client left before its body was in")
         chunk = len(event.get("body", b""))
         self._rules.check_size(self.received + chunk)
+        self._rules.budget.take(chunk)
         self.received += chunk
         self.complete = not event.get("more_body", False)
         return event

@@ -15,7 +15,12 @@ UNMATCHED_ROUTE = "unmatched"  # any path no route serves: one label, not one pe
 
 
 class ServiceMetrics:
-    def __init__(self, waiting: Callable[[], int], admitted: Callable[[], int]):
+    def __init__(
+        self,
+        waiting: Callable[[], int],
+        admitted: Callable[[], int],
+        body_bytes: Callable[[], int],
+    ):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "artstyle_requests",
@@ -54,6 +59,12 @@ class ServiceMetrics:
             registry=self.registry,
         )
         in_service.set_function(admitted)
+        bodies = Gauge(
+            "artstyle_body_bytes",
+            "Bytes of request bodies in memory: received so far, not yet answered.",
+            registry=self.registry,
+        )
+        bodies.set_function(body_bytes)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -31,8 +31,9 @@ import numpy as np
 from models.bundle import ModelBundle, load_classifier
 from models.gradcam import GradCam, bundle_grad_cam, overlay
 from pipeline.serve.batcher import MicroBatcher, QueueFull
+from pipeline.serve.bodies import BodyBudget
 from pipeline.serve.config import ServeConfig
-from pipeline.serve.errors import ServiceError
+from pipeline.serve.errors import ServiceError, overloaded
 from pipeline.serve.guard import check_url, guarded_socket
 from pipeline.serve.metrics import ServiceMetrics
 from transforms.explanations import jpeg
@@ -49,9 +50,7 @@ logger = logging.getLogger("artstyle.serve")
 FETCHER_DEADLINE_GRACE_S = 1.0
 # A service's client waits: one retry of a transient fault, not the pipeline's three.
 FETCH_RETRIES = 1
-# What a client is told to wait before trying again, when the queue is full or the model
-# is still loading.
-OVERLOADED_RETRY_AFTER_S = 1
+# What a client is told to wait before trying again while the model is loading.
 LOADING_RETRY_AFTER_S = 5
 
 
@@ -103,8 +102,11 @@ class StyleService:
             max_queue=config.max_queue,
             observe=lambda size, seconds: self.metrics.observe_batch(size, seconds),
         )
+        self.bodies = BodyBudget(config.max_body_bytes_held)
         self.metrics = ServiceMetrics(
-            waiting=lambda: self.batcher.waiting, admitted=lambda: self.batcher.admitted
+            waiting=lambda: self.batcher.waiting,
+            admitted=lambda: self.batcher.admitted,
+            body_bytes=lambda: self.bodies.held,
         )
         self._decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self._explainer = ThreadPoolExecutor(1, thread_name_prefix="grad-cam")
@@ -183,10 +185,7 @@ class StyleService:
             with self.batcher.admit(images):
                 yield
         except QueueFull as error:
-            message = f"the service is at its limit ({error}); try again shortly"
-            raise ServiceError(
-                503, "overloaded", message, retry_after_s=OVERLOADED_RETRY_AFTER_S
-            ) from None
+            raise overloaded(str(error)) from None
 
     async def predict_image(
         self, data: bytes, url: str | None = None, heatmap: bool = False
