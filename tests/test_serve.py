@@ -266,6 +266,8 @@ def test_metrics_count_requests_by_route_and_status_and_show_batches_and_queue(c
         "artstyle_batch_size_count",
         "artstyle_queue_depth 0.0",
         "artstyle_requests_in_service 0.0",
+        "artstyle_urls_in_service 0.0",
+        "artstyle_body_bytes 0.0",
     ):
         assert any(line.startswith(expected) for line in lines), expected
 
@@ -527,7 +529,43 @@ def test_a_lone_request_does_not_wait_for_a_batch_to_fill(tiny_bundle, images):
         assert time.monotonic() - started < 2.5  # far under --max_wait_ms: nobody else came
 
 
-def test_past_the_queue_bound_requests_get_503_with_retry_after(tiny_bundle, faulty_host, images):
+def test_past_the_queue_bound_images_get_503_with_retry_after(tiny_bundle, image_host, images):
+    computing, release = threading.Event(), threading.Event()
+
+    class Held:
+        """The tiny model, holding each request's batch until released."""
+
+        def predict_on_batch(self, batch):
+            if batch.any():  # not the warm-up's blank images
+                computing.set()
+                release.wait(10)
+            return tiny_model(tiny_bundle).predict_on_batch(batch)
+
+    image_host.files["red.png"] = images["red.png"]
+    url = f"{image_host.url}/files/red.png"
+    app = make_app(tiny_bundle, load_model=Held, max_batch=1, max_queue=1,
+                   allow_private_urls=True)  # fmt: skip
+    with ready_client(app) as client:
+        holder = threading.Thread(target=post_image, args=(client, images["red.png"]))
+        holder.start()
+        try:
+            assert computing.wait(10)  # the one place in the queue is taken
+            response = post_image(client, images["red.png"])
+            assert_error(response, 503, "overloaded")
+            assert response.headers["Retry-After"] == "1"
+            assert_error(client.post("/predict", json={"url": url}), 503, "overloaded")
+            batch = client.post("/predict/batch", json={"urls": [url]})
+            assert batch.json()["results"][0]["error"]["kind"] == "overloaded"  # in its place
+        finally:
+            release.set()
+            holder.join()
+        assert post_image(client, images["red.png"]).status_code == 200  # the place is free
+
+
+def test_urls_whose_host_never_answers_keep_urls_out_but_not_uploads(
+    tiny_bundle, faulty_host, images
+):
+    """A URL waits on its host in a place of its own, not in the queue's."""
     app = make_app(tiny_bundle, max_batch=1, max_queue=1, allow_private_urls=True,
                    fetch_timeout_s=2.0)  # fmt: skip
     with ready_client(app) as client:
@@ -537,17 +575,21 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(tiny_bundle, fau
             kwargs={"json": {"url": f"{faulty_host.url}/trickle.jpg"}},
         )
         holder.start()
-        deadline = time.monotonic() + 5
-        while not faulty_host.gets("/trickle.jpg"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        response = post_image(client, images["red.png"])
-        assert_error(response, 503, "overloaded")
-        assert response.headers["Retry-After"] == "1"
-        batch = client.post("/predict/batch", json={"urls": ["https://a.test/x.png"]})
-        assert_error(batch, 503, "overloaded")
-        holder.join()
-        assert post_image(client, images["red.png"]).status_code == 200  # the place is free
+        try:
+            deadline = time.monotonic() + 5
+            while not faulty_host.gets("/trickle.jpg"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            another_url = client.post("/predict", json={"url": "https://a.test/x.png"})
+            assert_error(another_url, 503, "overloaded")
+            assert another_url.headers["Retry-After"] == "1"
+            batch = client.post("/predict/batch", json={"urls": ["https://a.test/x.png"]})
+            assert_error(batch, 503, "overloaded")
+            assert post_image(client, images["red.png"]).status_code == 200  # an upload gets in
+        finally:
+            holder.join()  # its host's trickle outlasts --fetch_timeout_s: 504
+        freed = client.post("/predict", json={"url": "https://a.test/x.png"})
+        assert_error(freed, 502, "fetch_failed")  # fetched: no such host on the test network
 
 
 # --- The same probabilities as the batch pipeline -------------------------------------------

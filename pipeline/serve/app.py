@@ -41,7 +41,7 @@ logger = logging.getLogger("artstyle.serve")
 
 STATIC = Path(__file__).parent / "static"
 
-# A batch request holds a place in the queue for each of its URLs at once.
+# A batch request holds a place for each of its URLs at once (or is refused whole, 503).
 MAX_BATCH_URLS = 32
 
 
@@ -164,12 +164,12 @@ def _api_routes(service: StyleService) -> APIRouter:
         request: Request,
         heatmap: bool = Query(False, description="Add Grad-CAM's heatmap for the top style."),
     ) -> dict[str, Any]:
-        source = await read_image_source(request)  # before its place: a slow body holds none
-        with service.admitted():
-            if source.url is not None:
+        source = await read_image_source(request)  # before any place: a slow body holds none
+        if source.url is not None:
+            with service.fetching():
                 return await service.predict_url(source.url, heatmap)
-            assert source.data is not None  # an ImageSource holds exactly one of the two
-            return await service.predict_image(source.data, heatmap=heatmap)
+        assert source.data is not None  # an ImageSource holds exactly one of the two
+        return await service.predict_image(source.data, heatmap=heatmap)
 
     @router.post(
         "/predict/batch",
@@ -179,7 +179,7 @@ def _api_routes(service: StyleService) -> APIRouter:
         summary=f"The styles of up to {MAX_BATCH_URLS} images at URLs",
     )
     async def predict_batch(body: BatchRequest) -> dict[str, Any]:
-        with service.admitted(len(body.urls)):
+        with service.fetching(len(body.urls)):
             results = await asyncio.gather(*(_answer_or_error(service, url) for url in body.urls))
         return {"results": results}
 
