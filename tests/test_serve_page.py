@@ -30,7 +30,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def service_url(tiny_bundle):
-    app = make_app(tiny_bundle, max_batch=4, allow_private_urls=True, heatmaps=True)
+    app = make_app(tiny_bundle, max_batch=4, allow_private_urls=True, heatmaps=True,
+                   fetch_timeout_s=3.0)  # fmt: skip
     with live_server(app) as url:
         wait_ready(lambda path: httpx.get(url + path))
         yield url
@@ -165,6 +166,34 @@ def test_an_image_the_browser_cannot_show_is_predicted_without_a_broken_preview(
     assert_shows(browser, expected_answer(service_url, path.read_bytes()))
     assert_no_broken_image(browser)
     assert [image["id"] for image in shown_images(browser)] == ["heatmap"]
+
+
+def test_a_late_answer_to_an_earlier_image_does_not_replace_the_latest(
+    browser, service_url, faulty_host, tmp_path
+):
+    """A URL whose host trickles (504 after --fetch_timeout_s), then an upload: the upload's
+    bars stay when the URL's error arrives."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    data = painting_bytes(tmp_path, "Green_Period", seed=6)
+    path = tmp_path / "latest.png"
+    path.write_bytes(data)
+    open_page(browser, service_url)
+    browser.find_element("id", "url-input").send_keys(f"{faulty_host.url}/trickle.jpg")
+    browser.find_element("css selector", "#url-form button").click()
+    browser.find_element("id", "file-input").send_keys(str(path))
+    assert_shows(browser, expected_answer(service_url, data))
+    WebDriverWait(browser, WAIT_S).until(  # both answers are in
+        lambda b: (
+            b.execute_script(
+                "return performance.getEntriesByType('resource')"
+                ".filter(entry => entry.name.includes('/predict')).length"
+            )
+            == 2
+        )
+    )
+    assert_shows(browser, expected_answer(service_url, data))
+    assert browser.find_element("id", "status").text == ""
 
 
 def test_an_error_is_told_in_words(browser, service_url, tmp_path):

@@ -59,17 +59,27 @@ function bar(style, probability) {
   return item;
 }
 
+// Each request's number: an answer that arrives after a newer image was asked about is
+// dropped, so what the page shows is always about the image it shows.
+let latestRequest = 0;
+
 async function predict(request) {
+  const thisRequest = ++latestRequest;
   showStatus("Looking…");
   result.hidden = true;
   let response;
   try {
     response = await fetch("/predict?heatmap=true", request);
   } catch (error) {
-    showStatus(`The service did not answer (${error.message}).`, true);
+    if (thisRequest === latestRequest) {
+      showStatus(`The service did not answer (${error.message}).`, true);
+    }
     return;
   }
   const answer = await response.json().catch(() => null);
+  if (thisRequest !== latestRequest) {
+    return;
+  }
   if (!response.ok) {
     const said = answer && answer.error ? answer.error.message : response.statusText;
     showStatus(`Not predicted: ${said}`, true);
