@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import glob
-import http.client
 import io
-import json
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -267,6 +266,8 @@ def test_metrics_count_requests_by_route_and_status_and_show_batches_and_queue(c
         "artstyle_batch_size_count",
         "artstyle_queue_depth 0.0",
         "artstyle_requests_in_service 0.0",
+        "artstyle_urls_in_service 0.0",
+        "artstyle_body_bytes 0.0",
     ):
         assert any(line.startswith(expected) for line in lines), expected
 
@@ -528,7 +529,43 @@ def test_a_lone_request_does_not_wait_for_a_batch_to_fill(tiny_bundle, images):
         assert time.monotonic() - started < 2.5  # far under --max_wait_ms: nobody else came
 
 
-def test_past_the_queue_bound_requests_get_503_with_retry_after(tiny_bundle, faulty_host, images):
+def test_past_the_queue_bound_images_get_503_with_retry_after(tiny_bundle, image_host, images):
+    computing, release = threading.Event(), threading.Event()
+
+    class Held:
+        """The tiny model, holding each request's batch until released."""
+
+        def predict_on_batch(self, batch):
+            if batch.any():  # not the warm-up's blank images
+                computing.set()
+                release.wait(10)
+            return tiny_model(tiny_bundle).predict_on_batch(batch)
+
+    image_host.files["red.png"] = images["red.png"]
+    url = f"{image_host.url}/files/red.png"
+    app = make_app(tiny_bundle, load_model=Held, max_batch=1, max_queue=1,
+                   allow_private_urls=True)  # fmt: skip
+    with ready_client(app) as client:
+        holder = threading.Thread(target=post_image, args=(client, images["red.png"]))
+        holder.start()
+        try:
+            assert computing.wait(10)  # the one place in the queue is taken
+            response = post_image(client, images["red.png"])
+            assert_error(response, 503, "overloaded")
+            assert response.headers["Retry-After"] == "1"
+            assert_error(client.post("/predict", json={"url": url}), 503, "overloaded")
+            batch = client.post("/predict/batch", json={"urls": [url]})
+            assert batch.json()["results"][0]["error"]["kind"] == "overloaded"  # in its place
+        finally:
+            release.set()
+            holder.join()
+        assert post_image(client, images["red.png"]).status_code == 200  # the place is free
+
+
+def test_urls_whose_host_never_answers_keep_urls_out_but_not_uploads(
+    tiny_bundle, faulty_host, images
+):
+    """A URL waits on its host in a place of its own, not in the queue's."""
     app = make_app(tiny_bundle, max_batch=1, max_queue=1, allow_private_urls=True,
                    fetch_timeout_s=2.0)  # fmt: skip
     with ready_client(app) as client:
@@ -538,33 +575,21 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(tiny_bundle, fau
             kwargs={"json": {"url": f"{faulty_host.url}/trickle.jpg"}},
         )
         holder.start()
-        deadline = time.monotonic() + 5
-        while not faulty_host.gets("/trickle.jpg"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        response = post_image(client, images["red.png"])
-        assert_error(response, 503, "overloaded")
-        assert response.headers["Retry-After"] == "1"
-        batch = client.post("/predict/batch", json={"urls": ["https://a.test/x.png"]})
-        assert_error(batch, 503, "overloaded")
-        holder.join()
-        assert post_image(client, images["red.png"]).status_code == 200  # the place is free
-
-
-def test_a_body_that_does_not_arrive_in_time_is_408(tiny_bundle):
-    app = make_app(tiny_bundle, max_batch=1, fetch_timeout_s=0.5)
-    with live_server(app) as url:
-        wait_ready(lambda path: httpx.get(url + path))
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-            connection.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                b"Content-Length: 1000\r\n\r\n\x89PNG"  # and then nothing
-            )
-            answer = http.client.HTTPResponse(connection)
-            answer.begin()
-            body = json.loads(answer.read())
-    assert answer.status == 408 and body["error"]["kind"] == "body_timeout", body
+        try:
+            deadline = time.monotonic() + 5
+            while not faulty_host.gets("/trickle.jpg"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            another_url = client.post("/predict", json={"url": "https://a.test/x.png"})
+            assert_error(another_url, 503, "overloaded")
+            assert another_url.headers["Retry-After"] == "1"
+            batch = client.post("/predict/batch", json={"urls": ["https://a.test/x.png"]})
+            assert_error(batch, 503, "overloaded")
+            assert post_image(client, images["red.png"]).status_code == 200  # an upload gets in
+        finally:
+            holder.join()  # its host's trickle outlasts --fetch_timeout_s: 504
+        freed = client.post("/predict", json={"url": "https://a.test/x.png"})
+        assert_error(freed, 502, "fetch_failed")  # fetched: no such host on the test network
 
 
 # --- The same probabilities as the batch pipeline -------------------------------------------
@@ -591,17 +616,52 @@ def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tm
 # --- python -m pipeline.serve ----------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
 def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch):
     served = {}
-    monkeypatch.setattr(serve_command.uvicorn, "run", lambda app, **kw: served.update(kw, app=app))
+
+    def run(server, sockets):
+        served.update(app=server.config.app, listening_on=[s.getsockname() for s in sockets])
+
+    monkeypatch.setattr(serve_command.uvicorn.Server, "run", run)
+    port = free_port()
     monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", "--host=127.0.0.1",
-                                      "--port=8123", "--max_batch=8", "--max_wait_ms=5",
+                                      f"--port={port}", "--max_batch=8", "--max_wait_ms=5",
                                       "--top_k=2", "--allow_private_urls"])  # fmt: skip
     run_command(serve_command.serve)
     config = served["app"].state.service.config
-    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    assert served["listening_on"] == [("127.0.0.1", port)]
     assert (config.max_batch, config.max_wait_ms, config.top_k) == (8, 5.0, 2)
     assert config.allow_private_urls and config.model == tiny_bundle
+
+
+def test_an_address_in_use_is_told_first_in_one_line_status_2(tiny_bundle, monkeypatch, capsys):
+    monkeypatch.setattr(serve_command.ModelBundle, "load", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(serve_command.uvicorn.Server, "run", lambda *a: pytest.fail("served"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", f"--port={port}"])
+        with pytest.raises(SystemExit) as exited:
+            run_command(serve_command.serve)
+    assert exited.value.code == 2
+    said = f"artstyle: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert capsys.readouterr().err == said
+
+
+def test_python_m_pipeline_serve_on_a_port_in_use_exits_2_with_one_line(tiny_bundle):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "pipeline.serve", f"--model={tiny_bundle}",
+                   f"--port={port}"]  # fmt: skip
+        served = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.splitlines() == [
+        f"artstyle: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
 
 
 @pytest.mark.parametrize(

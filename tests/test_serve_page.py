@@ -30,7 +30,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def service_url(tiny_bundle):
-    app = make_app(tiny_bundle, max_batch=4, allow_private_urls=True, heatmaps=True)
+    app = make_app(tiny_bundle, max_batch=4, allow_private_urls=True, heatmaps=True,
+                   fetch_timeout_s=3.0)  # fmt: skip
     with live_server(app) as url:
         wait_ready(lambda path: httpx.get(url + path))
         yield url
@@ -79,6 +80,24 @@ def assert_shows(browser, answer: dict) -> None:
     assert heatmap_width == 224  # Grad-CAM over the model's square
 
 
+def shown_images(browser) -> list[dict]:
+    """Every image the page lays out, once each has loaded or failed: whether it can be seen
+    (a failed one is the browser's broken-image placeholder and its alt text)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    laid_out = "Array.from(document.images).filter(img => img.getClientRects().length > 0)"
+    WebDriverWait(browser, WAIT_S).until(
+        lambda b: b.execute_script(f"return {laid_out}.every(img => img.complete)")
+    )
+    return browser.execute_script(
+        f"return {laid_out}.map(img => ({{id: img.id, seen: img.naturalWidth > 0}}))"
+    )
+
+
+def assert_no_broken_image(browser) -> None:
+    assert all(image["seen"] for image in shown_images(browser)), shown_images(browser)
+
+
 def assert_offline_and_quiet(browser, service_url: str) -> None:
     fetched = browser.execute_script(
         "return performance.getEntriesByType('resource').map(entry => entry.name)"
@@ -89,6 +108,13 @@ def assert_offline_and_quiet(browser, service_url: str) -> None:
     assert errors == []
 
 
+def test_before_anything_is_chosen_no_result_and_no_image_is_shown(browser, service_url):
+    open_page(browser, service_url)
+    assert not browser.find_element("id", "result").is_displayed()
+    assert shown_images(browser) == []
+    assert_offline_and_quiet(browser, service_url)
+
+
 def test_an_uploaded_image_shows_its_styles_as_bars(browser, service_url, tmp_path):
     data = painting_bytes(tmp_path, "Red_Period")
     path = tmp_path / "upload.png"
@@ -96,6 +122,7 @@ def test_an_uploaded_image_shows_its_styles_as_bars(browser, service_url, tmp_pa
     open_page(browser, service_url)
     browser.find_element("id", "file-input").send_keys(str(path))
     assert_shows(browser, expected_answer(service_url, data))
+    assert_no_broken_image(browser)
     assert_offline_and_quiet(browser, service_url)
 
     screenshot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"))
@@ -126,6 +153,47 @@ def test_a_pasted_url_shows_its_styles(browser, service_url, image_host, tmp_pat
     browser.find_element("css selector", "#url-form button").click()
     assert_shows(browser, expected_answer(service_url, data))
     assert_offline_and_quiet(browser, service_url)
+
+
+def test_an_image_the_browser_cannot_show_is_predicted_without_a_broken_preview(
+    browser, service_url, tmp_path
+):
+    """A TIFF: the service reads it, the browser does not; the heatmap still shows it."""
+    path = tmp_path / "scan.tif"
+    path.write_bytes(painting_bytes(tmp_path, "Blue_Period", seed=5, suffix=".tif"))
+    open_page(browser, service_url)
+    browser.find_element("id", "file-input").send_keys(str(path))
+    assert_shows(browser, expected_answer(service_url, path.read_bytes()))
+    assert_no_broken_image(browser)
+    assert [image["id"] for image in shown_images(browser)] == ["heatmap"]
+
+
+def test_a_late_answer_to_an_earlier_image_does_not_replace_the_latest(
+    browser, service_url, faulty_host, tmp_path
+):
+    """A URL whose host trickles (504 after --fetch_timeout_s), then an upload: the upload's
+    bars stay when the URL's error arrives."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    data = painting_bytes(tmp_path, "Green_Period", seed=6)
+    path = tmp_path / "latest.png"
+    path.write_bytes(data)
+    open_page(browser, service_url)
+    browser.find_element("id", "url-input").send_keys(f"{faulty_host.url}/trickle.jpg")
+    browser.find_element("css selector", "#url-form button").click()
+    browser.find_element("id", "file-input").send_keys(str(path))
+    assert_shows(browser, expected_answer(service_url, data))
+    WebDriverWait(browser, WAIT_S).until(  # both answers are in
+        lambda b: (
+            b.execute_script(
+                "return performance.getEntriesByType('resource')"
+                ".filter(entry => entry.name.includes('/predict')).length"
+            )
+            == 2
+        )
+    )
+    assert_shows(browser, expected_answer(service_url, data))
+    assert browser.find_element("id", "status").text == ""
 
 
 def test_an_error_is_told_in_words(browser, service_url, tmp_path):

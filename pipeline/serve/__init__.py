@@ -2,9 +2,9 @@
 
 app.py       routes and their schemas; `create_app`
 service.py   the model (loaded once, warmed up), fetching, decoding, the answers
-batcher.py   micro-batching of concurrent requests, and the bounded queue
+batcher.py   micro-batching of concurrent requests, and the queue's places
 guard.py     which URLs and addresses may be fetched (server-side request forgery)
-bodies.py    what /predict accepts, and the cap on request bodies
+bodies.py    what /predict accepts, and every body's limits (size, deadline, memory)
 errors.py    every error as JSON with a fitting status
 metrics.py   Prometheus metrics
 config.py    the flags

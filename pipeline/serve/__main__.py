@@ -1,29 +1,51 @@
 """`python -m pipeline.serve [--model BUNDLE] [--host 127.0.0.1] [--port 8000] ...`"""
 
 import logging
+import socket
 import sys
 
 import uvicorn
 
 from models.bundle import ModelBundle
-from pipeline.serve.config import parse_config
+from pipeline.flags import UsageError
+from pipeline.serve.config import ServeConfig, parse_config
 
 
 def serve() -> None:
-    """A bad flag or bundle is one line and exit status 2, before anything listens."""
-    from pipeline.serve.app import create_app  # FastAPI, and Keras for the model
-
+    """A bad flag, an address that cannot be listened on or a bad bundle is one line and exit
+    status 2, before the model loads and before anything listens."""
     config = parse_config()
-    bundle = ModelBundle.load(config.model)
-    bundle.check_head()  # a head Keras refuses is one line, not a service that never loads
-    logging.getLogger("artstyle.serve").setLevel(logging.INFO)
-    uvicorn.run(
-        create_app(config, bundle),
-        host=config.host,
-        port=config.port,
-        access_log=config.access_log,
-        log_level="info",
-    )
+    with bind(config) as address:
+        bundle = ModelBundle.load(config.model)
+        bundle.check_head()  # a head Keras refuses is one line, not a service that never loads
+        from pipeline.serve.app import create_app  # FastAPI, and Keras for the model
+
+        logging.getLogger("artstyle.serve").setLevel(logging.INFO)
+        app = create_app(config, bundle)
+        server = uvicorn.Server(uvicorn.Config(app, access_log=config.access_log, log_level="info"))
+        # uvicorn says where it listens only when it binds the socket itself.
+        logging.getLogger("uvicorn.error").info("Uvicorn running on %s", url_of(address))
+        server.run(sockets=[address])
+
+
+def bind(config: ServeConfig) -> socket.socket:
+    """The service's socket, bound to --host and --port first of all: an address in use, or
+    one this machine does not have, is told at once, not once the model has loaded."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    address = socket.socket(family, socket.SOCK_STREAM)
+    address.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own
+    try:
+        address.bind((config.host, config.port))
+    except OSError as error:
+        address.close()
+        reason = (error.strerror or str(error)).lower()
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+    return address
+
+
+def url_of(address: socket.socket) -> str:
+    host, port = address.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 if __name__ == "__main__":

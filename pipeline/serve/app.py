@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from models.bundle import ModelBundle
 from models.gradcam import GradCam
-from pipeline.serve.bodies import UPLOAD_FIELD, BodyLimit, UrlRequest, read_image_source
+from pipeline.serve.bodies import UPLOAD_FIELD, RequestBodies, UrlRequest, read_image_source
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ErrorBody, ServiceError, install_error_handlers, internal_error
 from pipeline.serve.metrics import RequestMetrics
@@ -41,7 +41,7 @@ logger = logging.getLogger("artstyle.serve")
 
 STATIC = Path(__file__).parent / "static"
 
-# A batch request holds a place in the queue for each of its URLs at once.
+# A batch request holds a place for each of its URLs at once (or is refused whole, 503).
 MAX_BATCH_URLS = 32
 
 
@@ -137,7 +137,12 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_image_bytes)
+    app.add_middleware(
+        RequestBodies,
+        max_bytes=config.max_image_bytes,
+        timeout_s=config.fetch_timeout_s,
+        budget=service.bodies,
+    )
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: counts all
     app.include_router(_api_routes(service))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -159,12 +164,12 @@ def _api_routes(service: StyleService) -> APIRouter:
         request: Request,
         heatmap: bool = Query(False, description="Add Grad-CAM's heatmap for the top style."),
     ) -> dict[str, Any]:
-        with service.admitted():
-            source = await read_image_source(request, service.config.fetch_timeout_s)
-            if source.url is not None:
+        source = await read_image_source(request)  # before any place: a slow body holds none
+        if source.url is not None:
+            with service.fetching():
                 return await service.predict_url(source.url, heatmap)
-            assert source.data is not None  # an ImageSource holds exactly one of the two
-            return await service.predict_image(source.data, heatmap=heatmap)
+        assert source.data is not None  # an ImageSource holds exactly one of the two
+        return await service.predict_image(source.data, heatmap=heatmap)
 
     @router.post(
         "/predict/batch",
@@ -174,7 +179,7 @@ def _api_routes(service: StyleService) -> APIRouter:
         summary=f"The styles of up to {MAX_BATCH_URLS} images at URLs",
     )
     async def predict_batch(body: BatchRequest) -> dict[str, Any]:
-        with service.admitted(len(body.urls)):
+        with service.fetching(len(body.urls)):
             results = await asyncio.gather(*(_answer_or_error(service, url) for url in body.urls))
         return {"results": results}
 

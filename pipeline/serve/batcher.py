@@ -6,11 +6,13 @@ first waiting image, gathers more for at most `max_wait_s` (or up to `max_batch`
 hands the batch to the model's own thread, off the event loop. While the model computes,
 new images queue up for the next batch: the busier the service, the fuller its batches.
 
-The queue is bounded by admissions: a request is admitted before its body is read or its
-URL fetched, at most `max_queue` at once, and refused at once past that (QueueFull), so
-memory never grows with the load. Admissions also tell the gatherer whether waiting is
-worth it: when no admitted request is still on its way (reading, fetching, decoding), a
-lone image goes to the model at once instead of waiting for company that is not coming.
+The queue is bounded by its places: an image takes one once its bytes are in hand (a
+body that has arrived, a URL that has been fetched), at most `max_queue` at once, and is
+refused at once past that (QueueFull), so the queue never grows with the load. What waits
+on a client or a host (a body still arriving, a URL being fetched) takes no place here, so
+that slow peers cannot keep others' images out. The places also tell the gatherer whether
+waiting is worth it: when no image that holds one is still being decoded, a lone image
+goes to the model at once instead of waiting for company that is not coming.
 """
 
 from __future__ import annotations
@@ -28,12 +30,33 @@ BatchObserver = Callable[[int, float], None]
 
 
 class QueueFull(Exception):
-    """The service holds as many requests as it may: the caller should try again later."""
+    """The service holds as much as it may: the caller should try again later."""
+
+
+class Places:
+    """A fixed number of places, each held for a block (`with places.hold(n): ...`), refused
+    at once with QueueFull when too few are free: no one waits in line for one."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit = limit
+        self.what = what
+        self.taken = 0
+
+    @contextmanager
+    def hold(self, n: int = 1) -> Iterator[None]:
+        if self.taken + n > self.limit:
+            raise QueueFull(f"{self.taken} of {self.limit} {self.what} are taken")
+        self.taken += n
+        try:
+            yield
+        finally:
+            self.taken -= n
 
 
 class MicroBatcher:
-    """`with batcher.admit(): ... await batcher.predict(image)`, from many requests at once;
-    `predict_batch` (stacked images -> one output row each) runs on one thread of its own."""
+    """`with batcher.places.hold(): ... await batcher.predict(image)`, from many requests at
+    once; `predict_batch` (stacked images -> one output row each) runs on one thread of its
+    own."""
 
     def __init__(
         self,
@@ -47,33 +70,16 @@ class MicroBatcher:
         self._predict_batch = predict_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
         self._observe = observe or (lambda size, seconds: None)
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self._admitted = 0
+        self.places = Places(max_queue, "places in the queue")
         self._worker: asyncio.Task | None = None
-
-    @property
-    def admitted(self) -> int:
-        """Requests (or, for a batch request, its URLs) in the service now."""
-        return self._admitted
 
     @property
     def waiting(self) -> int:
         """Images queued for the model's next batches."""
         return self._queue.qsize()
-
-    @contextmanager
-    def admit(self, images: int = 1) -> Iterator[None]:
-        """Holds `images` places in the queue for the block; QueueFull if they are not free."""
-        if self._admitted + images > self.max_queue:
-            raise QueueFull(f"{self._admitted} of {self.max_queue} places are taken")
-        self._admitted += images
-        try:
-            yield
-        finally:
-            self._admitted -= images
 
     async def predict(self, image: np.ndarray) -> np.ndarray:
         """The model's output for one image, computed in a batch with others."""
@@ -101,7 +107,7 @@ class MicroBatcher:
 
     async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         """The first waiting image, and those that join it before the batch is full, the wait
-        is over, or no admitted request is left to join."""
+        is over, or no image that holds a place is left to join."""
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
@@ -109,7 +115,7 @@ class MicroBatcher:
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._admitted <= len(batch):
+            if remaining <= 0 or self.places.taken <= len(batch):
                 break
             try:
                 async with asyncio.timeout(remaining):

@@ -1,4 +1,5 @@
-"""Request bodies: the cap on their size, and the three ways /predict takes an image.
+"""Request bodies: their limits (size, deadline, memory), and the three ways /predict takes
+an image.
 
 application/json      {"url": "https://..."}: the image is fetched (guard.py)
 multipart/form-data   the image in the field `file` (an HTML form's upload)
@@ -15,7 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.serve.errors import ServiceError, validation_message
+from pipeline.serve.errors import ServiceError, overloaded, validation_message
 
 UPLOAD_FIELD = "file"
 
@@ -34,36 +35,89 @@ class ImageSource:
     url: str | None = None
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` is refused (413) as soon as its declared
-    length or the bytes received so far show it, so no request buffers more than that."""
+class BodyBudget:
+    """The bytes of request bodies the service holds at once. A body holds what it has sent
+    so far, until its answer: a client that trickles its body holds next to nothing, so
+    slow clients cannot crowd out others; only bodies that have arrived can fill it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Holds `size` more bytes, or refuses them (503 overloaded) past the limit."""
+        if self.held + size > self.limit:
+            raise overloaded(f"bodies hold {self.held:,} of {self.limit:,} bytes")
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+class RequestBodies:
+    """ASGI middleware: every request's body, whichever route reads it, must stay under
+    `max_bytes` (413, as soon as its declared length or the bytes so far show it), arrive
+    whole within `timeout_s` of the request (408), and fit in the budget of bodies in
+    memory (503). A client that hangs up before its body is whole is answered 499: its
+    own doing, counted apart from the service's errors, and no one is there to read it."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float, budget: BodyBudget):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        received = 0
+        body = IncomingBody(self, receive, _declared_length(scope))
+        try:
+            await self.app(scope, body.receive, send)
+        finally:
+            self.budget.give_back(body.received)
 
-        async def capped_receive() -> Message:
-            nonlocal received
-            if received == 0:
-                self._check(_declared_length(scope))
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                self._check(received)
-            return message
-
-        await self.app(scope, capped_receive, send)
-
-    def _check(self, length: int) -> None:
+    def check_size(self, length: int) -> None:
         if length > self.max_bytes:
             message = f"the body is over the service's cap of {self.max_bytes:,} bytes"
             raise ServiceError(413, "body_too_large", message)
+
+
+class IncomingBody:
+    """One request's body as it arrives, under its `RequestBodies`' rules; the app reads it
+    through `receive`."""
+
+    def __init__(self, rules: RequestBodies, receive: Receive, declared_length: int):
+        self._rules = rules
+        self._receive = receive
+        self._declared_length = declared_length
+        self._deadline = asyncio.get_running_loop().time() + rules.timeout_s
+        self.received = 0
+        self.complete = False
+
+    async def receive(self) -> Message:
+        if self.complete:  # the body is in: what follows is the connection's end
+            return await self._receive()
+        if self.received == 0:
+            self._rules.check_size(self._declared_length)
+        event = await self._next_event()
+        if event["type"] == "http.disconnect":
+            raise ServiceError(499, "client_disconnected", "the client left before its body was in")
+        chunk = len(event.get("body", b""))
+        self._rules.check_size(self.received + chunk)
+        self._rules.budget.take(chunk)
+        self.received += chunk
+        self.complete = not event.get("more_body", False)
+        return event
+
+    async def _next_event(self) -> Message:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await self._receive()
+        except TimeoutError:
+            timeout_s = self._rules.timeout_s
+            message = f"the request's body did not arrive within {timeout_s:g} s"
+            raise ServiceError(408, "body_timeout", message) from None
 
 
 def _declared_length(scope: Scope) -> int:
@@ -76,21 +130,15 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
-async def read_image_source(request: Request, timeout_s: float) -> ImageSource:
-    """What a /predict request asks about, read within `timeout_s` (a client that trickles
-    its body would otherwise hold its place in the queue for ever)."""
+async def read_image_source(request: Request) -> ImageSource:
+    """What a /predict request asks about (its body's limits are `RequestBodies`')."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    try:
-        async with asyncio.timeout(timeout_s):
-            if media_type == "application/json":
-                return ImageSource(url=_url_of(await request.body()))
-            if media_type == "multipart/form-data":
-                return ImageSource(data=await _uploaded_file(request))
-            if media_type.startswith("image/"):
-                return ImageSource(data=await request.body())
-    except TimeoutError:
-        message = f"the request's body did not arrive within {timeout_s:g} s"
-        raise ServiceError(408, "body_timeout", message) from None
+    if media_type == "application/json":
+        return ImageSource(url=_url_of(await request.body()))
+    if media_type == "multipart/form-data":
+        return ImageSource(data=await _uploaded_file(request))
+    if media_type.startswith("image/"):
+        return ImageSource(data=await request.body())
     said = f"Content-Type {media_type}" if media_type else "no Content-Type"
     message = (
         f'/predict takes application/json ({{"url": ...}}), multipart/form-data (field '

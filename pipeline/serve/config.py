@@ -21,8 +21,10 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 10.0
     top_k: int = 5
-    # Requests in the service at once (reading, fetching, decoding, waiting, computing):
-    # each may hold a body of up to max_image_bytes, so this bounds the memory they take.
+    # Images in the queue at once, from when their bytes are in hand until their answer,
+    # and, apart, as many URLs being fetched. What waits on a client or a host holds no
+    # place in the queue: a body still arriving holds only its bytes (all bodies at most
+    # max_body_bytes_held), a URL being fetched a place of its own.
     max_queue: int = 64
     # Larger uploads are refused (413) and larger fetched images are error answers (422).
     max_image_bytes: int = 20 * 2**20
@@ -38,6 +40,11 @@ class ServeConfig:
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000
+
+    @property
+    def max_body_bytes_held(self) -> int:
+        """Request bodies in memory at once: as many as the queue holds, each at the cap."""
+        return self.max_queue * self.max_image_bytes
 
 
 def parse_config(argv: list[str] | None = None) -> ServeConfig:
@@ -66,8 +73,9 @@ def parse_config(argv: list[str] | None = None) -> ServeConfig:
         "--max_queue",
         type=whole_number(1),
         default=defaults.max_queue,
-        help="Requests (URLs, for /predict/batch) in the service at once; past it, 503 with "
-        "Retry-After. Each may hold a body of up to --max_image_bytes.",
+        help="Images in the service at once, from when their bytes are in hand until their "
+        "answer, and apart, URLs being fetched at once; past either, 503 with Retry-After. "
+        "Request bodies in memory are bounded at this many times --max_image_bytes.",
     )
     parser.add_argument(
         "--max_image_bytes",

@@ -11,7 +11,8 @@ image's fault, 422, except those that are the network's or the guard's:
 and the service adds its own: body_too_large 413, unsupported_media_type 415,
 invalid_request 400 or 422, empty 422, body_timeout 408, overloaded and not_ready 503
 (with Retry-After), model_failed 503, unknown_route 404, method_not_allowed 405,
-internal 500.
+internal 500, and client_disconnected 499 (nginx's "client closed request"): a client
+that hung up before its body was in, never sent, but counted apart in the metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from transforms.images import ImageError
 
 IMAGE_ERROR_STATUS = {"forbidden_address": 403, "fetch_failed": 502, "timed_out": 504}
 IMAGE_FAULT_STATUS = 422
+
+# What a client is told to wait before trying again when the service is at its limit.
+OVERLOADED_RETRY_AFTER_S = 1
 
 # Starlette's own HTTPExceptions (no route, wrong method, a malformed multipart body).
 KIND_OF_STATUS = {400: "invalid_request", 404: "unknown_route", 405: "method_not_allowed"}
@@ -68,6 +72,12 @@ class ServiceError(HTTPException):
 def internal_error(what: str) -> ServiceError:
     """A bug or a library's surprise: its traceback goes to the log, never to the client."""
     return ServiceError(500, "internal", f"{what} failed inside the service; see its log")
+
+
+def overloaded(why: str) -> ServiceError:
+    """503 with Retry-After: the service holds as much as it may; a balancer can go elsewhere."""
+    message = f"the service is at its limit ({why}); try again shortly"
+    return ServiceError(503, "overloaded", message, retry_after_s=OVERLOADED_RETRY_AFTER_S)
 
 
 def install_error_handlers(app: FastAPI) -> None:

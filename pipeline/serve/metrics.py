@@ -15,7 +15,13 @@ UNMATCHED_ROUTE = "unmatched"  # any path no route serves: one label, not one pe
 
 
 class ServiceMetrics:
-    def __init__(self, waiting: Callable[[], int], admitted: Callable[[], int]):
+    def __init__(
+        self,
+        waiting: Callable[[], int],
+        in_queue: Callable[[], int],
+        fetching: Callable[[], int],
+        body_bytes: Callable[[], int],
+    ):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "artstyle_requests",
@@ -50,10 +56,23 @@ class ServiceMetrics:
         queue_depth.set_function(waiting)
         in_service = Gauge(
             "artstyle_requests_in_service",
-            "Requests admitted to the queue (reading, fetching, decoding, waiting, computing).",
+            "Places taken in the queue: images from when their bytes are in hand (decoding, "
+            "waiting, computing) until their answer.",
             registry=self.registry,
         )
-        in_service.set_function(admitted)
+        in_service.set_function(in_queue)
+        being_fetched = Gauge(
+            "artstyle_urls_in_service",
+            "Places taken by URLs: from before they are fetched until their answer.",
+            registry=self.registry,
+        )
+        being_fetched.set_function(fetching)
+        bodies = Gauge(
+            "artstyle_body_bytes",
+            "Bytes of request bodies in memory: received so far, not yet answered.",
+            registry=self.registry,
+        )
+        bodies.set_function(body_bytes)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -30,9 +30,10 @@ import numpy as np
 
 from models.bundle import ModelBundle, load_classifier
 from models.gradcam import GradCam, bundle_grad_cam, overlay
-from pipeline.serve.batcher import MicroBatcher, QueueFull
+from pipeline.serve.batcher import MicroBatcher, Places, QueueFull
+from pipeline.serve.bodies import BodyBudget
 from pipeline.serve.config import ServeConfig
-from pipeline.serve.errors import ServiceError
+from pipeline.serve.errors import ServiceError, overloaded
 from pipeline.serve.guard import check_url, guarded_socket
 from pipeline.serve.metrics import ServiceMetrics
 from transforms.explanations import jpeg
@@ -49,9 +50,7 @@ logger = logging.getLogger("artstyle.serve")
 FETCHER_DEADLINE_GRACE_S = 1.0
 # A service's client waits: one retry of a transient fault, not the pipeline's three.
 FETCH_RETRIES = 1
-# What a client is told to wait before trying again, when the queue is full or the model
-# is still loading.
-OVERLOADED_RETRY_AFTER_S = 1
+# What a client is told to wait before trying again while the model is loading.
 LOADING_RETRY_AFTER_S = 5
 
 
@@ -103,8 +102,13 @@ class StyleService:
             max_queue=config.max_queue,
             observe=lambda size, seconds: self.metrics.observe_batch(size, seconds),
         )
+        self.bodies = BodyBudget(config.max_body_bytes_held)
+        self.fetches = Places(config.max_queue, "places for URLs being fetched")
         self.metrics = ServiceMetrics(
-            waiting=lambda: self.batcher.waiting, admitted=lambda: self.batcher.admitted
+            waiting=lambda: self.batcher.waiting,
+            in_queue=lambda: self.batcher.places.taken,
+            fetching=lambda: self.fetches.taken,
+            body_bytes=lambda: self.bodies.held,
         )
         self._decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self._explainer = ThreadPoolExecutor(1, thread_name_prefix="grad-cam")
@@ -176,25 +180,40 @@ class StyleService:
         )
 
     @contextmanager
-    def admitted(self, images: int = 1) -> Iterator[None]:
-        """A place in the queue for each image for the block, or 503 with Retry-After."""
+    def fetching(self, urls: int = 1) -> Iterator[None]:
+        """A place for each URL while it is fetched and answered (its bytes are in memory
+        until then), or 503 with Retry-After. URLs whose hosts are slow fill these places,
+        not the queue's, so they cannot keep uploads out."""
+        with self._holding(self.fetches, urls):
+            yield
+
+    @contextmanager
+    def _holding(self, places: Places, n: int) -> Iterator[None]:
         self.check_ready()
         try:
-            with self.batcher.admit(images):
+            with places.hold(n):
                 yield
         except QueueFull as error:
-            message = f"the service is at its limit ({error}); try again shortly"
-            raise ServiceError(
-                503, "overloaded", message, retry_after_s=OVERLOADED_RETRY_AFTER_S
-            ) from None
+            raise overloaded(str(error)) from None
 
     async def predict_image(
         self, data: bytes, url: str | None = None, heatmap: bool = False
     ) -> dict[str, Any]:
-        """The answer for one image's bytes, with the heatmap if asked for (and served);
+        """The answer for one image's bytes, with the heatmap if asked for (and served),
+        computed in a place in the queue (503 with Retry-After when none is free);
         ServiceError if the bytes are not a usable image."""
         if not data:
             raise ServiceError(422, "empty", "the image is empty (0 bytes)")
+        with self._holding(self.batcher.places, 1):
+            image = await self._decode(data)
+            probabilities = await self.batcher.predict(image)
+            answer = self.answer(probabilities, url)
+            if heatmap and self._grad_cam is not None:
+                answer["heatmap"] = await self.heatmap(image, int(np.argmax(probabilities)))
+        return answer
+
+    async def _decode(self, data: bytes) -> np.ndarray:
+        """The model-sized square of the image, decoded on a decoding thread."""
         decode = partial(
             decode_image,
             data,
@@ -202,16 +221,12 @@ class StyleService:
             max_pixels=self.config.max_image_pixels,
         )
         try:
-            image = await asyncio.get_running_loop().run_in_executor(self._decoders, decode)
+            return await asyncio.get_running_loop().run_in_executor(self._decoders, decode)
         except ImageError as error:
             raise ServiceError.of_image(error) from None
-        probabilities = await self.batcher.predict(image)
-        answer = self.answer(probabilities, url)
-        if heatmap and self._grad_cam is not None:
-            answer["heatmap"] = await self.heatmap(image, int(np.argmax(probabilities)))
-        return answer
 
     async def predict_url(self, url: str, heatmap: bool = False) -> dict[str, Any]:
+        """The answer for the image at `url`; the caller holds its place (`fetching`)."""
         return await self.predict_image(await self.fetch(url), url, heatmap)
 
     async def heatmap(self, image: np.ndarray, style: int) -> str:

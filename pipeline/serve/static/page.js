@@ -10,6 +10,7 @@ const urlInput = document.getElementById("url-input");
 const statusLine = document.getElementById("status");
 const result = document.getElementById("result");
 const preview = document.getElementById("preview");
+const previewFigure = document.getElementById("preview-figure");
 const heatmapFigure = document.getElementById("heatmap-figure");
 
 function styleName(style) {
@@ -58,17 +59,27 @@ function bar(style, probability) {
   return item;
 }
 
+// Each request's number: an answer that arrives after a newer image was asked about is
+// dropped, so what the page shows is always about the image it shows.
+let latestRequest = 0;
+
 async function predict(request) {
+  const thisRequest = ++latestRequest;
   showStatus("Looking…");
   result.hidden = true;
   let response;
   try {
     response = await fetch("/predict?heatmap=true", request);
   } catch (error) {
-    showStatus(`The service did not answer (${error.message}).`, true);
+    if (thisRequest === latestRequest) {
+      showStatus(`The service did not answer (${error.message}).`, true);
+    }
     return;
   }
   const answer = await response.json().catch(() => null);
+  if (thisRequest !== latestRequest) {
+    return;
+  }
   if (!response.ok) {
     const said = answer && answer.error ? answer.error.message : response.statusText;
     showStatus(`Not predicted: ${said}`, true);
@@ -77,11 +88,25 @@ async function predict(request) {
   showPrediction(answer);
 }
 
+// The image asked about is shown once the browser has drawn it: one it cannot draw (a
+// TIFF, which the service reads) is left out rather than shown as a broken image.
+function showPreview(source) {
+  if (preview.src.startsWith("blob:")) {
+    URL.revokeObjectURL(preview.src);
+  }
+  previewFigure.hidden = true;
+  preview.src = source;
+}
+
+preview.addEventListener("load", () => {
+  previewFigure.hidden = false;
+});
+
 function predictFile(file) {
   if (!file) {
     return;
   }
-  preview.src = URL.createObjectURL(file);
+  showPreview(URL.createObjectURL(file));
   const form = new FormData();
   form.append("file", file);
   predict({ method: "POST", body: form });
@@ -103,7 +128,7 @@ dropZone.addEventListener("drop", (event) => {
 urlForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const url = urlInput.value.trim();
-  preview.src = url;
+  showPreview(url);
   predict({
     method: "POST",
     headers: { "Content-Type": "application/json" },
