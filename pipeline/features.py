@@ -25,6 +25,7 @@ from pipeline.options import ImageOptions, ModelOptions, TrainOptions
 from transforms.catalog import Catalog, ImageRecord, ReadCatalog
 from transforms.infer_images import InferImages
 from transforms.model_handler import FixedBatchModelHandler
+from transforms.parquet import WriteParquet
 
 EMBEDDING_SCHEMA = pa.schema(
     [
@@ -113,13 +114,8 @@ def build_embedding_graph(
         embedding_row, split_column=args.split_column, mirror=args.augment_mirror
     )
     errors = failures | "ErrorRows" >> beam.Map(embedding_error_row, split_column=args.split_column)
-    _ = (
-        (vectors, errors)
-        | "AllRows" >> beam.Flatten()
-        | "WriteFeatures"
-        >> beam.io.WriteToParquet(
-            f"{embeddings}/features", EMBEDDING_SCHEMA, file_name_suffix=".parquet"
-        )
+    _ = (vectors, errors) | "WriteFeatures" >> WriteParquet(
+        f"{embeddings}/features", EMBEDDING_SCHEMA
     )
 
 
