@@ -40,6 +40,7 @@ class HeadConfig:
     patience: int = 10
     seed: int = 0
     class_balance: float = 1.0  # 1: every style weighs alike; 0: every painting does
+    projection: int = 0  # the merged head's first layer, projected to this many numbers
 
     def as_dict(self) -> dict:
         return asdict(self)

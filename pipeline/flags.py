@@ -251,6 +251,21 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     fraction = number(0, below=1)
     parser.add_argument("--dropout", type=fraction, default=HeadConfig.dropout)
     parser.add_argument("--l2", type=number(0), default=HeadConfig.l2)
+    parser.add_argument(
+        "--class_balance",
+        type=number(0),
+        default=HeadConfig.class_balance,
+        help="Each style's weight is (mean paintings a style / its paintings) to this power: "
+        "1 weighs every style alike, 0 every painting.",
+    )
+    parser.add_argument(
+        "--projection",
+        type=whole_number(0),
+        default=HeadConfig.projection,
+        help="The merged head reads its features through a projection to this many numbers, "
+        "fitted to what its hidden units see (0: none): most of the bundle's size, and each "
+        "painting's embedding.",
+    )
     parser.add_argument("--label_smoothing", type=fraction, default=HeadConfig.label_smoothing)
     parser.add_argument(
         "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate

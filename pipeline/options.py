@@ -113,6 +113,8 @@ class TrainOptions(PipelineOptions):
             learning_rate=self.learning_rate,
             epochs=self.epochs,
             seed=self.seed,
+            class_balance=self.class_balance,
+            projection=self.projection,
         )
 
 
