@@ -1,0 +1,164 @@
+"""`python -m pipeline.index OUT_DIR... --output INDEX [--add | --replace]`: a nearest-neighbour
+index of the paintings of one or more runs (their embeddings-*.parquet), or more of them
+added to an index.
+
+Every run is checked before any work (its files' footers: one model, one embedding, one
+dimension, and the index's), so that a wrong folder is one line and exit status 2 with the
+index untouched. Runs are added in the order given; a painting whose URI the index holds
+already, from an earlier run, keeps its item, so building from A and B is the same as
+building from A then adding B, and adding a run twice adds nothing. The index is written
+as models.vector_index saves it: interrupted, it is the index it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from pipeline import terminal
+from pipeline.exits import run_reporting
+from pipeline.flags import INDEX_COMMAND, UsageError
+
+if TYPE_CHECKING:  # loaded once the flags are read: --help answers at once
+    from models.vector_index import RunRecord, VectorIndex
+    from transforms.embeddings import RunEmbeddings
+
+
+def run(argv: list[str] | None = None) -> VectorIndex:
+    args = INDEX_COMMAND.parse(sys.argv[1:] if argv is None else argv)
+    from models.vector_index import writing
+    from transforms.embeddings import open_run_embeddings
+
+    _check_output(args)
+    runs = [open_run_embeddings(folder) for folder in args.runs]
+    with writing(args.output):
+        index = _index_to_fill(args, runs)
+        for one in runs:
+            _check_same_vectors(index, one, args.output)
+        known_uris = set(index.items.column("uri").to_pylist())
+        added = 0
+        for one in runs:
+            record = add_run(index, one, known_uris)
+            index.record_run(record)
+            added += record.added
+            print(f"artstyle: {_describe_added(record)}")
+        if added or not args.add:
+            index.save(args.output)
+    print(f"artstyle: {_describe_index(index, args.output, written=bool(added or not args.add))}")
+    return index
+
+
+def add_run(index: VectorIndex, embeddings: RunEmbeddings, known_uris: set[str]) -> RunRecord:
+    """Adds a run's paintings whose URIs are not in `known_uris` (which then has the run's
+    URIs too): rows of this one run that share a URI are all added."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from models.vector_index import ITEM_COLUMNS, RunRecord
+
+    known = pa.array(sorted(known_uris), pa.string())
+    added = skipped = 0
+    for vectors, rows in embeddings.batches(ITEM_COLUMNS):
+        uris = rows.column("uri")
+        is_new = pc.invert(pc.is_in(uris, value_set=known)).to_numpy(zero_copy_only=False)
+        index.add(vectors[is_new], rows.filter(is_new))
+        added, skipped = added + int(is_new.sum()), skipped + int((~is_new).sum())
+        known_uris.update(uri for uri in uris.to_pylist() if uri is not None)
+    return RunRecord(embeddings.folder, added, skipped)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """What --output holds must be what --add or --replace (or neither) expects."""
+    from models.vector_index import foreign_files, is_index
+
+    if args.add and args.search:
+        raise UsageError("--search chooses a new index's search: --add keeps the index's own")
+    if is_index(args.output):
+        if not (args.add or args.replace):
+            raise UsageError(
+                f"{args.output} is an index already: --add adds the runs to it, --replace "
+                "builds it anew"
+            )
+        return
+    if args.add:
+        raise UsageError(f"there is no index at {args.output} to add to (leave out --add "
+                         "to build one)")  # fmt: skip
+    others = foreign_files(args.output)
+    if others:
+        raise UsageError(
+            f"{args.output} is a folder of other files ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}), not an index: choose another --output"
+        )
+
+
+def _index_to_fill(args: argparse.Namespace, runs: list[RunEmbeddings]) -> VectorIndex:
+    from models.vector_index import VectorIndex, chosen_parameters
+
+    if args.add:
+        return VectorIndex.load(args.output)
+    first = runs[0].origin
+    total = sum(one.n_rows for one in runs)
+    return VectorIndex.new(
+        first.model, first.embedding, chosen_parameters(args.search or "auto", total)
+    )
+
+
+def _check_same_vectors(index: VectorIndex, embeddings: RunEmbeddings, output: str) -> None:
+    """Vectors of different models (or of one model's different embeddings) do not compare."""
+    from models.vector_index import VectorIndexError
+
+    manifest, origin = index.manifest, embeddings.origin
+    if (manifest.model, manifest.embedding) != (origin.model, origin.embedding):
+        whose = "the index" if index.size or manifest.runs else "the first run"
+        raise VectorIndexError(
+            f"{embeddings.folder} holds embeddings of model {origin.model} "
+            f"({origin.embedding.describe()}), {whose} ({output}) of model {manifest.model} "
+            f"({manifest.embedding.describe()}): vectors of different models do not compare"
+        )
+
+
+def _describe_added(record: RunRecord) -> str:
+    skipped = (
+        f" ({record.skipped:,} already in the index by URI, kept as they were)"
+        if record.skipped
+        else ""
+    )
+    return f"{record.path}: {record.added:,} paintings added{skipped}"
+
+
+def _describe_index(index: VectorIndex, output: str, written: bool) -> str:
+    from models.vector_index import EXACT_LIMIT
+
+    manifest = index.manifest
+    search = "exact search" if manifest.approximate is None else "approximate search (HNSW)"
+    state = f"index written to {output}" if written else f"nothing added: {output} is as it was"
+    line = (
+        f"{state}: {index.size:,} paintings, {search}, model {manifest.model} "
+        f"({manifest.embedding.describe()})"
+    )
+    if manifest.approximate is None and index.size > EXACT_LIMIT:
+        line += (
+            f"; past {EXACT_LIMIT:,} paintings exact search slows down: --replace "
+            "--search approximate builds an approximate one"
+        )
+    return line
+
+
+def errors() -> tuple[type[Exception], ...]:
+    from models.vector_index import VectorIndexError
+    from transforms.embeddings import EmbeddingsError
+
+    return UsageError, VectorIndexError, EmbeddingsError
+
+
+INTERRUPTED = "artstyle: interrupted; the index is as it was before"
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_reporting(lambda: run(argv), errors, interrupted=INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()
+    terminal.end_process()
