@@ -22,20 +22,23 @@ from pipeline.flags import INDEX_COMMAND, UsageError
 
 if TYPE_CHECKING:  # loaded once the flags are read: --help answers at once
     from models.vector_index import RunRecord, VectorIndex
-    from transforms.embeddings import RunEmbeddings
+    from transforms.embeddings import EmbeddingsOrigin, RunEmbeddings
 
 
 def run(argv: list[str] | None = None) -> VectorIndex:
     args = INDEX_COMMAND.parse(sys.argv[1:] if argv is None else argv)
     from models.vector_index import writing
-    from transforms.embeddings import open_run_embeddings
+    from transforms.embeddings import EmbeddingsOrigin, open_run_embeddings
 
     _check_output(args)
     runs = [open_run_embeddings(folder) for folder in args.runs]
+    for one in runs[1:]:
+        _check_same_vectors(one, runs[0].origin, f"the first run, {runs[0].folder},")
     with writing(args.output):
         index = _index_to_fill(args, runs)
-        for one in runs:
-            _check_same_vectors(index, one, args.output)
+        manifest = index.manifest
+        _check_same_vectors(runs[0], EmbeddingsOrigin(manifest.model, manifest.embedding),
+                            f"the index {args.output}")  # fmt: skip
         known_uris = set(index.items.column("uri").to_pylist())
         added = 0
         for one in runs:
@@ -43,9 +46,10 @@ def run(argv: list[str] | None = None) -> VectorIndex:
             index.record_run(record)
             added += record.added
             print(f"artstyle: {_describe_added(record)}")
-        if added or not args.add:
+        written = added > 0 or not args.add
+        if written:
             index.save(args.output)
-    print(f"artstyle: {_describe_index(index, args.output, written=bool(added or not args.add))}")
+    print(f"artstyle: {_describe_index(index, args.output, written)}")
     return index
 
 
@@ -104,17 +108,14 @@ def _index_to_fill(args: argparse.Namespace, runs: list[RunEmbeddings]) -> Vecto
     )
 
 
-def _check_same_vectors(index: VectorIndex, embeddings: RunEmbeddings, output: str) -> None:
+def _check_same_vectors(embeddings: RunEmbeddings, origin: EmbeddingsOrigin, whose: str) -> None:
     """Vectors of different models (or of one model's different embeddings) do not compare."""
     from models.vector_index import VectorIndexError
 
-    manifest, origin = index.manifest, embeddings.origin
-    if (manifest.model, manifest.embedding) != (origin.model, origin.embedding):
-        whose = "the index" if index.size or manifest.runs else "the first run"
+    if embeddings.origin != origin:
         raise VectorIndexError(
-            f"{embeddings.folder} holds embeddings of model {origin.model} "
-            f"({origin.embedding.describe()}), {whose} ({output}) of model {manifest.model} "
-            f"({manifest.embedding.describe()}): vectors of different models do not compare"
+            f"{embeddings.folder} holds embeddings of {embeddings.origin.describe()}, "
+            f"{whose} of {origin.describe()}: vectors of different models do not compare"
         )
 
 
@@ -129,14 +130,13 @@ def _describe_added(record: RunRecord) -> str:
 
 def _describe_index(index: VectorIndex, output: str, written: bool) -> str:
     from models.vector_index import EXACT_LIMIT
+    from transforms.embeddings import EmbeddingsOrigin
 
     manifest = index.manifest
     search = "exact search" if manifest.approximate is None else "approximate search (HNSW)"
     state = f"index written to {output}" if written else f"nothing added: {output} is as it was"
-    line = (
-        f"{state}: {index.size:,} paintings, {search}, model {manifest.model} "
-        f"({manifest.embedding.describe()})"
-    )
+    origin = EmbeddingsOrigin(manifest.model, manifest.embedding)
+    line = f"{state}: {index.size:,} paintings, {search}, {origin.describe()}"
     if manifest.approximate is None and index.size > EXACT_LIMIT:
         line += (
             f"; past {EXACT_LIMIT:,} paintings exact search slows down: --replace "

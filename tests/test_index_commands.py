@@ -124,7 +124,7 @@ def test_runs_of_two_models_or_two_dimensions_do_not_make_one_index(tmp_path, ca
     other = write_run(tmp_path / "other", unit_rows(4, dimension=9), origin=longer)
     line = fails_with(index.main, [one, other, "--output", tmp_path / "index"], capsys)
     assert "(test_features, 9 dimensions), the first run" in line
-    assert not (tmp_path / "index" / "manifest.json").exists()
+    assert not (tmp_path / "index").exists()
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,9 @@ class EmbeddingsOrigin:
     model: str
     embedding: EmbeddingSpec
 
+    def describe(self) -> str:
+        return f"model {self.model} ({self.embedding.describe()})"
+
     def metadata(self) -> dict[bytes, bytes]:
         """The schema's metadata that says it."""
         value = {"model": self.model, "embedding": self.embedding.to_json()}
@@ -137,8 +140,8 @@ def open_run_embeddings(folder: str) -> RunEmbeddings:
         _check_columns(schema, file_origin.embedding, file)
         if origin is not None and file_origin != origin:
             raise EmbeddingsError(
-                f"{file} holds embeddings of {_describe(file_origin)}, and {files[0]} of "
-                f"{_describe(origin)}: a run's files are of one model"
+                f"{file} holds embeddings of {file_origin.describe()}, and {files[0]} of "
+                f"{origin.describe()}: a run's files are of one model"
             )
         origin, n_rows = file_origin, n_rows + rows
     assert origin is not None  # _embedding_files found at least one file
@@ -201,7 +204,3 @@ def _vectors(batch: pa.RecordBatch, file: str) -> np.ndarray:
     dimension = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
     return unit_vectors(values.reshape(len(batch), dimension))
-
-
-def _describe(origin: EmbeddingsOrigin) -> str:
-    return f"model {origin.model} ({origin.embedding.describe()})"
