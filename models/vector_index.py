@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import itertools
 import json
 import os
@@ -61,6 +62,9 @@ EXACT, APPROXIMATE = "exact", "hnsw"
 # Up to this many items a new index is exact (with --search auto): one query from Python
 # then takes under half of its 5 ms target on the benchmark's machine (docs/similar.md).
 EXACT_LIMIT = 20_000
+# Fewer queries than this are searched on one thread. FAISS's threads would split one query's
+# scan, and on a busy machine wait for a core more than they gain (docs/similar.md).
+ONE_THREAD_BELOW = 20
 # An approximate index's range search starts from this many nearest, and grows it fourfold.
 WITHIN_FIRST_K = 16
 # Queries per FAISS call in `near_pairs`: each block's similarities are computed at once.
@@ -235,6 +239,7 @@ class VectorIndex:
     """The vectors in FAISS, their items, and the manifest that describes both."""
 
     def __init__(self, manifest: IndexManifest, vectors: faiss.Index, items: pa.Table):
+        _faiss_threads()  # read before any search changes it
         self.manifest = manifest
         self._vectors = vectors
         self.items = items
@@ -285,9 +290,9 @@ class VectorIndex:
         `max_distance` leaves some out), nearest first."""
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
-        similarities, ids = self._vectors.search(
-            self._queries(queries), k, params=self._search_parameters(k)
-        )
+        queries = self._queries(queries)
+        with _threads_for(len(queries)):
+            similarities, ids = self._vectors.search(queries, k, params=self._search_parameters(k))
         found = []
         for row_ids, row_similarities in zip(ids, similarities, strict=True):
             keep = row_ids >= 0  # FAISS pads with -1 where it has fewer than k
@@ -309,9 +314,10 @@ class VectorIndex:
             return [Neighbours(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in queries]
         if self.manifest.approximate is not None:
             return self._within_by_growing_k(queries, max_distance)
-        limits, similarities, ids = self._vectors.range_search(
-            queries, _similarity_floor(max_distance)
-        )
+        with _threads_for(len(queries)):
+            limits, similarities, ids = self._vectors.range_search(
+                queries, _similarity_floor(max_distance)
+            )
         found = []
         for start, end in itertools.pairwise(limits):
             distances = _distances(similarities[start:end])
@@ -477,6 +483,28 @@ def _faiss() -> Any:
     import faiss
 
     return faiss
+
+
+@functools.cache
+def _faiss_threads() -> int:
+    """FAISS's threads (OpenMP's, one per core) as they were before `_threads_for`."""
+    return _faiss().omp_get_max_threads()
+
+
+@contextlib.contextmanager
+def _threads_for(n_queries: int) -> Iterator[None]:
+    """One thread for fewer than ONE_THREAD_BELOW queries, FAISS's own for more. (A change
+    of FAISS's process-wide setting: a search in another thread meanwhile may run on one
+    thread or on all, and finds the same neighbours either way.)"""
+    if n_queries >= ONE_THREAD_BELOW:
+        yield
+        return
+    faiss = _faiss()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(_faiss_threads())
 
 
 def _empty_faiss_index(dimension: int, approximate: HnswParameters | None) -> faiss.Index:

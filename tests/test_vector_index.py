@@ -307,3 +307,20 @@ def test_a_new_index_is_exact_up_to_the_limit_unless_asked_otherwise():
     assert chosen_parameters("auto", EXACT_LIMIT + 1) == HnswParameters()
     assert chosen_parameters("exact", 10 * EXACT_LIMIT) is None
     assert chosen_parameters("approximate", 10) == HnswParameters()
+
+
+@pytest.mark.parametrize("approximate", [None, HNSW], ids=["exact", "hnsw"])
+def test_one_query_runs_on_one_thread_and_leaves_faiss_as_it_was(approximate, monkeypatch):
+    faiss = vector_index._faiss()
+    index = index_of(unit_rows(50), approximate)
+    threads = faiss.omp_get_max_threads()
+    during = []
+    search = type(index._vectors).search
+    monkeypatch.setattr(
+        type(index._vectors),
+        "search",
+        lambda self, *a, **kw: during.append(faiss.omp_get_max_threads()) or search(self, *a, **kw),
+    )
+    index.search(unit_rows(1), k=3)
+    index.search(unit_rows(40), k=3)
+    assert during == [1, threads] and faiss.omp_get_max_threads() == threads
