@@ -49,7 +49,7 @@ COPY_NOISE = 0.05  # a copy's noise: about 0.001 in cosine distance from its ori
 SHARD_ROWS = 100_000
 QUERY_TARGET_MS = 5.0
 K = 10
-EF_SEARCHES = (64, 128, 256, 512)  # HNSW's candidates per query: recall against time
+NPROBES = (4, 8, 16, 32, 64)  # IVF's cells visited per query: recall against time
 ORIGIN_MODEL = "bench-synthetic"
 
 
@@ -254,9 +254,9 @@ def measure_size(
     approximate = VectorIndex.load(str(folder / f"index-{size}-approximate"))
     _progress(f"recall@{K} at {size:,}")
     truth = exact_truth(data.vectors(size), queries)
-    results["hnsw"] = approximate.manifest.to_json()["index"]
+    results["approximate_index"] = approximate.manifest.to_json()["index"]
     results[f"approximate_recall_at_{K}"] = recall_at_k(approximate, truth, queries)
-    results["by_ef_search"] = by_ef_search(approximate, truth, queries, timed=first)
+    results["by_nprobe"] = by_nprobe(approximate, truth, queries, timed=first)
     if first:
         _progress(f"one query at a time at {size:,}")
         results["approximate_query"] = query_latencies_ms(approximate, queries)
@@ -269,16 +269,16 @@ def measure_size(
     return results
 
 
-def by_ef_search(
+def by_nprobe(
     index: VectorIndex, truth: np.ndarray, queries: np.ndarray, timed: bool
 ) -> dict[str, Any]:
-    """Recall@K (and, if `timed`, one query's latency) at each of EF_SEARCHES."""
+    """Recall@K (and, if `timed`, one query's latency) at each of NPROBES."""
     built = index.manifest
     assert built.approximate is not None
     figures = {}
-    for ef in EF_SEARCHES:
-        index.manifest = replace(built, approximate=replace(built.approximate, ef_search=ef))
-        figures[str(ef)] = {
+    for nprobe in NPROBES:
+        index.manifest = replace(built, approximate=replace(built.approximate, nprobe=nprobe))
+        figures[str(nprobe)] = {
             f"recall_at_{K}": recall_at_k(index, truth, queries),
             **(query_latencies_ms(index, queries) if timed else {}),
         }

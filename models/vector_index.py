@@ -17,9 +17,10 @@ manifest still names the files it had. Writers take a lock on the folder (`writi
 ## Search
 Vectors are unit length and compared by cosine distance, 1 - their dot product (FAISS's
 inner product). Up to EXACT_LIMIT items the index is exact (`IndexFlatIP`, every vector
-compared); past it, approximate: HNSW, a graph searched from its entry point, whose
-recall against exact search is measured in bench/similar.py and docs/similar.md. Both take
-more vectors without a rebuild.
+compared); past it, approximate: IVF, the vectors filed under the nearest of `nlist` cells
+(k-means centroids fitted on the first vectors added) and a query compared with those of
+its `nprobe` nearest cells, whose recall against exact search is measured in
+bench/similar.py and docs/similar.md. Both take more vectors without a rebuild.
 
 Importable without Keras, TensorFlow or Beam, and FAISS loads on first use: the service and
 the commands' --help import this module at start-up.
@@ -58,15 +59,21 @@ VECTORS_PREFIX, VECTORS_SUFFIX = "vectors-", ".faiss"
 ITEMS_PREFIX, ITEMS_SUFFIX = "items-", ".parquet"
 PARTIAL_SUFFIX = ".partial"  # a manifest being written
 METRIC = "cosine"  # 1 - the dot product of unit vectors
-EXACT, APPROXIMATE = "exact", "hnsw"
+EXACT, APPROXIMATE = "exact", "ivf"
 # Up to this many items a new index is exact (with --search auto): one query from Python
 # then takes under half of its 5 ms target on the benchmark's machine (docs/similar.md).
-EXACT_LIMIT = 20_000
+EXACT_LIMIT = 10_000
 # Fewer queries than this are searched on one thread. FAISS's threads would split one query's
 # scan, and on a busy machine wait for a core more than they gain (docs/similar.md).
 ONE_THREAD_BELOW = 20
-# An approximate index's range search starts from this many nearest, and grows it fourfold.
-WITHIN_FIRST_K = 16
+# An approximate index's cells: 4 x sqrt(items), the low end of FAISS's guidance (fewer
+# cells, fitted sooner), each fitted on TRAINING_PER_CELL vectors (FAISS asks for 39 at least).
+CELLS_PER_SQRT_ITEMS = 4
+TRAINING_PER_CELL = 40
+# Cells a query visits: recall against time (bench/similar.py measures both).
+NPROBE = 32
+# Vectors normalised and handed to FAISS at a time by `add`.
+ADD_CHUNK = 65_536
 # Queries per FAISS call in `near_pairs`: each block's similarities are computed at once.
 PAIR_QUERY_BLOCK = 4096
 
@@ -112,13 +119,16 @@ class VectorIndexError(ValueError):
 
 
 @dataclass(frozen=True)
-class HnswParameters:
-    """FAISS's HNSW settings: `m` neighbours per node (memory, recall), `ef_construction`
-    candidates while adding, `ef_search` while searching (time, recall)."""
+class IvfParameters:
+    """FAISS's IVF settings: `nlist` cells, `nprobe` of them visited by a query."""
 
-    m: int = 16
-    ef_construction: int = 40
-    ef_search: int = 128
+    nlist: int
+    nprobe: int = NPROBE
+
+    @classmethod
+    def for_items(cls, n_items: int) -> IvfParameters:
+        cells = round(CELLS_PER_SQRT_ITEMS * np.sqrt(n_items))
+        return cls(nlist=max(1, min(cells, n_items)))
 
 
 @dataclass(frozen=True)
@@ -138,7 +148,7 @@ class IndexManifest:
 
     model: str
     embedding: EmbeddingSpec
-    approximate: HnswParameters | None  # None: exact
+    approximate: IvfParameters | None  # None: exact
     items: int
     vectors_file: str
     items_file: str
@@ -174,7 +184,7 @@ class IndexManifest:
             manifest = cls(
                 model=_json_value(data, "model", str, where),
                 embedding=embedding,
-                approximate=_search_parameters(search, where),
+                approximate=_approximate_from_json(search, where),
                 items=_json_value(data, "items", int, where),
                 vectors_file=_json_value(files, "vectors", str, where),
                 items_file=_json_value(files, "items", str, where),
@@ -214,17 +224,16 @@ def _json_value(data: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
-def _search_parameters(search: dict, where: str) -> HnswParameters | None:
+def _approximate_from_json(search: dict, where: str) -> IvfParameters | None:
     kind = search.get("kind")
     if kind == EXACT:
         return None
     if kind != APPROXIMATE:
         raise VectorIndexError(f"{where}: 'index.kind' must be {EXACT!r} or {APPROXIMATE!r}")
-    names = ("m", "ef_construction", "ef_search")
-    values = {name: _json_value(search, name, int, where) for name in names}
+    values = {name: _json_value(search, name, int, where) for name in ("nlist", "nprobe")}
     if min(values.values()) < 1:
-        raise VectorIndexError(f"{where}: the HNSW parameters must be at least 1")
-    return HnswParameters(**values)
+        raise VectorIndexError(f"{where}: 'index.nlist' and 'index.nprobe' must be at least 1")
+    return IvfParameters(**values)
 
 
 @dataclass(frozen=True)
@@ -246,9 +255,10 @@ class VectorIndex:
 
     @classmethod
     def new(
-        cls, model: str, embedding: EmbeddingSpec, approximate: HnswParameters | None = None
+        cls, model: str, embedding: EmbeddingSpec, approximate: IvfParameters | None = None
     ) -> VectorIndex:
-        """An empty index for `model`'s embedding: exact, or HNSW with these parameters."""
+        """An empty index for `model`'s embedding: exact, or IVF with these parameters (its
+        cells fitted on the first vectors added)."""
         manifest = IndexManifest(
             model=model,
             embedding=embedding,
@@ -266,7 +276,9 @@ class VectorIndex:
 
     def add(self, vectors: np.ndarray, items: pa.Table) -> None:
         """Appends `vectors` (one per row of `items`, which has any of ITEM_COLUMNS; `uri` at
-        least) as new items, with the next ids. They are normalised here."""
+        least) as new items, with the next ids; they are normalised here, a chunk at a time.
+        An approximate index's first vectors fit its cells: give it as many as it will
+        hold, or a sample of them."""
         dimension = self.manifest.embedding.dimension
         if vectors.ndim != 2 or vectors.shape[1] != dimension:
             raise VectorIndexError(
@@ -274,10 +286,29 @@ class VectorIndex:
             )
         if len(vectors) != len(items):
             raise ValueError(f"{len(vectors)} vectors for {len(items)} items")
+        if not self._vectors.is_trained:
+            self._fit_cells(vectors)
         ids = pa.array(np.arange(self.size, self.size + len(items)), pa.int64())
-        self._vectors.add(unit_vectors(vectors))
+        for start in range(0, len(vectors), ADD_CHUNK):
+            self._vectors.add(unit_vectors(vectors[start : start + ADD_CHUNK]))
         self.items = pa.concat_tables([self.items, _item_rows(ids, items)])
         self.manifest = replace(self.manifest, items=self._vectors.ntotal)
+
+    def _fit_cells(self, vectors: np.ndarray) -> None:
+        """IVF's k-means, on a seeded sample of TRAINING_PER_CELL vectors a cell."""
+        approximate = self.manifest.approximate
+        assert approximate is not None  # an exact index has nothing to fit
+        if len(vectors) < approximate.nlist:
+            raise VectorIndexError(
+                f"an approximate index of {approximate.nlist} cells needs at least as many "
+                f"paintings to fit them, not {len(vectors)}: build an exact one"
+            )
+        size = min(len(vectors), TRAINING_PER_CELL * approximate.nlist)
+        sample = np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))
+        ivf = _faiss().extract_index_ivf(self._vectors)
+        ivf.cp.min_points_per_centroid = 1  # a small index has few; FAISS would print a warning
+        ivf.train(unit_vectors(vectors[sample]))
+        ivf.make_direct_map()  # for `vectors`: an item's vector by its id
 
     def record_run(self, record: RunRecord) -> None:
         """Notes in the manifest that a run was added."""
@@ -291,8 +322,10 @@ class VectorIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
         queries = self._queries(queries)
+        if self.size == 0:  # an approximate index without vectors has no cells to search
+            return [_no_neighbours() for _ in queries]
         with _threads_for(len(queries)):
-            similarities, ids = self._vectors.search(queries, k, params=self._search_parameters(k))
+            similarities, ids = self._vectors.search(queries, k, params=self._search_parameters())
         found = []
         for row_ids, row_similarities in zip(ids, similarities, strict=True):
             keep = row_ids >= 0  # FAISS pads with -1 where it has fewer than k
@@ -305,18 +338,14 @@ class VectorIndex:
         return found
 
     def within(self, queries: np.ndarray, max_distance: float) -> list[Neighbours]:
-        """Every item at most `max_distance` from each query, nearest first. On an exact
-        index FAISS's range search; on an approximate one (whose range search FAISS 1.15
-        aborts the process in), k-nearest searches with k growing until a query's farthest
-        neighbour is past `max_distance`: those HNSW's search meets."""
+        """Every item at most `max_distance` from each query, nearest first (on an
+        approximate index, those in the query's `nprobe` nearest cells)."""
         queries = self._queries(queries)
         if self.size == 0:
-            return [Neighbours(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in queries]
-        if self.manifest.approximate is not None:
-            return self._within_by_growing_k(queries, max_distance)
+            return [_no_neighbours() for _ in queries]
         with _threads_for(len(queries)):
             limits, similarities, ids = self._vectors.range_search(
-                queries, _similarity_floor(max_distance)
+                queries, _similarity_floor(max_distance), params=self._search_parameters()
             )
         found = []
         for start, end in itertools.pairwise(limits):
@@ -327,23 +356,6 @@ class VectorIndex:
                 Neighbours(ids[start:end][keep][order].astype(np.int64), distances[keep][order])
             )
         return found
-
-    def _within_by_growing_k(self, queries: np.ndarray, max_distance: float) -> list[Neighbours]:
-        found: list[Neighbours | None] = [None] * len(queries)
-        pending, k = np.arange(len(queries)), WITHIN_FIRST_K
-        while len(pending):
-            k = min(k, self.size)
-            results = self.search(queries[pending], k)
-            full = np.array([len(one.ids) == k for one in results], dtype=bool)
-            for query, one in zip(pending, results, strict=True):
-                keep = one.distances <= max_distance
-                found[query] = Neighbours(one.ids[keep], one.distances[keep])
-            reached = np.array(
-                [bool(len(one.ids)) and one.distances[-1] <= max_distance for one in results]
-            )
-            pending = pending[full & reached] if k < self.size else pending[:0]
-            k *= 4
-        return [one for one in found if one is not None]  # every query has had its turn
 
     def near_pairs(self, max_distance: float) -> pa.Table:
         """Every pair of items at most `max_distance` apart (DUPLICATE_SCHEMA), each pair
@@ -461,21 +473,21 @@ class VectorIndex:
             )
         return unit_vectors(queries)
 
-    def _search_parameters(self, k: int) -> faiss.SearchParameters | None:
-        """HNSW's ef_search for this call, at least k (FAISS returns at most ef_search)."""
+    def _search_parameters(self) -> faiss.SearchParameters | None:
+        """IVF's nprobe, per call."""
         approximate = self.manifest.approximate
         if approximate is None:
             return None
-        return _faiss().SearchParametersHNSW(efSearch=max(approximate.ef_search, k))
+        return _faiss().SearchParametersIVF(nprobe=approximate.nprobe)
 
 
-def chosen_parameters(search: str, n_items: int) -> HnswParameters | None:
+def chosen_parameters(search: str, n_items: int) -> IvfParameters | None:
     """A new index's kind for --search (one of INDEX_SEARCHES) and the items it will hold:
-    None for exact, else HNSW's parameters."""
+    None for exact, else IVF's parameters."""
     if search not in INDEX_SEARCHES:
         raise ValueError(f"unknown search {search!r}; known: {', '.join(INDEX_SEARCHES)}")
     exact = search == "exact" or (search == "auto" and n_items <= EXACT_LIMIT)
-    return None if exact else HnswParameters()
+    return None if exact else IvfParameters.for_items(n_items)
 
 
 def _faiss() -> Any:
@@ -507,14 +519,17 @@ def _threads_for(n_queries: int) -> Iterator[None]:
         faiss.omp_set_num_threads(_faiss_threads())
 
 
-def _empty_faiss_index(dimension: int, approximate: HnswParameters | None) -> faiss.Index:
+def _empty_faiss_index(dimension: int, approximate: IvfParameters | None) -> faiss.Index:
     faiss = _faiss()
     if approximate is None:
         return faiss.IndexFlatIP(dimension)
-    index = faiss.IndexHNSWFlat(dimension, approximate.m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = approximate.ef_construction
-    index.hnsw.efSearch = approximate.ef_search
-    return index
+    return faiss.index_factory(
+        dimension, f"IVF{approximate.nlist},Flat", faiss.METRIC_INNER_PRODUCT
+    )
+
+
+def _no_neighbours() -> Neighbours:
+    return Neighbours(np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
 def _distances(similarities: np.ndarray) -> np.ndarray:
@@ -649,10 +664,14 @@ def _check_agreement(
             f"{folder}: its vectors have {vectors.d} dimensions, its manifest says "
             f"{manifest.embedding.dimension}"
         )
-    expected_kind = "IndexFlatIP" if manifest.approximate is None else "IndexHNSWFlat"
+    expected_kind = "IndexFlatIP" if manifest.approximate is None else "IndexIVFFlat"
     if type(vectors).__name__ != expected_kind:
         raise VectorIndexError(f"{folder}: its vectors are a {type(vectors).__name__}, its "
                                f"manifest says {manifest.kind}")  # fmt: skip
+    cells = getattr(vectors, "nlist", None)  # an IVF index's
+    if manifest.approximate is not None and cells != manifest.approximate.nlist:
+        raise VectorIndexError(f"{folder}: its vectors are in {cells} cells, its manifest "
+                               f"says {manifest.approximate.nlist}")  # fmt: skip
     if not vectors.ntotal == len(items) == manifest.items:
         raise VectorIndexError(
             f"{folder} is inconsistent: {vectors.ntotal} vectors, {len(items)} items, "

@@ -16,18 +16,22 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from models.embedding import STORED_DTYPE
 from pipeline import terminal
 from pipeline.exits import run_reporting
 from pipeline.flags import INDEX_COMMAND, UsageError
 
 if TYPE_CHECKING:  # loaded once the flags are read: --help answers at once
+    import numpy as np
+    import pyarrow as pa
+
     from models.vector_index import RunRecord, VectorIndex
     from transforms.embeddings import EmbeddingsOrigin, RunEmbeddings
 
 
 def run(argv: list[str] | None = None) -> VectorIndex:
     args = INDEX_COMMAND.parse(sys.argv[1:] if argv is None else argv)
-    from models.vector_index import writing
+    from models.vector_index import VectorIndex, chosen_parameters, writing
     from transforms.embeddings import EmbeddingsOrigin, open_run_embeddings
 
     _check_output(args)
@@ -35,41 +39,57 @@ def run(argv: list[str] | None = None) -> VectorIndex:
     for one in runs[1:]:
         _check_same_vectors(one, runs[0].origin, f"the first run, {runs[0].folder},")
     with writing(args.output):
-        index = _index_to_fill(args, runs)
-        manifest = index.manifest
-        _check_same_vectors(runs[0], EmbeddingsOrigin(manifest.model, manifest.embedding),
-                            f"the index {args.output}")  # fmt: skip
-        known_uris = set(index.items.column("uri").to_pylist())
-        added = 0
-        for one in runs:
-            record = add_run(index, one, known_uris)
+        index = VectorIndex.load(args.output) if args.add else None
+        if index is not None:
+            manifest = index.manifest
+            _check_same_vectors(runs[0], EmbeddingsOrigin(manifest.model, manifest.embedding),
+                                f"the index {args.output}")  # fmt: skip
+        known_uris = set(index.items.column("uri").to_pylist()) if index is not None else set()
+        vectors, items, records = new_paintings(runs, known_uris)
+        if index is None:
+            origin = runs[0].origin
+            search = chosen_parameters(args.search or "auto", len(vectors))
+            index = VectorIndex.new(origin.model, origin.embedding, search)
+        index.add(vectors, items)
+        for record in records:
             index.record_run(record)
-            added += record.added
             print(f"artstyle: {_describe_added(record)}")
-        written = added > 0 or not args.add
+        written = len(vectors) > 0 or not args.add
         if written:
             index.save(args.output)
     print(f"artstyle: {_describe_index(index, args.output, written)}")
     return index
 
 
-def add_run(index: VectorIndex, embeddings: RunEmbeddings, known_uris: set[str]) -> RunRecord:
-    """Adds a run's paintings whose URIs are not in `known_uris` (which then has the run's
-    URIs too): rows of this one run that share a URI are all added."""
+def new_paintings(
+    runs: list[RunEmbeddings], known_uris: set[str]
+) -> tuple[np.ndarray, pa.Table, list[RunRecord]]:
+    """The runs' paintings whose URIs are not in `known_uris` nor in an earlier run: their
+    vectors as stored (float16: 1 KB a painting at 512 dimensions), their items' columns,
+    and what each run gave. Rows of one run that share a URI are all kept."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from models.vector_index import ITEM_COLUMNS, RunRecord
 
-    known = pa.array(sorted(known_uris), pa.string())
-    added = skipped = 0
-    for vectors, rows in embeddings.batches(ITEM_COLUMNS):
-        uris = rows.column("uri")
-        is_new = pc.invert(pc.is_in(uris, value_set=known)).to_numpy(zero_copy_only=False)
-        index.add(vectors[is_new], rows.filter(is_new))
-        added, skipped = added + int(is_new.sum()), skipped + int((~is_new).sum())
-        known_uris.update(uri for uri in uris.to_pylist() if uri is not None)
-    return RunRecord(embeddings.folder, added, skipped)
+    dimension = runs[0].origin.embedding.dimension
+    vectors = np.empty((sum(one.n_rows for one in runs), dimension), STORED_DTYPE)
+    tables, records, count = [], [], 0
+    for one in runs:
+        known = pa.array(sorted(known_uris), pa.string())
+        added = 0
+        for batch_vectors, rows in one.batches(ITEM_COLUMNS):
+            uris = rows.column("uri")
+            is_new = pc.invert(pc.is_in(uris, value_set=known)).to_numpy(zero_copy_only=False)
+            kept = int(is_new.sum())
+            vectors[count : count + kept] = batch_vectors[is_new]
+            tables.append(pa.Table.from_batches([rows.filter(is_new)]))
+            count, added = count + kept, added + kept
+            known_uris.update(uri for uri in uris.to_pylist() if uri is not None)
+        records.append(RunRecord(one.folder, added, one.n_rows - added))
+    items = pa.concat_tables(tables, promote_options="permissive")
+    return vectors[:count], items, records
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -94,18 +114,6 @@ def _check_output(args: argparse.Namespace) -> None:
             f"{args.output} is a folder of other files ({', '.join(others[:3])}"
             f"{', ...' if len(others) > 3 else ''}), not an index: choose another --output"
         )
-
-
-def _index_to_fill(args: argparse.Namespace, runs: list[RunEmbeddings]) -> VectorIndex:
-    from models.vector_index import VectorIndex, chosen_parameters
-
-    if args.add:
-        return VectorIndex.load(args.output)
-    first = runs[0].origin
-    total = sum(one.n_rows for one in runs)
-    return VectorIndex.new(
-        first.model, first.embedding, chosen_parameters(args.search or "auto", total)
-    )
 
 
 def _check_same_vectors(embeddings: RunEmbeddings, origin: EmbeddingsOrigin, whose: str) -> None:

@@ -61,7 +61,7 @@ def test_a_row_is_its_prediction_less_the_top_k_with_a_unit_float16_vector():
     assert np.linalg.norm(row["embedding"].astype(np.float32)) == pytest.approx(1, abs=1e-3)
 
 
-def test_files_read_back_in_order_as_unit_vectors_with_their_rows(tmp_path):
+def test_files_read_back_in_order_as_stored_with_their_rows(tmp_path):
     vectors = unit_rows(10)
     run = write_run(tmp_path / "out", vectors, shards=3)
     embeddings = open_run_embeddings(str(run))
@@ -69,8 +69,8 @@ def test_files_read_back_in_order_as_unit_vectors_with_their_rows(tmp_path):
     batches = list(embeddings.batches(["uri", "title", "style", "no_such_column"]))
     read = np.concatenate([vectors for vectors, _ in batches])
     rows = pa.concat_tables(pa.Table.from_batches([b]) for _, b in batches)
+    assert read.dtype == np.float16
     np.testing.assert_allclose(read, vectors, atol=2e-3)
-    np.testing.assert_allclose(np.linalg.norm(read, axis=1), 1, atol=1e-6)
     assert rows.column_names == ["uri", "title", "style"]
     assert rows.column("uri").to_pylist() == [f"images/painting-{i:05d}.jpg" for i in range(10)]
 

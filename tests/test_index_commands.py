@@ -103,7 +103,7 @@ def test_replace_builds_anew_and_search_chooses_the_kind(tmp_path):
     rebuilt = build(write_run(tmp_path / "out2", unit_rows(3, seed=4)), "--output",
                     tmp_path / "index", "--replace", "--search", "approximate")  # fmt: skip
     loaded = VectorIndex.load(str(tmp_path / "index"))
-    assert loaded.size == rebuilt.size == 3 and loaded.manifest.kind == "hnsw"
+    assert loaded.size == rebuilt.size == 3 and loaded.manifest.kind == "ivf"
     assert len(os.listdir(tmp_path / "index")) == 4  # the older generation is gone
 
 

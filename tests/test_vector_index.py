@@ -15,8 +15,8 @@ from models.vector_index import (
     DUPLICATE_SCHEMA,
     EXACT_LIMIT,
     NEIGHBOUR_SCHEMA,
-    HnswParameters,
     IndexManifest,
+    IvfParameters,
     RunRecord,
     VectorIndex,
     VectorIndexError,
@@ -26,7 +26,7 @@ from models.vector_index import (
 from tests import embedding_runs
 
 SPEC = EmbeddingSpec(16, "test_features")
-HNSW = HnswParameters()
+IVF = IvfParameters(nlist=20, nprobe=4)
 
 
 def unit_rows(n: int, dimension: int = SPEC.dimension, seed: int = 0) -> np.ndarray:
@@ -44,7 +44,7 @@ def items_for(n: int, start: int = 0) -> pa.Table:
     )
 
 
-def index_of(vectors: np.ndarray, approximate: HnswParameters | None = None) -> VectorIndex:
+def index_of(vectors: np.ndarray, approximate: IvfParameters | None = None) -> VectorIndex:
     index = VectorIndex.new("test-model-v1", SPEC, approximate)
     index.add(vectors, items_for(len(vectors)))
     return index
@@ -100,13 +100,13 @@ def test_a_query_of_another_dimension_is_one_line():
 
 def test_the_approximate_index_finds_nearly_all_of_the_true_ten_nearest():
     vectors, queries = clustered(3000), clustered(50, seed=1)
-    found = index_of(vectors, HNSW).search(queries, k=10)
+    found = index_of(vectors, IVF).search(queries, k=10)
     truth, _ = brute_force(vectors, queries, 10)
     recall = np.mean([len(set(a.ids) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
     assert recall >= 0.9
 
 
-@pytest.mark.parametrize("approximate", [None, HNSW], ids=["exact", "hnsw"])
+@pytest.mark.parametrize("approximate", [None, IVF], ids=["exact", "ivf"])
 def test_adding_continues_the_ids_and_keeps_what_was_there(approximate):
     first, second = clustered(200), clustered(100, seed=2)
     index = index_of(first, approximate)
@@ -125,7 +125,7 @@ def test_items_keep_what_a_person_recognises_and_cast_a_numeric_title_to_text():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("approximate", [None, HNSW], ids=["exact", "hnsw"])
+@pytest.mark.parametrize("approximate", [None, IVF], ids=["exact", "ivf"])
 def test_a_saved_index_loads_as_it_was(tmp_path, approximate):
     vectors = clustered(500)
     index = index_of(vectors, approximate)
@@ -140,13 +140,13 @@ def test_a_saved_index_loads_as_it_was(tmp_path, approximate):
 
 
 def test_the_manifest_says_what_the_index_is(tmp_path):
-    index_of(unit_rows(3), HNSW).save(str(tmp_path))
+    index_of(unit_rows(30), IVF).save(str(tmp_path))
     manifest = VectorIndex.load(str(tmp_path)).manifest
     data = manifest.to_json()
     assert data["format"] == "artstyle.index/1" and data["model"] == "test-model-v1"
     assert data["embedding"] == {"dimension": 16, "kind": "test_features"}
-    assert data["metric"] == "cosine" and data["items"] == 3
-    assert data["index"] == {"kind": "hnsw", "m": 16, "ef_construction": 40, "ef_search": 128}
+    assert data["metric"] == "cosine" and data["items"] == 30
+    assert data["index"] == {"kind": "ivf", "nlist": 20, "nprobe": 4}
     assert data["files"]["vectors"] in os.listdir(tmp_path)
     assert IndexManifest.from_json(json.loads(json.dumps(data)), "m.json") == manifest
 
@@ -217,8 +217,8 @@ def test_a_folder_without_an_index_is_named(tmp_path):
         (lambda f, m: edit(f, m, items=31), "inconsistent: 30 vectors, 30 items, 31"),
         (lambda f, m: edit(f, m, embedding={"dimension": 8, "kind": "k"}),
          "its vectors have 16 dimensions, its manifest says 8"),
-        (lambda f, m: edit(f, m, index={"kind": "hnsw", "m": 8, "ef_construction": 8,
-                                        "ef_search": 8}), "manifest says hnsw"),
+        (lambda f, m: edit(f, m, index={"kind": "ivf", "nlist": 8, "nprobe": 8}),
+         "manifest says ivf"),
         (lambda f, m: edit(f, m, files={"vectors": "../x.faiss", "items": "i.parquet"}),
          "must name files in the index's folder"),
         (lambda f, m: edit(f, m, metric="l2"), "'metric' must be 'cosine'"),
@@ -248,7 +248,7 @@ def test_a_second_writer_is_kept_out_while_the_first_holds_the_folder(tmp_path):
         pass
 
 
-@pytest.mark.parametrize("approximate", [None, HNSW], ids=["exact", "hnsw"])
+@pytest.mark.parametrize("approximate", [None, IVF], ids=["exact", "ivf"])
 def test_within_finds_every_item_in_range_even_past_the_first_k(approximate):
     """A painting with 40 near copies: more than an approximate index's first k (16)."""
     base = unit_rows(1, dimension=16)[0]
@@ -262,7 +262,7 @@ def test_within_finds_every_item_in_range_even_past_the_first_k(approximate):
     assert (np.diff(found.distances) >= 0).all()
 
 
-@pytest.mark.parametrize("approximate", [None, HNSW], ids=["exact", "hnsw"])
+@pytest.mark.parametrize("approximate", [None, IVF], ids=["exact", "ivf"])
 def test_near_pairs_are_listed_once_and_grouped_by_what_joins_them(approximate):
     vectors = clustered(200)
     rng = np.random.default_rng(1)
@@ -304,12 +304,21 @@ def test_an_item_id_out_of_range_is_refused():
 
 def test_a_new_index_is_exact_up_to_the_limit_unless_asked_otherwise():
     assert chosen_parameters("auto", EXACT_LIMIT) is None
-    assert chosen_parameters("auto", EXACT_LIMIT + 1) == HnswParameters()
+    assert chosen_parameters("auto", 250_000) == IvfParameters(nlist=2000)
     assert chosen_parameters("exact", 10 * EXACT_LIMIT) is None
-    assert chosen_parameters("approximate", 10) == HnswParameters()
+    assert chosen_parameters("approximate", 100) == IvfParameters(nlist=40)
 
 
-@pytest.mark.parametrize("approximate", [None, HNSW], ids=["exact", "hnsw"])
+def test_an_approximate_index_fits_its_cells_on_its_first_vectors_and_needs_enough():
+    index = VectorIndex.new("m", SPEC, IvfParameters(nlist=50))
+    with pytest.raises(VectorIndexError, match="of 50 cells needs at least as many paintings"):
+        index.add(unit_rows(49), items_for(49))
+    index.add(clustered(500), items_for(500))
+    index.add(unit_rows(3), items_for(3, start=500))  # later adds use the cells as fitted
+    assert index.size == 503
+
+
+@pytest.mark.parametrize("approximate", [None, IVF], ids=["exact", "ivf"])
 def test_one_query_runs_on_one_thread_and_leaves_faiss_as_it_was(approximate, monkeypatch):
     faiss = vector_index._faiss()
     index = index_of(unit_rows(50), approximate)
@@ -324,3 +333,11 @@ def test_one_query_runs_on_one_thread_and_leaves_faiss_as_it_was(approximate, mo
     index.search(unit_rows(1), k=3)
     index.search(unit_rows(40), k=3)
     assert during == [1, threads] and faiss.omp_get_max_threads() == threads
+
+
+@pytest.mark.parametrize("approximate", [None, IVF], ids=["exact", "ivf"])
+def test_an_empty_index_answers_with_no_neighbours(approximate):
+    index = VectorIndex.new("m", SPEC, approximate)
+    assert [len(one.ids) for one in index.search(unit_rows(2), k=3)] == [0, 0]
+    assert [len(one.ids) for one in index.within(unit_rows(2), 0.5)] == [0, 0]
+    assert len(index.near_pairs(0.5)) == 0

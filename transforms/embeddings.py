@@ -35,7 +35,7 @@ METADATA_KEY = b"artstyle"
 # Prediction columns an embedding row leaves out: the top k and the error belong to the
 # prediction (every embedding row is a row that was predicted), the model is in the metadata.
 PREDICTION_ONLY_COLUMNS = frozenset({"top_k_styles", "top_k_probs", "model", "error"})
-READ_BATCH_ROWS = 65_536  # rows converted to float32 at a time: 128 MiB at 512 dimensions
+READ_BATCH_ROWS = 65_536  # rows read at a time
 
 
 class EmbeddingsError(ValueError):
@@ -113,8 +113,8 @@ class RunEmbeddings:
     n_rows: int
 
     def batches(self, columns: Sequence[str]) -> Iterator[tuple[np.ndarray, pa.Table]]:
-        """(vectors as float32, the rows' `columns` that the files have) per batch of rows, in
-        file order: at most READ_BATCH_ROWS vectors in float32 at once."""
+        """(vectors as stored, the rows' `columns` that the files have) per batch of at most
+        READ_BATCH_ROWS rows, in file order."""
         for file in self.files:
             with fsspec.open(file, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
@@ -201,6 +201,5 @@ def _vectors(batch: pa.RecordBatch, file: str) -> np.ndarray:
     column = batch.column(EMBEDDING_COLUMN)
     if column.null_count:
         raise EmbeddingsError(f"{file}: {column.null_count} rows have no {EMBEDDING_COLUMN}")
-    dimension = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
-    return unit_vectors(values.reshape(len(batch), dimension))
+    return values.reshape(len(batch), column.type.list_size)
