@@ -45,7 +45,7 @@ class HeadConfig:
 
 
 # What --search can ask of a new index: exact up to models.vector_index.EXACT_LIMIT items and
-# approximate (HNSW) past it, or either whatever its size.
+# approximate (IVF) past it, or either whatever its size.
 INDEX_SEARCHES = ("auto", "exact", "approximate")
 # Pairs of paintings at most this cosine distance apart are listed as the same picture by
 # `python -m pipeline.duplicates`. Provisional: it is to be measured on real paintings and

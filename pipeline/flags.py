@@ -283,10 +283,11 @@ def add_index_flags(parser: argparse.ArgumentParser) -> None:
         "--search",
         choices=INDEX_SEARCHES,
         default=None,
-        help="A new index's search. 'exact': every painting compared; 'approximate': "
-        "HNSW's graph, faster past tens of thousands of paintings, most but not always all "
-        "of the true nearest (its recall is in docs/similar.md). 'auto' (default): exact "
-        "up to the size where one query stays quick, approximate past it.",
+        help="A new index's search. 'exact': every painting compared; 'approximate': IVF, "
+        "the paintings of the query's nearest cells compared (k-means cells fitted on the "
+        "runs' paintings), faster past ten thousand paintings, most but not always all of "
+        "the true nearest (its recall is in docs/similar.md). 'auto' (default): exact up "
+        "to the size where one query stays quick, approximate past it.",
     )
 
 

@@ -141,7 +141,7 @@ def _describe_index(index: VectorIndex, output: str, written: bool) -> str:
     from transforms.embeddings import EmbeddingsOrigin
 
     manifest = index.manifest
-    search = "exact search" if manifest.approximate is None else "approximate search (HNSW)"
+    search = "exact search" if manifest.approximate is None else "approximate search (IVF)"
     state = f"index written to {output}" if written else f"nothing added: {output} is as it was"
     origin = EmbeddingsOrigin(manifest.model, manifest.embedding)
     line = f"{state}: {index.size:,} paintings, {search}, {origin.describe()}"
