@@ -44,3 +44,12 @@ class HeadConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# What --search can ask of a new index: exact up to models.vector_index.EXACT_LIMIT items and
+# approximate (IVF) past it, or either whatever its size.
+INDEX_SEARCHES = ("auto", "exact", "approximate")
+# Pairs of paintings at most this cosine distance apart are listed as the same picture by
+# `python -m pipeline.duplicates`. Provisional: it is to be measured on real paintings and
+# their altered copies with the model's own embedding (docs/similar.md says how).
+DUPLICATE_MAX_DISTANCE = 0.05
