@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 STORED_DTYPE = np.float16
+# The bundle head's layer whose output is its embedding, and that embedding's kind.
+PROJECTION_LAYER = "projection"
+HEAD_PROJECTION = "head_projection"
 
 
 class EmbeddingSpecError(ValueError):
