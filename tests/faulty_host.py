@@ -93,6 +93,10 @@ def make_app(host: Host) -> web.Application:
     async def loop(request):
         raise web.HTTPFound(request.path)
 
+    async def redirect(request):
+        """To wherever `?to=` says: another scheme, or another host."""
+        raise web.HTTPFound(request.query["to"])
+
     async def trickle(request):
         response = web.StreamResponse()
         await response.prepare(request)
@@ -136,6 +140,7 @@ def make_app(host: Host) -> web.Application:
         "/down.jpg": down,
         "/missing.jpg": missing,
         "/loop.jpg": loop,
+        "/redirect.jpg": redirect,
         "/trickle.jpg": trickle,
         "/reset.jpg": reset,
         "/endless.jpg": endless,

@@ -6,8 +6,10 @@ The only network is `faulty_host` (tests/faulty_host.py), on 127.0.0.1.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import Counter
+from urllib.parse import quote
 
 import fsspec
 import pytest
@@ -93,6 +95,41 @@ def test_a_redirect_loop_is_a_clear_error(faulty_host):
     error = assert_error("fetch_failed", f"{faulty_host.url}/loop.jpg")
     assert "redirects" in error.message
     assert faulty_host.gets("/loop.jpg") <= fetch.MAX_REDIRECTS + 1  # bounded, and not retried
+
+
+@pytest.mark.parametrize(
+    "target", ["file:///etc/passwd", "gopher://127.0.0.1:70/1", "data:image/jpeg;base64,aGVsbG8="]
+)
+def test_a_redirect_to_another_scheme_is_fetch_failed_and_not_followed(faulty_host, target):
+    url = f"{faulty_host.url}/redirect.jpg?to={quote(target, safe='')}"
+    error = assert_error("fetch_failed", url)
+    assert f"redirected to {target.split(':')[0]}: URLs, which are not read" in error.message
+    assert faulty_host.gets("/redirect.jpg") == 1  # a refusal, not a fault: never retried
+
+
+def test_a_redirect_to_a_url_without_a_host_is_fetch_failed(faulty_host):
+    error = assert_error("fetch_failed", f"{faulty_host.url}/redirect.jpg?to=http:///a.jpg")
+    assert "redirected to an invalid URL" in error.message
+
+
+def test_an_answer_that_is_not_http_is_fetch_failed():
+    """A server that answers in another protocol (an SSH banner) on the URL's port."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/a.jpg"
+        answering = threading.Thread(target=_answer_once, args=(server, b"SSH-2.0-OpenSSH\r\n\r\n"))
+        answering.start()
+        error = assert_error("fetch_failed", url, max_retries=0)
+        answering.join(timeout=5)
+    assert "not an HTTP answer" in error.message
+
+
+def _answer_once(server: socket.socket, answer: bytes) -> None:
+    connection, _ = server.accept()
+    with connection:
+        connection.recv(65536)
+        connection.sendall(answer)
 
 
 def test_a_connection_reset_mid_body_is_retried(faulty_host):

@@ -20,7 +20,8 @@ Every failure is an `ImageError` whose kind the pipeline turns into an error row
     not_a_file          the URI names a directory
     unsupported_scheme  no filesystem for the URI's scheme, or its package is missing
     fetch_failed        network, DNS, timeout, permission or other HTTP/storage errors,
-                        after the retries the policy allows
+                        after the retries the policy allows; a redirect to another scheme
+                        (file://, gopher://); an answer that is not HTTP
     too_large           more than --max_image_bytes
     empty               0 bytes
     forbidden_address   the caller's `socket_factory` refused every address of the host
@@ -271,8 +272,13 @@ class Fetcher:
                 return await _read_body(response.content, location.uri, self.policy.max_bytes)
         except aiohttp.TooManyRedirects:
             reason = f"more than {MAX_REDIRECTS} redirects (a redirect loop?)"
-            message = f"could not read {brief(location.uri)}: {reason}"
-            raise ImageError("fetch_failed", message) from None
+            raise _fetch_failed(location.uri, reason) from None
+        except aiohttp.NonHttpUrlRedirectClientError as error:
+            scheme = urlsplit(str(error)).scheme or "non-HTTP"
+            reason = f"redirected to {scheme}: URLs, which are not read"
+            raise _fetch_failed(location.uri, reason) from None
+        except aiohttp.InvalidUrlRedirectClientError:
+            raise _fetch_failed(location.uri, "redirected to an invalid URL") from None
         except aiohttp.ClientConnectorDNSError as error:
             reason = f"the host name does not resolve ({describe(error)})"
             message = f"could not read {brief(location.uri)}: {reason}"
@@ -289,6 +295,19 @@ class Fetcher:
         except (aiohttp.InvalidURL, ValueError) as error:
             message = f"{brief(location.uri)} is not a valid URL ({describe(error)})"
             raise ImageError("fetch_failed", message) from error
+        except aiohttp.ClientResponseError as error:  # the HTTP parser's refusal
+            reason = f"not an HTTP answer ({_first_line(error.message)})"
+            raise _fetch_failed(location.uri, reason) from error
+        except aiohttp.ClientError as error:
+            raise _fetch_failed(location.uri, describe(error)) from error
+
+
+def _fetch_failed(uri: str, reason: str) -> ImageError:
+    return ImageError("fetch_failed", f"could not read {brief(uri)}: {reason}")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip().rstrip(":")[:160] or "nothing"
 
 
 @dataclass
@@ -358,7 +377,7 @@ def read_file(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     try:
         return _read_file(locate(uri), max_bytes)
     except _Transient as error:
-        raise ImageError("fetch_failed", f"could not read {brief(uri)}: {error.reason}") from None
+        raise _fetch_failed(uri, error.reason) from None
 
 
 def _read_file(location: Location, max_bytes: int) -> bytes:
@@ -401,7 +420,7 @@ def _file_error(error: Exception, uri: str) -> Exception:
     if _is_transient(error):
         return _Transient(describe(error))
     reason = "permission denied" if isinstance(error, PermissionError) else describe(error)
-    return ImageError("fetch_failed", f"could not read {brief(uri)}: {reason}")
+    return _fetch_failed(uri, reason)
 
 
 def _is_transient(error: Exception) -> bool:
