@@ -1,5 +1,6 @@
 import hashlib
 import logging
+import zipfile
 
 import apache_beam as beam
 import fsspec
@@ -12,6 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.train import catalog_digest
 from tests.conftest import painting
+from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.catalog import (
     CatalogError,
     ImageRecord,
@@ -56,6 +58,28 @@ def test_relative_uris_are_relative_to_the_catalog_folder():
 )
 def test_uris_with_a_scheme_and_absolute_paths_are_never_joined(uri):
     assert resolve_location(uri, "gs://bucket/set") == uri
+
+
+def test_an_archive_members_relative_archive_is_relative_to_the_catalog_folder():
+    assert resolve_location("zip://a.jpg::paintings.zip", "/data/set") == (
+        "zip://a.jpg::/data/set/paintings.zip"
+    )
+    assert resolve_location("TAR://x/a.jpg::gs://b/p.tar", "/data") == "TAR://x/a.jpg::gs://b/p.tar"
+    assert resolve_location("zip://a.jpg::/abs/p.zip", "/data") == "zip://a.jpg::/abs/p.zip"
+    assert resolve_location("zip://a.jpg", "/data") == "zip://a.jpg"  # an error row later
+
+
+def test_an_archive_beside_the_catalog_is_read_from_any_working_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "museum"
+    image = painting(folder / "a.jpg", (200, 30, 30), seed=0)
+    with zipfile.ZipFile(folder / "paintings.zip", "w") as archive:
+        archive.write(image, "a.jpg")
+    (folder / "catalog.csv").write_text("uri\nzip://a.jpg::paintings.zip\n")
+    monkeypatch.chdir(tmp_path)
+    (record,) = records_of(open_catalog(str(folder / "catalog.csv")))
+    with BackgroundFetcher(FetchPolicy()) as fetcher:
+        assert fetcher.fetch(record.location) == image.read_bytes()
+    assert record.uri == "zip://a.jpg::paintings.zip"
 
 
 def test_only_a_scheme_at_the_start_counts():

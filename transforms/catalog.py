@@ -10,8 +10,9 @@ start-up, not thousands of error rows.
 
 What the catalog promises the rest of the pipeline:
 - A relative URI is relative to the folder of the catalog file its row is in (as in a web
-  page), so shards in different folders each find their own images. URIs with a scheme
-  (`gs://`, `HTTP://`, `data:`) and absolute paths are used as they are.
+  page), so shards in different folders each find their own images; so is the archive in
+  an archive member's URI (`zip://MEMBER::ARCHIVE`). URIs with a scheme (`gs://`,
+  `HTTP://`, `data:`) and absolute paths are used as they are.
 - `uri` is the URI exactly as written, the key users join predictions on; only the
   location the bytes are fetched from is stripped of surrounding spaces.
 - Each pass-through column has one type across all shards: the shards' own type where they
@@ -44,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from transforms.fetch import scheme_of
+from transforms.fetch import ARCHIVE_SCHEMES, scheme_of
 
 CatalogFormat = Literal["csv", "parquet", "images"]
 
@@ -252,8 +253,13 @@ def _default_label_column(pattern: str, names: list[str]) -> str | None:
 
 
 def resolve_location(uri: str, base_dir: str) -> str:
-    """Relative URIs are relative to the catalog file's folder, as in a web page."""
-    if not uri or scheme_of(uri) is not None or posixpath.isabs(uri):
+    """Relative URIs are relative to the catalog file's folder, as in a web page; so is the
+    archive of an archive's member (`zip://MEMBER::ARCHIVE`), itself a URI of the catalog."""
+    scheme = scheme_of(uri) if uri else None
+    if scheme in ARCHIVE_SCHEMES:
+        member, chained, archive = uri.partition("::")
+        return f"{member}{chained}{resolve_location(archive, base_dir)}" if chained else uri
+    if not uri or scheme is not None or posixpath.isabs(uri):
         return uri
     return posixpath.join(base_dir, uri)
 
