@@ -304,7 +304,10 @@ class ModelBundle:
             probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
             return keras.Model(extractor.input, probabilities, name="style_classifier")
         self.check_embedding()
-        both = keras.Model(head.inputs, [head.output, head.get_layer(PROJECTION_LAYER).output])
+        # Named as the head is: the OpenVINO engine finds where the head begins by its name.
+        both = keras.Model(
+            head.inputs, [head.output, head.get_layer(PROJECTION_LAYER).output], name=head.name
+        )
         logits, projected = both(extractor.output)
         probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
         embedding = keras.ops.normalize(projected, axis=-1, order=2)
@@ -405,14 +408,18 @@ def _filesystem_of(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def load_classifier(
-    bundle_path: str, backbone_weights: str | None = None, precision: str = "float32"
+    bundle_path: str,
+    backbone_weights: str | None = None,
+    precision: str = "float32",
+    embeddings: bool = False,
 ) -> keras.Model:
     """Module-level, so that RunInference can pickle it as the model loader. 'auto' is
     resolved here, on the worker that runs the model; where that takes a measurement, the
-    classifier measured in the chosen precision is the one returned, not built again."""
+    classifier measured in the chosen precision is the one returned, not built again.
+    With `embeddings`, the classifier of two outputs (see ModelBundle.classifier)."""
     grow_gpu_memory_on_demand()
     bundle = ModelBundle.load(bundle_path)
-    build = cache(partial(bundle.classifier, backbone_weights))
+    build = cache(partial(bundle.classifier, backbone_weights, embeddings=embeddings))
     choice = choose_precision(precision, build, bundle.id)
     logging.info("artstyle: %s (--precision=%s)", choice, precision)
     return build(choice.precision)

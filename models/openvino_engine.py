@@ -70,17 +70,20 @@ def imported_openvino() -> ModuleType:
 
 class OpenVinoClassifier:
     """A classifier compiled by OpenVINO, run as Keras's is: `predict_on_batch(images)`,
-    images of any numeric type (Keras casts them itself; OpenVINO wants float32). In
-    bfloat16 it runs in two stages, see `split_at_head`."""
+    images of any numeric type (Keras casts them itself; OpenVINO wants float32), gives the
+    probabilities, or a list of the model's outputs where it has several (the probabilities
+    and the embeddings). In bfloat16 it runs in two stages, see `split_at_head`."""
 
     def __init__(self, stages: Sequence[Any]):
         self._stages = stages
 
-    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+    def predict_on_batch(self, images: np.ndarray) -> Any:  # an array, or a list of arrays
         values = images.astype(np.float32, copy=False)
-        for stage in self._stages:
+        for stage in self._stages[:-1]:
             values = stage(values)[0]
-        return values
+        results = self._stages[-1](values)
+        outputs = [results[i] for i in range(len(results))]
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def openvino_precision(
@@ -93,27 +96,40 @@ def openvino_precision(
 
 
 def load_openvino_classifier(
-    bundle_path: str, backbone_weights: str | None, precision: str, batch_size: int
+    bundle_path: str,
+    backbone_weights: str | None,
+    precision: str,
+    batch_size: int,
+    embeddings: bool = False,
 ) -> OpenVinoClassifier:
     """Module-level, so that RunInference can pickle it as the model loader. Compiled for
     batches of exactly `batch_size` images, the only shape the pipeline's handler sends
     (7% faster here than a batch size left open). Where `auto` measures, the classifier
-    measured in the chosen precision is the one returned."""
-    build, choice = _resolved(bundle_path, backbone_weights, precision, batch_size)
+    measured in the chosen precision is the one returned. With `embeddings`, it gives each
+    image's embedding beside its probabilities, as ModelBundle.classifier does."""
+    build, choice = _resolved(bundle_path, backbone_weights, precision, batch_size, embeddings)
     logging.info("artstyle: OpenVINO, %s (--precision=%s)", choice, precision)
     return build(choice.precision)
 
 
 def openvino_precision_of(
-    bundle_path: str, backbone_weights: str | None, precision: str, batch_size: int
+    bundle_path: str,
+    backbone_weights: str | None,
+    precision: str,
+    batch_size: int,
+    embeddings: bool = False,
 ) -> PrecisionChoice:
     """The precision `load_openvino_classifier` runs in on this machine, for summary.json:
     measured now where it must be (and cached, so the loader measures nothing again)."""
-    return _resolved(bundle_path, backbone_weights, precision, batch_size)[1]
+    return _resolved(bundle_path, backbone_weights, precision, batch_size, embeddings)[1]
 
 
 def _resolved(
-    bundle_path: str, backbone_weights: str | None, precision: str, batch_size: int
+    bundle_path: str,
+    backbone_weights: str | None,
+    precision: str,
+    batch_size: int,
+    embeddings: bool,
 ) -> tuple[Callable[[str], OpenVinoClassifier], PrecisionChoice]:
     """The bundle's classifier, ready to compile in either precision, and the one chosen;
     nothing is compiled unless a measurement needs it."""
@@ -121,7 +137,7 @@ def _resolved(
     bundle = ModelBundle.load(bundle_path)
     core = openvino.Core()
     keep_compiled_kernels(core)
-    model = classifier_model(core, bundle, backbone_weights)
+    model = classifier_model(core, bundle, backbone_weights, embeddings)
     model.reshape([batch_size, bundle.input_size, bundle.input_size, 3])
     build = cache(partial(compiled_classifier, core, model))
     image_shape = (bundle.input_size, bundle.input_size, 3)
@@ -146,9 +162,10 @@ def compiled_classifier(
 
 def split_at_head(model: openvino.Model) -> tuple[openvino.Model, openvino.Model]:
     """The classifier cut where its head begins: the backbone with its features, and the
-    head with its softmax. Keras's bfloat16 rounds the first alone, and moved top-1 and
-    top-3 on `val` by 0.19 points; OpenVINO's, given the whole model, rounded the head too
-    and moved top-1 by 0.31-0.38. Cut, it gives Keras's bfloat16 scores."""
+    head with its softmax (and the embedding, where the classifier gives one). Keras's
+    bfloat16 rounds the first alone, and moved top-1 and top-3 on `val` by 0.19 points;
+    OpenVINO's, given the whole model, rounded the head too and moved top-1 by 0.31-0.38.
+    Cut, it gives Keras's bfloat16 scores."""
     openvino = imported_openvino()
     model = model.clone()
     first = next(
@@ -193,16 +210,20 @@ def keep_compiled_kernels(core: openvino.Core) -> None:
 
 
 def classifier_model(
-    core: openvino.Core, bundle: ModelBundle, backbone_weights: str | None
+    core: openvino.Core,
+    bundle: ModelBundle,
+    backbone_weights: str | None,
+    embeddings: bool = False,
 ) -> openvino.Model:
-    """The bundle's classifier for OpenVINO: read from the cache, or converted (TensorFlow
-    loads) and cached for the next run. A cache that cannot be written costs a conversion
-    per run, never a failed run."""
-    converted = converted_file(bundle, backbone_weights)
+    """The bundle's classifier for OpenVINO (with `embeddings`, the one with two outputs):
+    read from the cache, or converted (TensorFlow loads) and cached for the next run. A
+    cache that cannot be written costs a conversion per run, never a failed run."""
+    converted = converted_file(bundle, backbone_weights, embeddings)
     if converted.is_file():
         return core.read_model(converted)
     logging.info("artstyle: converting %s for OpenVINO, once on this machine", bundle.id)
-    model = converted_model(bundle.classifier(backbone_weights, "float32"))
+    classifier = bundle.classifier(backbone_weights, "float32", embeddings=embeddings)
+    model = converted_model(classifier)
     try:
         save_converted(model, converted.parent)
     except OSError as error:
@@ -210,16 +231,22 @@ def classifier_model(
     return model
 
 
-def converted_file(bundle: ModelBundle, backbone_weights: str | None) -> Path:
+def converted_file(
+    bundle: ModelBundle, backbone_weights: str | None, embeddings: bool = False
+) -> Path:
     """Where the bundle's converted classifier is kept (it may not be there yet). Its being
     there also says that Keras read the bundle's head as it is now."""
-    return cache_dir() / "openvino" / conversion_key(bundle, backbone_weights) / CONVERTED_FILE
+    key = conversion_key(bundle, backbone_weights, embeddings)
+    return cache_dir() / "openvino" / key / CONVERTED_FILE
 
 
-def conversion_key(bundle: ModelBundle, backbone_weights: str | None) -> str:
+def conversion_key(
+    bundle: ModelBundle, backbone_weights: str | None, embeddings: bool = False
+) -> str:
     """What the converted files depend on: the bundle's manifest and head file as they are
     now (fsspec's `ukey`: size and modification time, or an object store's checksum), the
-    backbone weights' file if one is named, and the libraries that build and convert."""
+    backbone weights' file if one is named, the libraries that build and convert, and
+    whether the classifier gives embeddings too (another model, with two outputs)."""
     files = [f"{bundle.path}/{MANIFEST_FILE}", f"{bundle.path}/{bundle.manifest.head.file}"]
     files += [backbone_weights] if backbone_weights else []
     parts = [bundle.id]
@@ -227,6 +254,7 @@ def conversion_key(bundle: ModelBundle, backbone_weights: str | None) -> str:
         fs, local_path = fsspec.core.url_to_fs(path)
         parts.append(fs.ukey(local_path))
     parts += [metadata.version(name) for name in ("artstyle", "keras", "openvino")]
+    parts += ["embeddings"] if embeddings else []
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
 from models.cache import CACHE_DIR_VARIABLE
-from models.head import HeadConfig, build_head, merge_heads
+from models.embedding import HEAD_PROJECTION, EmbeddingSpec
+from models.head import HeadConfig, build_head, low_rank_head, merge_heads
 from tests.faulty_host import faulty_host, flaky_filesystem  # noqa: F401 (fixtures for all)
 
 CLASSES = ["Blue_Period", "Green_Period", "Red_Period"]
@@ -26,7 +27,9 @@ def painting(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72))
     return path
 
 
-def lite0_manifest(model_id: str, classes: list[str]) -> Manifest:
+def lite0_manifest(
+    model_id: str, classes: list[str], embedding: EmbeddingSpec | None = None
+) -> Manifest:
     """The manifest of a head over EfficientNet-Lite0's pooled features, for tests."""
     return Manifest(
         id=model_id,
@@ -34,6 +37,7 @@ def lite0_manifest(model_id: str, classes: list[str]) -> Manifest:
         backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, features="pooled"),
         head=HeadSpec(temperature=1.0),
         classes=tuple(classes),
+        embedding=embedding,
     )
 
 
@@ -57,3 +61,24 @@ def tiny_bundle(tmp_path_factory) -> str:
     head = merge_heads([build_head(features, len(CLASSES), HeadConfig(seed=0))])  # as trained
     save_bundle(str(path), lite0_manifest("tiny-test-model", CLASSES), head)
     return str(path)
+
+
+PROJECTION = 8  # the embedding's dimension of `projection_bundle`
+
+
+def projection_bundle_at(path: Path, model_id: str = "tiny-projection-model") -> str:
+    """EfficientNet-Lite0 with a seeded 3-style head that reads its features through a
+    projection to PROJECTION numbers, as `--projection` trains one: its embedding."""
+    features = np.random.default_rng(1).normal(size=(64, 1280)).astype(np.float32)
+    keras.utils.set_random_seed(1)
+    merged = merge_heads([build_head(features, len(CLASSES), HeadConfig(hidden_units=16, seed=1))])
+    head = low_rank_head(merged, features, PROJECTION)
+    embedding = EmbeddingSpec(PROJECTION, HEAD_PROJECTION)
+    save_bundle(str(path), lite0_manifest(model_id, CLASSES, embedding), head)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def projection_bundle(tmp_path_factory) -> str:
+    """A tiny bundle that gives embeddings (see projection_bundle_at)."""
+    return projection_bundle_at(tmp_path_factory.mktemp("bundle") / "projection")

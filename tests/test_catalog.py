@@ -13,7 +13,6 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.train import catalog_digest
 from tests.conftest import painting
-from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.catalog import (
     CatalogError,
     ImageRecord,
@@ -24,6 +23,7 @@ from transforms.catalog import (
     resolve_location,
     unified_type,
 )
+from transforms.fetch import BackgroundFetcher, FetchPolicy
 
 
 @pytest.fixture

@@ -8,7 +8,11 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.model_handler import FixedBatchModelHandler, predict_in_fixed_batches
+from transforms.model_handler import (
+    FixedBatchModelHandler,
+    outputs_in_fixed_batches,
+    predict_in_fixed_batches,
+)
 
 
 def small_model(seed: int = 0) -> keras.Model:
@@ -59,3 +63,28 @@ def test_run_inference_keeps_keys_with_their_predictions():
             | beam.MapTuple(lambda key, result: (key, int(np.argmax(result.inference))))
         )
         assert_that(top, equal_to(list(expected_top.items())))
+
+
+def two_output_model() -> keras.Model:
+    """Scores and a unit vector from one pass, as a classifier with embeddings gives them."""
+    inputs = keras.Input((4, 4, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    scores = small_model().layers[-1](pooled)
+    vector = keras.ops.normalize(keras.layers.Dense(5, name="projection")(pooled), axis=-1)
+    return keras.Model(inputs, [scores, vector])
+
+
+def test_a_model_of_two_outputs_gives_each_image_both():
+    images = np.random.default_rng(1).uniform(0, 255, (5, 4, 4, 3)).astype(np.float32)
+    model = two_output_model()
+    scores, vectors = outputs_in_fixed_batches(model, images, batch_size=2)
+    expected_scores, expected_vectors = model.predict(images, verbose=0)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
+    np.testing.assert_allclose(vectors, expected_vectors, atol=1e-6)
+
+    results = FixedBatchModelHandler(two_output_model, 2).run_inference(list(images), model)
+    assert len(results) == 5
+    for result, score, vector in zip(results, expected_scores, expected_vectors, strict=True):
+        got_score, got_vector = result.inference
+        np.testing.assert_allclose(got_score, score, atol=1e-6)
+        np.testing.assert_allclose(got_vector, vector, atol=1e-6)

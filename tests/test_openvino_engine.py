@@ -143,3 +143,24 @@ def test_openvino_loads_without_telemetry_or_a_forked_process(tiny_bundle, tmp_p
     )
     assert (done.returncode, done.stdout.split()) == (0, ["loaded"]), done.stderr[-2000:]
     assert not (tmp_path / "intel").exists()  # the telemetry's client id, in the user's home
+
+
+def test_with_embeddings_it_gives_kerass_two_outputs_in_either_precision(cache, projection_bundle):
+    """The classifier of two outputs (probabilities, embeddings) is converted apart from the
+    other, under its own key; in bfloat16 the head, which gives both, runs in float32."""
+    batch = images(2)
+    keras_model = ModelBundle.load(projection_bundle).classifier(embeddings=True)
+    probabilities, embeddings = keras_model.predict_on_batch(batch)
+    exact = load_openvino_classifier(projection_bundle, None, "float32", 2, embeddings=True)
+    got = exact.predict_on_batch(batch)
+    assert isinstance(got, list) and len(got) == 2
+    np.testing.assert_allclose(got[0], probabilities, atol=1e-5)
+    np.testing.assert_allclose(got[1], embeddings, atol=1e-5)
+    rounded = load_openvino_classifier(projection_bundle, None, "bfloat16", 2, embeddings=True)
+    rounded_probabilities, rounded_embeddings = rounded.predict_on_batch(batch)
+    assert rounded_probabilities.dtype == rounded_embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(rounded_embeddings, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(rounded_embeddings, embeddings, atol=0.05)
+    plain = load_openvino_classifier(projection_bundle, None, "float32", 2)
+    np.testing.assert_allclose(plain.predict_on_batch(batch), probabilities, atol=1e-5)
+    assert len(list((cache / "openvino").glob("*/classifier.xml"))) == 2

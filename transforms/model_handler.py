@@ -4,7 +4,8 @@ Beam's TensorFlow handlers import tensorflow_hub and tf-keras; this one needs ne
 Keras itself: it runs whatever its loader returns that has `predict_on_batch` (a Keras model,
 or models.openvino_engine's classifier). Every batch has the same shape (the last one is
 padded), so a Keras model's compiled predict function is traced once and reused, and
-OpenVINO's is compiled for that one shape.
+OpenVINO's is compiled for that one shape. A model of several outputs (the probabilities
+and the embeddings) gives each image a tuple of its outputs, in the model's order.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ class FixedBatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         model: Any,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        outputs = predict_in_fixed_batches(model, np.stack(batch), self._batch_size)
+        outputs = outputs_in_fixed_batches(model, np.stack(batch), self._batch_size)
+        per_image = outputs[0] if len(outputs) == 1 else list(zip(*outputs, strict=True))
         return [
             PredictionResult(example, output)
-            for example, output in zip(batch, outputs, strict=True)
+            for example, output in zip(batch, per_image, strict=True)
         ]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -59,12 +61,23 @@ class FixedBatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
 
 def predict_in_fixed_batches(model: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """`model.predict_on_batch` over slices of exactly `batch_size` rows (the last padded)."""
-    outputs = []
+    """The output of a model of one output (the probabilities), as `outputs_in_fixed_batches`."""
+    (output,) = outputs_in_fixed_batches(model, inputs, batch_size)
+    return output
+
+
+def outputs_in_fixed_batches(
+    model: Any, inputs: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, ...]:
+    """`model.predict_on_batch` over slices of exactly `batch_size` rows (the last padded):
+    each of its outputs for all rows (one, or those of the list it gives)."""
+    chunks = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
         padding = batch_size - len(chunk)
         if padding:
             chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(np.asarray(model.predict_on_batch(chunk))[: batch_size - padding])
-    return np.concatenate(outputs)
+        outputs = model.predict_on_batch(chunk)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        chunks.append([np.asarray(output)[: batch_size - padding] for output in outputs])
+    return tuple(np.concatenate(parts) for parts in zip(*chunks, strict=True))
