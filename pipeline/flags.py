@@ -194,6 +194,14 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
         "seconds sooner; its first run with a bundle converts the model (once per machine, "
         "cached). 'auto': OpenVINO on a CPU; Keras on a GPU and in worker processes.",
     )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="Also write each predicted image's embedding, a short vector from the same pass "
+        "(the model's projection, L2-normalised), to OUTPUT/embeddings-*.parquet: what "
+        "python -m pipeline.index makes an index of similar paintings from. The model must "
+        "give one (a bundle trained with --projection).",
+    )
     add_overwrite_flag(parser)
     parser.add_argument(
         "--report",
@@ -223,7 +231,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train_split", default="train", help="Rows to train on.")
     parser.add_argument("--eval_split", default="val", help="Rows to report scores on.")
     parser.add_argument(
-        "--embeddings",
+        "--features_dir",
         default=None,
         help="Where image features are written (default: OUTPUT.embeddings/).",
     )

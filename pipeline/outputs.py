@@ -45,6 +45,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.interrupts import interrupts_deferred
+from transforms.embeddings import EMBEDDING_FILES
 
 SUMMARY_FILE = "summary.json"
 REPORT_PAGE = "report.html"
@@ -54,6 +55,7 @@ METRICS_FILES = "metrics-*.parquet"
 RESULT_PATTERNS = (
     PREDICTION_FILES,
     METRICS_FILES,
+    EMBEDDING_FILES,
     SUMMARY_FILE,
     REPORT_PAGE,
     REPORT_FILES,

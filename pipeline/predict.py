@@ -12,10 +12,12 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import apache_beam as beam
 import fsspec
+import pyarrow as pa
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
@@ -43,10 +45,23 @@ from pipeline.options import (
 from pipeline.outputs import SUMMARY_FILE, OutputFolder
 from pipeline.progress_bar import progress_bar
 from transforms.catalog import Catalog, ReadCatalog, describe_catalog, open_catalog
+from transforms.embeddings import (
+    EMBEDDING_FILE_PREFIX,
+    EMBEDDING_FILES,
+    EmbeddingsOrigin,
+    embedding_row,
+    embedding_schema,
+)
 from transforms.evaluation import Evaluate
 from transforms.infer_images import InferImages
 from transforms.model_handler import FixedBatchModelHandler
-from transforms.predictions import error_row, prediction_row, prediction_schema
+from transforms.parquet import WriteParquet
+from transforms.predictions import (
+    error_row,
+    prediction_and_embedding,
+    prediction_row,
+    prediction_schema,
+)
 
 IMPORTED_AT = time.monotonic()  # where /proc cannot say when the process started
 
@@ -71,6 +86,7 @@ def build_graph(
     loader = classifier_loader(options, bundle, engine.engine, precision["precision"])
     classifier = FixedBatchModelHandler(loader, model.batch_size)
     row_context = {"model_id": bundle.id, "has_labels": catalog.has_labels}
+    top_k = {"classes": bundle.classes, "top_k": predict.top_k}
 
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferStyles" >> InferImages(
@@ -79,9 +95,17 @@ def build_graph(
         images.max_image_pixels,
         images.policy(),
     )
-    predictions = inferred | "TopK" >> beam.Map(
-        prediction_row, classes=bundle.classes, top_k=predict.top_k, **row_context
-    )
+    if predict.embeddings:
+        schema = embeddings_schema(catalog, bundle)
+        pairs = inferred | "TopK" >> beam.Map(prediction_and_embedding, **top_k, **row_context)
+        predictions = pairs | "PredictionRows" >> beam.Map(itemgetter(0))
+        _ = (
+            pairs
+            | "EmbeddingRows" >> beam.MapTuple(embedding_row)
+            | "WriteEmbeddings" >> WriteParquet(f"{output_dir}/{EMBEDDING_FILE_PREFIX}", schema)
+        )
+    else:
+        predictions = inferred | "TopK" >> beam.Map(prediction_row, **top_k, **row_context)
     errors = failures | "ErrorRows" >> beam.Map(error_row, **row_context)
     rows = (predictions, errors) | "AllRows" >> beam.Flatten()
     _ = rows | "WritePredictions" >> beam.io.WriteToParquet(
@@ -90,6 +114,13 @@ def build_graph(
     run_facts = {"engine": engine.to_json(), "precision": precision}
     _ = rows | "Evaluate" >> Evaluate(bundle.classes, output_dir, bundle.id, run_facts)
     return rows
+
+
+def embeddings_schema(catalog: Catalog, bundle: ModelBundle) -> pa.Schema:
+    """The run's embeddings files' schema: its prediction rows' keys, and the bundle's vector."""
+    assert bundle.manifest.embedding is not None  # check_model checked
+    origin = EmbeddingsOrigin(bundle.id, bundle.manifest.embedding)
+    return embedding_schema(prediction_schema(catalog), origin)
 
 
 def engine_of_run(options: PipelineOptions) -> EngineChoice:
@@ -105,6 +136,7 @@ def classifier_loader(
     resolved for the run where its workers are on this machine (so that none measures
     again, and perhaps differently), else as asked, for each worker to resolve."""
     model = options.view_as(ModelOptions)
+    embeddings = options.view_as(PredictOptions).embeddings
     if engine == "openvino":
         return partial(
             load_openvino_classifier,
@@ -112,8 +144,9 @@ def classifier_loader(
             model.backbone_weights,
             precision,
             model.batch_size,
+            embeddings,
         )
-    return partial(load_classifier, bundle.path, model.backbone_weights, precision)
+    return partial(load_classifier, bundle.path, model.backbone_weights, precision, embeddings)
 
 
 def precision_of_workers(
@@ -127,8 +160,9 @@ def precision_of_workers(
         return {"precision": asked, "reason": "resolved per worker (see the workers' logs)"}
     model = options.view_as(ModelOptions)
     if engine == "openvino":
+        embeddings = options.view_as(PredictOptions).embeddings
         return openvino_precision_of(
-            bundle.path, model.backbone_weights, asked, model.batch_size
+            bundle.path, model.backbone_weights, asked, model.batch_size, embeddings
         ).to_json()
     build = partial(bundle.classifier, model.backbone_weights)
     return choose_precision(asked, build, bundle.id).to_json()
@@ -164,7 +198,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         with fsspec.open(f"{output.url}/{SUMMARY_FILE}") as f:
             summary = json.load(f)
         others = output.others_files()
-    print(human_summary(summary, output.url, seconds_since_process_start(), others))
+    seconds = seconds_since_process_start()
+    print(human_summary(summary, output.url, seconds, others, predict.embeddings))
     if report:
         print(report)
     return summary
@@ -172,12 +207,16 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 def check_model(options: PipelineOptions, bundle: ModelBundle) -> None:
     """What would stop the model in its workers is one line now, before the catalog is
-    read: backbone weights that cannot be its, and a head that Keras refuses. (OpenVINO,
-    running files it converted before, needs no check of the head: Keras read it then.)"""
+    read: backbone weights that cannot be its, a head that Keras refuses, embeddings asked
+    of a bundle that gives none. (OpenVINO, running files it converted before, needs no
+    check of the head: Keras read it then.)"""
     weights = options.view_as(ModelOptions).backbone_weights
     check_backbone_weights(bundle.manifest.backbone.name, weights)
+    embeddings = options.view_as(PredictOptions).embeddings
+    if embeddings:
+        bundle.check_embedding()
     engine = engine_of_run(options).engine
-    if engine == "keras" or not converted_file(bundle, weights).is_file():
+    if engine == "keras" or not converted_file(bundle, weights, embeddings).is_file():
         bundle.check_head()
 
 
@@ -210,9 +249,16 @@ def seconds_since_process_start() -> float:
     return uptime - started
 
 
-def human_summary(summary: dict, output: str, seconds: float, others: Sequence[str] = ()) -> str:
+def human_summary(
+    summary: dict,
+    output: str,
+    seconds: float,
+    others: Sequence[str] = (),
+    embeddings: bool = False,
+) -> str:
     """`seconds` since the process started; `others`: files in the output folder that look
-    like results but that the tool did not write (left as they are)."""
+    like results but that the tool did not write (left as they are); `embeddings`: whether
+    the run wrote them."""
     n = summary["n_images"]
     lines = [
         f"artstyle: {n} images, {summary['n_errors']} errors, model {summary['model']}, "
@@ -235,6 +281,8 @@ def human_summary(summary: dict, output: str, seconds: float, others: Sequence[s
         lines.append(f"  errors by kind: {kinds} (see the 'error' column)")
     lines.append(f"  predictions: {output}/predictions-*.parquet")
     lines.append(f"  metrics:     {output}/metrics-*.parquet, {output}/summary.json")
+    if embeddings:
+        lines.append(f"  embeddings:  {output}/{EMBEDDING_FILES}")
     if others:
         lines.append(
             f"  note: {output} also holds files artstyle did not write: {', '.join(others)}"

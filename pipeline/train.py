@@ -55,7 +55,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")
     output = io.output.rstrip("/")
-    embeddings = args.embeddings or f"{output}.embeddings"
+    embeddings = args.features_dir or f"{output}.embeddings"
 
     started = time.perf_counter()
     if not args.reuse_embeddings:

@@ -120,3 +120,21 @@ def test_the_worker_image_pins_what_setup_py_pins():
 
 
 PINNED = ("apache-beam", "tensorflow")
+
+
+def test_a_job_with_embeddings_writes_them_from_its_inference_step(tmp_path, projection_bundle):
+    (tmp_path / "empty_sdk").write_bytes(b"")
+    (tmp_path / "staging").mkdir()
+    with offline():
+        run([*DATAFLOW_ARGS, f"--sdk_container_image={WORKER_IMAGE}",
+             "--dataflow_endpoint=http://localhost", "--no_auth",
+             f"--sdk_location={tmp_path / 'empty_sdk'}",
+             f"--staging_location={tmp_path / 'staging'}",
+             f"--template_location={tmp_path / 'job.json'}",
+             f"--model={projection_bundle}", "--embeddings"])  # fmt: skip
+    template = json.loads((tmp_path / "job.json").read_text())
+    assert _option(template, "embeddings") is True
+    graph = beam_runner_api_pb2.Pipeline.FromString((tmp_path / "staging/pipeline.pb").read_bytes())
+    names = [transform.unique_name for transform in graph.components.transforms.values()]
+    assert any(name.startswith("WriteEmbeddings/") for name in names)
+    assert any(name.endswith("RunInference") for name in names)

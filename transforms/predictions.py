@@ -82,6 +82,17 @@ def prediction_row(
     }
 
 
+def prediction_and_embedding(
+    inferred: tuple[ImageRecord, PredictionResult], **row_context: Any
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The prediction row and the embedding of an image, from a classifier that gives both
+    (its inference is the pair); `row_context` as prediction_row's keywords."""
+    record, result = inferred
+    probabilities, embedding = cast(tuple[np.ndarray, np.ndarray], result.inference)
+    with_probabilities = PredictionResult(result.example, probabilities, result.model_id)
+    return prediction_row((record, with_probabilities), **row_context), embedding
+
+
 def top_k_fields(
     probabilities: np.ndarray, *, classes: Sequence[str], top_k: int
 ) -> dict[str, Any]:
