@@ -89,7 +89,9 @@ ITEM_SCHEMA = pa.schema(
 )
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names[1:])  # what an item takes from a run's rows
 # `python -m pipeline.similar`'s rows: one per (query, neighbour), nearest first, with the
-# neighbour's item.
+# neighbour's item. A query without neighbours is one row of its own, with no neighbour: one
+# that could not be asked (its image unreadable, `error` says why), or that has none within
+# the distance asked.
 NEIGHBOUR_ITEM_COLUMNS = ("id", "title", "style", "confidence", "label")
 NEIGHBOUR_SCHEMA = pa.schema(
     [
@@ -97,7 +99,8 @@ NEIGHBOUR_SCHEMA = pa.schema(
         pa.field("rank", pa.int32()),
         pa.field("uri", pa.string()),
         pa.field("distance", pa.float32()),
-        *(ITEM_SCHEMA.field(name) for name in NEIGHBOUR_ITEM_COLUMNS),
+        *(ITEM_SCHEMA.field(name).with_nullable(True) for name in NEIGHBOUR_ITEM_COLUMNS),
+        pa.field("error", pa.string()),
     ]
 )
 # `python -m pipeline.duplicates`'s rows: one per near pair, `group` joining pairs that share
@@ -413,6 +416,7 @@ class VectorIndex:
             "uri": items.column("uri"),
             "distance": pa.array(distances, pa.float32()),
             **{name: items.column(name) for name in NEIGHBOUR_ITEM_COLUMNS},
+            "error": pa.nulls(len(ids), pa.string()),
         }
         return pa.table(columns, schema=NEIGHBOUR_SCHEMA)
 
@@ -479,6 +483,12 @@ class VectorIndex:
         if approximate is None:
             return None
         return _faiss().SearchParametersIVF(nprobe=approximate.nprobe)
+
+
+def query_without_neighbours(query: str | None, error: str | None = None) -> dict[str, Any]:
+    """NEIGHBOUR_SCHEMA's one row of a query that could not be asked (`error` says why), or
+    that found no neighbour within its distance."""
+    return {**dict.fromkeys(NEIGHBOUR_SCHEMA.names), "query": query, "error": error}
 
 
 def chosen_parameters(search: str, n_items: int) -> IvfParameters | None:

@@ -31,6 +31,7 @@ COMMANDS = {
     "explain": Command("pipeline.explain", "Grad-CAM and the top styles of single images"),
     "report": Command("pipeline.report", "the report page of a finished run"),
     "index": Command("pipeline.index", "a nearest-neighbour index of runs' embeddings"),
+    "similar": Command("pipeline.similar", "the paintings of an index nearest to images"),
     "duplicates": Command("pipeline.duplicates", "the near-identical paintings in an index"),
     "bench": Command("bench", "the benchmarks, as a table and JSON"),
 }

@@ -173,10 +173,31 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_predict_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of pipeline.options.PredictOptions."""
+    add_classifier_flags(parser)
+    parser.add_argument("--top_k", type=whole_number(1), default=5, help="Styles listed per image.")
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="Also write each predicted image's embedding, a short vector from the same pass "
+        "(the model's projection, L2-normalised), to OUTPUT/embeddings-*.parquet: what "
+        "python -m pipeline.index makes an index of similar paintings from. The model must "
+        "give one (a bundle trained with --projection).",
+    )
+    add_overwrite_flag(parser)
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
+        "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
+    )
+
+
+def add_classifier_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model, and what runs it in what arithmetic: the pipeline's (in PredictOptions)
+    and the similarity queries'."""
     parser.add_argument(
         "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
     )
-    parser.add_argument("--top_k", type=whole_number(1), default=5, help="Styles listed per image.")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -193,21 +214,6 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
         "bfloat16, the same rounding) from a process without TensorFlow, which starts "
         "seconds sooner; its first run with a bundle converts the model (once per machine, "
         "cached). 'auto': OpenVINO on a CPU; Keras on a GPU and in worker processes.",
-    )
-    parser.add_argument(
-        "--embeddings",
-        action="store_true",
-        help="Also write each predicted image's embedding, a short vector from the same pass "
-        "(the model's projection, L2-normalised), to OUTPUT/embeddings-*.parquet: what "
-        "python -m pipeline.index makes an index of similar paintings from. The model must "
-        "give one (a bundle trained with --projection).",
-    )
-    add_overwrite_flag(parser)
-    parser.add_argument(
-        "--report",
-        action="store_true",
-        help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
-        "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
     )
 
 
@@ -335,7 +341,7 @@ def add_max_distance_flag(parser: argparse.ArgumentParser, default: float | None
         default=default,
         metavar="D",
         help="The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
-        f"paintings, 2 for opposite ones (default: {default}).",
+        f"paintings, 2 for opposite ones (default: {'none' if default is None else default}).",
     )
 
 
@@ -348,6 +354,40 @@ def add_duplicates_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--show", type=whole_number(0), default=20, help="Pairs printed (the closest groups)."
+    )
+
+
+def add_similar_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of python -m pipeline.similar, beside the model's and the images'."""
+    parser.add_argument(
+        "queries",
+        nargs="+",
+        metavar="QUERY",
+        help="Images (a path, or any URI the pipeline reads: gs://, https://, zip://, ...), or "
+        "catalogs (.csv, .parquet, as python -m pipeline reads them) whose every row is a query.",
+    )
+    parser.add_argument(
+        "--index", required=True, help="An index (python -m pipeline.index) of the same model."
+    )
+    parser.add_argument(
+        "-k",
+        type=whole_number(1),
+        default=10,
+        help="Nearest paintings listed per query (default: %(default)d).",
+    )
+    add_max_distance_flag(parser, None)
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE.parquet",
+        help="Write every query's neighbours there too, one row per (query, neighbour); a "
+        "query that could not be read is one row with its error.",
+    )
+    parser.add_argument(
+        "--show",
+        type=whole_number(0),
+        default=20,
+        help="Queries whose neighbours are printed (default: %(default)d).",
     )
 
 
@@ -404,6 +444,11 @@ INDEX_COMMAND = CommandLine(
     "Builds a nearest-neighbour index of the embeddings of runs (python -m pipeline "
     "--embeddings), or adds runs to one.",
     (add_index_flags,),
+)
+SIMILAR_COMMAND = CommandLine(
+    "python -m pipeline.similar",
+    "Lists the paintings of an index nearest to each query image, with their distances.",
+    (add_similar_flags, add_classifier_flags, add_model_flags, add_image_flags),
 )
 DUPLICATES_COMMAND = CommandLine(
     "python -m pipeline.duplicates",

@@ -14,9 +14,11 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+NEIGHBOUR_COLUMNS = ("rank", "distance", "uri", "title", "style", "confidence", "label")
 URI_WIDTH = 60  # characters of a URI printed (its end: the file name)
 TEXT_WIDTH = 30  # of a title, a style or a label
 ELLIPSIS = "…"
@@ -26,19 +28,34 @@ class TableOutputError(ValueError):
     """--output cannot take the table: one line."""
 
 
-def neighbours_text(table: pa.Table) -> str:
-    """Each query's neighbours (rows of NEIGHBOUR_SCHEMA), nearest first, under its name."""
+def neighbours_text(table: pa.Table, queries_shown: int | None = None) -> str:
+    """Each query's neighbours (rows of NEIGHBOUR_SCHEMA), nearest first, under its name (or
+    its error, or that it has none); the first `queries_shown` queries (default: all), in
+    the table's order."""
     if not len(table):
         return "no neighbours (none within --max_distance)"
-    columns = ["rank", "distance", "uri", "title", "style", "confidence", "label"]
-    shown = [name for name in columns if table.column(name).null_count < len(table)]
+    neighbours = table.filter(pc.field("rank").is_valid())
+    columns = [name for name in NEIGHBOUR_COLUMNS if neighbours[name].null_count < len(neighbours)]
     by_query: dict[str, list[dict[str, Any]]] = {}
     for row in table.to_pylist():
-        by_query.setdefault(row["query"], []).append(row)
-    return "\n\n".join(
-        f"query: {_cut_left(str(query), URI_WIDTH)}\n{text_table(rows, shown)}"
-        for query, rows in by_query.items()
-    )
+        query = "(no uri)" if row["query"] is None else row["query"]
+        if query not in by_query and len(by_query) == queries_shown:
+            break
+        by_query.setdefault(query, []).append(row)
+    blocks = [_query_block(query, rows, columns) for query, rows in by_query.items()]
+    more = pc.count_distinct(table["query"], mode="all").as_py() - len(by_query)
+    if more > 0:
+        blocks.append(f"... and {more:,} more queries (--output writes them all)")
+    return "\n\n".join(blocks)
+
+
+def _query_block(query: str, rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    head = f"query: {_cut_left(query, URI_WIDTH)}"
+    if rows[0]["error"] is not None:
+        return f"{head}\nerror: {rows[0]['error']}"
+    if rows[0]["rank"] is None:
+        return f"{head}\nno neighbours within --max_distance"
+    return f"{head}\n{text_table(rows, columns)}"
 
 
 def duplicates_text(pairs: pa.Table, max_distance: float, shown: int) -> str:
@@ -91,15 +108,25 @@ def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def write_table(table: pa.Table, url: str) -> None:
-    """`table` as one Parquet file at `url` (any fsspec URI), written whole or not at all: on
-    a local disk beside it, then renamed; an object store writes an object at once."""
+def check_table_output(url: str) -> None:
+    """TableOutputError where `url` cannot name a Parquet file: before any work is done."""
     if not url.lower().endswith(".parquet"):
         raise TableOutputError(f"--output must name a .parquet file, not {url}")
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        if fs.isdir(path):
-            raise TableOutputError(f"--output {url} is a folder, not a file")
+        is_folder = fs.isdir(path)
+    except (ImportError, ValueError, OSError) as error:
+        raise TableOutputError(f"--output {url} cannot be written ({error})") from None
+    if is_folder:
+        raise TableOutputError(f"--output {url} is a folder, not a file")
+
+
+def write_table(table: pa.Table, url: str) -> None:
+    """`table` as one Parquet file at `url` (any fsspec URI), written whole or not at all: on
+    a local disk beside it, then renamed; an object store writes an object at once."""
+    check_table_output(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
         local = isinstance(fs, LocalFileSystem)
         if local:
             fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
@@ -113,6 +140,4 @@ def write_table(table: pa.Table, url: str) -> None:
             if local and fs.exists(target):
                 fs.rm(target)
     except (ImportError, ValueError, OSError) as error:
-        if isinstance(error, TableOutputError):
-            raise
         raise TableOutputError(f"--output {url} cannot be written ({error})") from None

@@ -45,6 +45,7 @@ PYTHON_M = "sys.argv = ['-m', '--help']; runpy.run_module({!r}, run_name='__main
         ("report", "pipeline.report", ("--samples SAMPLES", "--per_style PER_STYLE")),
         ("index", "pipeline.index", ("--output INDEX", "--add", "--search")),
         ("duplicates", "pipeline.duplicates", ("--max_distance D", "--output FILE.parquet")),
+        ("similar", "pipeline.similar", ("--index INDEX", "-k K", "--engine", "--batch_size")),
     ],
 )
 def test_help_is_the_same_both_ways_and_loads_no_heavy_library(command, module, flags):
@@ -77,7 +78,8 @@ def test_the_list_of_commands_loads_no_library():
         (["serv", "--port=1"], "artstyle: unknown command 'serv' (did you mean serve?)"),
         (["--input=c.csv"],
          "artstyle: unknown command '--input=c.csv' "
-         "(one of predict, train, serve, explain, report, index, duplicates, bench)"),
+         "(one of predict, train, serve, explain, report, index, similar, duplicates, "
+         "bench)"),
     ],
 )  # fmt: skip
 def test_an_unknown_command_is_one_line_with_a_suggestion(argv, message, capsys):

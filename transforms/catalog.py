@@ -129,7 +129,7 @@ def describe_catalog(pattern: str, *, uri_column: str, label_column: str | None)
     may not be reachable. Its files are listed when the job runs; it passes no other
     columns through, since their names and types are unknown, and has labels only if
     --label_column names them."""
-    catalog_format = _table_format_of(pattern)
+    catalog_format = table_format_of(pattern)
     if catalog_format is None:
         return Catalog(pattern, "images", (), "uri", None, ())
     return Catalog(pattern, catalog_format, (pattern,), uri_column, label_column, (), False)
@@ -143,7 +143,7 @@ def list_catalog_files(pattern: str) -> list[str]:
     return [_unstrip(pattern, fs, match) for match in matches]
 
 
-def _table_format_of(path: str) -> CatalogFormat | None:
+def table_format_of(path: str) -> CatalogFormat | None:
     """'csv' or 'parquet' by the name's extension; None for any other name."""
     lowered = path.lower()
     if lowered.endswith(".csv"):
@@ -154,7 +154,7 @@ def _table_format_of(path: str) -> CatalogFormat | None:
 
 
 def _format_of(fs: fsspec.AbstractFileSystem, path: str) -> CatalogFormat:
-    table_format = _table_format_of(path)
+    table_format = table_format_of(path)
     if table_format is not None:
         return table_format
     if fs.isdir(path) or (_has_glob(path) and not fs.exists(path)):
