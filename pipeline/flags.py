@@ -148,28 +148,48 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
         "exponential backoff and the server's Retry-After. gs:// and s3:// retry in "
         "their own libraries instead.",
     )
+    add_image_limit_flags(parser)
+
+
+def add_image_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """What one image may cost: the pipeline's (in ImageOptions) and the service's. Their help
+    prints the default the parser holds, which a command may set to its own."""
     parser.add_argument(
         "--fetch_timeout_s",
         type=number(0, above=True),
-        default=defaults.timeout_s,
-        help="Deadline per image, all attempts together: then it is an error row.",
+        default=FetchPolicy().timeout_s,
+        help="Seconds per image, all attempts together (default: %(default)g): past them, "
+        "the image is an error.",
     )
     parser.add_argument(
         "--max_image_bytes",
         type=whole_number(1),
         default=DEFAULT_MAX_BYTES,
-        help="Larger files are error rows, found out while streaming.",
+        help="Larger files are errors, found out while streaming (default: %(default)d bytes).",
     )
     parser.add_argument(
         "--max_image_pixels",
         type=whole_number(1),
         default=DEFAULT_MAX_PIXELS,
-        help="Larger images are error rows (decompression-bomb guard).",
+        help="Larger images are errors (decompression-bomb guard).",
     )
 
 
 def add_predict_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of pipeline.options.PredictOptions."""
+    add_classifier_flags(parser)
+    add_overwrite_flag(parser)
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
+        "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
+    )
+
+
+def add_classifier_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model answers, how many styles it lists, and what runs it in what arithmetic:
+    the pipeline's (in PredictOptions) and the service's."""
     parser.add_argument(
         "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
     )
@@ -190,13 +210,6 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
         "bfloat16, the same rounding) from a process without TensorFlow, which starts "
         "seconds sooner; its first run with a bundle converts the model (once per machine, "
         "cached). 'auto': OpenVINO on a CPU; Keras on a GPU and in worker processes.",
-    )
-    add_overwrite_flag(parser)
-    parser.add_argument(
-        "--report",
-        action="store_true",
-        help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
-        "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
     )
 
 

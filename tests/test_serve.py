@@ -8,10 +8,12 @@ loopback: see tests/serve_support.py.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import glob
 import io
+import json
 import re
 import socket
 import subprocess
@@ -30,10 +32,13 @@ from PIL import Image
 
 from models.bundle import ModelBundle
 from models.gradcam import overlay
+from pipeline.flags import PREDICT_COMMAND
 from pipeline.options import run_command
 from pipeline.predict import run
 from pipeline.serve import __main__ as serve_command
 from pipeline.serve import service as service_module
+from pipeline.serve.app import create_app
+from pipeline.serve.config import ServeConfig, parse_config, serve_parser
 from pipeline.serve.guard import guarded_socket
 from tests import serve_support
 from tests.conftest import CLASSES
@@ -595,22 +600,130 @@ def test_urls_whose_host_never_answers_keep_urls_out_but_not_uploads(
 # --- The same probabilities as the batch pipeline -------------------------------------------
 
 
-def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tmp_path, images):
+@pytest.mark.parametrize("engine", ["auto", "keras"])
+def test_the_same_image_gets_the_pipelines_probabilities_on_the_same_engine(
+    engine, tiny_bundle, image_host, tmp_path, images
+):
+    """The service as it starts with --engine (OpenVINO on this CPU, by default), one image
+    at a time and several in a batch, against `python -m pipeline --engine` in its own
+    arithmetic (`auto`: resolved by both, from the one measurement cached per machine)."""
     names = ["red.png", "blue.jpg", "green.png"]
     for name in names:
         (tmp_path / name).write_bytes(images[name])
+        image_host.files[name] = images[name]
     pd.DataFrame({"uri": [str(tmp_path / name) for name in names]}).to_csv(
         tmp_path / "catalog.csv", index=False
     )
     run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
-         f"--model={tiny_bundle}", "--engine=keras"])  # fmt: skip
+         f"--model={tiny_bundle}", f"--engine={engine}"])  # fmt: skip
     rows = pd.concat(map(pd.read_parquet, glob.glob(str(tmp_path / "out" / "predictions-*"))))
+    rows = rows.set_index("uri")
+    config = ServeConfig(model=tiny_bundle, engine=engine, heatmaps=False, max_batch=4,
+                         allow_private_urls=True)  # fmt: skip
+    app = create_app(config, ModelBundle.load(tiny_bundle))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    with ready_client(app) as client:
+        service = app.state.service
+        assert service.engine.engine == summary["engine"]["engine"]
+        assert service.engine.engine == ("keras" if engine == "keras" else "openvino")
+        assert service.precision.precision == summary["precision"]["precision"]
+        alone = {name: post_image(client, images[name], media_type_of(name)).json()
+                 for name in names}  # fmt: skip
+        urls = [f"{image_host.url}/files/{name}" for name in names]
+        together = dict(
+            zip(
+                names,
+                client.post("/predict/batch", json={"urls": urls}).json()["results"],
+                strict=True,
+            )
+        )
     for name in names:
-        row = rows.set_index("uri").loc[str(tmp_path / name)]
-        media_type = "image/jpeg" if name.endswith(".jpg") else "image/png"
-        answer = post_image(client, images[name], media_type).json()
-        assert answer["top_k_styles"] == list(row["top_k_styles"])
-        np.testing.assert_allclose(answer["top_k_probs"], row["top_k_probs"], atol=1e-6)
+        row = rows.loc[str(tmp_path / name)]
+        for answer in (alone[name], together[name]):
+            assert answer["top_k_styles"] == list(row["top_k_styles"])
+            np.testing.assert_allclose(answer["top_k_probs"], row["top_k_probs"], atol=1e-6)
+
+
+def media_type_of(name: str) -> str:
+    return "image/jpeg" if name.endswith(".jpg") else "image/png"
+
+
+# --- On OpenVINO: Grad-CAM on Keras, loaded at the first heatmap ------------------------------
+
+
+class GradCamLoads:
+    """The tiny bundle's Grad-CAM, counting its loads, each held until released."""
+
+    def __init__(self, bundle_path: str, fail: bool = False):
+        self.bundle_path = bundle_path
+        self.fail = fail
+        self.count = 0
+        self.release = threading.Event()
+
+    def __call__(self):
+        self.count += 1
+        assert self.release.wait(30), "never released"
+        if self.fail:
+            raise OSError("no memory for TensorFlow")
+        return tiny_grad_cam(self.bundle_path)
+
+
+def openvino_app(bundle_path: str, load_grad_cam: GradCamLoads):
+    config = ServeConfig(model=bundle_path, engine="openvino", max_batch=4)
+    return create_app(config, ModelBundle.load(bundle_path), load_grad_cam=load_grad_cam)
+
+
+def test_on_openvino_grad_cam_loads_at_the_first_heatmap_and_serves_every_one_after(
+    tiny_bundle, images
+):
+    loads = GradCamLoads(tiny_bundle)
+    app = openvino_app(tiny_bundle, loads)
+    service = app.state.service
+    with ready_client(app) as client:
+        plain = post_image(client, images["red.png"]).json()
+        assert loads.count == 0 and "heatmap" not in plain  # ready, and no Keras yet
+        asking = [
+            threading.Thread(target=post_image, args=(client, images["red.png"], "image/png",
+                                                     "/predict?heatmap=true"))
+            for _ in range(2)
+        ]  # fmt: skip
+        for thread in asking:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while loads.count < 1 or service.batcher.places.taken < 2:  # a load begun, held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        loads.release.set()
+        for thread in asking:
+            thread.join()
+        answer = post_image(client, images["red.png"], route="/predict?heatmap=true").json()
+    assert loads.count == 1  # one load, for the two who waited and everyone after
+    assert_same_answer({k: v for k, v in answer.items() if k != "heatmap"}, plain)
+    prefix = "data:image/jpeg;base64,"
+    shown = decoded_jpeg(base64.b64decode(answer["heatmap"].removeprefix(prefix)))
+    image = decode_image(images["red.png"], size=224)
+    explanation = tiny_grad_cam(tiny_bundle)(
+        image[np.newaxis], np.array([CLASSES.index(answer["style"])])
+    )
+    expected = decoded_jpeg(jpeg(overlay(image, explanation.heatmaps[0])))
+    assert np.abs(shown.astype(int) - expected).mean() < 0.5
+
+
+def test_on_openvino_a_grad_cam_that_cannot_load_leaves_the_heatmap_out_and_says_so_once(
+    tiny_bundle, images, caplog
+):
+    loads = GradCamLoads(tiny_bundle, fail=True)
+    loads.release.set()
+    with ready_client(openvino_app(tiny_bundle, loads)) as client:
+        answers = [
+            post_image(client, images["red.png"], route="/predict?heatmap=true") for _ in range(2)
+        ]
+        assert client.get("/health/ready").status_code == 200
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert not any("heatmap" in answer.json() for answer in answers)
+    told = [r for r in caplog.records if "Grad-CAM could not be loaded" in r.getMessage()]
+    assert len(told) == 1 and "no memory for TensorFlow" in told[0].exc_text
+    assert loads.count == 1
 
 
 # --- python -m pipeline.serve ----------------------------------------------------------------
@@ -619,6 +732,40 @@ def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tm
 def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         return probe.getsockname()[1]
+
+
+def test_the_flags_defaults_are_the_configs():
+    assert parse_config([]) == ServeConfig()
+
+
+def test_the_flags_shared_with_the_pipeline_are_its_declarations_and_other_defaults_say_why():
+    pipeline_parser = argparse.ArgumentParser()
+    for add_flags in PREDICT_COMMAND.groups:
+        add_flags(pipeline_parser)
+    in_pipeline = {action.dest: action for action in pipeline_parser._actions}
+    service_parser = serve_parser()
+    shared = {action.dest: action for action in service_parser._actions} & in_pipeline.keys()
+    assert {"model", "top_k", "precision", "engine", "fetch_timeout_s", "max_image_bytes",
+            "max_image_pixels"} <= shared  # fmt: skip
+    for dest in shared - {"help"}:
+        ours = next(action for action in service_parser._actions if action.dest == dest)
+        theirs = in_pipeline[dest]
+        assert (ours.option_strings, ours.help, ours.choices, kind_of(ours.type)) == (
+            theirs.option_strings, theirs.help, theirs.choices, kind_of(theirs.type)
+        ), dest  # fmt: skip
+        if ours.default != theirs.default:
+            assert dest in ("fetch_timeout_s", "max_image_bytes"), dest
+            assert f"--{dest}" in service_parser.epilog
+    shown = " ".join(service_parser.format_help().split())
+    assert "(default: 15)" in shown and "(default: 20971520 bytes)" in shown
+    assert parse_config(["--engine=openvino"]).engine == "openvino"
+    with pytest.raises(SystemExit):
+        parse_config(["--engine=tpu"])
+
+
+def kind_of(parse: object) -> object:
+    """An argparse type, by what made it: whole_number(1) twice is two functions."""
+    return getattr(parse, "__qualname__", parse)
 
 
 def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch):

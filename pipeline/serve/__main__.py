@@ -7,6 +7,8 @@ import sys
 import uvicorn
 
 from models.bundle import ModelBundle
+from models.engine_choice import choose_engine
+from models.openvino_engine import converted_file
 from pipeline.flags import UsageError
 from pipeline.serve.config import ServeConfig, parse_config
 
@@ -17,8 +19,8 @@ def serve() -> None:
     config = parse_config()
     with bind(config) as address:
         bundle = ModelBundle.load(config.model)
-        bundle.check_head()  # a head Keras refuses is one line, not a service that never loads
-        from pipeline.serve.app import create_app  # FastAPI, and Keras for the model
+        check_head(bundle, config.engine)
+        from pipeline.serve.app import create_app  # FastAPI, and what runs the model
 
         logging.getLogger("artstyle.serve").setLevel(logging.INFO)
         app = create_app(config, bundle)
@@ -26,6 +28,14 @@ def serve() -> None:
         # uvicorn says where it listens only when it binds the socket itself.
         logging.getLogger("uvicorn.error").info("Uvicorn running on %s", url_of(address))
         server.run(sockets=[address])
+
+
+def check_head(bundle: ModelBundle, engine: str) -> None:
+    """A head Keras refuses is one line, not a service that never loads. (OpenVINO, running
+    files it converted before, needs no check: Keras read the head then.)"""
+    on_keras = choose_engine(engine, on_this_machine=True).engine == "keras"
+    if on_keras or not converted_file(bundle, None).is_file():
+        bundle.check_head()
 
 
 def bind(config: ServeConfig) -> socket.socket:
