@@ -40,6 +40,7 @@ from pipeline.serve import service as service_module
 from pipeline.serve.app import create_app
 from pipeline.serve.config import ServeConfig, parse_config, serve_parser
 from pipeline.serve.guard import guarded_socket
+from pipeline.serve.service import batch_shapes, call_sizes
 from tests import serve_support
 from tests.conftest import CLASSES
 from tests.serve_support import (
@@ -306,6 +307,36 @@ def test_ready_only_once_the_model_is_loaded_and_every_batch_shape_has_run(tiny_
         assert calls == [1, 2, 4, 8]  # the warm-up: each batch shape once, before any request
         assert post_image(client, images["red.png"]).status_code == 200
         assert calls[4:] == [1]
+
+
+def test_on_openvino_the_warm_up_runs_its_two_shapes_and_a_batch_runs_as_calls_of_them(
+    tiny_bundle, images
+):
+    calls = []
+
+    class Recorded:
+        def predict_on_batch(self, batch):
+            calls.append(len(batch))
+            return tiny_model(tiny_bundle).predict_on_batch(batch)
+
+    app = make_app(tiny_bundle, load_model=Recorded, engine="openvino", max_batch=16)
+    with ready_client(app) as client:
+        assert calls == [1, 8]
+        assert post_image(client, images["red.png"]).status_code == 200
+    assert calls[2:] == [1]
+
+
+def test_batches_run_in_calls_of_the_shapes_their_engine_runs():
+    assert batch_shapes(32, "keras") == (1, 2, 4, 8, 16, 32)
+    assert batch_shapes(12, "keras") == (1, 2, 4, 8, 12)
+    assert batch_shapes(32, "openvino") == (1, 8)
+    assert batch_shapes(4, "openvino") == (1, 4)
+    assert batch_shapes(1, "openvino") == (1,)
+    assert call_sizes(5, (1, 2, 4, 8)) == [8]
+    assert call_sizes(1, (1, 8)) == [1]
+    assert call_sizes(3, (1, 8)) == [8]
+    assert call_sizes(9, (1, 8)) == [8, 1]
+    assert call_sizes(20, (1, 8)) == [8, 8, 8]
 
 
 def test_a_model_that_cannot_load_fails_liveness_with_json(tiny_bundle):

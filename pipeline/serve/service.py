@@ -9,8 +9,9 @@ arithmetic, and the same way to run it (`predict_in_fixed_batches`). A batch is 
 one of a few fixed shapes, each run once during the warm-up, so that a lone request does
 not pay for a batch of 32 and no request pays for a trace: on Keras 1, 2, 4, ... up to
 --max_batch (a graph traced per shape, over one copy of the weights); on OpenVINO 1 and
-OPENVINO_CALL, larger batches in several calls (a model compiled per shape holds a copy of
-the weights of its own, and on a CPU a few images a call cost as little each as 32).
+OPENVINO_CALL, a larger batch in several calls (a model compiled per shape holds a copy of
+the weights of its own). OPENVINO_CALL is the fewest images that OpenVINO's CPU plugin
+spreads over two cores: it runs smaller batches on one.
 
 A heatmap, where asked for, is the explanations' Grad-CAM (models/gradcam.py) for the top
 style, over the model-sized square the model saw, on a thread of its own: it is one
@@ -64,7 +65,7 @@ FETCH_RETRIES = 1
 # What a client is told to wait before trying again while the model is loading.
 LOADING_RETRY_AFTER_S = 5
 # The images of an OpenVINO call, beside single images: see the module's docstring.
-OPENVINO_CALL = 4
+OPENVINO_CALL = 8
 
 Classifier = Any  # what runs a batch: `predict_on_batch(images) -> probabilities`
 
@@ -86,10 +87,14 @@ def batch_shapes(max_batch: int, engine: str) -> tuple[int, ...]:
     return (*shapes, max_batch) if max_batch > 1 else (1,)
 
 
-def batch_shape(n: int, shapes: tuple[int, ...]) -> int:
-    """The smallest of `shapes` that holds `n` images, else the largest: the batch then runs
-    as several calls of it."""
-    return next((shape for shape in shapes if shape >= n), shapes[-1])
+def call_sizes(n: int, shapes: tuple[int, ...]) -> list[int]:
+    """The shapes that a batch of `n` images runs as: the largest while more images than it
+    remain, then the smallest that holds the rest (padded to it)."""
+    sizes = []
+    while n > shapes[-1]:
+        sizes.append(shapes[-1])
+        n -= shapes[-1]
+    return [*sizes, next(shape for shape in shapes if shape >= n)]
 
 
 def service_precision(bundle: ModelBundle, engine: str, asked: str, shapes: tuple[int, ...]):
@@ -223,8 +228,12 @@ class StyleService:
 
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:
         """On the batcher's model thread."""
-        shape = batch_shape(len(images), self._shapes)
-        return predict_in_fixed_batches(self._models[shape], images, shape)
+        outputs, start = [], 0
+        for size in call_sizes(len(images), self._shapes):
+            chunk = images[start : start + size]
+            outputs.append(predict_in_fixed_batches(self._models[size], chunk, size))
+            start += size
+        return np.concatenate(outputs)
 
     def _grad_cam_loading(self) -> asyncio.Task[GradCam]:
         """Grad-CAM, loaded and run once on the explainer's thread: begun by the first
