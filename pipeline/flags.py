@@ -12,11 +12,14 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from models.settings import (
     DEFAULT_BUNDLE,
+    DUPLICATE_MAX_DISTANCE,
     ENGINES,
     FEATURE_KINDS,
+    INDEX_SEARCHES,
     PRECISIONS,
     HeadConfig,
     check_backbone_names,
@@ -264,6 +267,21 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     fraction = number(0, below=1)
     parser.add_argument("--dropout", type=fraction, default=HeadConfig.dropout)
     parser.add_argument("--l2", type=number(0), default=HeadConfig.l2)
+    parser.add_argument(
+        "--class_balance",
+        type=number(0),
+        default=HeadConfig.class_balance,
+        help="Each style's weight is (mean paintings a style / its paintings) to this power: "
+        "1 weighs every style alike, 0 every painting.",
+    )
+    parser.add_argument(
+        "--projection",
+        type=whole_number(0),
+        default=HeadConfig.projection,
+        help="The merged head reads its features through a projection to this many numbers, "
+        "fitted to what its hidden units see (0: none): most of the bundle's size, and each "
+        "painting's embedding.",
+    )
     parser.add_argument("--label_smoothing", type=fraction, default=HeadConfig.label_smoothing)
     parser.add_argument(
         "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
@@ -277,11 +295,81 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
 
 
+def add_index_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of python -m pipeline.index."""
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="OUT_DIR",
+        help="Output folders of runs with --embeddings (any fsspec URI), added in this order.",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="INDEX", help="The index: a folder on local disk."
+    )
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--add",
+        action="store_true",
+        help="Add the runs' paintings to the index at --output, without rebuilding it. A "
+        "painting whose URI the index holds already keeps its item (rebuild with --replace "
+        "to take a later run's); rows of one run that share a URI are items of their own.",
+    )
+    existing.add_argument(
+        "--replace",
+        action="store_true",
+        help="Build a new index over the one at --output, which stays whole until the new "
+        "one is written.",
+    )
+    parser.add_argument(
+        "--search",
+        choices=INDEX_SEARCHES,
+        default=None,
+        help="A new index's search. 'exact': every painting compared; 'approximate': IVF, "
+        "the paintings of the query's nearest cells compared (k-means cells fitted on the "
+        "runs' paintings), faster past ten thousand paintings, most but not always all of "
+        "the true nearest (its recall is in docs/similar.md). 'auto' (default): exact up "
+        "to the size where one query stays quick, approximate past it.",
+    )
+
+
+def add_max_distance_flag(parser: argparse.ArgumentParser, default: float | None) -> None:
+    """--max_distance, for the commands that list neighbours or pairs."""
+    parser.add_argument(
+        "--max_distance",
+        type=number(0),
+        default=default,
+        metavar="D",
+        help="The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
+        f"paintings, 2 for opposite ones (default: {default}).",
+    )
+
+
+def add_duplicates_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of python -m pipeline.duplicates."""
+    parser.add_argument("index", metavar="INDEX", help="An index (python -m pipeline.index).")
+    add_max_distance_flag(parser, DUPLICATE_MAX_DISTANCE)
+    parser.add_argument(
+        "--output", default=None, metavar="FILE.parquet", help="Write every pair there too."
+    )
+    parser.add_argument(
+        "--show", type=whole_number(0), default=20, help="Pairs printed (the closest groups)."
+    )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Raises UsageError where argparse would print its usage and exit: a bad flag is one
+    line, as the commands' other errors are."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message.removeprefix("argument "))
+
+
 @dataclass(frozen=True)
 class CommandLine:
-    """A command whose flags are Beam options: how it is called, what it does, its flag
-    groups. Declared here rather than in the command's module, so that its --help is answered
-    before that module (and Beam and TensorFlow with it) loads."""
+    """A command: how it is called, what it does, its flag groups. Declared here rather than
+    in the command's module, so that its --help is answered before that module (and Beam and
+    TensorFlow with it) loads. The flags of a Beam command are Beam options
+    (pipeline.options parses them); a command without Beam parses its own (`parse`)."""
 
     prog: str
     about: str
@@ -298,6 +386,13 @@ class CommandLine:
         parser.print_help()
         raise SystemExit(0)
 
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """The flags of a command without Beam options; UsageError for a bad one."""
+        parser = OneLineParser(prog=self.prog, description=self.about, allow_abbrev=False)
+        for add_flags in self.groups:
+            add_flags(parser)
+        return parser.parse_args(argv)
+
 
 PREDICT_COMMAND = CommandLine(
     "python -m pipeline",
@@ -308,4 +403,15 @@ TRAIN_COMMAND = CommandLine(
     "python -m pipeline.train",
     "Trains a style model bundle: backbone features, a fitted head, a manifest.",
     (add_catalog_flags, add_model_flags, add_image_flags, add_train_flags),
+)
+INDEX_COMMAND = CommandLine(
+    "python -m pipeline.index",
+    "Builds a nearest-neighbour index of the embeddings of runs (python -m pipeline "
+    "--embeddings), or adds runs to one.",
+    (add_index_flags,),
+)
+DUPLICATES_COMMAND = CommandLine(
+    "python -m pipeline.duplicates",
+    "Lists the pairs of near-identical paintings in an index, grouped.",
+    (add_duplicates_flags,),
 )
