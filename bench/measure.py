@@ -26,9 +26,9 @@ import tensorflow as tf
 from bench.flags import REPO_ROOT
 from models.bundle import ModelBundle
 from models.cache import CACHE_DIR_VARIABLE
+from models.fixed_batches import predict_in_fixed_batches
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.model_handler import predict_in_fixed_batches
 
 # The model path the pipeline itself takes; the other paths are alternatives to it.
 PIPELINE_PATH = "fixed_batches"

@@ -57,12 +57,12 @@ from bench.flags import DEFAULT_DATA, REPO_ROOT
 from bench.measure import PipelineRun, _high_water_kb, own_cache, pipeline_rates, run_pipeline
 from models.bundle import ModelBundle
 from models.engine_choice import choose_engine
+from models.fixed_batches import predict_in_fixed_batches
 from models.settings import DEFAULT_BUNDLE, ENGINES, PRECISIONS
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.service import load_classifiers, service_precision
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.model_handler import predict_in_fixed_batches
 
 CLIENT_LEVELS = (1, 4, 16)
 WARM_UP_S = 3.0

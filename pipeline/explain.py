@@ -157,7 +157,7 @@ class _Explainer:
         from models.gradcam import overlay
         from models.head import calibrated_probabilities
         from pipeline import figures
-        from transforms.predictions import top_k_fields
+        from transforms.top_k import top_k_fields
 
         if not batch:
             return []

@@ -32,8 +32,8 @@ from PIL import Image
 
 from models.bundle import ModelBundle
 from models.gradcam import overlay
+from models.openvino_engine import load_openvino_classifier
 from pipeline.flags import PREDICT_COMMAND
-from pipeline.options import run_command
 from pipeline.predict import run
 from pipeline.serve import __main__ as serve_command
 from pipeline.serve import service as service_module
@@ -54,8 +54,7 @@ from tests.serve_support import (
     wait_ready,
 )
 from transforms import fetch
-from transforms.explanations import jpeg
-from transforms.images import decode_image
+from transforms.images import decode_image, jpeg
 
 # The service's fixtures: no packet past loopback (autouse), a host that redirects.
 loopback_only = serve_support.loopback_only
@@ -679,7 +678,49 @@ def media_type_of(name: str) -> str:
     return "image/jpeg" if name.endswith(".jpg") else "image/png"
 
 
-# --- On OpenVINO: Grad-CAM on Keras, loaded at the first heatmap ------------------------------
+# --- On OpenVINO: no Beam, no TensorFlow; Grad-CAM on Keras, loaded at the first heatmap -------
+
+SERVE_AND_SAY_WHAT_LOADED = """
+import json, sys, time
+from fastapi.testclient import TestClient
+import pipeline.serve.__main__
+from models.bundle import ModelBundle
+from pipeline.serve.app import create_app
+from pipeline.serve.config import ServeConfig
+
+bundle, image = sys.argv[1], open(sys.argv[2], "rb").read()
+app = create_app(ServeConfig(model=bundle, max_batch=4), ModelBundle.load(bundle))
+with TestClient(app) as client:
+    while client.get("/health/ready").status_code != 200:
+        assert app.state.service.state.value == "loading", app.state.service.state
+        time.sleep(0.05)
+    answer = client.post("/predict", content=image, headers={"Content-Type": "image/png"})
+    assert answer.status_code == 200, answer.text
+heavy = ("apache_beam", "tensorflow", "keras")
+print(json.dumps({"engine": app.state.service.engine.engine,
+                  **{name: name in sys.modules for name in heavy}}))
+"""
+
+
+def test_the_service_on_openvino_serves_without_importing_beam_or_tensorflow(
+    tiny_bundle, tmp_path, images
+):
+    """In a fresh interpreter (this one has both): the command's module, the app, and a
+    prediction served. Beam's import alone took over a second of the service's start-up."""
+    load_openvino_classifier(tiny_bundle, None, "float32", 1)  # converted once per machine
+    (tmp_path / "red.png").write_bytes(images["red.png"])
+    script = [
+        sys.executable,
+        "-c",
+        SERVE_AND_SAY_WHAT_LOADED,
+        tiny_bundle,
+        str(tmp_path / "red.png"),
+    ]
+    served = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert served.returncode == 0, served.stderr[-3000:]
+    loaded = json.loads(served.stdout.splitlines()[-1])
+    assert loaded == {"engine": "openvino", "apache_beam": False, "tensorflow": False,
+                      "keras": False}  # fmt: skip
 
 
 class GradCamLoads:
@@ -810,7 +851,7 @@ def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch)
     monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", "--host=127.0.0.1",
                                       f"--port={port}", "--max_batch=8", "--max_wait_ms=5",
                                       "--top_k=2", "--allow_private_urls"])  # fmt: skip
-    run_command(serve_command.serve)
+    serve_command.main()
     config = served["app"].state.service.config
     assert served["listening_on"] == [("127.0.0.1", port)]
     assert (config.max_batch, config.max_wait_ms, config.top_k) == (8, 5.0, 2)
@@ -824,7 +865,7 @@ def test_an_address_in_use_is_told_first_in_one_line_status_2(tiny_bundle, monke
         port = taken.getsockname()[1]
         monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", f"--port={port}"])
         with pytest.raises(SystemExit) as exited:
-            run_command(serve_command.serve)
+            serve_command.main()
     assert exited.value.code == 2
     said = f"artstyle: cannot listen on 127.0.0.1:{port}: address already in use\n"
     assert capsys.readouterr().err == said
@@ -854,6 +895,6 @@ def test_a_bad_flag_or_bundle_is_told_before_serving_status_2(flags, said, monke
     monkeypatch.setattr(serve_command.uvicorn, "run", lambda *a, **kw: pytest.fail("served"))
     monkeypatch.setattr(sys, "argv", ["serve", *flags])
     with pytest.raises(SystemExit) as exited:
-        run_command(serve_command.serve)
+        serve_command.main()
     assert exited.value.code == 2
     assert said in capsys.readouterr().err

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from models.fixed_batches import predict_in_fixed_batches
+
 METRICS_NAMESPACE = "artstyle"
 
 
@@ -56,15 +58,3 @@ class FixedBatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
     def batch_elements_kwargs(self) -> dict[str, int]:
         return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
-
-
-def predict_in_fixed_batches(model: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """`model.predict_on_batch` over slices of exactly `batch_size` rows (the last padded)."""
-    outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        padding = batch_size - len(chunk)
-        if padding:
-            chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(np.asarray(model.predict_on_batch(chunk))[: batch_size - padding])
-    return np.concatenate(outputs)

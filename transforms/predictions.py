@@ -20,6 +20,7 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import PredictionResult
 
 from transforms.catalog import Catalog, ImageRecord
+from transforms.top_k import top_k_fields
 
 STYLE_FIELDS = (
     pa.field("style", pa.string()),
@@ -79,20 +80,6 @@ def prediction_row(
         **top_k_fields(probabilities, classes=classes, top_k=top_k),
         "model": model_id,
         "error": None,
-    }
-
-
-def top_k_fields(
-    probabilities: np.ndarray, *, classes: Sequence[str], top_k: int
-) -> dict[str, Any]:
-    """style, confidence, top_k_styles and top_k_probs of one image's probabilities: the
-    pipeline's rows and the service's answers share them."""
-    ranked = np.argsort(-probabilities, kind="stable")[:top_k]
-    return {
-        "style": classes[ranked[0]],
-        "confidence": float(probabilities[ranked[0]]),
-        "top_k_styles": [classes[i] for i in ranked],
-        "top_k_probs": [float(probabilities[i]) for i in ranked],
     }
 
 

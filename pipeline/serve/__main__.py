@@ -1,16 +1,26 @@
-"""`python -m pipeline.serve [--model BUNDLE] [--host 127.0.0.1] [--port 8000] ...`"""
+"""`python -m pipeline.serve [--model BUNDLE] [--host 127.0.0.1] [--port 8000] ...`
+
+Nothing here or in what it imports loads Beam, nor, on OpenVINO, TensorFlow: the service
+is ready seconds sooner (docs/service.md).
+"""
 
 import logging
 import socket
-import sys
 
 import uvicorn
 
-from models.bundle import ModelBundle
+from models.bundle import BundleError, ModelBundle
 from models.engine_choice import choose_engine
 from models.openvino_engine import converted_file
+from pipeline.exits import run_reporting
 from pipeline.flags import UsageError
 from pipeline.serve.config import ServeConfig, parse_config
+
+
+def main() -> None:
+    """A bad flag, an address in use or a bad bundle is one line and exit status 2; Ctrl-C
+    one line and 130."""
+    run_reporting(serve, lambda: (UsageError, BundleError))
 
 
 def serve() -> None:
@@ -59,7 +69,4 @@ def url_of(address: socket.socket) -> str:
 
 
 if __name__ == "__main__":
-    parse_config(sys.argv[1:])  # --help and a bad flag answer before Beam and TensorFlow load
-    from pipeline.options import run_command
-
-    run_command(serve)
+    main()

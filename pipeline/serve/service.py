@@ -37,6 +37,7 @@ import numpy as np
 
 from models.bundle import ModelBundle, load_classifier
 from models.engine_choice import EngineChoice, choose_engine
+from models.fixed_batches import Classifier, predict_in_fixed_batches
 from models.openvino_engine import load_openvino_classifier, openvino_precision_of
 from models.precision import PrecisionChoice, choose_precision
 from pipeline.serve.batcher import MicroBatcher, Places, QueueFull
@@ -45,12 +46,9 @@ from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ServiceError, overloaded
 from pipeline.serve.guard import check_url, guarded_socket
 from pipeline.serve.metrics import ServiceMetrics
-from transforms.explanations import jpeg
 from transforms.fetch import Fetcher, FetchPolicy, default_user_agent
-from transforms.images import ImageError, brief, decode_image
-from transforms.load import DECODE_THREADS
-from transforms.model_handler import predict_in_fixed_batches
-from transforms.predictions import top_k_fields
+from transforms.images import DECODE_THREADS, ImageError, brief, decode_image, jpeg
+from transforms.top_k import top_k_fields
 
 if TYPE_CHECKING:
     from models.gradcam import GradCam
@@ -66,8 +64,6 @@ FETCH_RETRIES = 1
 LOADING_RETRY_AFTER_S = 5
 # The images of an OpenVINO call, beside single images: see the module's docstring.
 OPENVINO_CALL = 8
-
-Classifier = Any  # what runs a batch: `predict_on_batch(images) -> probabilities`
 
 
 class ModelState(Enum):
