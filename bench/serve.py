@@ -41,6 +41,7 @@ from bench.flags import DEFAULT_DATA, REPO_ROOT
 from bench.measure import _high_water_kb, pipeline_rates, run_pipeline
 from models.bundle import DEFAULT_BUNDLE, ModelBundle, load_classifier
 from models.precision import PRECISIONS
+from pipeline.cli import called_as
 from pipeline.serve.config import ServeConfig
 from transforms.fetch import read_file
 from transforms.images import decode_image
@@ -57,7 +58,7 @@ HEATMAP_SECONDS = 10.0  # one client asking for Grad-CAM's heatmap too: its late
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.serve", description=__doc__.split("\n")[0]
+        prog=called_as("bench.serve"), description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Has catalog.csv.")

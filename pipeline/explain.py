@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.bundle import DEFAULT_BUNDLE, ModelBundle, check_backbone_weights
+from models.bundle import ModelBundle, check_backbone_weights
 from pipeline import terminal
-from pipeline.flags import UsageError
+from pipeline.flags import EXPLAIN_COMMAND, UsageError
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import ImageError, brief, decode_image, describe
 
@@ -50,28 +50,7 @@ class ExplainError(ValueError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.explain",
-        description="Writes, per image, a PNG of the painting, Grad-CAM for its top style "
-        "and its top styles.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_URI", help="Local paths or URIs.")
-    parser.add_argument("--output", required=True, metavar="DIR", help="Folder for the PNGs.")
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
-    parser.add_argument(
-        "--style", default=None, help="Explain this style instead of each image's top style."
-    )
-    parser.add_argument(
-        "--feature_maps",
-        metavar="LAYER",
-        default=None,
-        help="Also draw this backbone layer's filters and activation maps ('stem_conv', "
-        "'block3_dwconv', 'stage4_out', ...; 'efficientnet_lite2/stem_conv' for the second "
-        "backbone of an ensemble).",
-    )
-    parser.add_argument("--backbone_weights", default=None, help="As for python -m pipeline.")
-    return parser.parse_args(argv)
+    return EXPLAIN_COMMAND.parser(allow_abbrev=False).parse_args(argv)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -3,9 +3,10 @@
 TensorFlow, absl, CUDA's stub and Beam each print start-up lines that say nothing a user can
 act on ("cuInit ... UNKNOWN ERROR (303)" on a machine without a GPU, "oneDNN custom operations
 are on", "apitools not found"). `set_up` quiets them before TensorFlow loads, since its C++
-logging reads TF_CPP_MIN_LOG_LEVEL once, as it loads: `python -m pipeline...` calls it from
-pipeline/__init__.py (which Python imports before the command's module), `artstyle` from
-pipeline/cli.py. With --verbose everything is shown, at INFO.
+logging reads TF_CPP_MIN_LOG_LEVEL once, as it loads: `python -m pipeline...` and `python -m
+bench...` call it from their package's __init__.py (which Python imports before the command's
+module, `set_up_for_python_m`), `artstyle` from pipeline/cli.py. With --verbose everything is
+shown, at INFO.
 
 absl's C++ logging writes some lines before any level applies (TensorFlow's libraries log as
 they load, and again when a worker thread loads another), straight to file descriptor 2. Those
@@ -47,6 +48,7 @@ BEAM_NOISE = (
     "apitools not found",
     "Resource module is not available",
 )
+_set_up_already = False
 
 
 def take_verbose_flag(argv: list[str]) -> tuple[bool, list[str]]:
@@ -55,9 +57,22 @@ def take_verbose_flag(argv: list[str]) -> tuple[bool, list[str]]:
     return VERBOSE_FLAG in argv, [arg for arg in argv if arg != VERBOSE_FLAG]
 
 
+def set_up_for_python_m() -> None:
+    """For `python -m PACKAGE.X`, from PACKAGE's __init__.py: Python imports it before X,
+    whose imports load TensorFlow, and while it looks for X, sys.argv[0] is "-m". Takes
+    --verbose out of the command's arguments."""
+    if sys.argv[0] == "-m":
+        verbose, sys.argv[1:] = take_verbose_flag(sys.argv[1:])
+        set_up(verbose)
+
+
 def set_up(verbose: bool) -> None:
-    """Quiets the libraries, or lets everything through at INFO. Once per process, before
-    the command's imports."""
+    """Quiets the libraries, or lets everything through at INFO. Before the command's
+    imports; once per process (a second call changes nothing)."""
+    global _set_up_already
+    if _set_up_already:
+        return
+    _set_up_already = True
     signal.signal(signal.SIGINT, _interrupted_while_starting)
     if verbose:
         logging.basicConfig(level=logging.INFO)

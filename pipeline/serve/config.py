@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from models.bundle import DEFAULT_BUNDLE
 from models.precision import PRECISIONS
+from pipeline.cli import called_as
 from pipeline.flags import number, whole_number
 from transforms.images import DEFAULT_MAX_PIXELS
 
@@ -50,7 +51,7 @@ class ServeConfig:
 def parse_config(argv: list[str] | None = None) -> ServeConfig:
     """The flags, each value checked by its argparse type; --help lists them."""
     defaults = ServeConfig()
-    parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=SERVE_ABOUT)
+    parser = argparse.ArgumentParser(prog=called_as("pipeline.serve"), description=SERVE_ABOUT)
     parser.add_argument("--model", default=defaults.model, help="A model bundle folder.")
     parser.add_argument("--host", default=defaults.host, help="The address to listen on.")
     parser.add_argument("--port", type=whole_number(0), default=defaults.port)
