@@ -34,6 +34,10 @@ class EngineChoice:
     def to_json(self) -> dict[str, str]:
         return {"engine": self.engine, "reason": self.reason}
 
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> EngineChoice:
+        return cls(data["engine"], data["reason"])
+
 
 def gpu_device_present(devices: str = "/dev") -> bool:
     """An NVIDIA GPU's device files, seen without loading TensorFlow (which may still not use

@@ -50,7 +50,7 @@ Speedup = Callable[[], float]  # measures bfloat16's images/s over float32's on 
 class PrecisionChoice:
     """The arithmetic a model is built in, and why: for the log and for summary.json."""
 
-    precision: str  # "float32" or "bfloat16"
+    precision: str  # "float32" or "bfloat16"; as asked, where each worker resolves its own
     reason: str
 
     def __str__(self) -> str:
@@ -58,6 +58,10 @@ class PrecisionChoice:
 
     def to_json(self) -> dict[str, str]:
         return {"precision": self.precision, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> PrecisionChoice:
+        return cls(data["precision"], data["reason"])
 
 
 def cpu_bfloat16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:

@@ -47,6 +47,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from models.backbones import input_size_of
     from models.crossfit import fit_bundle_head
     from pipeline.features import build_embedding_graph, training_data
+    from pipeline.plan import Workers
     from pipeline.progress_bar import progress_bar
     from transforms.catalog import CatalogError, open_catalog
 
@@ -58,7 +59,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     if not args.reuse_embeddings:
-        with progress_bar(options, catalog), beam.Pipeline(options=options) as pipeline:
+        with progress_bar(Workers.of(options), catalog), beam.Pipeline(options=options) as pipeline:
             build_embedding_graph(pipeline, options, catalog, embeddings)  # runs on leaving
     embedding_seconds = time.perf_counter() - started
     head, report = fit_bundle_head(

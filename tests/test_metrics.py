@@ -19,16 +19,16 @@ def hand_checked_board() -> Scoreboard:
 
 
 def test_overall_scores_match_the_hand_count():
-    summary = hand_checked_board().summary()
-    assert summary["n_images"] == 7
-    assert summary["n_errors"] == 1
-    assert summary["errors_by_kind"] == {"not_found": 1}
-    assert summary["n_labelled"] == 4
-    assert summary["top1"] == pytest.approx(2 / 4)
-    assert summary["top3"] == pytest.approx(4 / 4)
-    assert summary["top5"] is None  # rows ranked only three styles
-    assert summary["n_unknown_label"] == 1
-    assert summary["unknown_labels"] == {"D": 1}
+    summary = hand_checked_board().scores()
+    assert summary.n_images == 7
+    assert summary.n_errors == 1
+    assert summary.errors_by_kind == {"not_found": 1}
+    assert summary.n_labelled == 4
+    assert summary.top1 == pytest.approx(2 / 4)
+    assert summary.top3 == pytest.approx(4 / 4)
+    assert summary.top5 is None  # rows ranked only three styles
+    assert summary.n_unknown_label == 1
+    assert summary.unknown_labels == {"D": 1}
 
 
 def test_per_class_scores_and_macro_f1():
@@ -68,7 +68,7 @@ def test_merged_boards_equal_one_board_over_all_rows():
     second.add("A", None, None, error="not_found: no such file")
     second.add(None, ["C", "A", "B"], 0.4)
     first.merge(second)
-    assert first.summary() == whole.summary()
+    assert first.scores() == whole.scores()
 
 
 def test_probabilities_are_ranked_like_rows():
@@ -76,6 +76,6 @@ def test_probabilities_are_ranked_like_rows():
 
     board = Scoreboard(CLASSES)
     board.add_probabilities(["B", "C"], np.array([[0.2, 0.7, 0.1], [0.5, 0.3, 0.2]]))
-    summary = board.summary()
-    assert summary["top1"] == pytest.approx(0.5)
-    assert summary["top3"] == pytest.approx(1.0)
+    summary = board.scores()
+    assert summary.top1 == pytest.approx(0.5)
+    assert summary.top3 == pytest.approx(1.0)

@@ -47,9 +47,9 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
 
     summary = predict([f"--input={labelled_catalog / 'val.csv'}",
                        f"--output={labelled_catalog / 'out'}", f"--model={bundle}"])  # fmt: skip
-    assert summary["model"] == "colours"
-    assert summary["top1"] == pytest.approx(val["top1"])
-    assert summary["macro_f1"] == pytest.approx(val["macro_f1"])
+    assert summary.model_id == "colours"
+    assert summary.top1 == pytest.approx(val["top1"])
+    assert summary.macro_f1 == pytest.approx(val["macro_f1"])
 
     with pytest.raises(ValueError, match="no mirror features"):
         train([*argv, "--reuse_embeddings", "--augment_mirror"])
@@ -76,4 +76,4 @@ def test_an_ensemble_trained_with_mirrors_predicts_what_training_scored(labelled
     assert not np.allclose(features, mirrored)  # the paintings are not symmetric
     summary = predict([f"--input={labelled_catalog / 'val.csv'}",
                        f"--output={labelled_catalog / 'out'}", f"--model={bundle}"])  # fmt: skip
-    assert summary["top1"] == pytest.approx(manifest["scores"]["val"]["top1"])
+    assert summary.top1 == pytest.approx(manifest["scores"]["val"]["top1"])
