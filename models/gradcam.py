@@ -44,6 +44,9 @@ from models.precision import building_in
 
 OVERLAY_COLOURMAP = "turbo"
 OVERLAY_OPACITY = 0.45
+# Images per Grad-CAM call, for callers that explain many (the report's step, explain): enough
+# to amortise a call's fixed cost, little memory beside the float32 model's.
+BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from models.gradcam import GradCam
 
 TOP_STYLES = 5
-BATCH = 8  # images per Grad-CAM call
 # The readable part of an output's name, in UTF-8 bytes: with a digest, a layer's name and
 # ".png" after it, well below the 255 bytes a file name may take on common file systems.
 MAX_NAME_BYTES = 100
@@ -56,7 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> None:
     """Explains every image it can; then raises ExplainError if some could not be."""
     from models.feature_maps import LayerError, LayerViewer
-    from models.gradcam import bundle_grad_cam
+    from models.gradcam import BATCH_SIZE, bundle_grad_cam
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     output = Path(args.output)
@@ -79,7 +78,7 @@ def run(argv: list[str] | None = None) -> None:
     names = output_names(args.images, ("", maps) if maps else ("",), [filters] if filters else [])
 
     failures = 0
-    for batch in _batches(_read_images(args.images, bundle.input_size), BATCH):
+    for batch in _batches(_read_images(args.images, bundle.input_size), BATCH_SIZE):
         readable = [(i, image) for i, image in batch if not isinstance(image, str)]
         problems = {i: problem for i, problem in batch if isinstance(problem, str)}
         for (index, image), draw in zip(readable, explainer(readable, args.images), strict=True):

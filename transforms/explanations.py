@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from models.bundle import ModelBundle
-from models.gradcam import bundle_grad_cam, overlay
+from models.gradcam import BATCH_SIZE, bundle_grad_cam, overlay
 from transforms.catalog import Catalog, ImageRecord, ReadCatalog
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe
@@ -28,7 +28,6 @@ CONFIDENT_MISTAKES = "confident_mistakes"  # labelled: wrong, most confident fir
 LEAST_CONFIDENT = "least_confident"  # labelled: right or wrong, least confident first
 GALLERY = "gallery"  # unlabelled: each predicted style's most confident paintings
 
-EXPLAIN_BATCH = 16  # images per Grad-CAM call: large enough to amortise, small in memory
 JPEG_QUALITY = 88
 
 
@@ -209,7 +208,7 @@ class ExplainSamples(beam.PTransform):
         return (
             sampled
             | "Spread" >> beam.Reshuffle()
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=EXPLAIN_BATCH)
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH_SIZE)
             | "GradCam" >> beam.ParDo(self._explain, locations=locations)
         )
 
