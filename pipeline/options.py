@@ -13,13 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import fsspec
-
-# Beam's parser, for the flags Beam declares with its add_value_provider_argument.
-from apache_beam.options.pipeline_options import (
-    PipelineOptions,
-    SetupOptions,
-    _BeamArgumentParser,
-)
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.bundle import BundleError
 from models.settings import HeadConfig
@@ -27,6 +21,7 @@ from pipeline import flags
 from pipeline.flags import UsageError
 from pipeline.interrupts import exit_on_interrupt
 from pipeline.outputs import OutputError
+from transforms import library_internals
 from transforms.catalog import CatalogError
 from transforms.fetch import FetchPolicy, default_user_agent
 
@@ -128,7 +123,7 @@ def parse_options(argv: list[str] | None, command: flags.CommandLine) -> Pipelin
     return options
 
 
-class _FlagParser(_BeamArgumentParser):
+class _FlagParser(library_internals.beam_argument_parser()):  # type: ignore[misc]
     """Raises UsageError where argparse would print the usage (Beam's runs to hundreds of
     lines) and exit."""
 
@@ -141,15 +136,11 @@ def check_flags(argv: list[str], groups: Sequence[flags.FlagGroup]) -> None:
     lines, and runs on without it; here it is an error, with the nearest known flag: every
     flag must be Beam's or one of `groups`'."""
     parser = _FlagParser(allow_abbrev=False)
-    beams = {str(cls): cls for cls in PipelineOptions.__subclasses__()
-             if cls.__module__.startswith("apache_beam.")}  # fmt: skip
-    for view in beams.values():
-        view._add_argparse_args(parser)
-    for add_flags in groups:
-        add_flags(parser)
+    library_internals.add_beam_flags(parser)
+    flags.add(parser, *groups)
     _, unknown = parser.parse_known_args(argv)
     if unknown:
-        known = [flag for action in parser._actions for flag in action.option_strings]
+        known = library_internals.known_flags(parser)
         raise UsageError(_unknown_argument_message(unknown[0], known))
 
 

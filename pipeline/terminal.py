@@ -26,6 +26,7 @@ import sys
 from typing import NoReturn
 
 from pipeline.interrupts import end_interrupted
+from transforms import library_internals
 
 VERBOSE_FLAG = "--verbose"
 TOOL_PREFIX = "artstyle"
@@ -104,7 +105,7 @@ def end_process() -> NoReturn:
     9.5 s one-batch run, after its results were out. The exit handlers still run
     (logging's flush, the stderr filter's last lines), then the process ends with status 0.
     """
-    atexit._run_exitfuncs()  # CPython's own runner of them, in their order
+    library_internals.run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -52,6 +52,7 @@ import fsspec
 import tenacity
 
 from transforms.images import ImageError, brief, describe, over_the_cap
+from transforms.library_internals import strip_protocol
 
 PROJECT_URL = "https://github.com/artstyle-project/artstyle"
 
@@ -365,7 +366,7 @@ def _read_file(location: Location, max_bytes: int) -> bytes:
     """At most `max_bytes` bytes of a local file or any fsspec object, in one read (of one
     byte more, to tell a file over the cap)."""
     fs = _filesystem(location.scheme)
-    path = location.target if not location.scheme else fs._strip_protocol(location.target)
+    path = location.target if not location.scheme else strip_protocol(fs, location.target)
     try:
         data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except Exception as error:
