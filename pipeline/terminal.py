@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import MutableMapping
 from typing import NoReturn
 
 from pipeline.interrupts import end_interrupted
@@ -78,12 +79,25 @@ def set_up(verbose: bool) -> None:
     if verbose:
         logging.basicConfig(level=logging.INFO)
         return
-    os.environ.setdefault(TF_LOG_LEVEL, QUIET_TF_LOG_LEVEL)
-    _filter_native_stderr(_native_noise(os.environ[TF_LOG_LEVEL]))
-    handler = logging.StreamHandler()  # on this stderr, before anything logs
+    _filter_native_stderr(native_noise(tf_log_level(os.environ)))
+    quiet_python_logging(logging.StreamHandler())  # on this stderr, before anything logs
+
+
+def tf_log_level(environ: MutableMapping[str, str]) -> str:
+    """TensorFlow's C++ log level: the user's, where they set one, else quiet; set in
+    `environ`, where TensorFlow reads it as it loads."""
+    return environ.setdefault(TF_LOG_LEVEL, QUIET_TF_LOG_LEVEL)
+
+
+def quiet_python_logging(handler: logging.Handler) -> None:
+    """Python's logging to `handler`, at WARNING, each library's line marked as its own:
+    Beam's harmless warnings and its workers' start-up chatter dropped, absl's, TensorFlow's
+    and h5py's warnings too."""
     handler.setFormatter(TerminalFormatter())
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger().addFilter(_not_beam_noise)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    root.addFilter(_not_beam_noise)
     logging.getLogger(WORKER_RELAY_LOGGER).addFilter(_worker_line_worth_showing)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -118,10 +132,11 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
     end_interrupted(f"{TOOL_PREFIX}: interrupted")
 
 
-def _native_noise(tf_log_level: str) -> str | None:
-    """A regular expression of the C++ log lines that TensorFlow's level hides (None: none)."""
+def native_noise(level: str) -> str | None:
+    """A regular expression of the C++ log lines that TensorFlow's log level hides (None:
+    none)."""
     try:
-        hidden = ABSL_SEVERITIES[: max(0, int(tf_log_level))]
+        hidden = ABSL_SEVERITIES[: max(0, int(level))]
     except ValueError:
         return None
     if not hidden:

@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from pipeline import cli
+from pipeline import cli, terminal
 from pipeline.cli import COMMANDS, called_as, main, run_module
 
 # Runs in a fresh interpreter, then says which heavy libraries the help loaded.
@@ -165,10 +165,14 @@ def test_the_console_script_is_the_cli():
     assert script.value == "pipeline.cli:main"
 
 
-def test_a_bad_flag_is_the_same_line_through_artstyle(tmp_path):
-    """The same one-line error and status as `python -m pipeline`'s (tests/test_options.py)."""
+def test_a_bad_flag_is_the_same_line_through_artstyle(tmp_path, monkeypatch, capsys):
+    """The same one-line error and status as `python -m pipeline`'s (tests/test_options.py),
+    here in this process (whose terminal the test keeps as it is)."""
+    monkeypatch.setattr(terminal, "set_up", lambda verbose: None)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    monkeypatch.setattr(cli, "_called_as", {})
     flags = [f"--input={tmp_path / 'c.csv'}", f"--output={tmp_path / 'out'}", "--top-k", "3"]
-    code = f"from pipeline.cli import main; main({['predict', *flags]!r})"
-    cli = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert cli.returncode == 2
-    assert cli.stderr == "artstyle: unknown flag --top-k (did you mean --top_k?)\n"
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", *flags, "--verbose"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "artstyle: unknown flag --top-k (did you mean --top_k?)\n"
