@@ -9,6 +9,7 @@ import pytest
 from models import engine_choice, openvino_engine, precision
 from models.cache import CACHE_DIR_VARIABLE
 from models.engine_choice import choose_engine, gpu_device_present
+from pipeline import plan
 from pipeline.predict import run
 from tests.conftest import painting
 
@@ -57,8 +58,15 @@ def test_the_choice_loads_no_tensorflow():
     assert done.stdout.split(" ", 1)[1].strip() == "[]"
 
 
-def test_a_run_says_which_engine_it_chose_and_why(tiny_bundle, gpu, tmp_path):
+def test_a_run_says_which_engine_it_chose_and_why_having_asked_once(
+    tiny_bundle, gpu, tmp_path, monkeypatch
+):
+    """The plan is resolved once: the model's check, the graph and summary.json read it."""
     gpu(False)
+    asked = []
+    monkeypatch.setattr(
+        plan, "choose_engine", lambda *args: asked.append(args) or choose_engine(*args)
+    )
     images = [painting(tmp_path / f"p{i}.png", (200, 40, 30), seed=i) for i in range(3)]
     catalog = tmp_path / "catalog.csv"
     catalog.write_text("uri\n" + "".join(f"{path}\n" for path in images))
@@ -69,6 +77,7 @@ def test_a_run_says_which_engine_it_chose_and_why(tiny_bundle, gpu, tmp_path):
         "reason": "on this CPU it computes Keras's results without TensorFlow's start-up",
     }
     assert summary.n_images == 3 and summary.n_errors == 0
+    assert asked == [("auto", True)]
 
 
 def test_summary_json_gives_the_precision_openvino_ran_in(tiny_bundle, gpu, tmp_path, monkeypatch):

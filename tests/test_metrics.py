@@ -1,6 +1,11 @@
+import json
+
 import pytest
 
+from models.engine_choice import EngineChoice
 from models.metrics import Scoreboard
+from models.precision import PrecisionChoice
+from transforms.evaluation import RunSummary
 
 CLASSES = ("A", "B", "C")
 
@@ -79,3 +84,25 @@ def test_probabilities_are_ranked_like_rows():
     summary = board.scores()
     assert summary.top1 == pytest.approx(0.5)
     assert summary.top3 == pytest.approx(1.0)
+
+
+def test_a_runs_summary_reads_back_as_written_and_an_older_one_without_its_engine():
+    board = hand_checked_board()
+    summary = RunSummary(
+        **vars(board.scores()),
+        model_id="m",
+        engine=EngineChoice("openvino", "asked for (--engine openvino)"),
+        precision=PrecisionChoice("float32", "asked for (--precision float32)"),
+    )
+    written = json.loads(json.dumps(summary.to_json()))
+    assert written["model"] == "m" and written["engine"]["engine"] == "openvino"
+    assert RunSummary.from_json(written) == summary
+    del written["engine"], written["precision"]
+    older = RunSummary.from_json(written)
+    assert older.engine is None and older.precision is None and older.top1 == summary.top1
+
+
+def test_a_summary_without_labelled_rows_has_no_scores():
+    board = Scoreboard(("A", "B"))
+    board.add(None, ["A", "B"], 0.9)
+    assert "top1" not in board.scores().to_json() and board.scores().top1 is None
