@@ -115,8 +115,8 @@ class TerminalFormatter(logging.Formatter):
 def end_process() -> NoReturn:
     """Ends a command whose results are written, without Python's teardown of its modules.
 
-    With TensorFlow and Beam loaded, finalising their modules and threads took 1.3 s of a
-    9.5 s one-batch run, after its results were out. The exit handlers still run
+    With TensorFlow and Beam loaded, finalising their modules and threads takes a good share
+    of a short run's time, after its results are out. The exit handlers still run
     (logging's flush, the stderr filter's last lines), then the process ends with status 0.
     """
     library_internals.run_exit_handlers()
