@@ -155,7 +155,7 @@ class _Explainer:
                     overlay(image, explained.heatmaps[i]),
                     classes[explained.styles[i]],
                     top["top_k_styles"],
-                    top["top_k_probs"],
+                    top["top_k_probabilities"],
                     brief(uris[index], 90),
                 )
             )

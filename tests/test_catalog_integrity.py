@@ -59,7 +59,7 @@ def test_csv_shards_of_an_earlier_run_with_bad_lines(museums_csv, tmp_path, tiny
     assert table.column_names == [
         "uri", "title", "catalog_label", "catalog_style", "catalog_confidence",
         "catalog_top_k_styles", "catalog_model", "catalog_error",
-        "style", "confidence", "top_k_styles", "top_k_probs", "model", "error",
+        "style", "confidence", "top_k_styles", "top_k_probabilities", "model", "error",
     ]  # fmt: skip
     by_title = frame.set_index("title")
     # Each museum's relative URIs are its own folder's.

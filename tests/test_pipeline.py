@@ -110,10 +110,10 @@ def test_run_writes_predictions_metrics_and_summary(catalog_csv, tmp_path, tiny_
         if row["error"] is None:
             assert row["style"] in CLASSES and row["model"] == "tiny-test-model"
             assert row["top_k_styles"][0] == row["style"] and len(row["top_k_styles"]) == 3
-            assert row["top_k_probs"] == sorted(row["top_k_probs"], reverse=True)
-            assert sum(row["top_k_probs"]) == pytest.approx(1.0, abs=1e-4)
+            assert row["top_k_probabilities"] == sorted(row["top_k_probabilities"], reverse=True)
+            assert sum(row["top_k_probabilities"]) == pytest.approx(1.0, abs=1e-4)
         else:
-            assert row["style"] is None and row["top_k_probs"] is None
+            assert row["style"] is None and row["top_k_probabilities"] is None
             assert len(row["error"].split(": ", 1)[1]) > 5  # a message, not only a kind
 
     errors = sum(kind is not None for kind in EXPECTED_KIND.values())
@@ -145,7 +145,9 @@ def test_parquet_and_folder_inputs(tmp_path, tiny_bundle):
 def predictions_of(output):
     frame = pq.read_table([str(p) for p in output.glob("predictions-*.parquet")]).to_pandas()
     frame = frame.sort_values("uri").reset_index(drop=True)
-    return frame[["uri", "style", "error"]], np.stack(frame["top_k_probs"].dropna().to_numpy())
+    return frame[["uri", "style", "error"]], np.stack(
+        frame["top_k_probabilities"].dropna().to_numpy()
+    )
 
 
 def test_two_workers_predict_what_one_worker_does(catalog_csv, tmp_path, tiny_bundle):

@@ -22,6 +22,7 @@ from models.gradcam import BATCH_SIZE, bundle_grad_cam, overlay
 from transforms.catalog import Catalog, ImageRecord, ReadCatalog
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe
+from transforms.predictions import with_current_names
 
 # The report's sections of sampled rows.
 CONFIDENT_MISTAKES = "confident_mistakes"  # labelled: wrong, most confident first
@@ -160,9 +161,10 @@ class ExplainRowsFn(beam.DoFn):
 
 
 def _shown_columns(row: dict[str, Any]) -> dict[str, Any]:
+    row = with_current_names(row)
     return {
         key: row.get(key)
-        for key in ("uri", "label", "style", "confidence", "top_k_styles", "top_k_probs")
+        for key in ("uri", "label", "style", "confidence", "top_k_styles", "top_k_probabilities")
     }
 
 
