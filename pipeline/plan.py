@@ -72,8 +72,7 @@ def plan_run(options: PipelineOptions, bundle: ModelBundle) -> RunPlan:
     """The run's plan. The model is checked on the engine chosen before its arithmetic is
     resolved (which may build it): what would stop it in the workers is one line now."""
     workers = Workers.of(options)
-    asked = options.view_as(PredictOptions)
-    engine = choose_engine(asked.engine, workers.on_this_machine)
+    engine = choose_engine(options.view_as(PredictOptions).engine, workers.on_this_machine)
     check_model(bundle, engine.engine, options.view_as(ModelOptions).backbone_weights)
     return RunPlan(workers, engine, _precision(options, bundle, engine.engine, workers))
 
@@ -96,7 +95,8 @@ def _precision(
     asked = options.view_as(PredictOptions).precision
     if not workers.on_this_machine:
         return PrecisionChoice(asked, PER_WORKER)
-    model = options.view_as(ModelOptions)
+    model_options = options.view_as(ModelOptions)
+    weights, batch_size = model_options.backbone_weights, model_options.batch_size
     if engine == "openvino":
-        return openvino_precision_of(bundle.path, model.backbone_weights, asked, model.batch_size)
-    return choose_precision(asked, partial(bundle.classifier, model.backbone_weights), bundle.id)
+        return openvino_precision_of(bundle.path, weights, asked, batch_size)
+    return choose_precision(asked, partial(bundle.classifier, weights), bundle.id)

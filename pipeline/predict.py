@@ -53,7 +53,7 @@ def build_graph(
 ) -> beam.PCollection[dict]:
     """Writes to `output_dir` (default: --output; `run` gives its staging folder) and returns
     the prediction rows, for tests to inspect."""
-    images = options.view_as(ImageOptions)
+    image_options = options.view_as(ImageOptions)
     output_dir = output_dir or options.view_as(CatalogOptions).output
     top_k = options.view_as(PredictOptions).top_k
     classifier = FixedBatchModelHandler(
@@ -65,8 +65,8 @@ def build_graph(
     inferred, failures = records | "InferStyles" >> InferImages(
         classifier,
         bundle.input_size,
-        images.max_image_pixels,
-        images.policy(),
+        image_options.max_image_pixels,
+        image_options.policy(),
     )
     predictions = inferred | "TopK" >> beam.Map(
         prediction_row, classes=bundle.classes, top_k=top_k, **row_context
@@ -87,17 +87,13 @@ def classifier_loader(
 ) -> Callable[[], Any]:
     """What each worker calls to load the classifier, on the plan's engine and in its
     arithmetic (which a worker elsewhere resolves for itself where it is `auto`)."""
-    model = options.view_as(ModelOptions)
-    precision = plan.precision.precision
+    model_options = options.view_as(ModelOptions)
+    weights, precision = model_options.backbone_weights, plan.precision.precision
     if plan.engine.engine == "openvino":
         return partial(
-            load_openvino_classifier,
-            bundle.path,
-            model.backbone_weights,
-            precision,
-            model.batch_size,
+            load_openvino_classifier, bundle.path, weights, precision, model_options.batch_size
         )
-    return partial(load_classifier, bundle.path, model.backbone_weights, precision)
+    return partial(load_classifier, bundle.path, weights, precision)
 
 
 def run(

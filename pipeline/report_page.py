@@ -358,15 +358,15 @@ def report_after_run(
     its staged results (so that it is published, and later replaced, with them), with the
     run's options (runner, backbone weights); returns the line the run prints."""
     started = time.perf_counter()
-    images = options.view_as(ImageOptions)
+    image_options = options.view_as(ImageOptions)
     path = write_report(
         output,
         output.staged_results(),
         bundle,
         catalog=catalog,
         backbone_weights=options.view_as(ModelOptions).backbone_weights,
-        fetch_policy=images.policy(),
-        max_pixels=images.max_image_pixels,
+        fetch_policy=image_options.policy(),
+        max_pixels=image_options.max_image_pixels,
         beam_options=options,
     )
     return f"  report:      {path} ({time.perf_counter() - started:.1f} s)"
