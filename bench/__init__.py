@@ -7,7 +7,8 @@ machine) and docs/benchmarks.md.
 runs it, the pipeline over HTTP against disk, the model alone again, and a fresh model per
 image. Beside it, each a command of its own (`python -m bench NAME`, as `python -m
 bench.NAME`, or `artstyle bench NAME`): `serve`, the service under load against the batch
-pipeline, and `large_catalog`, whether memory stays flat as a catalog grows tenfold.
+pipeline; `large_catalog`, whether memory stays flat as a catalog grows tenfold; and
+`similar`, the nearest-neighbour index (build, memory, one query, recall).
 
 The benchmarks run from a checkout: neither the installed package nor the workers' image
 holds them.

@@ -26,6 +26,7 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
 OTHER_BENCHES = {
     "serve": "the service under load, against the batch pipeline",
     "large_catalog": "whether memory stays flat as a catalog grows tenfold",
+    "similar": "the nearest-neighbour index: its build, memory, one query and recall",
 }
 
 JSON_OUTPUT = OUTPUT.but(help="The JSON file to write.", required=True)
@@ -53,9 +54,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fetch_images",
         type=int,
         default=2000,
-        help="Paintings read from disk and over HTTP at 50 and 200 ms per request.",
+        help="Paintings read from disk and over HTTP at 50 and 200 ms per request, and with "
+        "faults.",
     )
     add(parser, FETCH_CONCURRENCY.but("Here: in the runs over HTTP."))
+    parser.add_argument(
+        "--fetch_small_catalogs",
+        type=int,
+        nargs="+",
+        default=[100, 400],
+        help="Rows of the small catalogs whose whole runs are timed from disk and over HTTP.",
+    )
+    parser.add_argument(
+        "--fetch_rounds",
+        type=int,
+        default=3,
+        help="Turns each small catalog takes from disk, over HTTP and with faults; the "
+        "median is used.",
+    )
     parser.add_argument("--skip_fetch", action="store_true", help="No HTTP runs.")
     parser.add_argument(
         "--reload_images", type=int, default=200, help="Images for the model-per-image way."
@@ -94,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.startup_runs < 1:
         parser.error("--startup_runs must be at least 1")
+    if args.fetch_rounds < 1:
+        parser.error("--fetch_rounds must be at least 1")
     if args.images <= args.batch_size:
         parser.error("--images must exceed --batch_size: a batch is the start-up run's catalog")
     return args

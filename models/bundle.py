@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
+from models.embedding import PROJECTION_LAYER, EmbeddingSpec, EmbeddingSpecError
 from models.precision import (
     building_in,
     choose_precision,
@@ -89,10 +90,13 @@ class Manifest:
     backbone: BackboneSpec
     head: HeadSpec
     classes: tuple[str, ...]
+    # The head's projection, L2-normalised, when it has one (`--projection` in training).
+    embedding: EmbeddingSpec | None = None
     training: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        embedding = {"embedding": self.embedding.to_json()} if self.embedding else {}
         return {
             "format": BUNDLE_FORMAT,
             "id": self.id,
@@ -100,6 +104,7 @@ class Manifest:
             "backbone": asdict(self.backbone),
             "head": {"file": self.head.file, "temperature": self.head.temperature, **self.head.fit},
             "classes": list(self.classes),
+            **embedding,
             "training": self.training,
             "scores": self.scores,
         }
@@ -128,6 +133,7 @@ class Manifest:
                 fit={k: v for k, v in data["head"].items() if k not in ("file", "temperature")},
             ),
             classes=tuple(value("classes", list)),
+            embedding=_embedding_spec(data, where),
             training=value("training", dict, required=False) or {},
             scores=value("scores", dict, required=False) or {},
         )
@@ -158,6 +164,15 @@ class Manifest:
         if len(set(self.classes)) < len(self.classes):
             return "'classes' names a style twice"
         return None
+
+
+def _embedding_spec(data: dict, where: str) -> EmbeddingSpec | None:
+    if "embedding" not in data:
+        return None
+    try:
+        return EmbeddingSpec.from_json(data["embedding"], where)
+    except EmbeddingSpecError as error:
+        raise BundleError(str(error)) from None
 
 
 JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", list: "a list",
@@ -259,9 +274,14 @@ class ModelBundle:
                               f"{spec.features!r} features are {gets}")  # fmt: skip
 
     def classifier(
-        self, backbone_weights: str | None = None, precision: str = "float32"
+        self,
+        backbone_weights: str | None = None,
+        precision: str = "float32",
+        embeddings: bool = False,
     ) -> keras.Model:
-        """images (0..255) -> style probabilities, calibrated by the bundle's temperature.
+        """images (0..255) -> style probabilities, calibrated by the bundle's temperature;
+        with `embeddings`, also each image's embedding (the head's projection, L2-normalised),
+        a second output from the same pass.
 
         `precision` is the backbone's arithmetic, 'float32' or 'bfloat16' (`load_classifier`
         resolves 'auto', measuring where it must); the head and its softmax are float32 in
@@ -279,9 +299,26 @@ class ModelBundle:
                 spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
             )
         self.check_features(head, extractor)
-        logits = head(extractor.output)
+        if not embeddings:
+            logits = head(extractor.output)
+            probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
+            return keras.Model(extractor.input, probabilities, name="style_classifier")
+        self.check_embedding()
+        both = keras.Model(head.inputs, [head.output, head.get_layer(PROJECTION_LAYER).output])
+        logits, projected = both(extractor.output)
         probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
-        return keras.Model(extractor.input, probabilities, name="style_classifier")
+        embedding = keras.ops.normalize(projected, axis=-1, order=2)
+        return keras.Model(
+            extractor.input, [probabilities, embedding], name="style_classifier_with_embeddings"
+        )
+
+    def check_embedding(self) -> None:
+        """A bundle without a projection has no embedding to give: one line, at start-up."""
+        if self.manifest.embedding is None:
+            raise BundleError(
+                f"{self.path!r} gives no embeddings: its head has no projection "
+                "(train with --projection)"
+            )
 
 
 def check_head_file(path: str) -> None:

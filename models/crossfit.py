@@ -21,6 +21,7 @@ from models.head import (
     calibrated_probabilities,
     fit_head,
     fit_temperature,
+    low_rank_head,
     merge_heads,
     predict_logits,
     stratified_folds,
@@ -60,6 +61,8 @@ def fit_bundle_head(
     fold_of = stratified_folds(train.labels, folds, config.seed)
     heads, epochs, out_of_fold = cross_fit_heads(train, fold_of, len(classes), config)
     head = merge_heads(heads)
+    if config.projection:
+        head = low_rank_head(head, _sample(train.features, config.seed), config.projection)
     temperature = fit_temperature(out_of_fold, train.labels)
     scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
     if held_out is not None:
@@ -108,6 +111,18 @@ def cross_fit_heads(
         heads.append(head)
         epochs.append(head_epochs)
     return heads, epochs, out_of_fold
+
+
+PROJECTION_SAMPLE = 20_000  # training paintings whose pre-activations fit the projection
+
+
+def _sample(features: np.ndarray, seed: int) -> np.ndarray:
+    """Up to PROJECTION_SAMPLE rows, drawn without replacement: the projection's directions
+    settle long before every painting is read."""
+    if len(features) <= PROJECTION_SAMPLE:
+        return features
+    rows = np.random.default_rng(seed).choice(len(features), PROJECTION_SAMPLE, replace=False)
+    return features[np.sort(rows)]
 
 
 def _score(

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from models.embedding import PROJECTION_LAYER
 from models.settings import HeadConfig
 
 
@@ -276,7 +277,7 @@ def low_rank_head(merged: keras.Model, features: np.ndarray, rank: int) -> keras
             (basis.T, bias + mean @ kernel, "relu"),
             (out_kernel, out_bias, None),
         ],
-        names=("projection", "hidden", "logits"),
+        names=(PROJECTION_LAYER, "hidden", "logits"),
     )
 
 

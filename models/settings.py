@@ -40,6 +40,16 @@ class HeadConfig:
     patience: int = 10
     seed: int = 0
     class_balance: float = 1.0  # 1: every style weighs alike; 0: every painting does
+    projection: int = 0  # the merged head's first layer, projected to this many numbers
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# What --search can ask of a new index: exact up to models.vector_index.EXACT_LIMIT items and
+# approximate (IVF) past it, or either whatever its size.
+INDEX_SEARCHES = ("auto", "exact", "approximate")
+# Pairs of paintings at most this cosine distance apart are listed as the same picture by
+# `python -m pipeline.duplicates`. Provisional: it is to be measured on real paintings and
+# their altered copies with the model's own embedding (docs/similar.md says how).
+DUPLICATE_MAX_DISTANCE = 0.05

@@ -35,6 +35,8 @@ COMMANDS = {
     "serve": Command("pipeline.serve", "the model over HTTP: an API, metrics and a page"),
     "explain": Command("pipeline.explain", "Grad-CAM and the top styles of single images"),
     "report": Command("pipeline.report", "the report page of a finished run"),
+    "index": Command("pipeline.index", "a nearest-neighbour index of runs' embeddings"),
+    "duplicates": Command("pipeline.duplicates", "the near-identical paintings in an index"),
     "bench": Command("bench", "the benchmarks, from a checkout", from_checkout=True),
 }
 _called_as: dict[str, str] = {}  # module -> the command that ran it, where it was not -m

@@ -16,12 +16,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 from models.settings import (
     DEFAULT_BUNDLE,
+    DUPLICATE_MAX_DISTANCE,
     ENGINES,
     FEATURE_KINDS,
+    INDEX_SEARCHES,
     PRECISIONS,
     HeadConfig,
     check_backbone_names,
@@ -303,6 +305,21 @@ HIDDEN_UNITS = flag(
 )
 DROPOUT = flag("--dropout", type=_FRACTION, default=HeadConfig.dropout)
 L2 = flag("--l2", type=number(0), default=HeadConfig.l2)
+CLASS_BALANCE = flag(
+    "--class_balance",
+    "Each style's weight is (mean paintings a style / its paintings) to this power: 1 weighs "
+    "every style alike, 0 every painting.",
+    type=number(0),
+    default=HeadConfig.class_balance,
+)
+PROJECTION = flag(
+    "--projection",
+    "The merged head reads its features through a projection to this many numbers, fitted "
+    "to what its hidden units see (0: none): most of the bundle's size, and each painting's "
+    "embedding.",
+    type=whole_number(0),
+    default=HeadConfig.projection,
+)
 LABEL_SMOOTHING = flag("--label_smoothing", type=_FRACTION, default=HeadConfig.label_smoothing)
 LEARNING_RATE = flag(
     "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
@@ -311,6 +328,40 @@ EPOCHS = flag(
     "--epochs", "At most; early stopping.", type=whole_number(1), default=HeadConfig.epochs
 )
 SEED = flag("--seed", type=whole_number(0), default=HeadConfig.seed)
+
+# --- The index of embeddings -----------------------------------------------------------------
+
+ADD = flag(
+    "--add",
+    "Add the runs' paintings to the index at --output, without rebuilding it. A painting "
+    "whose URI the index holds already keeps its item (rebuild with --replace to take a later "
+    "run's); rows of one run that share a URI are items of their own.",
+    action="store_true",
+)
+REPLACE = flag(
+    "--replace",
+    "Build a new index over the one at --output, which stays whole until the new one is written.",
+    action="store_true",
+)
+SEARCH = flag(
+    "--search",
+    "A new index's search. 'exact': every painting compared; 'approximate': IVF, the "
+    "paintings of the query's nearest cells compared (k-means cells fitted on the runs' "
+    "paintings), faster past ten thousand paintings, most but not always all of the true "
+    "nearest (its recall is in docs/similar.md). 'auto' (default): exact up to the size "
+    "where one query stays quick, approximate past it.",
+    choices=INDEX_SEARCHES,
+    default=None,
+)
+MAX_DISTANCE = flag(
+    "--max_distance",
+    "The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
+    "paintings, 2 for opposite ones",
+    type=number(0),
+    metavar="D",
+    default=None,
+)
+SHOW = flag("--show", "Pairs printed (the closest groups).", type=whole_number(0), default=20)
 
 
 # --- Groups: what the commands compose -----------------------------------------------------
@@ -352,7 +403,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """Training's own (pipeline.options.TrainOptions)."""
     add(parser, BACKBONE, FEATURES, MODEL_ID, SPLIT_COLUMN, TRAIN_SPLIT, EVAL_SPLIT)
     add(parser, EMBEDDINGS, REUSE_EMBEDDINGS, AUGMENT_MIRROR, FOLDS, HIDDEN_UNITS, DROPOUT)
-    add(parser, L2, LABEL_SMOOTHING, LEARNING_RATE, EPOCHS, SEED)
+    add(parser, L2, CLASS_BALANCE, PROJECTION, LABEL_SMOOTHING, LEARNING_RATE, EPOCHS, SEED)
 
 
 def add_explain_flags(parser: argparse.ArgumentParser) -> None:
@@ -384,11 +435,50 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_index_flags(parser: argparse.ArgumentParser) -> None:
+    """python -m pipeline.index's."""
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="OUT_DIR",
+        help="Output folders of runs with --embeddings (any fsspec URI), added in this order.",
+    )
+    OUTPUT.but(help="The index: a folder on local disk.", required=True, metavar="INDEX")(parser)
+    existing = parser.add_mutually_exclusive_group()
+    add(existing, ADD, REPLACE)  # type: ignore[arg-type]  # a group declares as a parser does
+    SEARCH(parser)
+
+
+def add_max_distance_flag(parser: argparse.ArgumentParser, default: float | None) -> None:
+    """--max_distance, for the commands that list neighbours or pairs, with their default."""
+    MAX_DISTANCE.but(f"(default: {default}).", default=default)(parser)
+
+
+def add_duplicates_flags(parser: argparse.ArgumentParser) -> None:
+    """python -m pipeline.duplicates's."""
+    parser.add_argument("index", metavar="INDEX", help="An index (python -m pipeline.index).")
+    add_max_distance_flag(parser, DUPLICATE_MAX_DISTANCE)
+    add(
+        parser,
+        OUTPUT.but(help="Write every pair there too.", metavar="FILE.parquet"),
+        SHOW,
+    )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Raises UsageError where argparse would print its usage and exit: a bad flag is one
+    line, as the commands' other errors are."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message.removeprefix("argument "))
+
+
 @dataclass(frozen=True)
 class CommandLine:
     """A command: the module `python -m` runs, what it does, its flag groups. Declared here
     rather than in the command's module, so that its --help is answered before that module
-    (and Beam and TensorFlow with it) loads."""
+    (and Beam and TensorFlow with it) loads. The flags of a Beam command are Beam options
+    (pipeline.options parses them); a command without Beam parses its own (`parse`)."""
 
     module: str
     about: str
@@ -400,13 +490,19 @@ class CommandLine:
         """The command as its user typed it: `artstyle predict` or `python -m pipeline`."""
         return called_as(self.module)
 
-    def parser(self, **settings: Any) -> argparse.ArgumentParser:
-        """An argparse parser of the command's flags (`settings`: argparse's own)."""
-        parser = argparse.ArgumentParser(
+    def parser(
+        self, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser, **settings: Any
+    ) -> argparse.ArgumentParser:
+        """A parser of the command's flags (`settings`: argparse's own)."""
+        parser = parser_class(
             prog=self.prog, description=self.about, epilog=self.epilog, **settings
         )
         add(parser, *self.groups)
         return parser
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """The flags of a command without Beam options; UsageError for a bad one."""
+        return self.parser(parser_class=OneLineParser, allow_abbrev=False).parse_args(argv)
 
     def answer_help(self, argv: list[str]) -> None:
         """If `argv` asks for --help, lists the command's flags and exits. (Beam's parser
@@ -437,4 +533,17 @@ REPORT_COMMAND = CommandLine(
     "pipeline.report",
     "Writes DIR/report.html about the predictions of an earlier run in DIR.",
     (add_report_flags,),
+)
+INDEX_COMMAND = CommandLine(
+    "pipeline.index",
+    "Builds a nearest-neighbour index of the embeddings of runs (python -m pipeline "
+    "--embeddings), or adds runs to one.",
+    (add_index_flags,),
+    epilog=VERBOSE_EPILOG,
+)
+DUPLICATES_COMMAND = CommandLine(
+    "pipeline.duplicates",
+    "Lists the pairs of near-identical paintings in an index, grouped.",
+    (add_duplicates_flags,),
+    epilog=VERBOSE_EPILOG,
 )

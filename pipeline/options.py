@@ -18,14 +18,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from models.bundle import BundleError
 from models.settings import HeadConfig
 from pipeline import flags
+from pipeline.exits import run_reporting
 from pipeline.flags import UsageError
-from pipeline.interrupts import exit_on_interrupt
 from pipeline.outputs import OutputError
 from transforms import library_internals
 from transforms.catalog import CatalogError
 from transforms.fetch import FetchPolicy, default_user_agent
-
-STARTUP_ERROR_STATUS = 2
 
 
 class CatalogOptions(PipelineOptions):
@@ -107,6 +105,8 @@ class TrainOptions(PipelineOptions):
             learning_rate=self.learning_rate,
             epochs=self.epochs,
             seed=self.seed,
+            class_balance=self.class_balance,
+            projection=self.projection,
         )
 
 
@@ -168,14 +168,7 @@ def run_command(run: Callable[[], object]) -> None:
     """An entry point's `main`: a bad flag, catalog, bundle or output folder is one line on
     stderr and exit status 2, Ctrl-C one line and 130; never a traceback. (What else reaches
     the terminal is pipeline/terminal.py's concern, set up before the command's imports.)"""
-    with exit_on_interrupt("artstyle: interrupted"):
-        try:
-            run()
-        except SystemExit:  # --help, or a command that ends itself: loads nothing more
-            raise
-        except startup_errors() as error:
-            print(f"artstyle: {error}", file=sys.stderr)
-            raise SystemExit(STARTUP_ERROR_STATUS) from None
+    run_reporting(run, startup_errors)
 
 
 def startup_errors() -> tuple[type[Exception], ...]:

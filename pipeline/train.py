@@ -46,6 +46,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     from models.backbones import input_size_of
     from models.crossfit import fit_bundle_head
+    from models.embedding import HEAD_PROJECTION, EmbeddingSpec
     from pipeline.features import build_embedding_graph, training_data
     from pipeline.plan import Workers
     from pipeline.progress_bar import progress_bar
@@ -74,6 +75,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         head=report["head"],
         classes=tuple(report["classes"]),
+        embedding=EmbeddingSpec(args.projection, HEAD_PROJECTION) if args.projection else None,
         training={
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
             "catalog": io.input,

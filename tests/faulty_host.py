@@ -30,6 +30,7 @@ class Host:
 
     url: str
     files: dict[str, bytes] = field(default_factory=dict)  # served at /files/NAME
+    release: threading.Event = field(default_factory=threading.Event)  # for /held/NAME
     requests: Counter = field(default_factory=Counter)
     in_flight: int = 0
     most_in_flight: int = 0
@@ -66,6 +67,11 @@ def make_app(host: Host) -> web.Application:
             return web.Response(status=404)
         return web.Response(body=host.files[name])
 
+    async def held(request):
+        """/files/NAME's answer, once the test sets `release` (or after 30 s)."""
+        await asyncio.get_running_loop().run_in_executor(None, host.release.wait, 30)
+        return await files(request)
+
     async def unknown(request):
         return web.Response(status=404)
 
@@ -92,6 +98,10 @@ def make_app(host: Host) -> web.Application:
 
     async def loop(request):
         raise web.HTTPFound(request.path)
+
+    async def redirect(request):
+        """To wherever `?to=` says: another scheme, or another host."""
+        raise web.HTTPFound(request.query["to"])
 
     async def trickle(request):
         response = web.StreamResponse()
@@ -136,11 +146,13 @@ def make_app(host: Host) -> web.Application:
         "/down.jpg": down,
         "/missing.jpg": missing,
         "/loop.jpg": loop,
+        "/redirect.jpg": redirect,
         "/trickle.jpg": trickle,
         "/reset.jpg": reset,
         "/endless.jpg": endless,
         "/declared_huge.jpg": declared_huge,
         "/files/{name}": files,
+        "/held/{name}": held,
         "/{tail:.*}": unknown,
     }.items():
         app.router.add_get(path, handler)

@@ -282,15 +282,26 @@ def test_the_latency_server_serves_its_folder_late_and_nothing_outside_it(tmp_pa
     (tmp_path / "root" / "a").mkdir(parents=True)
     (tmp_path / "root" / "a" / "b.jpg").write_bytes(b"painting")
     (tmp_path / "secret.txt").write_text("not served")
-    with latency_server((tmp_path / "root").resolve(), latency_s=0.3) as url:
+    with latency_server((tmp_path / "root").resolve(), latency_s=0.3) as server:
         started = time.monotonic()
-        with urllib.request.urlopen(f"{url}/a/b.jpg") as response:
+        with urllib.request.urlopen(f"{server.url}/a/b.jpg") as response:
             assert response.read() == b"painting"
         assert time.monotonic() - started >= 0.3
         with pytest.raises(urllib.error.HTTPError, match="404"):
-            urllib.request.urlopen(f"{url}/../secret.txt")
+            urllib.request.urlopen(f"{server.url}/../secret.txt")
         with pytest.raises(urllib.error.HTTPError, match="404"):
-            urllib.request.urlopen(f"{url}/a/%2E%2E/%2E%2E/secret.txt")
+            urllib.request.urlopen(f"{server.url}/a/%2E%2E/%2E%2E/secret.txt")
+    assert server.most_in_flight == 1
+
+
+def test_the_latency_server_throttles_the_first_request_for_the_paths_it_is_told(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"painting")
+    with latency_server(tmp_path.resolve(), latency_s=0, throttled=["a.jpg"]) as server:
+        with pytest.raises(urllib.error.HTTPError, match="503") as refused:
+            urllib.request.urlopen(f"{server.url}/a.jpg")
+        assert refused.value.headers["Retry-After"] == "1"
+        with urllib.request.urlopen(f"{server.url}/a.jpg") as response:
+            assert response.read() == b"painting"
 
 
 @pytest.mark.slow
@@ -301,11 +312,19 @@ def test_the_fetch_section_reads_the_same_paintings_over_http(
     argv = [f"--output={output}", f"--data={painting_folder}", f"--model={tiny_bundle}",
             "--images=12", "--skip_large", "--batch_size=4", "--reload_images=1",
             "--decode_images=2", "--raw_batches=1", "--startup_runs=1",
-            "--fetch_images=12"]  # fmt: skip
+            "--fetch_images=12", "--fetch_small_catalogs", "5", "--fetch_rounds=2",
+            "--fetch_concurrency=3"]  # fmt: skip
     results = bench(argv)
     assert results["fetch_images"] == 12
     # the runs and the start-up their rates leave out are the default engine's
     assert results["fetch_engine"] == results["startup_default_engine"] == "openvino"
-    for latency in (50, 200):
-        assert results[f"fetch_http_{latency}ms_errors"] == 0
-        assert results[f"fetch_http_{latency}ms_peak_rss_mb"] > 0
+    for source in ("http_50ms", "http_200ms", "http_200ms_faults"):
+        assert results[f"fetch_{source}_errors"] == 0  # the faults were retried
+        assert results[f"fetch_{source}_peak_rss_mb"] > 0
+    assert results["fetch_5_rows_images"] == 5
+    for source in ("disk", "http", "http_faults"):
+        assert len(results[f"fetch_5_rows_{source}_runs_s"]) == 2
+        assert results[f"fetch_5_rows_{source}_errors"] == 0
+        if source != "disk":
+            assert results[f"fetch_5_rows_{source}_vs_disk"] > 0
+    assert 1 <= results["fetch_most_in_flight"] <= 3  # the per-host cap held

@@ -18,7 +18,7 @@ try:
     {help}
 except SystemExit as stop:
     assert stop.code == 0, stop.code
-heavy = ("tensorflow", "keras", "apache_beam")
+heavy = ("tensorflow", "keras", "apache_beam", "faiss")
 print(json.dumps({{name: name in sys.modules for name in heavy}}))
 """
 
@@ -49,14 +49,16 @@ def without_usage(help: str) -> str:
         ("bench", "bench", ("--output OUTPUT", "--startup_runs STARTUP_RUNS", "large_catalog")),
         ("explain", "pipeline.explain", ("--output DIR", "--feature_maps LAYER")),
         ("report", "pipeline.report", ("--samples SAMPLES", "--per_style PER_STYLE")),
+        ("index", "pipeline.index", ("--output INDEX", "--add", "--search")),
+        ("duplicates", "pipeline.duplicates", ("--max_distance D", "--output FILE.parquet")),
     ],
 )
 def test_help_is_the_same_both_ways_names_the_command_typed_and_loads_no_heavy_library(
     command, module, flags
 ):
     """`artstyle COMMAND --help` and `python -m MODULE --help`: the same flags, each usage
-    line naming the command as it was typed, and neither Keras, TensorFlow nor Beam (whose
-    import alone took over a second)."""
+    line naming the command as it was typed, and neither Keras, TensorFlow, Beam (whose
+    import alone took over a second) nor FAISS."""
     (artstyle, loaded), (python_m, loaded_too) = (
         modules_loaded_by(ARTSTYLE.format(command)),
         modules_loaded_by(PYTHON_M.format(module)),
@@ -71,7 +73,7 @@ def test_help_is_the_same_both_ways_names_the_command_typed_and_loads_no_heavy_l
         assert not any(modules.values()), modules
 
 
-@pytest.mark.parametrize("bench", ["serve", "large_catalog"])
+@pytest.mark.parametrize("bench", ["serve", "large_catalog", "similar"])
 def test_every_benchmark_is_a_command_of_artstyle_bench(bench):
     """`artstyle bench NAME` is `python -m bench NAME` is `python -m bench.NAME`."""
     via_artstyle = f"from pipeline.cli import main; main(['bench', {bench!r}, '--help'])"
@@ -105,7 +107,7 @@ def test_the_list_of_commands_loads_no_library():
         (["serv", "--port=1"], "artstyle: unknown command 'serv' (did you mean serve?)"),
         (["--input=c.csv"],
          "artstyle: unknown command '--input=c.csv' "
-         "(one of predict, train, serve, explain, report, bench)"),
+         "(one of predict, train, serve, explain, report, index, duplicates, bench)"),
     ],
 )  # fmt: skip
 def test_an_unknown_command_is_one_line_with_a_suggestion(argv, message, capsys):

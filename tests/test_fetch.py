@@ -5,9 +5,18 @@ The only network is `faulty_host` (tests/faulty_host.py), on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import tarfile
+import threading
 import time
+import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from urllib.parse import quote
 
 import fsspec
 import pytest
@@ -95,6 +104,41 @@ def test_a_redirect_loop_is_a_clear_error(faulty_host):
     assert faulty_host.gets("/loop.jpg") <= fetch.MAX_REDIRECTS + 1  # bounded, and not retried
 
 
+@pytest.mark.parametrize(
+    "target", ["file:///etc/passwd", "gopher://127.0.0.1:70/1", "data:image/jpeg;base64,aGVsbG8="]
+)
+def test_a_redirect_to_another_scheme_is_fetch_failed_and_not_followed(faulty_host, target):
+    url = f"{faulty_host.url}/redirect.jpg?to={quote(target, safe='')}"
+    error = assert_error("fetch_failed", url)
+    assert f"redirected to {target.split(':')[0]}: URLs, which are not read" in error.message
+    assert faulty_host.gets("/redirect.jpg") == 1  # a refusal, not a fault: never retried
+
+
+def test_a_redirect_to_a_url_without_a_host_is_fetch_failed(faulty_host):
+    error = assert_error("fetch_failed", f"{faulty_host.url}/redirect.jpg?to=http:///a.jpg")
+    assert "redirected to an invalid URL" in error.message
+
+
+def test_an_answer_that_is_not_http_is_fetch_failed():
+    """A server that answers in another protocol (an SSH banner) on the URL's port."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/a.jpg"
+        answering = threading.Thread(target=_answer_once, args=(server, b"SSH-2.0-OpenSSH\r\n\r\n"))
+        answering.start()
+        error = assert_error("fetch_failed", url, max_retries=0)
+        answering.join(timeout=5)
+    assert "not an HTTP answer" in error.message
+
+
+def _answer_once(server: socket.socket, answer: bytes) -> None:
+    connection, _ = server.accept()
+    with connection:
+        connection.recv(65536)
+        connection.sendall(answer)
+
+
 def test_a_connection_reset_mid_body_is_retried(faulty_host):
     assert fetch_one(f"{faulty_host.url}/reset.jpg") == PAINTING
     assert faulty_host.gets("/reset.jpg") == 2
@@ -179,6 +223,116 @@ def test_file_errors_have_their_kinds(tmp_path):
     assert_error("too_large", str(tmp_path / "big.jpg"), max_bytes=100)
     assert fetch_one(str(tmp_path / "exact.jpg"), max_bytes=100) == b"x" * 100
     assert_error("missing_uri", "  ")
+
+
+@pytest.fixture
+def special_files(tmp_path) -> Iterator[dict[str, str]]:
+    """What a catalog can name that is not a regular file, by what it is, as written in it.
+    A FIFO that a broken reader waits on is opened for writing at the end, so the reader
+    (and the test run) is never left hanging."""
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "to-fifo.jpg").symlink_to(fifo)
+    (tmp_path / "to-zero.jpg").symlink_to("/dev/zero")
+    unix_socket = socket.socket(socket.AF_UNIX)
+    unix_socket.bind(str(tmp_path / "socket.jpg"))
+    try:
+        yield {
+            "a character device": "/dev/zero",
+            "a character device (file://)": "file:///dev/zero",
+            "a character device (local://)": "local:///dev/zero",
+            "a character device (a symlink)": str(tmp_path / "to-zero.jpg"),
+            "a FIFO": str(fifo),
+            "a FIFO (a symlink)": str(tmp_path / "to-fifo.jpg"),
+            "a socket": str(tmp_path / "socket.jpg"),
+            "a directory": str(tmp_path / "folder.jpg"),
+        }
+    finally:
+        unix_socket.close()
+        with contextlib.suppress(OSError):  # no reader is waiting: nothing to release
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_what_is_not_a_regular_file_is_not_a_file_before_it_is_read(special_files):
+    """A device would give bytes for ever and a FIFO would block until a writer came: each
+    is refused without waiting for the deadline or reading up to the cap."""
+    with BackgroundFetcher(FetchPolicy(timeout_s=3, max_bytes=2**20)) as fetcher:
+        futures = {what: fetcher.submit(uri) for what, uri in special_files.items()}
+        for what, future in futures.items():
+            with pytest.raises(ImageError) as caught:
+                future.result()
+            assert caught.value.kind == "not_a_file", (what, str(caught.value))
+            assert f"is {what.split(' (')[0]}, not a file" in caught.value.message, what
+
+
+# --- Members of archives ----------------------------------------------------------------------
+
+
+def make_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("paintings/a.jpg", PAINTING)
+        archive.writestr("paintings/big.jpg", b"x" * 2000)
+        archive.writestr("folder/", b"")
+        archive.writestr("folder/b.jpg", PAINTING)
+    return path
+
+
+def make_tar(path: Path, fifo: Path) -> Path:
+    """A member of each kind a tar can hold; only the file and the link to it have bytes."""
+
+    def member(name: str, **fields) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        for key, value in fields.items():
+            setattr(info, key, value)
+        return info
+
+    with tarfile.open(path, "w:gz") as archive:
+        archive.addfile(member("a.jpg", size=len(PAINTING)), BytesIO(PAINTING))
+        archive.addfile(member("link.jpg", type=tarfile.LNKTYPE, linkname="a.jpg"))
+        archive.addfile(member("zero.jpg", type=tarfile.CHRTYPE, devmajor=1, devminor=5))
+        archive.addfile(member("to-zero.jpg", type=tarfile.SYMTYPE, linkname="zero.jpg"))
+        archive.add(fifo, arcname="fifo.jpg")
+        archive.addfile(member("outside.jpg", type=tarfile.SYMTYPE, linkname="/dev/zero"))
+    return path
+
+
+def test_members_of_zip_and_tar_archives_are_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    archive = make_zip(tmp_path / "paintings.zip")
+    assert fetch_one(f"zip://paintings/a.jpg::{archive}") == PAINTING
+    assert fetch_one(f"ZIP://folder/b.jpg::file://{quote(str(archive))}") == PAINTING
+    tar = make_tar(tmp_path / "paintings.tar.gz", tmp_path / "fifo")
+    assert fetch_one(f"tar://a.jpg::{tar}") == PAINTING
+    assert fetch_one(f"tar://link.jpg::{tar}") == PAINTING
+
+
+def test_archive_errors_have_their_kinds(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    archive = make_zip(tmp_path / "paintings.zip")
+    tar = make_tar(tmp_path / "paintings.tar.gz", tmp_path / "fifo")
+    (tmp_path / "not-a.zip").write_bytes(PAINTING)
+    assert_error("not_found", f"zip://paintings/missing.jpg::{archive}")
+    assert_error("not_found", f"zip://a.jpg::{tmp_path / 'missing.zip'}")
+    assert_error("not_found", f"tar://outside.jpg::{tar}")  # a link out of the archive
+    assert_error("not_a_file", f"zip://folder::{archive}")
+    assert_error("not_a_file", f"zip://folder/::{archive}")
+    assert_error("not_a_file", f"zip://a.jpg::{tmp_path}")
+    for special in ("zero.jpg", "to-zero.jpg", "fifo.jpg"):
+        error = assert_error("not_a_file", f"tar://{special}::{tar}")
+        assert "has no bytes of its own" in error.message, special
+    error = assert_error("too_large", f"zip://paintings/big.jpg::{archive}", max_bytes=1000)
+    assert "2,000 bytes" in error.message
+    error = assert_error("fetch_failed", f"zip://a.jpg::{tmp_path / 'not-a.zip'}")
+    assert "BadZipFile" in error.message
+    error = assert_error("fetch_failed", "zip://paintings/a.jpg")
+    assert "zip://MEMBER::ARCHIVE" in error.message
+
+
+def test_an_archive_that_is_not_a_regular_file_is_not_a_file(special_files):
+    for what in ("a FIFO", "a character device"):
+        error = assert_error("not_a_file", f"zip://a.jpg::{special_files[what]}", timeout_s=3)
+        assert f"is {what}, not a file" in error.message
 
 
 def test_unknown_scheme_and_missing_package_are_unsupported(monkeypatch):

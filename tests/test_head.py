@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from models.bundle import ModelBundle, save_bundle
-from models.head import HeadConfig, build_head, fit_temperature, merge_heads, stratified_folds
+from models.head import (
+    HeadConfig,
+    build_head,
+    fit_temperature,
+    low_rank_head,
+    merge_heads,
+    stratified_folds,
+)
 from tests.conftest import lite0_manifest
 
 
@@ -64,3 +71,22 @@ def test_a_saved_head_keeps_its_weights_but_not_its_optimizer(tmp_path):
     logits = loaded.predict(features, verbose=0)
     assert isinstance(logits, np.ndarray) and logits.shape == (8, 3)
     np.testing.assert_allclose(logits, head.predict(features, verbose=0), rtol=1e-6)
+
+
+def test_a_low_rank_head_at_full_rank_is_the_merged_head_and_close_below_it():
+    rng = np.random.default_rng(0)
+    hidden_factors = rng.normal(size=(600, 6))  # what the features vary by: 6 directions
+    features = (hidden_factors @ rng.normal(size=(6, 40)) + 5.0).astype(np.float32)
+    features += rng.normal(scale=0.01, size=features.shape).astype(np.float32)
+    merged = merge_heads(
+        [build_head(features, 3, HeadConfig(hidden_units=8, seed=seed)) for seed in (0, 1)]
+    )
+    expected = merged.predict(features, verbose=0)
+    full = low_rank_head(merged, features, rank=16)  # the merged head's 16 hidden units
+    np.testing.assert_allclose(full.predict(features, verbose=0), expected, atol=1e-4)
+    small = low_rank_head(merged, features, rank=6)  # the features' own 6 directions
+    assert [layer.name for layer in small.layers[1:]] == ["projection", "hidden", "logits"]
+    assert small.get_layer("projection").get_weights()[0].shape == (40, 6)
+    np.testing.assert_allclose(small.predict(features, verbose=0), expected, atol=0.05)
+    projected = keras.Model(small.inputs, small.get_layer("projection").output)
+    assert np.abs(projected.predict(features, verbose=0).mean(0)).max() < 1e-3  # centred

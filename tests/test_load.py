@@ -1,5 +1,7 @@
 """The loading step: decoding runs ahead of what it emits, and still loses nothing."""
 
+import threading
+
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -60,3 +62,42 @@ def test_transient_faults_are_retried_and_lasting_ones_become_error_rows(
         expected = "fetch_failed: could not read {}: ConnectionResetError: connection reset "
         expected += "by peer (4 attempts)"
         assert_that(errors, equal_to([(uri, expected.format(uri)) for uri in flaky]))
+
+
+# What reached the step after loading, in order, and the host to release once all but the
+# held image have: module-level, since Beam pickles the step's function by reference.
+ARRIVED: list[str] = []
+HELD_HOST: dict[str, threading.Event] = {}
+
+
+def _arrive(pair, *, before_release: int) -> str:
+    ARRIVED.append(pair[0].uri)
+    if len(ARRIVED) == before_release:
+        HELD_HOST["release"].set()
+    return pair[0].uri
+
+
+def test_an_image_that_is_late_holds_back_no_other(tmp_path, faulty_host, monkeypatch):
+    """The first record's host answers only once every other image has reached the next
+    step: each image goes on as soon as it is decoded, not behind the ones before it (a
+    Retry-After, a slow host). In input order the run would wait for the held image's
+    deadline, and it would be an error row."""
+    names = [f"{i}.jpg" for i in range(6)]
+    for i, name in enumerate(names):
+        image = painting(tmp_path / name, (40 * i, 90, 160), seed=i)
+        faulty_host.files[name] = image.read_bytes()
+    uris = [f"{faulty_host.url}/held/{names[0]}"]
+    uris += [f"{faulty_host.url}/files/{name}" for name in names[1:]]
+    monkeypatch.setitem(HELD_HOST, "release", faulty_host.release)
+    ARRIVED.clear()
+    records = [ImageRecord(uri, uri, None) for uri in uris]
+    with TestPipeline() as pipeline:
+        loaded = (
+            pipeline
+            | beam.Create(records, reshuffle=False)
+            | LoadImages(size=32, fetch=FetchPolicy(timeout_s=10))
+        )
+        arrived = loaded.images | beam.Map(_arrive, before_release=len(uris) - 1)
+        assert_that(arrived, equal_to(uris), label="AllImages")
+        assert_that(loaded.errors, equal_to([]), label="NoErrors")
+    assert ARRIVED[-1] == uris[0], ARRIVED

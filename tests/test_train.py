@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.bundle import ModelBundle
 from pipeline.features import read_embeddings
 from pipeline.predict import run as predict
 from pipeline.train import run as train
@@ -30,7 +31,8 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     bundle = labelled_catalog / "bundle"
     argv = [f"--input={labelled_catalog / 'catalog.csv'}", f"--output={bundle}",
             "--backbone=efficientnet_lite0", "--features=pooled", "--folds=3",
-            "--epochs=40", "--batch_size=8", "--model_id=colours"]  # fmt: skip
+            "--epochs=40", "--batch_size=8", "--model_id=colours",
+            "--projection=8"]  # fmt: skip
     manifest = train(argv)
 
     saved = json.loads((bundle / "manifest.json").read_text())
@@ -40,6 +42,7 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert manifest["training"]["counts"] == {"rows": 24, "errors": 0, "train": 18,
                                               "train_mirrored": 0, "eval": 6}  # fmt: skip
     assert manifest["head"]["folds"] == 3 and len(manifest["head"]["epochs_trained"]) == 3
+    assert manifest["embedding"] == {"dimension": 8, "kind": "head_projection"}
     assert manifest["scores"]["out_of_fold"]["n_labelled"] == 18
     assert len(manifest["training"]["catalog_sha256"]) == 64
     val = manifest["scores"]["val"]
@@ -50,6 +53,12 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert summary.model_id == "colours"
     assert summary.top1 == pytest.approx(val["top1"])
     assert summary.macro_f1 == pytest.approx(val["macro_f1"])
+
+    classifier = ModelBundle.load(str(bundle)).classifier(embeddings=True)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    probabilities, embeddings = classifier.predict_on_batch(images)
+    assert probabilities.shape == (2, 3) and embeddings.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
 
     with pytest.raises(ValueError, match="no mirror features"):
         train([*argv, "--reuse_embeddings", "--augment_mirror"])

@@ -17,10 +17,12 @@ Every failure is an `ImageError` whose kind the pipeline turns into an error row
 
     missing_uri         the row has no image URI
     not_found           nothing at the URI (missing file or object, HTTP 404 or 410)
-    not_a_file          the URI names a directory
+    not_a_file          the URI names a directory, a device, a FIFO, a socket (or a link to
+                        one), or a member of an archive that is one: refused before reading
     unsupported_scheme  no filesystem for the URI's scheme, or its package is missing
     fetch_failed        network, DNS, timeout, permission or other HTTP/storage errors,
-                        after the retries the policy allows
+                        after the retries the policy allows; a redirect to another scheme
+                        (file://, gopher://); an answer that is not HTTP
     too_large           more than --max_image_bytes
     empty               0 bytes
     forbidden_address   the caller's `socket_factory` refused every address of the host
@@ -28,28 +30,34 @@ Every failure is an `ImageError` whose kind the pipeline turns into an error row
 
 Paths are paths: a catalog row's local path is opened as written (no glob, no fsspec
 chain like `a::b`), `file://` URIs are percent-decoded, and schemes are case-insensitive.
+A member of a zip or tar archive is named as fsspec chains it, `zip://MEMBER::ARCHIVE`,
+where ARCHIVE is a path or URI as any other row writes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import random
 import re
+import stat
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from importlib import metadata
-from typing import Any
+from typing import IO, Any, BinaryIO
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import aiohttp
 import fsspec
 import tenacity
+from fsspec.archive import AbstractArchiveFileSystem
+from fsspec.implementations.tar import TarFileSystem
 
 from transforms.images import ImageError, brief, describe, over_the_cap
 from transforms.library_internals import strip_protocol
@@ -80,6 +88,12 @@ SOCKET_TIMEOUT_S = 20.0
 # Libraries that retry transient faults on their own (gcsfs 6 attempts, s3fs 5, with their
 # own backoff): a second layer of retries would multiply theirs, so they get one attempt.
 SELF_RETRYING_SCHEMES = frozenset({"gs", "gcs", "s3", "s3a"})
+
+# Archives whose members are named as fsspec chains them: `zip://MEMBER::ARCHIVE`, where
+# ARCHIVE is written as any other URI of the catalog (a path, file://, gs://, ...). Each
+# archive is opened once for all its members' reads, up to this many at a time.
+ARCHIVE_SCHEMES = frozenset({"zip", "tar"})
+OPEN_ARCHIVES = 32
 
 # `scheme://...`, or a data: URI (fsspec knows those without slashes).
 _SCHEME = re.compile(r"^(?:([A-Za-z][A-Za-z0-9+.-]*)://|(data):)", re.IGNORECASE)
@@ -141,7 +155,13 @@ class Location:
 
     uri: str
     scheme: str
-    target: str  # an http(s) URL, a local path, or the URI for fsspec
+    target: str  # an http(s) URL, a local path, the URI for fsspec, or an archive's member
+    archive: Location | None = None  # where the member's archive is (zip:// and tar://)
+
+    @property
+    def storage(self) -> Location:
+        """Where the bytes are stored: an archive's own location, for a member of one."""
+        return self.archive.storage if self.archive else self
 
 
 def scheme_of(uri: str) -> str | None:
@@ -160,6 +180,11 @@ def locate(uri: str) -> Location:
     target = f"{scheme}{uri[len(scheme) :]}"
     if scheme == "file":
         return Location(uri, "", url2pathname(urlsplit(target).path))
+    if scheme == "local":  # fsspec's other name for local files, not percent-encoded
+        return Location(uri, "", target.removeprefix("local://"))
+    if scheme in ARCHIVE_SCHEMES:
+        member, _, archive = target.removeprefix(f"{scheme}://").partition("::")
+        return Location(uri, scheme, member.lstrip("/"), locate(archive) if archive else None)
     return Location(uri, scheme, target)
 
 
@@ -222,7 +247,7 @@ class Fetcher:
                 raise ImageError("fetch_failed", f"could not read {brief(uri)}: {reason}") from None
 
     async def _with_retries(self, location: Location, attempts: _Attempts) -> bytes:
-        retries = 0 if location.scheme in SELF_RETRYING_SCHEMES else self.policy.max_retries
+        retries = 0 if location.storage.scheme in SELF_RETRYING_SCHEMES else self.policy.max_retries
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(retries + 1),
             wait=_backoff,
@@ -272,8 +297,13 @@ class Fetcher:
                 return await _read_body(response.content, location.uri, self.policy.max_bytes)
         except aiohttp.TooManyRedirects:
             reason = f"more than {MAX_REDIRECTS} redirects (a redirect loop?)"
-            message = f"could not read {brief(location.uri)}: {reason}"
-            raise ImageError("fetch_failed", message) from None
+            raise _fetch_failed(location.uri, reason) from None
+        except aiohttp.NonHttpUrlRedirectClientError as error:
+            scheme = urlsplit(str(error)).scheme or "non-HTTP"
+            reason = f"redirected to {scheme}: URLs, which are not read"
+            raise _fetch_failed(location.uri, reason) from None
+        except aiohttp.InvalidUrlRedirectClientError:
+            raise _fetch_failed(location.uri, "redirected to an invalid URL") from None
         except aiohttp.ClientConnectorDNSError as error:
             reason = f"the host name does not resolve ({describe(error)})"
             message = f"could not read {brief(location.uri)}: {reason}"
@@ -290,6 +320,19 @@ class Fetcher:
         except (aiohttp.InvalidURL, ValueError) as error:
             message = f"{brief(location.uri)} is not a valid URL ({describe(error)})"
             raise ImageError("fetch_failed", message) from error
+        except aiohttp.ClientResponseError as error:  # the HTTP parser's refusal
+            reason = f"not an HTTP answer ({_first_line(error.message)})"
+            raise _fetch_failed(location.uri, reason) from error
+        except aiohttp.ClientError as error:
+            raise _fetch_failed(location.uri, describe(error)) from error
+
+
+def _fetch_failed(uri: str, reason: str) -> ImageError:
+    return ImageError("fetch_failed", f"could not read {brief(uri)}: {reason}")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip().rstrip(":")[:160] or "nothing"
 
 
 @dataclass
@@ -351,24 +394,30 @@ async def _read_body(stream: aiohttp.StreamReader, uri: str, max_bytes: int) -> 
     return bytes(body)
 
 
-# --- Files and objects through fsspec ----------------------------------------------------
+# --- Files, objects through fsspec, and members of archives --------------------------------
 
 
 def read_file(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """A local file or fsspec object in one read, for synchronous callers: no retries."""
+    """A local file, fsspec object or archive member in one read, for synchronous callers:
+    no retries."""
     try:
         return _read_file(locate(uri), max_bytes)
     except _Transient as error:
-        raise ImageError("fetch_failed", f"could not read {brief(uri)}: {error.reason}") from None
+        raise _fetch_failed(uri, error.reason) from None
 
 
 def _read_file(location: Location, max_bytes: int) -> bytes:
-    """At most `max_bytes` bytes of a local file or any fsspec object, in one read (of one
-    byte more, to tell a file over the cap)."""
-    fs = _filesystem(location.scheme)
-    path = location.target if not location.scheme else strip_protocol(fs, location.target)
+    """At most `max_bytes` bytes of the file, object or member, in one read (of one byte
+    more, to tell one over the cap)."""
     try:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        if location.scheme in ARCHIVE_SCHEMES:
+            data = _read_member(location, max_bytes)
+        elif not location.scheme:
+            with _open_regular_file(location.target) as file:
+                data = file.read(max_bytes + 1)
+        else:
+            fs = _filesystem(location.scheme)
+            data = fs.cat_file(strip_protocol(fs, location.target), start=0, end=max_bytes + 1)
     except Exception as error:
         raise _file_error(error, location.uri) from error
     if len(data) > max_bytes:
@@ -376,18 +425,106 @@ def _read_file(location: Location, max_bytes: int) -> bytes:
     return data
 
 
+def _open_regular_file(path: str) -> BinaryIO:
+    """The local file at `path`, opened only if it is a regular file (after symlinks): a FIFO
+    would hold the open until a writer came, and a device (/dev/zero, /dev/urandom) would
+    give bytes for ever. The open itself cannot block, and what it opened is checked again,
+    in case something else took the path's place in between."""
+    _check_regular(os.stat(path).st_mode, path)
+    file = open(path, "rb", opener=lambda path, flags: os.open(path, flags | _NEVER_WAIT))  # noqa: SIM115
+    try:
+        _check_regular(os.fstat(file.fileno()).st_mode, path)
+    except ImageError:
+        file.close()
+        raise
+    return file
+
+
+def _check_regular(mode: int, path: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    what = next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+    raise ImageError("not_a_file", f"{brief(path)} is {what}, not a file")
+
+
+# Opening never waits (for a FIFO's writer) nor takes a terminal as the process's own.
+_NEVER_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+@dataclass
+class _OpenArchive:
+    """An archive's index, kept open for the reads of its members. One read at a time:
+    tarfile's reader shares one file position between its members."""
+
+    files: AbstractArchiveFileSystem
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _read_member(location: Location, max_bytes: int) -> bytes:
+    """At most `max_bytes` + 1 bytes of a member of a zip or tar archive."""
+    archive = _open_archive(location.scheme, location.archive)
+    with archive.lock:
+        info = archive.files.info(location.target)  # FileNotFoundError for a missing member
+        if info["type"] != "file":
+            raise ImageError("not_a_file", f"{brief(location.uri)} is a directory, not a file")
+        if info["size"] > max_bytes:
+            message = f"{brief(location.uri)} is {info['size']:,} bytes, "
+            raise ImageError("too_large", message + over_the_cap(max_bytes))
+        with _open_member(archive.files, info["name"], location.uri) as member:
+            return member.read(max_bytes + 1)
+
+
+def _open_member(files: AbstractArchiveFileSystem, name: str, uri: str) -> IO[bytes]:
+    if not isinstance(files, TarFileSystem):
+        return files.open(name, "rb")
+    # A tar can hold devices, FIFOs and links: tarfile gives no reader for the first two
+    # (nor links to them), where fsspec's tar reader would fail on the missing reader.
+    try:
+        member = files.tar.extractfile(name)
+    except KeyError as error:  # a link to a member the archive does not hold
+        raise FileNotFoundError(name) from error
+    if member is None:
+        message = f"{brief(uri)} is a device, a FIFO or a link to one: it has no bytes of its own"
+        raise ImageError("not_a_file", message)
+    return member
+
+
+@lru_cache(maxsize=OPEN_ARCHIVES)
+def _open_archive(scheme: str, source: Location | None) -> _OpenArchive:
+    """The archive at `source`, opened once for the reads of all its members (reading a zip's
+    or a tar's index costs as much as reading many members)."""
+    if source is None:
+        reason = f"{scheme}:// URIs name a member and its archive: {scheme}://MEMBER::ARCHIVE"
+        raise ImageError("fetch_failed", reason)
+    if source.scheme in ("http", "https") or source.archive is not None:
+        message = f"{scheme}:// archives are read from files and buckets, not from {source.uri}"
+        raise ImageError("unsupported_scheme", message)
+    if not source.scheme:
+        file: IO[bytes] = _open_regular_file(source.target)
+    else:
+        fs = _filesystem(source.scheme)
+        file = fs.open(strip_protocol(fs, source.target), "rb")
+    return _OpenArchive(fsspec.get_filesystem_class(scheme)(fo=file))
+
+
 @cache
 def _filesystem(scheme: str) -> fsspec.AbstractFileSystem:
     """One filesystem per scheme and process: fsspec instances hold connection pools."""
-    protocol = scheme or "file"
     try:
-        fsspec.get_filesystem_class(protocol)
+        fsspec.get_filesystem_class(scheme)
     except ImportError as error:  # fsspec's message names the package, e.g. "Install s3fs"
-        message = f"{protocol}:// needs a package that is not installed: {error}"
+        message = f"{scheme}:// needs a package that is not installed: {error}"
         raise ImageError("unsupported_scheme", message) from error
     except ValueError as error:  # "Protocol not known"
-        raise ImageError("unsupported_scheme", f"no filesystem reads {protocol}: URIs") from error
-    return fsspec.filesystem(protocol)
+        raise ImageError("unsupported_scheme", f"no filesystem reads {scheme}: URIs") from error
+    return fsspec.filesystem(scheme)
 
 
 def _file_error(error: Exception, uri: str) -> Exception:
@@ -395,14 +532,12 @@ def _file_error(error: Exception, uri: str) -> Exception:
     (gcsfs's HttpError, botocore's); transient ones are marked for a retry."""
     if isinstance(error, ImageError):
         return error
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
         return ImageError("not_found", f"{brief(uri)} does not exist")
-    if isinstance(error, IsADirectoryError):
-        return ImageError("not_a_file", f"{brief(uri)} is a directory, not an image file")
     if _is_transient(error):
         return _Transient(describe(error))
     reason = "permission denied" if isinstance(error, PermissionError) else describe(error)
-    return ImageError("fetch_failed", f"could not read {brief(uri)}: {reason}")
+    return _fetch_failed(uri, reason)
 
 
 def _is_transient(error: Exception) -> bool:

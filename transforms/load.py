@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import apache_beam as beam
@@ -34,11 +33,13 @@ class LoadImageFn(beam.DoFn):
     error row downstream, and is counted by kind in Beam's metrics.
 
     Bytes are fetched on an event loop of the worker's own (many requests in flight: see
-    transforms/fetch.py), decoded on a small thread pool as they arrive, and emitted in
-    input order, up to `lookahead` records ahead of what this step has emitted. The model
-    runs downstream in the same thread (Beam fuses the steps), so without this, fetching,
-    decoding and inference would take turns; with it, the network's waits and the next
-    batch's decoding overlap the model's work (Pillow and TensorFlow release the GIL).
+    transforms/fetch.py) and decoded on a small thread pool as they arrive, for up to
+    `lookahead` records at a time. The model runs downstream in the same thread (Beam fuses
+    the steps), so without this, fetching, decoding and inference would take turns; with it,
+    the network's waits and the next batch's decoding overlap the model's work (Pillow and
+    the engines release the GIL). Each image goes on as soon as it is decoded, in whatever
+    order they finish: one that waits (a Retry-After, a slow host, its deadline) holds back
+    no other, and the model is never idle while any image is ready.
     """
 
     def __init__(
@@ -62,27 +63,33 @@ class LoadImageFn(beam.DoFn):
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
 
     def start_bundle(self) -> None:
-        self._pending: deque[tuple[ImageRecord, Future, Any, Any]] = deque()
+        self._pending: dict[Future, tuple[ImageRecord, Any, Any]] = {}
 
     def process(
         self, record: ImageRecord, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam
     ) -> Iterator:
-        self._pending.append((record, self._load(record), timestamp, window))
-        while len(self._pending) > self._lookahead:
-            oldest, loaded, _, _ = self._pending.popleft()
-            yield from self._outputs(oldest, loaded)
+        """Starts the record's load, and passes on every load that has finished: waits only
+        while `lookahead` are unfinished."""
+        self._pending[self._load(record)] = (record, timestamp, window)
+        finished = [loaded for loaded in self._pending if loaded.done()]
+        if len(self._pending) - len(finished) >= self._lookahead:
+            finished = list(wait(self._pending, return_when=FIRST_COMPLETED).done)
+        for loaded in finished:
+            record, _, _ = self._pending.pop(loaded)
+            yield from self._outputs(record, loaded)
 
     def finish_bundle(self) -> Iterator:
-        """What is still pending, with the timestamp and window each record came with (the
-        only outputs Beam accepts from finish_bundle)."""
+        """What is still pending, as it finishes, with the timestamp and window each record
+        came with (the only outputs Beam accepts from finish_bundle)."""
         while self._pending:
-            record, loaded, timestamp, window = self._pending.popleft()
-            for output in self._outputs(record, loaded):
-                if isinstance(output, beam.pvalue.TaggedOutput):
-                    value = WindowedValue(output.value, timestamp, (window,))
-                    yield beam.pvalue.TaggedOutput(output.tag, value)
-                else:
-                    yield WindowedValue(output, timestamp, (window,))
+            for loaded in wait(self._pending, return_when=FIRST_COMPLETED).done:
+                record, timestamp, window = self._pending.pop(loaded)
+                for output in self._outputs(record, loaded):
+                    if isinstance(output, beam.pvalue.TaggedOutput):
+                        value = WindowedValue(output.value, timestamp, (window,))
+                        yield beam.pvalue.TaggedOutput(output.tag, value)
+                    else:
+                        yield WindowedValue(output, timestamp, (window,))
 
     def teardown(self) -> None:
         self._pool.shutdown(cancel_futures=True)

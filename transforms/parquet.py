@@ -47,7 +47,7 @@ class _WriteShardFn(beam.DoFn):
         if self._writer is not None:
             self._writer.close()
             self._file.close()
-            yield WindowedValue(self._path, GlobalWindow().max_timestamp(), [GlobalWindow()])
+            yield WindowedValue(self._path, GlobalWindow().max_timestamp(), (GlobalWindow(),))
 
     def _write_group(self) -> None:
         if not self._rows:
