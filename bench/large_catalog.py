@@ -54,7 +54,7 @@ def tiny_bundle(folder: Path) -> str:
     manifest = Manifest(
         id="bench-lite0-pooled",
         version="0",
-        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, features="pooled"),
+        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, feature_kind="pooled"),
         head=HeadSpec(temperature=1.0),
         classes=STYLES,
     )

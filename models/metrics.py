@@ -58,6 +58,21 @@ class Scores:
         return cls(**values)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SplitScores(Scores):
+    """A training split's scores, with each style's F1: what a bundle's manifest records per
+    split."""
+
+    per_class_f1: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "per_class_f1": self.per_class_f1}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SplitScores:
+        return cls(**vars(Scores.from_json(data)), per_class_f1=data["per_class_f1"])
+
+
 COUNTS = ("n_images", "n_errors", "errors_by_kind", "n_labelled", "n_unknown_label",
           "unknown_labels")  # fmt: skip
 SCORES = tuple(f.name for f in fields(Scores) if f.name not in COUNTS)
@@ -144,9 +159,6 @@ class Scoreboard:
         return replace(
             counts, **top_k, macro_f1=self.macro_f1(), ece=self.expected_calibration_error()
         )
-
-    def summary(self) -> dict[str, Any]:
-        return self.scores().to_json()
 
     def per_class(self) -> list[dict[str, Any]]:
         """Precision, recall, F1 and support of every class the model knows."""

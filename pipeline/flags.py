@@ -263,10 +263,11 @@ BACKBONE = flag(
     type=backbone_names,
     default="efficientnet_lite2",
 )
-FEATURES = flag(
-    "--features",
-    "'pooled' (last layer), 'stage_stats' (plus channel means and deviations of stages) or "
-    "'stage_covariance' (plus channel covariances of early stages).",
+FEATURE_KIND = flag(
+    "--feature_kind",
+    "The features a head reads: 'pooled' (the last layer's), 'stage_stats' (plus channel "
+    "means and deviations of stages) or 'stage_covariance' (plus channel covariances of "
+    "early stages).",
     choices=FEATURE_KINDS,
     default="stage_covariance",
 )
@@ -274,14 +275,15 @@ MODEL_ID = flag("--model_id", "Bundle id (default: derived).", default=None)
 SPLIT_COLUMN = flag("--split_column", "Catalog's split column.", default="split")
 TRAIN_SPLIT = flag("--train_split", "Rows to train on.", default="train")
 EVAL_SPLIT = flag("--eval_split", "Rows to report scores on.", default="val")
-EMBEDDINGS = flag(
-    "--embeddings",
-    "Where image features are written (default: OUTPUT.embeddings/).",
+FEATURES_DIR = flag(
+    "--features_dir",
+    "The folder of the images' feature files (default: OUTPUT.features/).",
     default=None,
 )
-REUSE_EMBEDDINGS = flag(
-    "--reuse_embeddings",
-    "Fit the head on features written by an earlier run with the same backbone.",
+REUSE_FEATURES = flag(
+    "--reuse_features",
+    "Fit the head on the feature files an earlier run with the same backbone and feature "
+    "kind wrote in the features folder.",
     action="store_true",
 )
 AUGMENT_MIRROR = flag(
@@ -401,8 +403,8 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """Training's own (pipeline.options.TrainOptions)."""
-    add(parser, BACKBONE, FEATURES, MODEL_ID, SPLIT_COLUMN, TRAIN_SPLIT, EVAL_SPLIT)
-    add(parser, EMBEDDINGS, REUSE_EMBEDDINGS, AUGMENT_MIRROR, FOLDS, HIDDEN_UNITS, DROPOUT)
+    add(parser, BACKBONE, FEATURE_KIND, MODEL_ID, SPLIT_COLUMN, TRAIN_SPLIT, EVAL_SPLIT)
+    add(parser, FEATURES_DIR, REUSE_FEATURES, AUGMENT_MIRROR, FOLDS, HIDDEN_UNITS, DROPOUT)
     add(parser, L2, CLASS_BALANCE, PROJECTION, LABEL_SMOOTHING, LEARNING_RATE, EPOCHS, SEED)
 
 

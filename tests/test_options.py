@@ -65,7 +65,7 @@ def test_bad_prediction_flags_are_one_line_errors(flags, message):
         (["--epochs=0"], "--epochs: must be at least 1, not 0"),
         (["--seed=-1"], "--seed: must be at least 0, not -1"),
         (["--backbone=vgg"], "--backbone: Unknown backbone 'vgg'; known: "),
-        (["--features=gram"], "--features: invalid choice: 'gram'"),
+        (["--feature_kind=gram"], "--feature_kind: invalid choice: 'gram'"),
         (["--top_k=3"], "unknown flag --top_k (see --help)"),  # prediction's
     ],
 )
