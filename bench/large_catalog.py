@@ -27,7 +27,6 @@ from PIL import Image
 from bench.flags import JSON_OUTPUT, REPO_ROOT
 from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
 from pipeline.cli import called_as
-from transforms.evaluation import RunSummary
 
 DISTINCT_IMAGES = 256
 STYLES = ("Baroque", "Cubism", "Impressionism")
@@ -113,6 +112,8 @@ def run(catalog: str, output: Path, bundle: str) -> dict[str, Any]:
                f"--model={bundle}", "--top_k=3", "--direct_num_workers=2",
                "--direct_running_mode=multi_processing"]  # fmt: skip
     seconds, peak_mb = peak_tree_rss_mb(command)
+    from transforms.evaluation import RunSummary  # Beam: after --help
+
     summary = RunSummary.read(str(output / "summary.json"))
     shards = len(list(output.glob("predictions-*.parquet")))
     return {"rows": summary.n_images, "errors": summary.n_errors, "seconds": seconds,
