@@ -130,7 +130,8 @@ def test_a_catalog_in_a_folder_whose_name_holds_glob_characters(tmp_path, tiny_b
 
 
 def test_parquet_shards_one_with_bytes_that_are_not_utf8(tmp_path, tiny_bundle):
-    """The whole run used to fail in ReadCatalog; now the row with 0xFF is an error row."""
+    """A byte that is not UTF-8 costs its row, an error row, not the whole run in
+    ReadCatalog."""
     for museum in ("a", "b"):
         painting(tmp_path / f"museum_{museum}/images/{museum}.jpg", COLOURS["Red_Period"], 5)
     pq.write_table(

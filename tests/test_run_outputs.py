@@ -140,7 +140,8 @@ def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(
 
 
 def test_an_output_folder_with_a_bracket_stops_before_any_work(tmp_path, tiny_bundle):
-    """Beam's writers take `[` for a glob: the run used to end in a BeamIOError traceback."""
+    """Beam's writers take `[` for a glob, and cannot write under one: one line at start-up,
+    not a BeamIOError traceback after the run."""
     out = tmp_path / "out [1]"
     argv = [f"--input={catalog_of(tmp_path, 1)}", f"--output={out}", f"--model={tiny_bundle}"]
     with pytest.raises(OutputError, match=r"choose a folder without '\['$"):
