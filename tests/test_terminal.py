@@ -220,3 +220,20 @@ def test_ctrl_c_while_tensorflow_loads_is_one_line_and_status_130():
     assert process.returncode == 130
     assert "loaded" not in stdout
     assert stderr.strip().splitlines() == ["artstyle: interrupted"]
+
+
+@pytest.mark.parametrize("package", ["pipeline", "bench"])
+def test_python_m_of_either_package_quiets_the_terminal_before_the_commands_imports(package):
+    """`python -m bench...` as `python -m pipeline...`: the package, which Python imports
+    first, sets the terminal up (here, in a process of its own, as -m finds it)."""
+    script = (
+        "import os, sys\n"
+        "sys.argv[:] = ['-m', '--top_k=3']\n"
+        f"import {package}\n"
+        "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), sys.argv[1:])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=without_tf_log_level()
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3 ['--top_k=3']"
