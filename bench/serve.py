@@ -53,12 +53,13 @@ import numpy as np
 import pandas as pd
 
 from bench.cli import sample_catalog, table
-from bench.flags import DEFAULT_DATA, REPO_ROOT
+from bench.flags import DATA, REPO_ROOT
 from bench.measure import PipelineRun, _high_water_kb, own_cache, pipeline_rates, run_pipeline
 from models.bundle import ModelBundle
 from models.engine_choice import choose_engine
 from models.fixed_batches import predict_in_fixed_batches
-from models.settings import DEFAULT_BUNDLE, ENGINES, PRECISIONS
+from pipeline.cli import called_as
+from pipeline.flags import ENGINE, MODEL, PRECISION, add
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.service import load_classifiers, service_precision
 from transforms.fetch import read_file
@@ -78,10 +79,9 @@ COMPARED_IMAGES = 32  # the service's answers set beside the pipeline's rows
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.serve", description=__doc__.split("\n")[0]
+        prog=called_as("bench.serve"), description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Has catalog.csv.")
+    add(parser, MODEL, DATA)
     parser.add_argument("--images", type=int, default=256, help="Paintings the clients send.")
     parser.add_argument("--seconds", type=float, default=30.0, help="Each level's length.")
     parser.add_argument(
@@ -94,12 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max_wait_ms", type=float, default=service.max_wait_ms, help="As the service's flag."
     )
-    parser.add_argument("--precision", choices=PRECISIONS, default=service.precision)
-    parser.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default=service.engine,
-        help="The service's and the pipeline's (the Keras service is measured besides).",
+    add(
+        parser,
+        PRECISION,
+        ENGINE.but(
+            "Here: the service's and the pipeline's (the Keras service is measured besides)."
+        ),
     )
     parser.add_argument(
         "--pipeline_images", type=int, default=1500, help="The pipeline's larger runs."
@@ -411,7 +411,9 @@ def compare_with_pipeline(
     for answer, uri in zip(service_answers, uris, strict=False):
         row = rows.loc[uri]
         same_styles &= answer["top_k_styles"] == list(row["top_k_styles"])
-        differences.append(np.max(np.abs(np.subtract(answer["top_k_probs"], row["top_k_probs"]))))
+        differences.append(
+            np.max(np.abs(np.subtract(answer["top_k_probabilities"], row["top_k_probabilities"])))
+        )
     return {
         "compared_images": len(differences),
         "max_abs_diff_vs_pipeline": float(max(differences)),

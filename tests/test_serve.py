@@ -66,7 +66,7 @@ LOADS_FROM_ELSEWHERE = re.compile(
     r"""|fetch\(\s*["'](https?:)?//"""
 )
 
-ANSWER_FIELDS = {"style", "confidence", "top_k_styles", "top_k_probs", "model", "predict"}
+ANSWER_FIELDS = {"style", "confidence", "top_k_styles", "top_k_probabilities", "model", "predict"}
 
 
 @pytest.fixture(autouse=True)
@@ -118,11 +118,13 @@ def post_image(client, data: bytes, media_type: str = "image/png", route: str = 
 
 def assert_same_answer(answer: dict, expected: dict) -> None:
     """Equal, but for float rounding: a batch of another shape may round differently."""
-    probabilities = ("confidence", "top_k_probs")
+    probabilities = ("confidence", "top_k_probabilities")
     assert {k: v for k, v in answer.items() if k not in probabilities} == {
         k: v for k, v in expected.items() if k not in probabilities
     }
-    np.testing.assert_allclose(answer["top_k_probs"], expected["top_k_probs"], atol=1e-6)
+    np.testing.assert_allclose(
+        answer["top_k_probabilities"], expected["top_k_probabilities"], atol=1e-6
+    )
 
 
 def assert_error(response, status: int, kind: str) -> dict:
@@ -142,9 +144,9 @@ def test_a_raw_image_body_gets_the_batch_rows_fields_and_the_demos_predict(clien
     assert answer["predict"] == answer["style"] == answer["top_k_styles"][0]
     assert answer["model"] == "tiny-test-model"
     assert sorted(answer["top_k_styles"]) == sorted(CLASSES)  # --top_k 5, 3 styles
-    assert answer["top_k_probs"] == sorted(answer["top_k_probs"], reverse=True)
-    assert answer["confidence"] == answer["top_k_probs"][0]
-    assert sum(answer["top_k_probs"]) == pytest.approx(1, abs=1e-5)
+    assert answer["top_k_probabilities"] == sorted(answer["top_k_probabilities"], reverse=True)
+    assert answer["confidence"] == answer["top_k_probabilities"][0]
+    assert sum(answer["top_k_probabilities"]) == pytest.approx(1, abs=1e-5)
 
 
 def test_a_multipart_upload_and_a_jpeg_body_are_read_as_the_same_image(client, images):
@@ -166,7 +168,7 @@ def test_the_original_demos_json_request_works_unchanged(open_client, image_host
 def test_top_k_limits_the_styles_listed(tiny_bundle, images):
     with ready_client(make_app(tiny_bundle, max_batch=1, top_k=2)) as client:
         answer = post_image(client, images["green.png"]).json()
-    assert len(answer["top_k_styles"]) == len(answer["top_k_probs"]) == 2
+    assert len(answer["top_k_styles"]) == len(answer["top_k_probabilities"]) == 2
 
 
 def test_a_heatmap_is_grad_cam_of_the_top_style_over_the_square_the_model_saw(tiny_bundle, images):
@@ -671,7 +673,9 @@ def test_the_same_image_gets_the_pipelines_probabilities_on_the_same_engine(
         row = rows.loc[str(tmp_path / name)]
         for answer in (alone[name], together[name]):
             assert answer["top_k_styles"] == list(row["top_k_styles"])
-            np.testing.assert_allclose(answer["top_k_probs"], row["top_k_probs"], atol=1e-6)
+            np.testing.assert_allclose(
+                answer["top_k_probabilities"], row["top_k_probabilities"], atol=1e-6
+            )
 
 
 def media_type_of(name: str) -> str:

@@ -56,12 +56,12 @@ def test_targets_compare_start_up_memory_the_most_clients_and_one_client_with_th
 
 def test_the_services_answers_are_set_beside_the_pipelines_rows_for_the_same_files():
     rows = pd.DataFrame(
-        {"top_k_styles": [["a", "b"], ["b", "a"]], "top_k_probs": [[0.7, 0.3], [0.6, 0.4]]},
+        {"top_k_styles": [["a", "b"], ["b", "a"]], "top_k_probabilities": [[0.7, 0.3], [0.6, 0.4]]},
         index=pd.Index(["x.jpg", "y.jpg"], name="uri"),
     )
     answers = [
-        {"top_k_styles": ["a", "b"], "top_k_probs": [0.7, 0.3]},
-        {"top_k_styles": ["b", "a"], "top_k_probs": [0.6001, 0.3999]},
+        {"top_k_styles": ["a", "b"], "top_k_probabilities": [0.7, 0.3]},
+        {"top_k_styles": ["b", "a"], "top_k_probabilities": [0.6001, 0.3999]},
     ]
     assert compare_with_pipeline(answers, ["x.jpg", "y.jpg"], rows) == {
         "compared_images": 2,

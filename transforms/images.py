@@ -158,8 +158,8 @@ def _centre_square(image: Image.Image, size: int) -> Image.Image:
     The square starts on a whole pixel, and an image whose shorter side is already `size`
     is only cropped: Pillow skips resampling only when the box is the whole image, and
     otherwise runs its bicubic filter at scale 1, a cost that changes no pixel. ImageOps.fit
-    does the same otherwise, but without `reducing_gap`, which is 5x slower on a large PNG
-    or TIFF (JPEGs were already reduced by `draft`).
+    does the same otherwise, but without `reducing_gap`, which is several times slower on a
+    large PNG or TIFF (JPEGs were already reduced by `draft`).
     """
     width, height = image.size
     side = min(width, height)

@@ -12,12 +12,12 @@ import numpy as np
 def top_k_fields(
     probabilities: np.ndarray, *, classes: Sequence[str], top_k: int
 ) -> dict[str, Any]:
-    """style, confidence, top_k_styles and top_k_probs, the most likely first (ties in the
+    """style, confidence, top_k_styles and top_k_probabilities, the most likely first (ties in the
     classes' order)."""
     ranked = np.argsort(-probabilities, kind="stable")[:top_k]
     return {
         "style": classes[ranked[0]],
         "confidence": float(probabilities[ranked[0]]),
         "top_k_styles": [classes[i] for i in ranked],
-        "top_k_probs": [float(probabilities[i]) for i in ranked],
+        "top_k_probabilities": [float(probabilities[i]) for i in ranked],
     }

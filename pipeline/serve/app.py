@@ -50,7 +50,7 @@ class Prediction(BaseModel):
     style: str = Field(description="The most likely style.")
     confidence: float = Field(description="Its probability.")
     top_k_styles: list[str]
-    top_k_probs: list[float]
+    top_k_probabilities: list[float]
     model: str = Field(description="The model bundle's id.")
     predict: str = Field(description="The top style again, as the original demo answered.")
     url: str | None = Field(None, description="The URL asked about, when one was.")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from models.settings import DEFAULT_BUNDLE
 from pipeline import flags
+from pipeline.cli import called_as
 from pipeline.flags import number, whole_number
 from transforms.images import DEFAULT_MAX_PIXELS
 
@@ -67,10 +68,9 @@ def parse_config(argv: list[str] | None = None) -> ServeConfig:
 def serve_parser() -> argparse.ArgumentParser:
     defaults = ServeConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.serve", description=SERVE_ABOUT, epilog=OWN_DEFAULTS
+        prog=called_as("pipeline.serve"), description=SERVE_ABOUT, epilog=OWN_DEFAULTS
     )
-    flags.add_classifier_flags(parser)
-    flags.add_image_limit_flags(parser)
+    flags.add(parser, flags.add_classifier_flags, flags.add_image_limit_flags)
     parser.set_defaults(
         fetch_timeout_s=defaults.fetch_timeout_s, max_image_bytes=defaults.max_image_bytes
     )
