@@ -13,7 +13,6 @@ COPY setup.py /opt/artstyle/
 COPY pipeline /opt/artstyle/pipeline
 COPY transforms /opt/artstyle/transforms
 COPY models /opt/artstyle/models
-COPY bench /opt/artstyle/bench
 RUN pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0" /opt/artstyle
 
 # Beam's SDK harness is the image's entry point, as in the base image.

@@ -77,7 +77,8 @@ setup(
     description="Batch pipeline that tells the art style of paintings (Beam + Keras 3).",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "models", "bench"]),
+    # Not bench/ (it runs from a checkout) nor tests/: what users and workers install.
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "models"]),
     package_data={
         "models": ["imagenet_classes.json", "default_bundle/*"],
         "pipeline": ["templates/*"],

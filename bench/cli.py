@@ -1,12 +1,20 @@
-"""`python -m bench`: every measurement in one run, printed as a table and written as JSON.
+"""`python -m bench`: every measurement of the pipeline in one run, printed as a table and
+written as JSON.
 
-The sections run one after the other, never side by side, so none slows another: the
-model alone (in both arithmetics, and which one `--precision auto` picks here), the other
-engines a user could run it on (timed in turns with TensorFlow, and scored on the `val`
-paintings), decoding alone, the pipeline as a user runs it (a tiny catalog, N images, and
-optionally many more; its start-up beside the floor of importing TensorFlow and Beam, and
-`--help`; the start-up on `--engine openvino` beside its own floor, and on the default
-engine), and the original project's model-per-image way.
+The sections run one after the other, never side by side, so none slows another:
+
+1. the model alone (in both arithmetics, and which one `--precision auto` picks here);
+2. the other engines a user could run it on (timed in turns with TensorFlow, and scored on
+   the `val` paintings; --skip_engines leaves them out);
+3. decoding alone;
+4. the pipeline as a user runs it: a tiny catalog, N images, and optionally many more; its
+   start-up beside the floor of importing TensorFlow and Beam, and `--help`; the start-up
+   on `--engine openvino` beside its own floor, and on the default engine;
+5. the pipeline over HTTP at two latencies, against the same paintings from disk
+   (bench/fetch.py; --skip_fetch leaves it out);
+6. the model alone again, so that the pipeline is compared with the mean of two timings
+   that bracket it;
+7. a fresh model per image, as a demo that loads its model per request runs it.
 """
 
 from __future__ import annotations

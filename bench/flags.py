@@ -1,30 +1,51 @@
-"""`python -m bench`'s flags, apart from the benchmarks: --help and a bad flag answer
-before they load TensorFlow."""
+"""The benchmarks' flags, apart from the benchmarks: --help and a bad flag answer before
+they load TensorFlow. The flags they share with the commands they measure are the commands'
+own (pipeline.flags)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from models.settings import DEFAULT_BUNDLE, PRECISIONS
+from pipeline.cli import called_as
+from pipeline.flags import (
+    BATCH_SIZE,
+    FETCH_CONCURRENCY,
+    MODEL,
+    OUTPUT,
+    PRECISION,
+    VERBOSE_EPILOG,
+    add,
+    flag,
+)
 
-ABOUT = "Every measurement in one run, printed as a table and written as JSON."
+ABOUT = "Every measurement of the pipeline in one run, printed as a table and written as JSON."
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
+# The other benchmarks, each a command of its own: `python -m bench NAME` runs bench.NAME.
+OTHER_BENCHES = {
+    "serve": "the service under load, against the batch pipeline",
+    "large_catalog": "whether memory stays flat as a catalog grows tenfold",
+    "similar": "the nearest-neighbour index: its build, memory, one query and recall",
+}
+
+JSON_OUTPUT = OUTPUT.but(help="The JSON file to write.", required=True)
+DATA = flag("--data", "A folder with catalog.csv (uri, style).", type=Path, default=DEFAULT_DATA)
+
+
+def epilog() -> str:
+    others = "; ".join(f"{name}: {about}" for name, about in OTHER_BENCHES.items())
+    return (
+        f"Other benchmarks, each a command of its own ({called_as('bench')} NAME --help): "
+        f"{others}. {VERBOSE_EPILOG}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=ABOUT)
-    parser.add_argument("--output", required=True, help="The JSON file to write.")
+    parser = argparse.ArgumentParser(prog=called_as("bench"), description=ABOUT, epilog=epilog())
+    add(parser, JSON_OUTPUT)
     parser.add_argument("--images", type=int, default=2000, help="N: the pipeline's catalog.")
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
-    parser.add_argument("--batch_size", type=int, default=32, help="As the pipeline's flag.")
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="As the pipeline's flag."
-    )
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="A folder with catalog.csv (uri, style)."
-    )
+    add(parser, MODEL, BATCH_SIZE, PRECISION, DATA)
     parser.add_argument(
         "--large_images", type=int, default=8000, help="The catalog for memory growth."
     )
@@ -36,9 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Paintings read from disk and over HTTP at 50 and 200 ms per request, and with "
         "faults.",
     )
-    parser.add_argument(
-        "--fetch_concurrency", type=int, default=32, help="As the pipeline's flag, for that."
-    )
+    add(parser, FETCH_CONCURRENCY.but("Here: in the runs over HTTP."))
     parser.add_argument(
         "--fetch_small_catalogs",
         type=int,

@@ -24,30 +24,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from bench.measure import REPO_ROOT
+from bench.flags import JSON_OUTPUT, REPO_ROOT
 from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
-from models.head import HeadConfig, build_head, merge_heads
+from pipeline.cli import called_as
 
 DISTINCT_IMAGES = 256
 STYLES = ("Baroque", "Cubism", "Impressionism")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.large_catalog", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=called_as("bench.large_catalog"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rows", type=int, default=100_000, help="The large catalog's rows.")
     parser.add_argument("--shards", type=int, default=20, help="Parquet files per catalog.")
-    parser.add_argument("--output", required=True, help="The JSON file to write.")
+    JSON_OUTPUT(parser)
     return parser.parse_args(argv)
 
 
 def tiny_bundle(folder: Path) -> str:
     """Lite0's pooled features into a seeded, untrained head: real computation, little of it."""
+    from models.head import HeadConfig, build_head, merge_heads  # Keras: after --help
+
     features = np.random.default_rng(0).normal(size=(16, 1280)).astype(np.float32)
     head = merge_heads([build_head(features, len(STYLES), HeadConfig(seed=0))])
     manifest = Manifest(
         id="bench-lite0-pooled",
         version="0",
-        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, features="pooled"),
+        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, feature_kind="pooled"),
         head=HeadSpec(temperature=1.0),
         classes=STYLES,
     )
@@ -106,9 +112,11 @@ def run(catalog: str, output: Path, bundle: str) -> dict[str, Any]:
                f"--model={bundle}", "--top_k=3", "--direct_num_workers=2",
                "--direct_running_mode=multi_processing"]  # fmt: skip
     seconds, peak_mb = peak_tree_rss_mb(command)
-    summary = json.loads((output / "summary.json").read_text())
+    from transforms.evaluation import RunSummary  # Beam: after --help
+
+    summary = RunSummary.read(str(output / "summary.json"))
     shards = len(list(output.glob("predictions-*.parquet")))
-    return {"rows": summary["n_images"], "errors": summary["n_errors"], "seconds": seconds,
+    return {"rows": summary.n_images, "errors": summary.n_errors, "seconds": seconds,
             "peak_rss_mb": peak_mb, "prediction_shards": shards}  # fmt: skip
 
 

@@ -6,7 +6,6 @@ test can run it on a handful of tiny images, and the CLI on thousands of real pa
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
@@ -26,9 +25,10 @@ import tensorflow as tf
 from bench.flags import REPO_ROOT
 from models.bundle import ModelBundle
 from models.cache import CACHE_DIR_VARIABLE
+from models.fixed_batches import predict_in_fixed_batches
+from transforms.evaluation import RunSummary
 from transforms.fetch import read_file
 from transforms.images import decode_image
-from transforms.model_handler import predict_in_fixed_batches
 
 # The model path the pipeline itself takes; the other paths are alternatives to it.
 PIPELINE_PATH = "fixed_batches"
@@ -227,15 +227,16 @@ def run_pipeline(
                f"--model={model}", f"--batch_size={batch_size}",
                f"--precision={precision}", *flags]  # fmt: skip
     process = run_process(command, output.with_suffix(".log"), environment=environment)
-    summary = json.loads((output / "summary.json").read_text())
+    summary = RunSummary.read(str(output / "summary.json"))
+    assert summary.engine and summary.precision, "a run of this version says both"
     return PipelineRun(
         process.wall_s,
         process.peak_rss_mb,
         process.cpu_s,
-        summary["n_images"],
-        summary["n_errors"],
-        summary["engine"]["engine"],
-        summary["precision"]["precision"],
+        summary.n_images,
+        summary.n_errors,
+        summary.engine.engine,
+        summary.precision.precision,
     )
 
 
@@ -282,13 +283,14 @@ def pipeline_rates(startup_run: PipelineRun, run: PipelineRun) -> dict[str, floa
     }
 
 
-# --- 4. The original project's way: a fresh model per image ---------------------------------
+# --- 4. A fresh model per image --------------------------------------------------------------
 
 
 def reload_throughput(uris: Sequence[str], bundle_path: str) -> float:
-    """Images/s when every image loads the model, predicts, and drops it, as the original
-    project's Flask demo did per request. Keras's global state is cleared after each, as a
-    fresh request would find it, so the last image costs what the first did."""
+    """Images/s when every image loads the model, predicts, and drops it, as a web demo
+    that loads its model per request does: what batching and loading once are worth.
+    Keras's global state is cleared after each, as a fresh request would find it, so the
+    last image costs what the first did."""
     started = time.perf_counter()
     for uri in uris:
         bundle = ModelBundle.load(bundle_path)

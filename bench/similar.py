@@ -36,9 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.flags import JSON_OUTPUT
 from bench.measure import run_process
 from models.embedding import STORED_DTYPE, EmbeddingSpec
 from models.vector_index import EXACT_LIMIT, VectorIndex
+from pipeline.cli import called_as
 from transforms.embeddings import EMBEDDING_FILE_PREFIX, EmbeddingsOrigin, embedding_schema
 
 CENTRES = 1000
@@ -55,9 +57,9 @@ ORIGIN_MODEL = "bench-synthetic"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.similar", description=__doc__.split("\n")[0]
+        prog=called_as("bench.similar"), description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--output", required=True, help="The JSON file to write.")
+    JSON_OUTPUT(parser)
     parser.add_argument("--dimension", type=int, default=512, help="The embedding's length.")
     parser.add_argument(
         "--latent_dimension",

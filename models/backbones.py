@@ -82,7 +82,10 @@ def input_size_of(spec: str) -> int:
 
 
 def feature_extractor(
-    spec: str, features: str, weights: str | None = "imagenet", weights_path: str | None = None
+    spec: str,
+    feature_kind: str,
+    weights: str | None = "imagenet",
+    weights_path: str | None = None,
 ) -> keras.Model:
     """images (0..255) -> one feature vector per image, from one backbone or an ensemble.
 
@@ -97,7 +100,7 @@ def feature_extractor(
     size = backbones[0].input_size
     images = keras.Input((size, size, 3), name="images")
     vectors = [
-        backbone_features(backbone, features, weights, weights_path)(
+        backbone_features(backbone, feature_kind, weights, weights_path)(
             resized(images, backbone.input_size)
         )
         for backbone in backbones
@@ -146,48 +149,50 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def backbone_features(
-    backbone: Backbone, features: str, weights: str | None, weights_path: str | None
+    backbone: Backbone, feature_kind: str, weights: str | None, weights_path: str | None
 ) -> keras.Model:
     """images (0..255) -> one backbone's feature vector.
 
     "pooled": the global average of the last feature map, the usual transfer-learning
-    embedding. "stage_stats": that, plus the per-channel mean and standard deviation of
+    feature vector. "stage_stats": that, plus the per-channel mean and standard deviation of
     each stage in `stage_layers`: style is as much texture and colour statistics of the
     middle layers as it is objects in the last one. "stage_covariance": that, plus the
     channel covariance of the early `covariance_layers`, the texture statistic of neural
     style transfer (a Gram matrix, centred), which says which features occur together.
     """
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"Unknown features {features!r}; known: {', '.join(FEATURE_KINDS)}")
-    if features == "stage_covariance" and not backbone.covariance_layers:
+    if feature_kind not in FEATURE_KINDS:
+        raise ValueError(
+            f"Unknown feature kind {feature_kind!r}; known: {', '.join(FEATURE_KINDS)}"
+        )
+    if feature_kind == "stage_covariance" and not backbone.covariance_layers:
         raise ValueError(f"{backbone.name} has no layers for 'stage_covariance' features")
     model = backbone.build(weights=weights, weights_path=weights_path)
     pooled = layers.GlobalAveragePooling2D(name="pooled")(
         model.get_layer(backbone.last_layer).output
     )
     parts = [pooled]
-    stats_layers, covariance_layers = _statistics_layers(backbone, features)
+    stats_layers, covariance_layers = _statistics_layers(backbone, feature_kind)
     for name in stats_layers:
         stage = model.get_layer(name).output
         parts += [ops.mean(stage, axis=(1, 2)), ops.std(stage, axis=(1, 2))]
     parts += [channel_covariance(model.get_layer(name).output) for name in covariance_layers]
     vector = parts[0] if len(parts) == 1 else layers.Concatenate(name="features")(parts)
-    return keras.Model(model.input, vector, name=f"{backbone.name}_{features}")
+    return keras.Model(model.input, vector, name=f"{backbone.name}_{feature_kind}")
 
 
-def feature_layers(backbone: Backbone, features: str) -> list[str]:
-    """The layers whose outputs `features` are statistics of (Grad-CAM's feature maps): the
-    last map for 'pooled'; also the stages for 'stage_stats' and 'stage_covariance' (the
-    covariance layers are early stages)."""
-    stats_layers, covariance_layers = _statistics_layers(backbone, features)
+def feature_layers(backbone: Backbone, feature_kind: str) -> list[str]:
+    """The layers whose outputs the features of `feature_kind` are statistics of (Grad-CAM's
+    feature maps): the last map for 'pooled'; also the stages for 'stage_stats' and
+    'stage_covariance' (the covariance layers are early stages)."""
+    stats_layers, covariance_layers = _statistics_layers(backbone, feature_kind)
     return list(dict.fromkeys([backbone.last_layer, *stats_layers, *covariance_layers]))
 
 
-def _statistics_layers(backbone: Backbone, features: str) -> tuple[tuple[str, ...], ...]:
-    """The layers `features` reads channel means and deviations of, and those it reads the
+def _statistics_layers(backbone: Backbone, feature_kind: str) -> tuple[tuple[str, ...], ...]:
+    """The layers `feature_kind` reads channel means and deviations of, and those it reads the
     covariance of, beside the last map's average."""
-    stats = backbone.stage_layers if features in ("stage_stats", "stage_covariance") else ()
-    covariance = backbone.covariance_layers if features == "stage_covariance" else ()
+    stats = backbone.stage_layers if feature_kind in ("stage_stats", "stage_covariance") else ()
+    covariance = backbone.covariance_layers if feature_kind == "stage_covariance" else ()
     return stats, covariance
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from models.embedding import PROJECTION_LAYER, EmbeddingSpec, EmbeddingSpecError
+from models.metrics import SplitScores
 from models.precision import (
     building_in,
     choose_precision,
@@ -60,13 +61,17 @@ class BundleError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class BackboneSpec:
     """What rebuilds the backbone: a name in models.backbones (several joined by '+' for an
-    ensemble) and the features tapped from it."""
+    ensemble) and the kind of features tapped from it (the manifest's `features`)."""
 
     name: str
     weights: str = "imagenet"
     input_size: int
-    features: str
+    feature_kind: str
     preprocessing: str = PREPROCESSING
+
+    def to_json(self) -> dict[str, Any]:
+        return {("features" if key == "feature_kind" else key): value
+                for key, value in asdict(self).items()}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,8 +87,8 @@ class HeadSpec:
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """manifest.json: saving writes `to_json`, loading reads `from_json`, and nothing else
-    reads or writes its keys. `training` and `scores` are records for people (the command,
-    the data's sha256, the scores), kept as they were written."""
+    reads or writes its keys. `training` is a record for people (the command, the data's
+    sha256, the counts), kept as it was written; `scores` are the fit's, by split."""
 
     id: str
     version: str
@@ -93,7 +98,7 @@ class Manifest:
     # The head's projection, L2-normalised, when it has one (`--projection` in training).
     embedding: EmbeddingSpec | None = None
     training: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, SplitScores] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         embedding = {"embedding": self.embedding.to_json()} if self.embedding else {}
@@ -101,12 +106,12 @@ class Manifest:
             "format": BUNDLE_FORMAT,
             "id": self.id,
             "version": self.version,
-            "backbone": asdict(self.backbone),
+            "backbone": self.backbone.to_json(),
             "head": {"file": self.head.file, "temperature": self.head.temperature, **self.head.fit},
             "classes": list(self.classes),
             **embedding,
             "training": self.training,
-            "scores": self.scores,
+            "scores": {split: scores.to_json() for split, scores in self.scores.items()},
         }
 
     @classmethod
@@ -124,7 +129,7 @@ class Manifest:
                 name=value("backbone.name", str),
                 weights=value("backbone.weights", str),
                 input_size=value("backbone.input_size", int),
-                features=value("backbone.features", str),
+                feature_kind=value("backbone.features", str),
                 preprocessing=value("backbone.preprocessing", str),
             ),
             head=HeadSpec(
@@ -135,7 +140,7 @@ class Manifest:
             classes=tuple(value("classes", list)),
             embedding=_embedding_spec(data, where),
             training=value("training", dict, required=False) or {},
-            scores=value("scores", dict, required=False) or {},
+            scores=_split_scores(value("scores", dict, required=False) or {}, where),
         )
         problem = manifest.problem()
         if problem:
@@ -148,8 +153,9 @@ class Manifest:
             check_backbone_names(self.backbone.name)
         except ValueError as error:
             return str(error)
-        if self.backbone.features not in FEATURE_KINDS:
-            return f"unknown features {self.backbone.features!r}; known: {', '.join(FEATURE_KINDS)}"
+        if self.backbone.feature_kind not in FEATURE_KINDS:
+            kinds = ", ".join(FEATURE_KINDS)
+            return f"unknown features {self.backbone.feature_kind!r}; known: {kinds}"
         if self.backbone.input_size < 1:
             return f"'backbone.input_size' must be at least 1, not {self.backbone.input_size}"
         if (
@@ -177,6 +183,15 @@ def _embedding_spec(data: dict, where: str) -> EmbeddingSpec | None:
 
 JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", list: "a list",
               dict: "an object"}  # fmt: skip
+
+
+def _split_scores(scores: dict[str, Any], where: str) -> dict[str, SplitScores]:
+    try:
+        return {
+            split: SplitScores.from_json(split_scores) for split, split_scores in scores.items()
+        }
+    except (KeyError, TypeError, AttributeError) as error:
+        raise BundleError(f"{where}: 'scores' are not a split's scores ({error!r})") from None
 
 
 def _json_value(data: dict, where: str, key: str, kind: type, required: bool = True) -> Any:
@@ -271,7 +286,7 @@ class ModelBundle:
         if wants != gets:
             spec = self.manifest.backbone
             raise BundleError(f"{self.path}: its head reads {wants} features; {spec.name}'s "
-                              f"{spec.features!r} features are {gets}")  # fmt: skip
+                              f"{spec.feature_kind!r} features are {gets}")  # fmt: skip
 
     def classifier(
         self,
@@ -296,7 +311,7 @@ class ModelBundle:
         head = self.load_head()  # first: a head Keras refuses costs no backbone's building
         with building_in(precision):
             extractor = feature_extractor(
-                spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
+                spec.name, spec.feature_kind, weights=spec.weights, weights_path=backbone_weights
             )
         self.check_features(head, extractor)
         if not embeddings:

@@ -9,7 +9,6 @@ choice of flags over the whole split rather than over one small fold.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import keras
 import numpy as np
@@ -26,7 +25,7 @@ from models.head import (
     predict_logits,
     stratified_folds,
 )
-from models.metrics import Scoreboard
+from models.metrics import Scoreboard, SplitScores
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,20 @@ class TrainingData:
     counts: dict[str, int]
 
 
+@dataclass(frozen=True)
+class HeadFit:
+    """What the manifest records of a fit beside the merged head: its spec, the classes, the
+    counts and the scores, by split (`out_of_fold`, and the held-out split's name)."""
+
+    head: HeadSpec
+    classes: tuple[str, ...]
+    counts: dict[str, int]
+    scores: dict[str, SplitScores]
+
+
 def fit_bundle_head(
     data: TrainingData, config: HeadConfig, folds: int, eval_split: str
-) -> tuple[keras.Model, dict[str, Any]]:
+) -> tuple[keras.Model, HeadFit]:
     """Cross-fits one head per fold of the training split and merges them into one.
 
     Head k trains on every fold but k and stops early where fold k stops improving, so all
@@ -68,9 +78,8 @@ def fit_bundle_head(
     if held_out is not None:
         eval_logits = predict_logits(head, held_out.features)
         scores[eval_split] = _score(eval_logits, temperature, held_out.names, classes)
-    report = {
-        "classes": classes,
-        "head": HeadSpec(
+    fit = HeadFit(
+        head=HeadSpec(
             temperature=temperature,
             fit={
                 "folds": folds,
@@ -78,15 +87,16 @@ def fit_bundle_head(
                 "epochs_trained": epochs,  # each head's, where its fold stopped improving
             },
         ),
-        "counts": {
+        classes=tuple(classes),
+        counts={
             **data.counts,
             "train": len(train.labels),
             "train_mirrored": 0 if train.mirrored is None else len(train.labels),
             "eval": 0 if held_out is None else len(held_out.labels),
         },
-        "scores": scores,
-    }
-    return head, report
+        scores=scores,
+    )
+    return head, fit
 
 
 def cross_fit_heads(
@@ -127,10 +137,9 @@ def _sample(features: np.ndarray, seed: int) -> np.ndarray:
 
 def _score(
     logits: np.ndarray, temperature: float, names: np.ndarray, classes: list[str]
-) -> dict[str, Any]:
+) -> SplitScores:
     probabilities = keras.ops.convert_to_numpy(calibrated_probabilities(logits, temperature))
     board = Scoreboard(tuple(classes))
     board.add_probabilities(names, probabilities)
-    summary = board.summary()
-    summary["per_class_f1"] = {row["label"]: row["f1"] for row in board.per_class()}
-    return summary
+    per_class_f1 = {row["label"]: row["f1"] for row in board.per_class()}
+    return SplitScores(**vars(board.scores()), per_class_f1=per_class_f1)

@@ -1,12 +1,11 @@
 """Which engine runs the classifier when `--engine auto` (the default) leaves it open.
 
-On a CPU, OpenVINO computes what Keras computes: in float32 the same function (to 2e-6 on
-`val`), in bfloat16 the same rounding (the backbone in bfloat16, the head in float32: the
-same `val` scores as Keras's). It does so at least as fast (OpenVINO's bfloat16 took 9% less
-CPU a painting than Keras's on a 2-core AMX Xeon), chooses its arithmetic by the same rule
-with a measurement of its own, and its process never imports TensorFlow: a one-batch run
-ends in 3.0 s where Keras's takes 9.6 s on a 2-core EPYC, in 0.7 GB instead of 1.4 GB.
-Its first run with a bundle converts the model, once per machine.
+On a CPU, OpenVINO computes what Keras computes: in float32 the same function, in bfloat16
+the same rounding (the backbone in bfloat16, the head in float32), so the same scores on
+`val`. It does so at least as fast, chooses its arithmetic by the same rule with a
+measurement of its own, and its process never imports TensorFlow: a run starts seconds
+sooner and holds about half the memory (the figures are in docs/benchmarks.md). Its first
+run with a bundle converts the model, once per machine.
 
 The choice is made for the machine the model runs on, not for the processes it runs in: a
 catalog gets the same answers in this process as in Beam's worker processes here
@@ -33,6 +32,10 @@ class EngineChoice:
 
     def to_json(self) -> dict[str, str]:
         return {"engine": self.engine, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> EngineChoice:
+        return cls(data["engine"], data["reason"])
 
 
 def gpu_device_present(devices: str = "/dev") -> bool:

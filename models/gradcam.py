@@ -44,6 +44,9 @@ from models.precision import building_in
 
 OVERLAY_COLOURMAP = "turbo"
 OVERLAY_OPACITY = 0.45
+# Images per Grad-CAM call, for callers that explain many (the report's step, explain): enough
+# to amortise a call's fixed cost, little memory beside the float32 model's.
+BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -120,22 +123,22 @@ def bundle_grad_cam(bundle: ModelBundle, backbone_weights: str | None = None) ->
     with building_in("float32"):
         head = bundle.load_head()  # first: a head Keras refuses costs no backbone's building
         extractor = feature_extractor(
-            spec.name, spec.features, weights=spec.weights, weights_path=backbone_weights
+            spec.name, spec.feature_kind, weights=spec.weights, weights_path=backbone_weights
         )
         bundle.check_features(head, extractor)
-        return split_at_feature_maps(extractor, head, backbones_of(spec.name), spec.features)
+        return split_at_feature_maps(extractor, head, backbones_of(spec.name), spec.feature_kind)
 
 
 def split_at_feature_maps(
-    extractor: keras.Model, head: keras.Model, backbones: list[Backbone], features: str
+    extractor: keras.Model, head: keras.Model, backbones: list[Backbone], feature_kind: str
 ) -> GradCam:
     """The two stages of `head(extractor(images))`, cut at the maps each backbone's features
     are computed from (see models.backbones.backbone_features, which names those models)."""
     images = extractor.input
     maps, head_inputs, vectors = [], [], []
     for backbone in backbones:
-        backbone_model = extractor.get_layer(f"{backbone.name}_{features}")
-        names = feature_layers(backbone, features)
+        backbone_model = extractor.get_layer(f"{backbone.name}_{feature_kind}")
+        names = feature_layers(backbone, feature_kind)
         tapped = [backbone_model.get_layer(name).output for name in names]
         to_maps = keras.Model(backbone_model.input, tapped)
         to_vector = keras.Model(tapped, backbone_model.output)

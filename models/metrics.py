@@ -9,13 +9,73 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 TOP_KS = (1, 3, 5)
 CALIBRATION_BINS = 15
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores:
+    """What a Scoreboard says of its rows: how many, how many errors of each kind, and,
+    where rows have labels the model knows (`n_labelled`), how well it did. A top-k score
+    is None where some row ranked fewer than k styles.
+
+    Its JSON (`to_json`, `from_json`) is flat, and has no scores without labelled rows:
+    summary.json and a bundle's manifest hold it so.
+    """
+
+    n_images: int
+    n_errors: int
+    errors_by_kind: dict[str, int]
+    n_labelled: int
+    n_unknown_label: int
+    unknown_labels: dict[str, int]
+    top1: float | None = None
+    top3: float | None = None
+    top5: float | None = None
+    macro_f1: float | None = None
+    ece: float | None = None
+
+    def top_k(self, k: int) -> float | None:
+        return getattr(self, f"top{k}")
+
+    def to_json(self) -> dict[str, Any]:
+        counted = {name: getattr(self, name) for name in COUNTS}
+        if not self.n_labelled:
+            return counted
+        return counted | {name: getattr(self, name) for name in SCORES}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Scores:
+        """The keys of Scores in `data` (any others are left for the caller); KeyError names
+        a count that is missing."""
+        values: dict[str, Any] = {name: data[name] for name in COUNTS}
+        values |= {name: data.get(name) for name in SCORES}
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitScores(Scores):
+    """A training split's scores, with each style's F1: what a bundle's manifest records per
+    split."""
+
+    per_class_f1: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "per_class_f1": self.per_class_f1}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SplitScores:
+        return cls(**vars(Scores.from_json(data)), per_class_f1=data["per_class_f1"])
+
+
+COUNTS = ("n_images", "n_errors", "errors_by_kind", "n_labelled", "n_unknown_label",
+          "unknown_labels")  # fmt: skip
+SCORES = tuple(f.name for f in fields(Scores) if f.name not in COUNTS)
 
 
 @dataclass
@@ -81,22 +141,24 @@ class Scoreboard:
         """Predicted rows whose label the model knows: the denominator of every score."""
         return int(self.bin_count.sum())
 
-    def summary(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {
-            "n_images": self.n_images,
-            "n_errors": sum(self.errors_by_kind.values()),
-            "errors_by_kind": dict(sorted(self.errors_by_kind.items())),
-            "n_labelled": self.n_labelled,
-            "n_unknown_label": sum(self.unknown_labels.values()),
-            "unknown_labels": dict(sorted(self.unknown_labels.items())),
+    def scores(self) -> Scores:
+        counts = Scores(
+            n_images=self.n_images,
+            n_errors=sum(self.errors_by_kind.values()),
+            errors_by_kind=dict(sorted(self.errors_by_kind.items())),
+            n_labelled=self.n_labelled,
+            n_unknown_label=sum(self.unknown_labels.values()),
+            unknown_labels=dict(sorted(self.unknown_labels.items())),
+        )
+        if not self.n_labelled:
+            return counts
+        top_k: dict[str, Any] = {
+            f"top{k}": self.top_k_hits[k] / self.n_labelled if k <= self.ranks_given else None
+            for k in TOP_KS
         }
-        if self.n_labelled:
-            for k in TOP_KS:
-                hits = self.top_k_hits[k] / self.n_labelled
-                summary[f"top{k}"] = hits if k <= self.ranks_given else None
-            summary["macro_f1"] = self.macro_f1()
-            summary["ece"] = self.expected_calibration_error()
-        return summary
+        return replace(
+            counts, **top_k, macro_f1=self.macro_f1(), ece=self.expected_calibration_error()
+        )
 
     def per_class(self) -> list[dict[str, Any]]:
         """Precision, recall, F1 and support of every class the model knows."""

@@ -2,16 +2,16 @@
 Keras's numbers without TensorFlow in the process.
 
 Keras's float32 classifier, traced and converted by OpenVINO, computes the same function:
-on `val` the same top-1 and top-3 for every painting, probabilities within 2e-6, at about
-Keras's float32 speed (docs/benchmarks.md). In bfloat16 it is run as Keras's mixed policy
-runs it, the backbone rounded and the head in float32 (`split_at_head`), and gives Keras's
-bfloat16 scores on `val`. Which of the two `auto` picks follows Keras's rule, with
-OpenVINO's own measurement where the CPU leaves doubt.
+on `val` the same top-1 and top-3 for every painting, its probabilities equal to within
+rounding, at about Keras's float32 speed (docs/benchmarks.md). In bfloat16 it is run as
+Keras's mixed policy runs it, the backbone rounded and the head in float32
+(`split_at_head`), and gives Keras's bfloat16 scores on `val`. Which of the two `auto`
+picks follows Keras's rule, with OpenVINO's own measurement where the CPU leaves doubt.
 
 A process that imports Beam and OpenVINO instead of TensorFlow starts seconds sooner and
-holds half the memory. The conversion itself needs TensorFlow, so it runs once per bundle
-and machine: its files are kept in the user's cache folder (110 MB for the shipped bundle,
-the weights in float32), and OpenVINO keeps the kernels it compiles beside them.
+holds about half the memory. The conversion itself needs TensorFlow, so it runs once per
+bundle and machine: its files are kept in the user's cache folder (the weights in float32),
+and OpenVINO keeps the kernels it compiles beside them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ CONVERTED_FILE = "classifier.xml"  # and classifier.bin beside it, the weights
 HEAD_NAME = "style_head"  # the Keras head's name, in the converted model's node names
 _HINTS = {"float32": "f32", "bfloat16": "bf16"}  # OpenVINO's INFERENCE_PRECISION_HINT
 # OpenVINO pins its threads to cores by default: on a machine whose cores other processes
-# share, a pinned thread waits for its core instead of moving, and runs 1.5-2 x slower.
+# share, a pinned thread waits for its core instead of moving, and runs much slower.
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 TELEMETRY_MODULE = "openvino_telemetry"
 
@@ -104,9 +104,9 @@ def load_openvino_classifier(
 ) -> OpenVinoClassifier:
     """Module-level, so that RunInference can pickle it as the model loader. Compiled for
     batches of exactly `batch_size` images, the only shape the pipeline's handler sends
-    (7% faster here than a batch size left open). Where `auto` measures, the classifier
-    measured in the chosen precision is the one returned. With `embeddings`, it gives each
-    image's embedding beside its probabilities, as ModelBundle.classifier does."""
+    (faster than a batch size left open). Where `auto` measures, the classifier measured in
+    the chosen precision is the one returned. With `embeddings`, it gives each image's
+    embedding beside its probabilities, as ModelBundle.classifier does."""
     build, choice = _resolved(bundle_path, backbone_weights, precision, batch_size, embeddings)
     logging.info("artstyle: OpenVINO, %s (--precision=%s)", choice, precision)
     return build(choice.precision)
@@ -163,9 +163,9 @@ def compiled_classifier(
 def split_at_head(model: openvino.Model) -> tuple[openvino.Model, openvino.Model]:
     """The classifier cut where its head begins: the backbone with its features, and the
     head with its softmax (and the embedding, where the classifier gives one). Keras's
-    bfloat16 rounds the first alone, and moved top-1 and top-3 on `val` by 0.19 points;
-    OpenVINO's, given the whole model, rounded the head too and moved top-1 by 0.31-0.38.
-    Cut, it gives Keras's bfloat16 scores."""
+    bfloat16 rounds the first alone; OpenVINO's, given the whole model, rounded the head
+    too, and moved the scores on `val` further from float32's than Keras's do. Cut, it
+    gives Keras's bfloat16 scores."""
     openvino = imported_openvino()
     model = model.clone()
     first = next(
@@ -197,9 +197,9 @@ def compiled_on_a_thread_of_its_own(
 
 
 def keep_compiled_kernels(core: openvino.Core) -> None:
-    """OpenVINO keeps the kernels it compiles for this CPU in the cache folder (0.4 s off
-    every later run's start, on a 2-core EPYC); where that folder cannot be made, it
-    compiles them each time."""
+    """OpenVINO keeps the kernels it compiles for this CPU in the cache folder, which
+    shortens every later run's start; where that folder cannot be made, it compiles them
+    each time."""
     folder = cache_dir() / "openvino" / "compiled"
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """The backbone's arithmetic, float32 or bfloat16, and which one `--precision auto` picks.
 
 In bfloat16 the backbone's convolutions run in bfloat16 while the weights stay float32
-(Keras's mixed policy), and so do the head and its softmax: only the features are rounded
-(top-1 on `val` moves by about 0.2 points). Whether that is faster depends on the machine:
+(Keras's mixed policy); the head and its softmax stay float32: only the features are
+rounded, and the scores on `val` move by a fraction of a point. Whether that is faster
+depends on the machine (docs/benchmarks.md has the figures):
 
-- a GPU, or a CPU with AMX: bfloat16, by rule (1.8 x float32 on a 2-core AMX Xeon);
-- a CPU with AVX512_BF16 but no AMX: no rule holds. bfloat16 was 1.6 x float32 on an AMD
-  EPYC and 0.68 x on an Intel Xeon, both with the flag. So `auto` times both on this
+- a GPU, or a CPU with AMX: bfloat16, by rule: it is faster there;
+- a CPU with AVX512_BF16 but no AMX: no rule holds. bfloat16 was faster than float32 on an
+  AMD EPYC and slower on an Intel Xeon, both with the flag. So `auto` times both on this
   machine, once, and keeps the answer in a cache (`PrecisionCache`);
 - a CPU without bfloat16 instructions: float32 (TensorFlow would emulate bfloat16, slower).
 """
@@ -38,9 +39,8 @@ AMX_FLAG = "amx_bf16"
 BFLOAT16_CPU_FLAGS = (AMX_FLAG, "avx512_bf16")  # the first one present is reported
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
-# bfloat16 rounds the features, and a short timing on a shared machine is rough (1.6-2.7 x
-# on a CPU where longer ones say 2.0 x), so bfloat16 must be clearly faster to be chosen;
-# the CPUs measured so far were far from this either way (0.68 x and 1.6 x).
+# bfloat16 rounds the features, and a short timing on a shared machine is rough, so bfloat16
+# must be clearly faster to be chosen; the CPUs measured so far were far from this either way.
 MIN_BFLOAT16_SPEEDUP = 1.1
 
 Speedup = Callable[[], float]  # measures bfloat16's images/s over float32's on this machine
@@ -50,7 +50,7 @@ Speedup = Callable[[], float]  # measures bfloat16's images/s over float32's on 
 class PrecisionChoice:
     """The arithmetic a model is built in, and why: for the log and for summary.json."""
 
-    precision: str  # "float32" or "bfloat16"
+    precision: str  # "float32" or "bfloat16"; as asked, where each worker resolves its own
     reason: str
 
     def __str__(self) -> str:
@@ -58,6 +58,10 @@ class PrecisionChoice:
 
     def to_json(self) -> dict[str, str]:
         return {"precision": self.precision, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> PrecisionChoice:
+        return cls(data["precision"], data["reason"])
 
 
 def cpu_bfloat16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:

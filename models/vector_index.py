@@ -149,7 +149,7 @@ class IndexManifest:
     """manifest.json: saving writes `to_json`, loading reads `from_json`, and nothing else
     reads or writes its keys."""
 
-    model: str
+    model_id: str  # the JSON's `model`
     embedding: EmbeddingSpec
     approximate: IvfParameters | None  # None: exact
     items: int
@@ -166,7 +166,7 @@ class IndexManifest:
         search = {"kind": self.kind, **(asdict(self.approximate) if self.approximate else {})}
         return {
             "format": INDEX_FORMAT,
-            "model": self.model,
+            "model": self.model_id,
             "embedding": self.embedding.to_json(),
             "metric": self.metric,
             "index": search,
@@ -185,7 +185,7 @@ class IndexManifest:
             search = _json_object(data, "index", where)
             files = _json_object(data, "files", where)
             manifest = cls(
-                model=_json_value(data, "model", str, where),
+                model_id=_json_value(data, "model", str, where),
                 embedding=embedding,
                 approximate=_approximate_from_json(search, where),
                 items=_json_value(data, "items", int, where),
@@ -258,12 +258,12 @@ class VectorIndex:
 
     @classmethod
     def new(
-        cls, model: str, embedding: EmbeddingSpec, approximate: IvfParameters | None = None
+        cls, model_id: str, embedding: EmbeddingSpec, approximate: IvfParameters | None = None
     ) -> VectorIndex:
-        """An empty index for `model`'s embedding: exact, or IVF with these parameters (its
-        cells fitted on the first vectors added)."""
+        """An empty index for the embedding of model `model_id`: exact, or IVF with these
+        parameters (its cells fitted on the first vectors added)."""
         manifest = IndexManifest(
-            model=model,
+            model_id=model_id,
             embedding=embedding,
             approximate=approximate,
             items=0,

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.bundle import DEFAULT_BUNDLE, ModelBundle, check_backbone_weights
+from models.bundle import ModelBundle, check_backbone_weights
 from pipeline import terminal
-from pipeline.flags import UsageError
+from pipeline.flags import EXPLAIN_COMMAND, UsageError
 from transforms.fetch import BackgroundFetcher, FetchPolicy
 from transforms.images import ImageError, brief, decode_image, describe
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from models.gradcam import GradCam
 
 TOP_STYLES = 5
-BATCH = 8  # images per Grad-CAM call
 # The readable part of an output's name, in UTF-8 bytes: with a digest, a layer's name and
 # ".png" after it, well below the 255 bytes a file name may take on common file systems.
 MAX_NAME_BYTES = 100
@@ -50,34 +49,13 @@ class ExplainError(ValueError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.explain",
-        description="Writes, per image, a PNG of the painting, Grad-CAM for its top style "
-        "and its top styles.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_URI", help="Local paths or URIs.")
-    parser.add_argument("--output", required=True, metavar="DIR", help="Folder for the PNGs.")
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A model bundle folder.")
-    parser.add_argument(
-        "--style", default=None, help="Explain this style instead of each image's top style."
-    )
-    parser.add_argument(
-        "--feature_maps",
-        metavar="LAYER",
-        default=None,
-        help="Also draw this backbone layer's filters and activation maps ('stem_conv', "
-        "'block3_dwconv', 'stage4_out', ...; 'efficientnet_lite2/stem_conv' for the second "
-        "backbone of an ensemble).",
-    )
-    parser.add_argument("--backbone_weights", default=None, help="As for python -m pipeline.")
-    return parser.parse_args(argv)
+    return EXPLAIN_COMMAND.parser(allow_abbrev=False).parse_args(argv)
 
 
 def run(argv: list[str] | None = None) -> None:
     """Explains every image it can; then raises ExplainError if some could not be."""
     from models.feature_maps import LayerError, LayerViewer
-    from models.gradcam import bundle_grad_cam
+    from models.gradcam import BATCH_SIZE, bundle_grad_cam
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     output = Path(args.output)
@@ -100,7 +78,7 @@ def run(argv: list[str] | None = None) -> None:
     names = output_names(args.images, ("", maps) if maps else ("",), [filters] if filters else [])
 
     failures = 0
-    for batch in _batches(_read_images(args.images, bundle.input_size), BATCH):
+    for batch in _batches(_read_images(args.images, bundle.input_size), BATCH_SIZE):
         readable = [(i, image) for i, image in batch if not isinstance(image, str)]
         problems = {i: problem for i, problem in batch if isinstance(problem, str)}
         for (index, image), draw in zip(readable, explainer(readable, args.images), strict=True):
@@ -157,7 +135,7 @@ class _Explainer:
         from models.gradcam import overlay
         from models.head import calibrated_probabilities
         from pipeline import figures
-        from transforms.predictions import top_k_fields
+        from transforms.top_k import top_k_fields
 
         if not batch:
             return []
@@ -177,7 +155,7 @@ class _Explainer:
                     overlay(image, explained.heatmaps[i]),
                     classes[explained.styles[i]],
                     top["top_k_styles"],
-                    top["top_k_probs"],
+                    top["top_k_probabilities"],
                     brief(uris[index], 90),
                 )
             )

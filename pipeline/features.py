@@ -27,7 +27,7 @@ from transforms.infer_images import InferImages
 from transforms.model_handler import FixedBatchModelHandler
 from transforms.parquet import WriteParquet
 
-EMBEDDING_SCHEMA = pa.schema(
+FEATURE_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),
         pa.field("label", pa.string()),
@@ -42,11 +42,11 @@ EMBEDDING_SCHEMA = pa.schema(
 
 
 def load_training_extractor(
-    backbone: str, features: str, weights_path: str | None, mirror: bool
+    backbone: str, feature_kind: str, weights_path: str | None, mirror: bool
 ) -> keras.Model:
     """Module-level, so that RunInference can pickle it as the model loader."""
     grow_gpu_memory_on_demand()
-    extractor = feature_extractor(backbone, features, weights_path=weights_path)
+    extractor = feature_extractor(backbone, feature_kind, weights_path=weights_path)
     return with_mirror(extractor) if mirror else extractor
 
 
@@ -54,7 +54,7 @@ def _split_of(record: ImageRecord, split_column: str) -> str | None:
     return dict(record.extra).get(split_column)
 
 
-def embedding_row(
+def feature_row(
     inferred: tuple[ImageRecord, PredictionResult], *, split_column: str, mirror: bool
 ) -> dict[str, Any]:
     """The vectors stay numpy arrays, which Arrow writes as lists (as lists of Python floats
@@ -73,7 +73,7 @@ def embedding_row(
     }
 
 
-def embedding_error_row(failure: tuple[ImageRecord, str], *, split_column: str) -> dict[str, Any]:
+def feature_error_row(failure: tuple[ImageRecord, str], *, split_column: str) -> dict[str, Any]:
     record, error = failure
     return {
         "uri": record.uri,
@@ -85,63 +85,87 @@ def embedding_error_row(failure: tuple[ImageRecord, str], *, split_column: str) 
     }
 
 
-def build_embedding_graph(
+def build_feature_graph(
     pipeline: beam.Pipeline,
     options: PipelineOptions,
     catalog: Catalog,
-    embeddings: str,
+    features_dir: str,
 ) -> None:
-    model, images = options.view_as(ModelOptions), options.view_as(ImageOptions)
-    args = options.view_as(TrainOptions)
+    model_options, image_options = options.view_as(ModelOptions), options.view_as(ImageOptions)
+    train_options = options.view_as(TrainOptions)
     extractor = FixedBatchModelHandler(
         partial(
             load_training_extractor,
-            args.backbone,
-            args.features,
-            model.backbone_weights,
-            args.augment_mirror,
+            train_options.backbone,
+            train_options.feature_kind,
+            model_options.backbone_weights,
+            train_options.augment_mirror,
         ),
-        model.batch_size,
+        model_options.batch_size,
     )
     records = pipeline | "ReadCatalog" >> ReadCatalog(catalog)
     inferred, failures = records | "InferFeatures" >> InferImages(
         extractor,
-        input_size_of(args.backbone),
-        images.max_image_pixels,
-        images.policy(),
+        input_size_of(train_options.backbone),
+        image_options.max_image_pixels,
+        image_options.policy(),
     )
     vectors = inferred | "FeatureRows" >> beam.Map(
-        embedding_row, split_column=args.split_column, mirror=args.augment_mirror
+        feature_row, split_column=train_options.split_column, mirror=train_options.augment_mirror
     )
-    errors = failures | "ErrorRows" >> beam.Map(embedding_error_row, split_column=args.split_column)
+    errors = failures | "ErrorRows" >> beam.Map(
+        feature_error_row, split_column=train_options.split_column
+    )
     _ = (vectors, errors) | "WriteFeatures" >> WriteParquet(
-        f"{embeddings}/features", EMBEDDING_SCHEMA
+        f"{features_dir}/features", FEATURE_SCHEMA
     )
 
 
-def feature_files(embeddings: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    fs, path = fsspec.core.url_to_fs(embeddings)
+FEATURES_DIR_SUFFIX = ".features"  # OUTPUT.features/, beside the bundle
+EARLIER_FEATURES_DIR_SUFFIX = ".embeddings"  # where earlier versions wrote them
+
+
+def default_features_dir(output: str, reuse: bool) -> str:
+    """OUTPUT.features; where features are reused and only an earlier version's folder,
+    OUTPUT.embeddings, has feature files, that one."""
+    folder = f"{output}{FEATURES_DIR_SUFFIX}"
+    earlier = f"{output}{EARLIER_FEATURES_DIR_SUFFIX}"
+    if reuse and not _has_feature_files(folder) and _has_feature_files(earlier):
+        return earlier
+    return folder
+
+
+def _has_feature_files(features_dir: str) -> bool:
+    try:
+        feature_files(features_dir)
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    return True
+
+
+def feature_files(features_dir: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    fs, path = fsspec.core.url_to_fs(features_dir)
     files = sorted(fs.glob(f"{path}/features-*.parquet"))
     if not files:
-        raise FileNotFoundError(f"No features-*.parquet under {embeddings!r}")
+        raise FileNotFoundError(f"No features-*.parquet under {features_dir!r}")
     return fs, files
 
 
-def read_embeddings(embeddings: str) -> pa.Table:
+def read_features(features_dir: str) -> pa.Table:
     """Every row and column, as one Arrow table (for small sets: training reads the vectors
     a batch at a time with `read_matrix`)."""
-    fs, files = feature_files(embeddings)
+    fs, files = feature_files(features_dir)
     return pq.read_table(files, filesystem=fs)
 
 
 ROW_COLUMNS = ["uri", "label", "split", "error"]
 
 
-def read_matrix(embeddings: str, column: str, rows: np.ndarray) -> np.ndarray:
+def read_matrix(features_dir: str, column: str, rows: np.ndarray) -> np.ndarray:
     """The vectors of `column` at `rows` (positions over all the feature files, in their
     order) as a float16 matrix, filled a record batch at a time: the files' vectors are
     never all in memory at once beside it. ValueError if a row asked for has none."""
-    fs, files = feature_files(embeddings)
+    fs, files = feature_files(features_dir)
     slot = np.full(rows.max() + 1 if len(rows) else 0, -1)
     slot[rows] = np.arange(len(rows))
     matrix: np.ndarray | None = None
@@ -153,14 +177,14 @@ def read_matrix(embeddings: str, column: str, rows: np.ndarray) -> np.ndarray:
                 if len(taken):
                     values = batch.column(0).take(taken)
                     if values.null_count:
-                        raise ValueError(f"{embeddings!r}: rows without {column}")
+                        raise ValueError(f"{features_dir!r}: rows without {column}")
                     vectors = matrix_of(values)
                     if matrix is None:
                         matrix = np.empty((len(rows), vectors.shape[1]), np.float16)
                     matrix[slot[start + taken]] = vectors
                 start += batch.num_rows
     if matrix is None:
-        raise ValueError(f"{embeddings!r}: no {column} at the rows asked for")
+        raise ValueError(f"{features_dir!r}: no {column} at the rows asked for")
     return matrix
 
 
@@ -172,7 +196,7 @@ def matrix_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def labelled_set(
-    embeddings: str, rows: pa.Table, classes: list[str], mirrored: bool
+    features_dir: str, rows: pa.Table, classes: list[str], mirrored: bool
 ) -> LabelledSet:
     """The set of `rows` (their `position` in the feature files); `mirrored`: read the
     mirrors' features too (only training uses them)."""
@@ -180,38 +204,40 @@ def labelled_set(
     names = np.array(rows["label"].to_pylist(), dtype=object)
     positions = rows["position"].to_numpy()
     return LabelledSet(
-        read_matrix(embeddings, "features", positions),
-        _mirrored_matrix(embeddings, positions) if mirrored else None,
+        read_matrix(features_dir, "features", positions),
+        _mirrored_matrix(features_dir, positions) if mirrored else None,
         np.array([index.get(n, -1) for n in names]),
         names,
     )
 
 
-def _mirrored_matrix(embeddings: str, positions: np.ndarray) -> np.ndarray:
+def _mirrored_matrix(features_dir: str, positions: np.ndarray) -> np.ndarray:
     try:
-        return read_matrix(embeddings, "mirrored_features", positions)
+        return read_matrix(features_dir, "mirrored_features", positions)
     except ValueError:
         raise ValueError(
-            "--augment_mirror: these embeddings hold no mirror features; "
-            "write them again (without --reuse_embeddings)"
+            "--augment_mirror: these feature files hold no mirrors' features; "
+            "write them again (without --reuse_features)"
         ) from None
 
 
-def training_data(embeddings: str, args: TrainOptions) -> TrainingData:
+def training_data(features_dir: str, train_options: TrainOptions) -> TrainingData:
     """The splits' matrices, read from the feature files a batch at a time into float16."""
-    fs, files = feature_files(embeddings)
+    fs, files = feature_files(features_dir)
     table = pq.read_table(files, filesystem=fs, columns=ROW_COLUMNS)
     table = table.append_column("position", pa.array(np.arange(table.num_rows)))
     usable = table.filter(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])))
-    train_rows = rows_of_split(usable, args.train_split) if args.split_column else usable
+    train_rows = (
+        rows_of_split(usable, train_options.train_split) if train_options.split_column else usable
+    )
     if train_rows.num_rows == 0:
-        raise ValueError(f"No usable rows in split {args.train_split!r} to train on")
+        raise ValueError(f"No usable rows in split {train_options.train_split!r} to train on")
     classes = sorted(set(train_rows["label"].to_pylist()))
-    evaluation = rows_of_split(usable, args.eval_split)
+    evaluation = rows_of_split(usable, train_options.eval_split)
     return TrainingData(
         classes,
-        labelled_set(embeddings, train_rows, classes, args.augment_mirror),
-        labelled_set(embeddings, evaluation, classes, False) if evaluation.num_rows else None,
+        labelled_set(features_dir, train_rows, classes, train_options.augment_mirror),
+        labelled_set(features_dir, evaluation, classes, False) if evaluation.num_rows else None,
         {"rows": table.num_rows, "errors": table.num_rows - table["error"].null_count},
     )
 

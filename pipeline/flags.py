@@ -1,18 +1,22 @@
-"""The commands' flags, declared without Beam, so that --help answers before Beam loads.
+"""Every command's flags, each declared once, without Beam, so that --help answers at once.
 
-The flags are Beam options (pipeline.options: each group below is one PipelineOptions view,
-so that Beam's own flags mix in freely), but importing Beam alone takes over a second: --help
-is answered from these declarations with plain argparse instead, and the same declarations
-make the views. Every flag's value is checked where it is declared (its argparse `type`).
+A flag is a `Flag`: its name, its help and argparse's keywords, its value checked by its
+argparse `type`. Groups of flags (`add_*_flags`) are what commands compose: the prediction
+and training commands' groups are Beam options too (pipeline.options: each group is one
+PipelineOptions view, so that Beam's own flags mix in freely), but importing Beam alone
+takes over a second, so --help is answered from these declarations with plain argparse.
+Where a command needs a flag otherwise (another default, a required value), it says so with
+`Flag.but`, and why, in the flag's help.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, NoReturn
 
 from models.settings import (
     DEFAULT_BUNDLE,
@@ -24,6 +28,7 @@ from models.settings import (
     HeadConfig,
     check_backbone_names,
 )
+from pipeline.cli import called_as
 from transforms.fetch import DEFAULT_MAX_BYTES, FetchPolicy
 from transforms.images import DEFAULT_MAX_PIXELS
 
@@ -31,9 +36,10 @@ FlagGroup = Callable[[argparse.ArgumentParser], None]  # declares some flags on 
 
 REPORT_SAMPLES = 12  # the report's confident mistakes, and least confident rows (labelled runs)
 REPORT_PER_STYLE = 4  # the report's paintings per predicted style (runs without labels)
-HELP_EPILOG = (
-    "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and --verbose "
-    "shows the libraries' own logs (TensorFlow, absl, Beam) and INFO lines."
+VERBOSE_EPILOG = "--verbose shows the libraries' own logs (TensorFlow, absl, Beam) and INFO lines."
+BEAM_EPILOG = (
+    "Beam's own options (--runner, --direct_num_workers, ...) are accepted too, and "
+    + VERBOSE_EPILOG
 )
 
 
@@ -86,279 +92,399 @@ def backbone_names(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Flag:
+    """One flag, declared once: its name, its help, and the rest of argparse's keywords
+    (`settings`: type, default, choices, action, metavar, required, ...). Calling it with a
+    parser declares it there, so that a flag is a FlagGroup of its own."""
+
+    name: str
+    help: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __call__(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(self.name, help=self.help, **self.settings)
+
+    @property
+    def default(self) -> Any:
+        return self.settings.get("default")
+
+    def but(self, why: str | None = None, *, help: str | None = None, **settings: Any) -> Flag:
+        """The flag as one command needs it: other `settings` (another default, say), `why`
+        added to its help, or another `help` where the command gives the flag another use."""
+        text = help if help is not None else self.help
+        if why:
+            text = f"{text} {why}" if text else why
+        return replace(self, help=text, settings=MappingProxyType({**self.settings, **settings}))
+
+
+def flag(name: str, help: str | None = None, **settings: Any) -> Flag:
+    return Flag(name, help, MappingProxyType(settings))
+
+
+def add(parser: argparse.ArgumentParser, *groups: FlagGroup) -> None:
+    """Declares `groups` (flags, or groups of them) on `parser`, in order."""
+    for group in groups:
+        group(parser)
+
+
+# --- The catalog and the output ------------------------------------------------------------
+
+INPUT = flag(
+    "--input",
+    "A CSV or Parquet catalog (or a glob of shards), or a folder or glob of images. URIs may "
+    "be local paths, gs://, s3://, http(s)://: anything fsspec opens.",
+)
+OUTPUT = flag("--output", "Folder (or URI) to write to.")
+URI_COLUMN = flag("--uri_column", "The catalog's image column.", default="uri")
+LABEL_COLUMN = flag(
+    "--label_column",
+    "The catalog's label column (default: 'style', if the catalog has one).",
+    default=None,
+)
+OVERWRITE = flag(
+    "--overwrite",
+    "Replace files in the output folder that look like results (predictions-*.parquet, "
+    "summary.json, report.html, ...) but that artstyle has no record of writing (an "
+    "earlier version's, or copied in). Without it, such files stop the command at "
+    "start-up: they would be read with its results.",
+    action="store_true",
+)
+
+# --- The model and what runs it ------------------------------------------------------------
+
+MODEL = flag("--model", "A model bundle folder (default: shipped).", default=DEFAULT_BUNDLE)
+BACKBONE_WEIGHTS = flag(
+    "--backbone_weights",
+    "A local file of the backbone's ImageNet weights, for hosts that cannot download them "
+    "(ResNet50: Keras's ..._notop.h5 file).",
+    default=None,
+)
+BATCH_SIZE = flag(
+    "--batch_size", "Images per model call (fixed).", type=whole_number(1), default=32
+)
+PRECISION = flag(
+    "--precision",
+    "The backbone's arithmetic. 'auto': bfloat16 on a GPU or a CPU with AMX; on a CPU with "
+    "AVX512_BF16 alone, whichever a short timing of both finds faster (once per machine, "
+    "cached); else float32.",
+    choices=PRECISIONS,
+    default="auto",
+)
+ENGINE = flag(
+    "--engine",
+    "What runs the model. 'keras': TensorFlow. 'openvino': the same results (in bfloat16, "
+    "the same rounding) from a process without TensorFlow, which starts seconds sooner; its "
+    "first run with a bundle converts the model (once per machine, cached). 'auto': OpenVINO "
+    "on a CPU; Keras on a GPU and where the workers are other machines.",
+    choices=ENGINES,
+    default="auto",
+)
+TOP_K = flag("--top_k", "Styles listed per image.", type=whole_number(1), default=5)
+EMBEDDINGS = flag(
+    "--embeddings",
+    "Also write each predicted image's embedding, a short vector from the same pass (the "
+    "model's projection, L2-normalised), to OUTPUT/embeddings-*.parquet: what python -m "
+    "pipeline.index makes an index of similar paintings from. The model must give one (a "
+    "bundle trained with --projection).",
+    action="store_true",
+)
+
+# --- Fetching and decoding images ----------------------------------------------------------
+
+_FETCH = FetchPolicy()
+FETCH_CONCURRENCY = flag(
+    "--fetch_concurrency",
+    "Images fetched at once per worker (network and bucket reads wait, not work).",
+    type=whole_number(1),
+    default=_FETCH.concurrency,
+)
+MAX_CONNECTIONS_PER_HOST = flag(
+    "--max_connections_per_host",
+    "Connections at once to one host (Wikimedia's hosts: at most 2, as its robot policy asks).",
+    type=whole_number(1),
+    default=_FETCH.max_connections_per_host,
+)
+MAX_RETRIES = flag(
+    "--max_retries",
+    "Retries of a transient failure (timeouts, resets, HTTP 408/429/5xx), with exponential "
+    "backoff and the server's Retry-After. gs:// and s3:// retry in their own libraries "
+    "instead.",
+    type=whole_number(0),
+    default=_FETCH.max_retries,
+)
+FETCH_TIMEOUT_S = flag(
+    "--fetch_timeout_s",
+    "Seconds per image, all attempts together (default: %(default)g): past them, the image "
+    "is an error.",
+    type=number(0, above=True),
+    default=_FETCH.timeout_s,
+)
+MAX_IMAGE_BYTES = flag(
+    "--max_image_bytes",
+    "Larger files are errors, found out while streaming (default: %(default)d bytes).",
+    type=whole_number(1),
+    default=DEFAULT_MAX_BYTES,
+)
+MAX_IMAGE_PIXELS = flag(
+    "--max_image_pixels",
+    "Larger images are errors (decompression-bomb guard).",
+    type=whole_number(1),
+    default=DEFAULT_MAX_PIXELS,
+)
+
+# --- The report ----------------------------------------------------------------------------
+
+REPORT = flag(
+    "--report",
+    "Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of sampled rows "
+    "(as python -m pipeline.report OUTPUT does after a run).",
+    action="store_true",
+)
+SAMPLES = flag(
+    "--samples", "Rows per sampled section.", type=whole_number(1), default=REPORT_SAMPLES
+)
+PER_STYLE = flag(
+    "--per_style",
+    "Gallery rows per style (no labels).",
+    type=whole_number(1),
+    default=REPORT_PER_STYLE,
+)
+
+# --- Explanations --------------------------------------------------------------------------
+
+STYLE = flag("--style", "Explain this style instead of each image's top style.", default=None)
+FEATURE_MAPS = flag(
+    "--feature_maps",
+    "Also draw this backbone layer's filters and activation maps ('stem_conv', "
+    "'block3_dwconv', 'stage4_out', ...; 'efficientnet_lite2/stem_conv' for the second "
+    "backbone of an ensemble).",
+    metavar="LAYER",
+    default=None,
+)
+
+# --- Training ------------------------------------------------------------------------------
+
+_FRACTION = number(0, below=1)
+BACKBONE = flag(
+    "--backbone",
+    "Backbone name, or several joined by '+' (an ensemble: features concatenated).",
+    type=backbone_names,
+    default="efficientnet_lite2",
+)
+FEATURE_KIND = flag(
+    "--feature_kind",
+    "The features a head reads: 'pooled' (the last layer's), 'stage_stats' (plus channel "
+    "means and deviations of stages) or 'stage_covariance' (plus channel covariances of "
+    "early stages).",
+    choices=FEATURE_KINDS,
+    default="stage_covariance",
+)
+MODEL_ID = flag("--model_id", "Bundle id (default: derived).", default=None)
+SPLIT_COLUMN = flag("--split_column", "Catalog's split column.", default="split")
+TRAIN_SPLIT = flag("--train_split", "Rows to train on.", default="train")
+EVAL_SPLIT = flag("--eval_split", "Rows to report scores on.", default="val")
+FEATURES_DIR = flag(
+    "--features_dir",
+    "The folder of the images' feature files (default: OUTPUT.features/).",
+    default=None,
+)
+REUSE_FEATURES = flag(
+    "--reuse_features",
+    "Fit the head on the feature files an earlier run with the same backbone and feature "
+    "kind wrote in the features folder.",
+    action="store_true",
+)
+AUGMENT_MIRROR = flag(
+    "--augment_mirror",
+    "Also fit the head on every training painting's left-right mirror (the feature pass "
+    "computes both: twice its time).",
+    action="store_true",
+)
+FOLDS = flag(
+    "--folds",
+    "Heads cross-fitted on the training split, each early-stopped on its own fold; the "
+    "bundle averages them, their out-of-fold logits calibrate it.",
+    type=whole_number(2),
+    default=5,
+)
+HIDDEN_UNITS = flag(
+    "--hidden_units",
+    "MLP head width; 0: linear.",
+    type=whole_number(0),
+    default=HeadConfig.hidden_units,
+)
+DROPOUT = flag("--dropout", type=_FRACTION, default=HeadConfig.dropout)
+L2 = flag("--l2", type=number(0), default=HeadConfig.l2)
+CLASS_BALANCE = flag(
+    "--class_balance",
+    "Each style's weight is (mean paintings a style / its paintings) to this power: 1 weighs "
+    "every style alike, 0 every painting.",
+    type=number(0),
+    default=HeadConfig.class_balance,
+)
+PROJECTION = flag(
+    "--projection",
+    "The merged head reads its features through a projection to this many numbers, fitted "
+    "to what its hidden units see (0: none): most of the bundle's size, and each painting's "
+    "embedding.",
+    type=whole_number(0),
+    default=HeadConfig.projection,
+)
+LABEL_SMOOTHING = flag("--label_smoothing", type=_FRACTION, default=HeadConfig.label_smoothing)
+LEARNING_RATE = flag(
+    "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
+)
+EPOCHS = flag(
+    "--epochs", "At most; early stopping.", type=whole_number(1), default=HeadConfig.epochs
+)
+SEED = flag("--seed", type=whole_number(0), default=HeadConfig.seed)
+
+# --- The index of embeddings -----------------------------------------------------------------
+
+ADD = flag(
+    "--add",
+    "Add the runs' paintings to the index at --output, without rebuilding it. A painting "
+    "whose URI the index holds already keeps its item (rebuild with --replace to take a later "
+    "run's); rows of one run that share a URI are items of their own.",
+    action="store_true",
+)
+REPLACE = flag(
+    "--replace",
+    "Build a new index over the one at --output, which stays whole until the new one is written.",
+    action="store_true",
+)
+SEARCH = flag(
+    "--search",
+    "A new index's search. 'exact': every painting compared; 'approximate': IVF, the "
+    "paintings of the query's nearest cells compared (k-means cells fitted on the runs' "
+    "paintings), faster past ten thousand paintings, most but not always all of the true "
+    "nearest (its recall is in docs/similar.md). 'auto' (default): exact up to the size "
+    "where one query stays quick, approximate past it.",
+    choices=INDEX_SEARCHES,
+    default=None,
+)
+MAX_DISTANCE = flag(
+    "--max_distance",
+    "The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
+    "paintings, 2 for opposite ones",
+    type=number(0),
+    metavar="D",
+    default=None,
+)
+SHOW = flag("--show", "Pairs printed (the closest groups).", type=whole_number(0), default=20)
+
+
+# --- Groups: what the commands compose -----------------------------------------------------
+
+
 def add_catalog_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.options.CatalogOptions."""
-    parser.add_argument(
-        "--input",
-        help="A CSV or Parquet catalog (or a glob of shards), or a folder or glob of "
-        "images. URIs may be local paths, gs://, s3://, http(s)://: anything fsspec opens.",
-    )
-    parser.add_argument("--output", help="Folder (or URI) to write to.")
-    parser.add_argument("--uri_column", default="uri", help="The catalog's image column.")
-    parser.add_argument(
-        "--label_column",
-        default=None,
-        help="The catalog's label column (default: 'style', if the catalog has one).",
-    )
-
-
-def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
-    """--overwrite, of the commands that publish into a run's output folder."""
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace files in the output folder that look like results (predictions-*.parquet, "
-        "summary.json, report.html, ...) but that artstyle has no record of writing (an "
-        "earlier version's, or copied in). Without it, such files stop the command at "
-        "start-up: they would be read with its results.",
-    )
+    """What to read and where to write (pipeline.options.CatalogOptions)."""
+    add(parser, INPUT, OUTPUT, URI_COLUMN, LABEL_COLUMN)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.options.ModelOptions."""
-    parser.add_argument(
-        "--batch_size", type=whole_number(1), default=32, help="Images per model call (fixed)."
-    )
-    parser.add_argument(
-        "--backbone_weights",
-        default=None,
-        help="A local file of the backbone's ImageNet weights, for hosts that cannot "
-        "download them (ResNet50: Keras's ..._notop.h5 file).",
-    )
+    """How a backbone runs, in prediction and in training's feature pass
+    (pipeline.options.ModelOptions)."""
+    add(parser, BATCH_SIZE, BACKBONE_WEIGHTS)
 
 
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.options.ImageOptions."""
-    defaults = FetchPolicy()
-    parser.add_argument(
-        "--fetch_concurrency",
-        type=whole_number(1),
-        default=defaults.concurrency,
-        help="Images fetched at once per worker (network and bucket reads wait, not work).",
-    )
-    parser.add_argument(
-        "--max_connections_per_host",
-        type=whole_number(1),
-        default=defaults.max_connections_per_host,
-        help="Connections at once to one host (Wikimedia's hosts: at most 2, as its "
-        "robot policy asks).",
-    )
-    parser.add_argument(
-        "--max_retries",
-        type=whole_number(0),
-        default=defaults.max_retries,
-        help="Retries of a transient failure (timeouts, resets, HTTP 408/429/5xx), with "
-        "exponential backoff and the server's Retry-After. gs:// and s3:// retry in "
-        "their own libraries instead.",
-    )
-    parser.add_argument(
-        "--fetch_timeout_s",
-        type=number(0, above=True),
-        default=defaults.timeout_s,
-        help="Deadline per image, all attempts together: then it is an error row.",
-    )
-    parser.add_argument(
-        "--max_image_bytes",
-        type=whole_number(1),
-        default=DEFAULT_MAX_BYTES,
-        help="Larger files are error rows, found out while streaming.",
-    )
-    parser.add_argument(
-        "--max_image_pixels",
-        type=whole_number(1),
-        default=DEFAULT_MAX_PIXELS,
-        help="Larger images are error rows (decompression-bomb guard).",
-    )
+    """How images are fetched and decoded (pipeline.options.ImageOptions)."""
+    add(parser, FETCH_CONCURRENCY, MAX_CONNECTIONS_PER_HOST, MAX_RETRIES)
+    add_image_limit_flags(parser)
 
 
-def add_predict_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.options.PredictOptions."""
-    add_classifier_flags(parser)
-    parser.add_argument("--top_k", type=whole_number(1), default=5, help="Styles listed per image.")
-    parser.add_argument(
-        "--embeddings",
-        action="store_true",
-        help="Also write each predicted image's embedding, a short vector from the same pass "
-        "(the model's projection, L2-normalised), to OUTPUT/embeddings-*.parquet: what "
-        "python -m pipeline.index makes an index of similar paintings from. The model must "
-        "give one (a bundle trained with --projection).",
-    )
-    add_overwrite_flag(parser)
-    parser.add_argument(
-        "--report",
-        action="store_true",
-        help="Also write OUTPUT/report.html, a page of scores, charts and Grad-CAM of "
-        "sampled rows (as python -m pipeline.report OUTPUT does after a run).",
-    )
+def add_image_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The caps on one image: its fetch's deadline, its bytes, its pixels."""
+    add(parser, FETCH_TIMEOUT_S, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """What runs a bundle's classifier, and in which arithmetic."""
+    add(parser, ENGINE, PRECISION)
 
 
 def add_classifier_flags(parser: argparse.ArgumentParser) -> None:
-    """Which model, and what runs it in what arithmetic: the pipeline's (in PredictOptions)
-    and the similarity queries'."""
-    parser.add_argument(
-        "--model", default=DEFAULT_BUNDLE, help="A model bundle folder (default: shipped)."
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="The backbone's arithmetic. 'auto': bfloat16 on a GPU or a CPU with AMX; "
-        "on a CPU with AVX512_BF16 alone, whichever a short timing of both finds faster "
-        "(once per machine, cached); else float32.",
-    )
-    parser.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="auto",
-        help="What runs the model. 'keras': TensorFlow. 'openvino': the same results (in "
-        "bfloat16, the same rounding) from a process without TensorFlow, which starts "
-        "seconds sooner; its first run with a bundle converts the model (once per machine, "
-        "cached). 'auto': OpenVINO on a CPU; Keras on a GPU and in worker processes.",
-    )
+    """Which model answers, how many styles it lists, what runs it: the pipeline's and the
+    service's."""
+    add(parser, MODEL, TOP_K, add_engine_flags)
+
+
+def add_predict_flags(parser: argparse.ArgumentParser) -> None:
+    """Prediction's own (pipeline.options.PredictOptions)."""
+    add(parser, add_classifier_flags, EMBEDDINGS, OVERWRITE, REPORT)
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.options.TrainOptions."""
-    parser.add_argument(
-        "--backbone",
-        type=backbone_names,
-        default="efficientnet_lite2",
-        help="Backbone name, or several joined by '+' (an ensemble: features concatenated).",
+    """Training's own (pipeline.options.TrainOptions)."""
+    add(parser, BACKBONE, FEATURE_KIND, MODEL_ID, SPLIT_COLUMN, TRAIN_SPLIT, EVAL_SPLIT)
+    add(parser, FEATURES_DIR, REUSE_FEATURES, AUGMENT_MIRROR, FOLDS, HIDDEN_UNITS, DROPOUT)
+    add(parser, L2, CLASS_BALANCE, PROJECTION, LABEL_SMOOTHING, LEARNING_RATE, EPOCHS, SEED)
+
+
+def add_explain_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_URI", help="Local paths or URIs.")
+    add(
+        parser,
+        OUTPUT.but(help="Folder for the PNGs.", required=True, metavar="DIR"),
+        MODEL,
+        STYLE,
+        FEATURE_MAPS,
+        BACKBONE_WEIGHTS,
     )
-    parser.add_argument(
-        "--features",
-        choices=FEATURE_KINDS,
-        default="stage_covariance",
-        help="'pooled' (last layer), 'stage_stats' (plus channel means and deviations of "
-        "stages) or 'stage_covariance' (plus channel covariances of early stages).",
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="DIR", help="The --output folder of a finished run.")
+    add(
+        parser,
+        INPUT.but(
+            help="The run's catalog, which says where its rows' images are (without it, each "
+            "row's URI is read as it is, relative ones from the current folder)."
+        ),
+        URI_COLUMN,
+        MODEL.but("It must be the run's: the sampled rows are explained with it."),
+        BACKBONE_WEIGHTS,
+        SAMPLES,
+        PER_STYLE,
+        OVERWRITE,
     )
-    parser.add_argument("--model_id", default=None, help="Bundle id (default: derived).")
-    parser.add_argument("--split_column", default="split", help="Catalog's split column.")
-    parser.add_argument("--train_split", default="train", help="Rows to train on.")
-    parser.add_argument("--eval_split", default="val", help="Rows to report scores on.")
-    parser.add_argument(
-        "--features_dir",
-        default=None,
-        help="Where image features are written (default: OUTPUT.embeddings/).",
-    )
-    parser.add_argument(
-        "--reuse_embeddings",
-        action="store_true",
-        help="Fit the head on features written by an earlier run with the same backbone.",
-    )
-    parser.add_argument(
-        "--augment_mirror",
-        action="store_true",
-        help="Also fit the head on every training painting's left-right mirror "
-        "(the feature pass computes both: twice its time).",
-    )
-    parser.add_argument(
-        "--folds",
-        type=whole_number(2),
-        default=5,
-        help="Heads cross-fitted on the training split, each early-stopped on its own "
-        "fold; the bundle averages them, their out-of-fold logits calibrate it.",
-    )
-    parser.add_argument(
-        "--hidden_units",
-        type=whole_number(0),
-        default=HeadConfig.hidden_units,
-        help="MLP head width; 0: linear.",
-    )
-    fraction = number(0, below=1)
-    parser.add_argument("--dropout", type=fraction, default=HeadConfig.dropout)
-    parser.add_argument("--l2", type=number(0), default=HeadConfig.l2)
-    parser.add_argument(
-        "--class_balance",
-        type=number(0),
-        default=HeadConfig.class_balance,
-        help="Each style's weight is (mean paintings a style / its paintings) to this power: "
-        "1 weighs every style alike, 0 every painting.",
-    )
-    parser.add_argument(
-        "--projection",
-        type=whole_number(0),
-        default=HeadConfig.projection,
-        help="The merged head reads its features through a projection to this many numbers, "
-        "fitted to what its hidden units see (0: none): most of the bundle's size, and each "
-        "painting's embedding.",
-    )
-    parser.add_argument("--label_smoothing", type=fraction, default=HeadConfig.label_smoothing)
-    parser.add_argument(
-        "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
-    )
-    parser.add_argument(
-        "--epochs",
-        type=whole_number(1),
-        default=HeadConfig.epochs,
-        help="At most; early stopping.",
-    )
-    parser.add_argument("--seed", type=whole_number(0), default=HeadConfig.seed)
 
 
 def add_index_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of python -m pipeline.index."""
+    """python -m pipeline.index's."""
     parser.add_argument(
         "runs",
         nargs="+",
         metavar="OUT_DIR",
         help="Output folders of runs with --embeddings (any fsspec URI), added in this order.",
     )
-    parser.add_argument(
-        "--output", required=True, metavar="INDEX", help="The index: a folder on local disk."
-    )
+    OUTPUT.but(help="The index: a folder on local disk.", required=True, metavar="INDEX")(parser)
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument(
-        "--add",
-        action="store_true",
-        help="Add the runs' paintings to the index at --output, without rebuilding it. A "
-        "painting whose URI the index holds already keeps its item (rebuild with --replace "
-        "to take a later run's); rows of one run that share a URI are items of their own.",
-    )
-    existing.add_argument(
-        "--replace",
-        action="store_true",
-        help="Build a new index over the one at --output, which stays whole until the new "
-        "one is written.",
-    )
-    parser.add_argument(
-        "--search",
-        choices=INDEX_SEARCHES,
-        default=None,
-        help="A new index's search. 'exact': every painting compared; 'approximate': IVF, "
-        "the paintings of the query's nearest cells compared (k-means cells fitted on the "
-        "runs' paintings), faster past ten thousand paintings, most but not always all of "
-        "the true nearest (its recall is in docs/similar.md). 'auto' (default): exact up "
-        "to the size where one query stays quick, approximate past it.",
-    )
+    add(existing, ADD, REPLACE)  # type: ignore[arg-type]  # a group declares as a parser does
+    SEARCH(parser)
 
 
 def add_max_distance_flag(parser: argparse.ArgumentParser, default: float | None) -> None:
-    """--max_distance, for the commands that list neighbours or pairs."""
-    parser.add_argument(
-        "--max_distance",
-        type=number(0),
-        default=default,
-        metavar="D",
-        help="The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
-        f"paintings, 2 for opposite ones (default: {'none' if default is None else default}).",
-    )
+    """--max_distance, for the commands that list neighbours or pairs, with their default."""
+    shown = "none" if default is None else default
+    MAX_DISTANCE.but(f"(default: {shown}).", default=default)(parser)
 
 
 def add_duplicates_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of python -m pipeline.duplicates."""
+    """python -m pipeline.duplicates's."""
     parser.add_argument("index", metavar="INDEX", help="An index (python -m pipeline.index).")
     add_max_distance_flag(parser, DUPLICATE_MAX_DISTANCE)
-    parser.add_argument(
-        "--output", default=None, metavar="FILE.parquet", help="Write every pair there too."
-    )
-    parser.add_argument(
-        "--show", type=whole_number(0), default=20, help="Pairs printed (the closest groups)."
+    add(
+        parser,
+        OUTPUT.but(help="Write every pair there too.", metavar="FILE.parquet"),
+        SHOW,
     )
 
 
 def add_similar_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of python -m pipeline.similar, beside the model's and the images'."""
+    """python -m pipeline.similar's, beside the model's and the images'."""
     parser.add_argument(
         "queries",
         nargs="+",
@@ -376,18 +502,16 @@ def add_similar_flags(parser: argparse.ArgumentParser) -> None:
         help="Nearest paintings listed per query (default: %(default)d).",
     )
     add_max_distance_flag(parser, None)
-    parser.add_argument(
-        "--output",
-        default=None,
-        metavar="FILE.parquet",
-        help="Write every query's neighbours there too, one row per (query, neighbour); a "
-        "query that could not be read is one row with its error.",
-    )
-    parser.add_argument(
-        "--show",
-        type=whole_number(0),
-        default=20,
-        help="Queries whose neighbours are printed (default: %(default)d).",
+    add(
+        parser,
+        OUTPUT.but(
+            help="Write every query's neighbours there too, one row per (query, neighbour); a "
+            "query that could not be read is one row with its error.",
+            metavar="FILE.parquet",
+        ),
+        SHOW.but(help="Queries whose neighbours are printed."),
+        MODEL,
+        add_engine_flags,
     )
 
 
@@ -401,57 +525,80 @@ class OneLineParser(argparse.ArgumentParser):
 
 @dataclass(frozen=True)
 class CommandLine:
-    """A command: how it is called, what it does, its flag groups. Declared here rather than
-    in the command's module, so that its --help is answered before that module (and Beam and
-    TensorFlow with it) loads. The flags of a Beam command are Beam options
+    """A command: the module `python -m` runs, what it does, its flag groups. Declared here
+    rather than in the command's module, so that its --help is answered before that module
+    (and Beam and TensorFlow with it) loads. The flags of a Beam command are Beam options
     (pipeline.options parses them); a command without Beam parses its own (`parse`)."""
 
-    prog: str
+    module: str
     about: str
     groups: Sequence[FlagGroup]
+    epilog: str | None = BEAM_EPILOG
+
+    @property
+    def prog(self) -> str:
+        """The command as its user typed it: `artstyle predict` or `python -m pipeline`."""
+        return called_as(self.module)
+
+    def parser(
+        self, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser, **settings: Any
+    ) -> argparse.ArgumentParser:
+        """A parser of the command's flags (`settings`: argparse's own)."""
+        parser = parser_class(
+            prog=self.prog, description=self.about, epilog=self.epilog, **settings
+        )
+        add(parser, *self.groups)
+        return parser
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """The flags of a command without Beam options; UsageError for a bad one."""
+        return self.parser(parser_class=OneLineParser, allow_abbrev=False).parse_args(argv)
 
     def answer_help(self, argv: list[str]) -> None:
         """If `argv` asks for --help, lists the command's flags and exits. (Beam's parser
         would answer with its own flags only.)"""
         if not {"-h", "--help"} & set(argv):
             return
-        parser = argparse.ArgumentParser(prog=self.prog, description=self.about, epilog=HELP_EPILOG)
-        for add_flags in self.groups:
-            add_flags(parser)
-        parser.print_help()
+        self.parser().print_help()
         raise SystemExit(0)
-
-    def parse(self, argv: list[str]) -> argparse.Namespace:
-        """The flags of a command without Beam options; UsageError for a bad one."""
-        parser = OneLineParser(prog=self.prog, description=self.about, allow_abbrev=False)
-        for add_flags in self.groups:
-            add_flags(parser)
-        return parser.parse_args(argv)
 
 
 PREDICT_COMMAND = CommandLine(
-    "python -m pipeline",
+    "pipeline",
     "Predicts the art style of every image of a catalog, with Apache Beam.",
     (add_catalog_flags, add_model_flags, add_image_flags, add_predict_flags),
 )
 TRAIN_COMMAND = CommandLine(
-    "python -m pipeline.train",
+    "pipeline.train",
     "Trains a style model bundle: backbone features, a fitted head, a manifest.",
     (add_catalog_flags, add_model_flags, add_image_flags, add_train_flags),
 )
+EXPLAIN_COMMAND = CommandLine(
+    "pipeline.explain",
+    "Writes, per image, a PNG of the painting, Grad-CAM for its top style and its top styles.",
+    (add_explain_flags,),
+    epilog=VERBOSE_EPILOG,
+)
+REPORT_COMMAND = CommandLine(
+    "pipeline.report",
+    "Writes DIR/report.html about the predictions of an earlier run in DIR.",
+    (add_report_flags,),
+)
 INDEX_COMMAND = CommandLine(
-    "python -m pipeline.index",
+    "pipeline.index",
     "Builds a nearest-neighbour index of the embeddings of runs (python -m pipeline "
     "--embeddings), or adds runs to one.",
     (add_index_flags,),
+    epilog=VERBOSE_EPILOG,
 )
 SIMILAR_COMMAND = CommandLine(
-    "python -m pipeline.similar",
+    "pipeline.similar",
     "Lists the paintings of an index nearest to each query image, with their distances.",
-    (add_similar_flags, add_classifier_flags, add_model_flags, add_image_flags),
+    (add_similar_flags, add_model_flags, add_image_flags),
 )
 DUPLICATES_COMMAND = CommandLine(
-    "python -m pipeline.duplicates",
+    "pipeline.duplicates",
     "Lists the pairs of near-identical paintings in an index, grouped.",
     (add_duplicates_flags,),
+    epilog=VERBOSE_EPILOG,
 )

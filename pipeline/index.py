@@ -42,14 +42,14 @@ def run(argv: list[str] | None = None) -> VectorIndex:
         index = VectorIndex.load(args.output) if args.add else None
         if index is not None:
             manifest = index.manifest
-            _check_same_vectors(runs[0], EmbeddingsOrigin(manifest.model, manifest.embedding),
+            _check_same_vectors(runs[0], EmbeddingsOrigin(manifest.model_id, manifest.embedding),
                                 f"the index {args.output}")  # fmt: skip
         known_uris = set(index.items.column("uri").to_pylist()) if index is not None else set()
         vectors, items, records = new_paintings(runs, known_uris)
         if index is None:
             origin = runs[0].origin
             search = chosen_parameters(args.search or "auto", len(vectors))
-            index = VectorIndex.new(origin.model, origin.embedding, search)
+            index = VectorIndex.new(origin.model_id, origin.embedding, search)
         index.add(vectors, items)
         for record in records:
             index.record_run(record)
@@ -143,7 +143,7 @@ def _describe_index(index: VectorIndex, output: str, written: bool) -> str:
     manifest = index.manifest
     search = "exact search" if manifest.approximate is None else "approximate search (IVF)"
     state = f"index written to {output}" if written else f"nothing added: {output} is as it was"
-    origin = EmbeddingsOrigin(manifest.model, manifest.embedding)
+    origin = EmbeddingsOrigin(manifest.model_id, manifest.embedding)
     line = f"{state}: {index.size:,} paintings, {search}, {origin.describe()}"
     if manifest.approximate is None and index.size > EXACT_LIMIT:
         line += (

@@ -13,21 +13,15 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-# Beam's parser, for the flags Beam declares with its add_value_provider_argument.
-from apache_beam.options.pipeline_options import (
-    DirectOptions,
-    PipelineOptions,
-    SetupOptions,
-    StandardOptions,
-    _BeamArgumentParser,
-)
-
+from models.bundle import BundleError
 from models.settings import HeadConfig
 from pipeline import flags
 from pipeline.exits import run_reporting
 from pipeline.flags import UsageError
 from pipeline.outputs import OutputError
+from transforms import library_internals
 from transforms.catalog import CatalogError
 from transforms.fetch import FetchPolicy, default_user_agent
 
@@ -129,7 +123,7 @@ def parse_options(argv: list[str] | None, command: flags.CommandLine) -> Pipelin
     return options
 
 
-class _FlagParser(_BeamArgumentParser):
+class _FlagParser(library_internals.beam_argument_parser()):  # type: ignore[misc]
     """Raises UsageError where argparse would print the usage (Beam's runs to hundreds of
     lines) and exit."""
 
@@ -142,15 +136,11 @@ def check_flags(argv: list[str], groups: Sequence[flags.FlagGroup]) -> None:
     lines, and runs on without it; here it is an error, with the nearest known flag: every
     flag must be Beam's or one of `groups`'."""
     parser = _FlagParser(allow_abbrev=False)
-    beams = {str(cls): cls for cls in PipelineOptions.__subclasses__()
-             if cls.__module__.startswith("apache_beam.")}  # fmt: skip
-    for view in beams.values():
-        view._add_argparse_args(parser)
-    for add_flags in groups:
-        add_flags(parser)
+    library_internals.add_beam_flags(parser)
+    flags.add(parser, *groups)
     _, unknown = parser.parse_known_args(argv)
     if unknown:
-        known = [flag for action in parser._actions for flag in action.option_strings]
+        known = library_internals.known_flags(parser)
         raise UsageError(_unknown_argument_message(unknown[0], known))
 
 
@@ -174,29 +164,6 @@ def _is_file(url: str) -> bool:
         return False
 
 
-def runner_name(options: PipelineOptions) -> str:
-    """--runner in short and lower case ('direct' when unset, 'dataflow' for DataflowRunner)."""
-    return (options.view_as(StandardOptions).runner or "direct").lower().removesuffix("runner")
-
-
-IN_PROCESS_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect")
-LOCAL_RUNNERS = (*IN_PROCESS_RUNNERS, "prism")  # Prism: worker processes on this machine
-
-
-def runs_in_this_process(options: PipelineOptions) -> bool:
-    """Whether the graph's steps run in this process (Beam's direct runner in memory or in
-    threads), not in worker processes or on a service: where the progress bar can read the
-    count of images done."""
-    mode = options.view_as(DirectOptions).direct_running_mode
-    return runner_name(options) in IN_PROCESS_RUNNERS and mode != "multi_processing"
-
-
-def runs_on_this_machine(options: PipelineOptions) -> bool:
-    """Whether the graph's workers run on this machine, in this process or in others: what
-    they resolve (an arithmetic measured and cached per machine) can be resolved here."""
-    return runner_name(options) in LOCAL_RUNNERS
-
-
 def run_command(run: Callable[[], object]) -> None:
     """An entry point's `main`: a bad flag, catalog, bundle or output folder is one line on
     stderr and exit status 2, Ctrl-C one line and 130; never a traceback. (What else reaches
@@ -205,9 +172,5 @@ def run_command(run: Callable[[], object]) -> None:
 
 
 def startup_errors() -> tuple[type[Exception], ...]:
-    """The errors that are one line: a bad flag, catalog, bundle or output folder. The
-    bundle's is in models.bundle, which loads Keras: it is imported when a command has raised
-    (and has loaded it by then), not with this module."""
-    from models.bundle import BundleError
-
+    """The errors that are one line: a bad flag, catalog, bundle or output folder."""
     return UsageError, CatalogError, BundleError, OutputError

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from apache_beam.options.pipeline_options import PipelineOptions
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,7 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.options import runs_in_this_process
+from pipeline.plan import Workers
 from transforms.catalog import Catalog, catalog_size
 from transforms.progress import IMAGES_DONE
 
@@ -37,9 +36,10 @@ REDRAW_S = 0.5
 
 
 @contextmanager
-def progress_bar(options: PipelineOptions, catalog: Catalog) -> Iterator[None]:
-    """Around a run: the bar while it runs, gone when it ends (the summary follows)."""
-    if not (sys.stderr.isatty() and runs_in_this_process(options)):
+def progress_bar(workers: Workers, catalog: Catalog) -> Iterator[None]:
+    """Around a run whose `workers` are where they are: the bar while it runs, gone when
+    it ends (the summary follows)."""
+    if not (sys.stderr.isatty() and workers is Workers.IN_THIS_PROCESS):
         yield
         return
     columns = (

@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.settings import DEFAULT_BUNDLE
 from pipeline import terminal
-from pipeline.flags import REPORT_PER_STYLE, REPORT_SAMPLES, add_overwrite_flag, whole_number
+from pipeline.flags import REPORT_COMMAND
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -22,35 +21,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.report",
-        description="Writes DIR/report.html about the predictions of an earlier run in DIR.",
-        epilog="Beam's own options (--runner, --direct_num_workers, ...) are accepted too.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("output", metavar="DIR", help="The --output folder of a finished run.")
-    parser.add_argument(
-        "--input",
-        default=None,
-        help="The run's catalog, which says where its rows' images are (without it, each "
-        "row's URI is read as it is, relative ones from the current folder).",
-    )
-    parser.add_argument("--uri_column", default="uri", help="As for python -m pipeline.")
-    parser.add_argument(
-        "--model", default=DEFAULT_BUNDLE, help="The run's model bundle (default: shipped)."
-    )
-    parser.add_argument("--backbone_weights", default=None, help="As for python -m pipeline.")
-    parser.add_argument(
-        "--samples", type=whole_number(1), default=REPORT_SAMPLES, help="Rows per sampled section."
-    )
-    parser.add_argument(
-        "--per_style",
-        type=whole_number(1),
-        default=REPORT_PER_STYLE,
-        help="Gallery rows per style (no labels).",
-    )
-    add_overwrite_flag(parser)
-    return parser
+    return REPORT_COMMAND.parser(allow_abbrev=False)
 
 
 def run(argv: list[str] | None = None) -> str:

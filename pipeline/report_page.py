@@ -48,6 +48,7 @@ from pipeline.outputs import (
     RunFiles,
 )
 from transforms.catalog import Catalog
+from transforms.evaluation import RunSummary
 from transforms.explanations import (
     CONFIDENT_MISTAKES,
     GALLERY,
@@ -60,7 +61,7 @@ from transforms.images import DEFAULT_MAX_PIXELS
 
 SAMPLES_FILE = "samples.json"
 MAX_ERROR_ROWS = 500  # listed on the page; all of them are in the predictions' error column
-SCORES = (("top-1 accuracy", "top1"), ("top-3 accuracy", "top3"), ("top-5 accuracy", "top5"))
+TOP_K_SCORES = ((1, "top-1 accuracy"), (3, "top-3 accuracy"), (5, "top-5 accuracy"))
 SECTIONS = {
     CONFIDENT_MISTAKES: (
         "The most confident mistakes",
@@ -114,14 +115,14 @@ def write_report(
     read the sampled images again as the run read them.
     """
     summary = _read_summary(results)
-    if summary["model"] != bundle.id:
+    if summary.model_id != bundle.id:
         raise ReportError(
-            f"{output.url}'s predictions are by model {summary['model']!r}, not by "
+            f"{output.url}'s predictions are by model {summary.model_id!r}, not by "
             f"{bundle.id!r}: name its bundle with --model"
         )
     files_dir = f"{output.staging}/{REPORT_FILES}"
     fsspec.core.url_to_fs(files_dir)[0].makedirs(files_dir, exist_ok=True)
-    labelled = summary["n_labelled"] > 0
+    labelled = summary.n_labelled > 0
     explain = ExplainSamples(
         bundle,
         labelled=labelled,
@@ -147,12 +148,15 @@ def check_finished_run(folder: str) -> None:
         raise _not_a_run(folder)
 
 
-def _read_summary(results: RunFiles) -> dict[str, Any]:
-    """The run's summary.json; ReportError where it has none (not a finished run)."""
-    if SUMMARY_FILE in results.names:
-        with fsspec.open(results.url(SUMMARY_FILE)) as file:
-            return json.load(file)
-    raise _not_a_run(results.folder)
+def _read_summary(results: RunFiles) -> RunSummary:
+    """The run's summary.json; ReportError where it has none or cannot read it (not a
+    finished run)."""
+    if SUMMARY_FILE not in results.names:
+        raise _not_a_run(results.folder)
+    try:
+        return RunSummary.read(results.url(SUMMARY_FILE))
+    except ValueError as error:
+        raise ReportError(str(error)) from None
 
 
 def _not_a_run(folder: str) -> ReportError:
@@ -200,7 +204,7 @@ def _write_json(value: Any, path: str) -> None:
 def _page(
     output: str,
     results: RunFiles,
-    summary: dict,
+    summary: RunSummary,
     classes: Sequence[str],
     labelled: bool,
     explained: list[dict],
@@ -215,6 +219,7 @@ def _page(
         "confidence": figures.confidence_histogram_figure(predictions.confidences)
     }
     if labelled:
+        assert summary.ece is not None, "a run with labelled rows is scored"
         bins = _reliability(metrics)
         true_styles = [row["label"] for row in per_class if row["support"]]
         pictures |= {
@@ -222,7 +227,7 @@ def _page(
                 true_styles, classes, _confusion(metrics, true_styles, classes)
             ),
             "per_style": figures.per_style_figure(per_class),
-            "reliability": figures.reliability_figure(bins, 1 / CALIBRATION_BINS, summary["ece"]),
+            "reliability": figures.reliability_figure(bins, 1 / CALIBRATION_BINS, summary.ece),
         }
     else:
         pictures["style_counts"] = figures.style_counts_figure(predictions.style_counts)
@@ -233,7 +238,11 @@ def _page(
         output=output,
         summary=summary,
         labelled=labelled,
-        scores=[(key, name) for name, key in SCORES if summary.get(key) is not None],
+        scores=[
+            (f"top{k}", name, score)
+            for k, name in TOP_K_SCORES
+            if (score := summary.top_k(k)) is not None
+        ],
         per_class=per_class,
         figures={name: f"{REPORT_FILES}/{file}" for name, file in figure_files.items()},
         files=REPORT_FILES,
@@ -349,15 +358,15 @@ def report_after_run(
     its staged results (so that it is published, and later replaced, with them), with the
     run's options (runner, backbone weights); returns the line the run prints."""
     started = time.perf_counter()
-    images = options.view_as(ImageOptions)
+    image_options = options.view_as(ImageOptions)
     path = write_report(
         output,
         output.staged_results(),
         bundle,
         catalog=catalog,
         backbone_weights=options.view_as(ModelOptions).backbone_weights,
-        fetch_policy=images.policy(),
-        max_pixels=images.max_image_pixels,
+        fetch_policy=image_options.policy(),
+        max_pixels=image_options.max_image_pixels,
         beam_options=options,
     )
     return f"  report:      {path} ({time.perf_counter() - started:.1f} s)"

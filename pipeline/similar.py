@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # loaded once the flags are read: --help answers at once
 
     from models.bundle import ModelBundle
     from models.vector_index import VectorIndex
+    from pipeline.plan import RunPlan
     from transforms.catalog import Catalog
 
 # The flags of the command itself; the others are the pipeline's, read through its views.
@@ -46,7 +47,7 @@ def run(argv: list[str] | None = None) -> pa.Table:
     args = SIMILAR_COMMAND.parse(argv)
     from models.bundle import ModelBundle
     from models.vector_index import VectorIndex, VectorIndexError
-    from pipeline.predict import check_model
+    from pipeline.plan import plan_run
     from pipeline.result_tables import check_table_output, neighbours_text, write_table
     from transforms.catalog import open_catalog, table_format_of
 
@@ -61,10 +62,10 @@ def run(argv: list[str] | None = None) -> pa.Table:
     bundle = ModelBundle.load(args.model)
     bundle.check_embedding()
     check_same_model(index, bundle, args)
-    check_model(options, bundle)
+    plan = plan_run(options, bundle)
     with tempfile.TemporaryDirectory(prefix="artstyle-similar-") as folder:
         prefix = str(Path(folder) / NEIGHBOUR_FILES)
-        run_job(options, bundle, images, catalogs, args, prefix)
+        run_job(options, plan, bundle, images, catalogs, args, prefix)
         table = in_query_order(read_shards(folder), images)
     failed = table.filter(table["error"].is_valid()).to_pylist()
     for row in failed:
@@ -99,7 +100,7 @@ def check_same_model(index: VectorIndex, bundle: ModelBundle, args: argparse.Nam
     from transforms.embeddings import EmbeddingsOrigin
 
     manifest = index.manifest
-    indexed = EmbeddingsOrigin(manifest.model, manifest.embedding)
+    indexed = EmbeddingsOrigin(manifest.model_id, manifest.embedding)
     assert bundle.manifest.embedding is not None  # check_embedding checked
     asked = EmbeddingsOrigin(bundle.id, bundle.manifest.embedding)
     if indexed != asked:
@@ -112,6 +113,7 @@ def check_same_model(index: VectorIndex, bundle: ModelBundle, args: argparse.Nam
 
 def run_job(
     options: PipelineOptions,
+    plan: RunPlan,
     bundle: ModelBundle,
     images: list[str],
     catalogs: list[Catalog],
@@ -121,12 +123,13 @@ def run_job(
     import apache_beam as beam
 
     with beam.Pipeline(options=options) as pipeline:
-        build_graph(pipeline, options, bundle, images, catalogs, args, prefix)
+        build_graph(pipeline, options, plan, bundle, images, catalogs, args, prefix)
 
 
 def build_graph(
     pipeline: beam.Pipeline,
     options: PipelineOptions,
+    plan: RunPlan,
     bundle: ModelBundle,
     images: list[str],
     catalogs: list[Catalog],
@@ -139,16 +142,14 @@ def build_graph(
 
     from models.vector_index import NEIGHBOUR_SCHEMA
     from pipeline.options import ImageOptions, ModelOptions
-    from pipeline.predict import classifier_loader, engine_of_run, precision_of_workers
+    from pipeline.predict import classifier_loader
     from transforms.catalog import ImageRecord, ReadCatalog
     from transforms.infer_images import InferImages
     from transforms.model_handler import FixedBatchModelHandler
     from transforms.neighbours import NeighbourRowsFn, failed_query
     from transforms.parquet import WriteParquet
 
-    engine = engine_of_run(options).engine
-    precision = precision_of_workers(options, bundle, engine)["precision"]
-    loader = classifier_loader(options, bundle, engine, precision)
+    loader = classifier_loader(options, plan, bundle)
     model = FixedBatchModelHandler(loader, options.view_as(ModelOptions).batch_size)
     image_options = options.view_as(ImageOptions)
 

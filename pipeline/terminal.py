@@ -3,9 +3,10 @@
 TensorFlow, absl, CUDA's stub and Beam each print start-up lines that say nothing a user can
 act on ("cuInit ... UNKNOWN ERROR (303)" on a machine without a GPU, "oneDNN custom operations
 are on", "apitools not found"). `set_up` quiets them before TensorFlow loads, since its C++
-logging reads TF_CPP_MIN_LOG_LEVEL once, as it loads: `python -m pipeline...` calls it from
-pipeline/__init__.py (which Python imports before the command's module), `artstyle` from
-pipeline/cli.py. With --verbose everything is shown, at INFO.
+logging reads TF_CPP_MIN_LOG_LEVEL once, as it loads: `python -m pipeline...` and `python -m
+bench...` call it from their package's __init__.py (which Python imports before the command's
+module, `set_up_for_python_m`), `artstyle` from pipeline/cli.py. With --verbose everything is
+shown, at INFO.
 
 absl's C++ logging writes some lines before any level applies (TensorFlow's libraries log as
 they load, and again when a worker thread loads another), straight to file descriptor 2. Those
@@ -22,9 +23,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import MutableMapping
 from typing import NoReturn
 
 from pipeline.interrupts import end_interrupted
+from transforms import library_internals
 
 VERBOSE_FLAG = "--verbose"
 TOOL_PREFIX = "artstyle"
@@ -47,6 +50,7 @@ BEAM_NOISE = (
     "apitools not found",
     "Resource module is not available",
 )
+_set_up_already = False
 
 
 def take_verbose_flag(argv: list[str]) -> tuple[bool, list[str]]:
@@ -55,19 +59,45 @@ def take_verbose_flag(argv: list[str]) -> tuple[bool, list[str]]:
     return VERBOSE_FLAG in argv, [arg for arg in argv if arg != VERBOSE_FLAG]
 
 
+def set_up_for_python_m() -> None:
+    """For `python -m PACKAGE.X`, from PACKAGE's __init__.py: Python imports it before X,
+    whose imports load TensorFlow, and while it looks for X, sys.argv[0] is "-m". Takes
+    --verbose out of the command's arguments."""
+    if sys.argv[0] == "-m":
+        verbose, sys.argv[1:] = take_verbose_flag(sys.argv[1:])
+        set_up(verbose)
+
+
 def set_up(verbose: bool) -> None:
-    """Quiets the libraries, or lets everything through at INFO. Once per process, before
-    the command's imports."""
+    """Quiets the libraries, or lets everything through at INFO. Before the command's
+    imports; once per process (a second call changes nothing)."""
+    global _set_up_already
+    if _set_up_already:
+        return
+    _set_up_already = True
     signal.signal(signal.SIGINT, _interrupted_while_starting)
     if verbose:
         logging.basicConfig(level=logging.INFO)
         return
-    os.environ.setdefault(TF_LOG_LEVEL, QUIET_TF_LOG_LEVEL)
-    _filter_native_stderr(_native_noise(os.environ[TF_LOG_LEVEL]))
-    handler = logging.StreamHandler()  # on this stderr, before anything logs
+    _filter_native_stderr(native_noise(tf_log_level(os.environ)))
+    quiet_python_logging(logging.StreamHandler())  # on this stderr, before anything logs
+
+
+def tf_log_level(environ: MutableMapping[str, str]) -> str:
+    """TensorFlow's C++ log level: the user's, where they set one, else quiet; set in
+    `environ`, where TensorFlow reads it as it loads."""
+    return environ.setdefault(TF_LOG_LEVEL, QUIET_TF_LOG_LEVEL)
+
+
+def quiet_python_logging(handler: logging.Handler) -> None:
+    """Python's logging to `handler`, at WARNING, each library's line marked as its own:
+    Beam's harmless warnings and its workers' start-up chatter dropped, absl's, TensorFlow's
+    and h5py's warnings too."""
     handler.setFormatter(TerminalFormatter())
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger().addFilter(_not_beam_noise)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    root.addFilter(_not_beam_noise)
     logging.getLogger(WORKER_RELAY_LOGGER).addFilter(_worker_line_worth_showing)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -85,11 +115,11 @@ class TerminalFormatter(logging.Formatter):
 def end_process() -> NoReturn:
     """Ends a command whose results are written, without Python's teardown of its modules.
 
-    With TensorFlow and Beam loaded, finalising their modules and threads took 1.3 s of a
-    9.5 s one-batch run, after its results were out. The exit handlers still run
+    With TensorFlow and Beam loaded, finalising their modules and threads takes a good share
+    of a short run's time, after its results are out. The exit handlers still run
     (logging's flush, the stderr filter's last lines), then the process ends with status 0.
     """
-    atexit._run_exitfuncs()  # CPython's own runner of them, in their order
+    library_internals.run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -102,10 +132,11 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
     end_interrupted(f"{TOOL_PREFIX}: interrupted")
 
 
-def _native_noise(tf_log_level: str) -> str | None:
-    """A regular expression of the C++ log lines that TensorFlow's level hides (None: none)."""
+def native_noise(level: str) -> str | None:
+    """A regular expression of the C++ log lines that TensorFlow's log level hides (None:
+    none)."""
     try:
-        hidden = ABSL_SEVERITIES[: max(0, int(tf_log_level))]
+        hidden = ABSL_SEVERITIES[: max(0, int(level))]
     except ValueError:
         return None
     if not hidden:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import fsspec
 
@@ -35,71 +35,88 @@ def catalog_digest(files: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> Manifest:
     from models.bundle import BackboneSpec, Manifest, check_backbone_weights, save_bundle
     from pipeline.options import CatalogOptions, ModelOptions, TrainOptions, parse_options
 
     options = parse_options(argv, TRAIN_COMMAND)  # a bad flag stops here, before TensorFlow
-    io, args = options.view_as(CatalogOptions), options.view_as(TrainOptions)
-    check_backbone_weights(args.backbone, options.view_as(ModelOptions).backbone_weights)
+    catalog_options = options.view_as(CatalogOptions)
+    train_options = options.view_as(TrainOptions)
+    weights = options.view_as(ModelOptions).backbone_weights
+    check_backbone_weights(train_options.backbone, weights)
     import apache_beam as beam
 
     from models.backbones import input_size_of
     from models.crossfit import fit_bundle_head
     from models.embedding import HEAD_PROJECTION, EmbeddingSpec
-    from pipeline.features import build_embedding_graph, training_data
+    from pipeline.features import build_feature_graph, default_features_dir, training_data
+    from pipeline.plan import Workers
     from pipeline.progress_bar import progress_bar
     from transforms.catalog import CatalogError, open_catalog
 
-    catalog = open_catalog(io.input, uri_column=io.uri_column, label_column=io.label_column)
+    catalog = open_catalog(
+        catalog_options.input,
+        uri_column=catalog_options.uri_column,
+        label_column=catalog_options.label_column,
+    )
     if not catalog.has_labels:
         raise CatalogError("Training needs labels: name the label column with --label_column.")
-    output = io.output.rstrip("/")
-    embeddings = args.features_dir or f"{output}.embeddings"
+    output = catalog_options.output.rstrip("/")
+    features_dir = train_options.features_dir or default_features_dir(
+        output, train_options.reuse_features
+    )
 
     started = time.perf_counter()
-    if not args.reuse_embeddings:
-        with progress_bar(options, catalog), beam.Pipeline(options=options) as pipeline:
-            build_embedding_graph(pipeline, options, catalog, embeddings)  # runs on leaving
-    embedding_seconds = time.perf_counter() - started
-    head, report = fit_bundle_head(
-        training_data(embeddings, args), args.head_config(), args.folds, args.eval_split
+    if not train_options.reuse_features:
+        with progress_bar(Workers.of(options), catalog), beam.Pipeline(options=options) as pipeline:
+            build_feature_graph(pipeline, options, catalog, features_dir)  # runs on leaving
+    feature_seconds = time.perf_counter() - started
+    head, fit = fit_bundle_head(
+        training_data(features_dir, train_options),
+        train_options.head_config(),
+        train_options.folds,
+        train_options.eval_split,
     )
-    model_id = args.model_id or f"artstyle-{args.backbone}-{args.features}"
+    backbone, feature_kind = train_options.backbone, train_options.feature_kind
+    projection = train_options.projection
     manifest = Manifest(
-        id=model_id,
+        id=train_options.model_id or f"artstyle-{backbone}-{feature_kind}",
         version=datetime.now(UTC).strftime("%Y.%m.%d"),
         backbone=BackboneSpec(
-            name=args.backbone, input_size=input_size_of(args.backbone), features=args.features
+            name=backbone, input_size=input_size_of(backbone), feature_kind=feature_kind
         ),
-        head=report["head"],
-        classes=tuple(report["classes"]),
-        embedding=EmbeddingSpec(args.projection, HEAD_PROJECTION) if args.projection else None,
+        head=fit.head,
+        classes=fit.classes,
+        embedding=EmbeddingSpec(projection, HEAD_PROJECTION) if projection else None,
         training={
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
-            "catalog": io.input,
+            "catalog": catalog_options.input,
             "catalog_sha256": catalog_digest(catalog.files),
-            "splits": {"train": args.train_split, "eval": args.eval_split},
-            "counts": report["counts"],
-            "embedding_seconds": round(embedding_seconds, 1),
+            "splits": {"train": train_options.train_split, "eval": train_options.eval_split},
+            "counts": fit.counts,
+            "feature_seconds": round(feature_seconds, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
         },
-        scores=report["scores"],
+        scores=fit.scores,
     )
     save_bundle(output, manifest, head)
     print(training_summary(manifest, output))
-    return manifest.to_json()
+    return manifest
 
 
 def training_summary(manifest: Manifest, output: str) -> str:
     lines = [f"artstyle: trained {manifest.id} -> {output}"]
     for split, scores in manifest.scores.items():
         lines.append(
-            f"  {split}: top-1 {scores['top1']:.1%}  top-3 {scores['top3']:.1%}  "
-            f"macro F1 {scores['macro_f1']:.3f}  ECE {scores['ece']:.1%}  "
-            f"({scores['n_labelled']} images)"
+            f"  {split}: top-1 {_percent(scores.top1)}  top-3 {_percent(scores.top3)}  "
+            f"macro F1 {scores.macro_f1 or 0:.3f}  ECE {_percent(scores.ece)}  "
+            f"({scores.n_labelled} images)"
         )
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def main() -> None:

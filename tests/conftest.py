@@ -34,7 +34,7 @@ def lite0_manifest(
     return Manifest(
         id=model_id,
         version="0",
-        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, features="pooled"),
+        backbone=BackboneSpec(name="efficientnet_lite0", input_size=224, feature_kind="pooled"),
         head=HeadSpec(temperature=1.0),
         classes=tuple(classes),
         embedding=embedding,

@@ -71,7 +71,7 @@ def prediction_row(i: int, uri: str, catalog: Catalog) -> dict:
         "style": STYLES[i % len(STYLES)],
         "confidence": 0.5 + (i % 5) / 10,
         "top_k_styles": list(STYLES),
-        "top_k_probs": [0.5, 0.3, 0.2],
-        "model": ORIGIN.model,
+        "top_k_probabilities": [0.5, 0.3, 0.2],
+        "model": ORIGIN.model_id,
         "error": None,
     }

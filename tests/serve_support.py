@@ -126,8 +126,8 @@ def tiny_grad_cam(bundle_path: str):
 
 
 def make_app(bundle_path: str, load_model: Callable | None = None, **settings):
-    """An app on the bundle's shared model, without Grad-CAM unless `heatmaps=True`."""
-    config = ServeConfig(model=bundle_path, **{"heatmaps": False, **settings})
+    """An app on the bundle's shared Keras model, without Grad-CAM unless `heatmaps=True`."""
+    config = ServeConfig(model=bundle_path, **{"heatmaps": False, "engine": "keras", **settings})
     return create_app(
         config,
         ModelBundle.load(bundle_path),

@@ -43,7 +43,7 @@ def test_the_names_a_bundle_is_checked_against_are_the_backbones_built():
 def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="Unknown backbone 'vgg'"):
         get_backbone("vgg")
-    with pytest.raises(ValueError, match="Unknown features 'gram'"):
+    with pytest.raises(ValueError, match="Unknown feature kind 'gram'"):
         feature_extractor("efficientnet_lite0", "gram", weights=None)
 
 

@@ -35,6 +35,8 @@ def test_the_shipped_manifest_reads_and_writes_back_unchanged():
     assert manifest.to_json() == data
     assert manifest.backbone.input_size == 224 and len(manifest.classes) == 16
     assert manifest.head.fit["folds"] == 5
+    assert manifest.backbone.feature_kind == data["backbone"]["features"]
+    assert manifest.scores["val"].top1 == data["scores"]["val"]["top1"]
 
 
 def test_a_saved_manifest_loads_as_it_was_saved(tiny_bundle):
@@ -85,6 +87,9 @@ BREAKAGES = {
                       r"^{b}/manifest.json: 'classes' names a style twice$"),
     "head elsewhere": (lambda b: edit_manifest(b, lambda m: m["head"].update(file="../h.keras")),
                        r"^{b}/manifest.json: 'head.file' must name a file in the bundle's folder"),
+    "scores without counts": (
+        lambda b: edit_manifest(b, lambda m: m.update(scores={"val": {"top1": 0.5}})),
+        r"^{b}/manifest.json: 'scores' are not a split's scores \(KeyError\('n_images'\)\)$"),
     "no head": (lambda b: (b / "head.keras").unlink(), r"^{b}/head.keras is missing$"),
     "truncated head": (lambda b: (b / "head.keras").write_bytes(b"PK\x03\x04" + b"\0" * 64),
                        r"^{b}/head.keras is not a readable Keras model file \(.+\)$"),

@@ -429,7 +429,7 @@ def test_an_earlier_runs_style_is_not_taken_for_a_label(tmp_path, caplog):
     path = tmp_path / "predictions.parquet"
     pd.DataFrame(
         {"uri": ["a.jpg"], "label": ["Rococo"], "style": ["Baroque"], "confidence": [0.9],
-         "top_k_styles": [["Baroque"]], "top_k_probs": [[0.9]], "model": ["old"]}
+         "top_k_styles": [["Baroque"]], "top_k_probabilities": [[0.9]], "model": ["old"]}
     ).to_parquet(path)  # fmt: skip
     with caplog.at_level(logging.WARNING):
         catalog = open_catalog(str(path))

@@ -59,7 +59,7 @@ def test_csv_shards_of_an_earlier_run_with_bad_lines(museums_csv, tmp_path, tiny
     assert table.column_names == [
         "uri", "title", "catalog_label", "catalog_style", "catalog_confidence",
         "catalog_top_k_styles", "catalog_model", "catalog_error",
-        "style", "confidence", "top_k_styles", "top_k_probs", "model", "error",
+        "style", "confidence", "top_k_styles", "top_k_probabilities", "model", "error",
     ]  # fmt: skip
     by_title = frame.set_index("title")
     # Each museum's relative URIs are its own folder's.
@@ -80,10 +80,10 @@ def test_csv_shards_of_an_earlier_run_with_bad_lines(museums_csv, tmp_path, tiny
     # comma, each a column late), a field with a bad byte left out.
     assert sorted(bad.title.fillna("-")) == ["-", "Harbour"]
     assert sorted(bad.catalog_model) == ["['Cubism']", "old-model"]
-    assert summary["n_images"] == 7
-    assert summary["errors_by_kind"] == {"bad_catalog_row": 2, "not_an_image": 1}
+    assert summary.n_images == 7
+    assert summary.errors_by_kind == {"bad_catalog_row": 2, "not_an_image": 1}
     # The earlier run's `style` is a prediction: never taken for a label.
-    assert "top1" not in summary and "label" not in table.column_names
+    assert summary.top1 is None and "label" not in table.column_names
     assert "--label_column label" in caplog.text
     assert not list(output.glob("beam-temp-*"))
 
@@ -111,7 +111,7 @@ def test_parquet_shards_whose_column_types_differ(tmp_path, tiny_bundle):
         ("1890", 60.0, "not_found"),
         ("c. 1500", 0.5, "ok"),
     ]
-    assert summary["n_images"] == 4 and summary["errors_by_kind"] == {"not_found": 2}
+    assert summary.n_images == 4 and summary.errors_by_kind == {"not_found": 2}
 
 
 def test_a_catalog_in_a_folder_whose_name_holds_glob_characters(tmp_path, tiny_bundle):
@@ -126,11 +126,12 @@ def test_a_catalog_in_a_folder_whose_name_holds_glob_characters(tmp_path, tiny_b
 
     _, frame = read_predictions(output)
     assert sorted(frame.id) == ["7", "8"] and frame.error.isna().all()  # CSV columns are text
-    assert summary["n_images"] == 2 and summary["n_errors"] == 0
+    assert summary.n_images == 2 and summary.n_errors == 0
 
 
 def test_parquet_shards_one_with_bytes_that_are_not_utf8(tmp_path, tiny_bundle):
-    """The whole run used to fail in ReadCatalog; now the row with 0xFF is an error row."""
+    """A byte that is not UTF-8 costs its row, an error row, not the whole run in
+    ReadCatalog."""
     for museum in ("a", "b"):
         painting(tmp_path / f"museum_{museum}/images/{museum}.jpg", COLOURS["Red_Period"], 5)
     pq.write_table(
@@ -150,4 +151,4 @@ def test_parquet_shards_one_with_bytes_that_are_not_utf8(tmp_path, tiny_bundle):
     assert [row[:2] for row in rows] == [(1, "Harbour"), (2, "-"), (3, "Dunes")]
     assert [row[2].split(":")[0] for row in rows] == ["ok", "bad_catalog_row", "ok"]
     assert "byte 0xFF in column 'title' is not UTF-8" in rows[1][2]
-    assert summary["errors_by_kind"] == {"bad_catalog_row": 1}
+    assert summary.errors_by_kind == {"bad_catalog_row": 1}

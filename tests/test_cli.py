@@ -8,7 +8,9 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from pipeline.cli import COMMANDS, Command, main, run
+from bench.flags import OTHER_BENCHES
+from pipeline import cli, terminal
+from pipeline.cli import COMMANDS, called_as, main, run_module
 
 # Runs in a fresh interpreter, then says which heavy libraries the help loaded.
 HELP_THEN_MODULES = """
@@ -34,13 +36,18 @@ ARTSTYLE = "from pipeline.cli import main; main([{!r}, '--help'])"
 PYTHON_M = "sys.argv = ['-m', '--help']; runpy.run_module({!r}, run_name='__main__')"
 
 
+def without_usage(help: str) -> str:
+    """--help's text after its usage lines (which argparse wraps by the name's length)."""
+    return help.split("\n\n", 1)[1]
+
+
 @pytest.mark.parametrize(
     "command, module, flags",
     [
         ("predict", "pipeline", ("--input INPUT", "--top_k TOP_K", "--verbose")),
         ("train", "pipeline.train", ("--backbone BACKBONE", "--verbose")),
         ("serve", "pipeline.serve", ("--port PORT", "--max_batch MAX_BATCH")),
-        ("bench", "bench", ("--output OUTPUT", "--startup_runs STARTUP_RUNS")),
+        ("bench", "bench", ("--output OUTPUT", "--startup_runs STARTUP_RUNS", "large_catalog")),
         ("explain", "pipeline.explain", ("--output DIR", "--feature_maps LAYER")),
         ("report", "pipeline.report", ("--samples SAMPLES", "--per_style PER_STYLE")),
         ("index", "pipeline.index", ("--output INDEX", "--add", "--search")),
@@ -48,18 +55,37 @@ PYTHON_M = "sys.argv = ['-m', '--help']; runpy.run_module({!r}, run_name='__main
         ("similar", "pipeline.similar", ("--index INDEX", "-k K", "--engine", "--batch_size")),
     ],
 )
-def test_help_is_the_same_both_ways_and_loads_no_heavy_library(command, module, flags):
-    """`artstyle COMMAND --help` and `python -m MODULE --help`: neither Keras, TensorFlow,
-    Beam (whose import alone took over a second) nor FAISS."""
+def test_help_is_the_same_both_ways_names_the_command_typed_and_loads_no_heavy_library(
+    command, module, flags
+):
+    """`artstyle COMMAND --help` and `python -m MODULE --help`: the same flags, each usage
+    line naming the command as it was typed, and neither Keras, TensorFlow, Beam (whose
+    import alone took over a second) nor FAISS."""
     (artstyle, loaded), (python_m, loaded_too) = (
         modules_loaded_by(ARTSTYLE.format(command)),
         modules_loaded_by(PYTHON_M.format(module)),
     )
-    assert artstyle == python_m
-    assert artstyle.startswith(f"usage: python -m {module} ")
+    assert artstyle.startswith(f"usage: artstyle {command} ")
+    assert python_m.startswith(f"usage: python -m {module} ")
+    assert without_usage(artstyle) == without_usage(python_m).replace(
+        f"python -m {module} NAME", f"artstyle {command} NAME"
+    )
     assert all(flag in artstyle for flag in flags)
     for modules in (loaded, loaded_too):
         assert not any(modules.values()), modules
+
+
+@pytest.mark.parametrize("bench", OTHER_BENCHES)
+def test_every_benchmark_is_a_command_of_artstyle_bench(bench, monkeypatch, capsys):
+    """`artstyle bench NAME` runs bench.NAME, as `python -m bench NAME` does (here in this
+    process, whose terminal the test keeps as it is)."""
+    monkeypatch.setattr(terminal, "set_up", lambda verbose: None)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    monkeypatch.setattr(cli, "_called_as", {})
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", bench, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: artstyle bench {bench} ")
 
 
 def test_the_list_of_commands_loads_no_library():
@@ -98,14 +124,31 @@ def test_no_command_is_the_usage_and_status_2(capsys):
 
 def test_a_command_runs_its_module_as_python_m_does(tmp_path, monkeypatch, capsys):
     (tmp_path / "echo_command.py").write_text(
-        "import json, sys\nprint(json.dumps({'name': __name__, 'argv': sys.argv}))\n"
+        "import json, sys\nfrom pipeline.cli import called_as\n"
+        "print(json.dumps({'name': __name__, 'argv': sys.argv, "
+        "'called_as': called_as('echo_command')}))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "argv", sys.argv[:])  # a command's own, while it runs
-    run(Command("echo_command", "says how it was run"), ["--input=c.csv", "--top_k", "3"])
+    monkeypatch.setattr(cli, "_called_as", {})
+    assert called_as("echo_command") == "python -m echo_command"
+    run_module("echo_command", ["--input=c.csv", "--top_k", "3"], "artstyle echo")
     ran = json.loads(capsys.readouterr().out)
     assert ran["name"] == "__main__"
     assert ran["argv"] == [str(tmp_path / "echo_command.py"), "--input=c.csv", "--top_k", "3"]
+    assert ran["called_as"] == "artstyle echo"
+
+
+def test_bench_runs_from_a_checkout_and_says_so_elsewhere(tmp_path, monkeypatch, capsys):
+    """The installed package leaves the benchmarks out: without a checkout beside it,
+    `artstyle bench` is one line."""
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--output=b.json"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "artstyle: bench runs from a checkout of artstyle's repository (python -m bench there)\n"
+    )
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -122,10 +165,14 @@ def test_the_console_script_is_the_cli():
     assert script.value == "pipeline.cli:main"
 
 
-def test_a_bad_flag_is_the_same_line_through_artstyle(tmp_path):
-    """The same one-line error and status as `python -m pipeline`'s (tests/test_options.py)."""
+def test_a_bad_flag_is_the_same_line_through_artstyle(tmp_path, monkeypatch, capsys):
+    """The same one-line error and status as `python -m pipeline`'s (tests/test_options.py),
+    here in this process (whose terminal the test keeps as it is)."""
+    monkeypatch.setattr(terminal, "set_up", lambda verbose: None)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    monkeypatch.setattr(cli, "_called_as", {})
     flags = [f"--input={tmp_path / 'c.csv'}", f"--output={tmp_path / 'out'}", "--top-k", "3"]
-    code = f"from pipeline.cli import main; main({['predict', *flags]!r})"
-    cli = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert cli.returncode == 2
-    assert cli.stderr == "artstyle: unknown flag --top-k (did you mean --top_k?)\n"
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", *flags, "--verbose"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "artstyle: unknown flag --top-k (did you mean --top_k?)\n"

@@ -105,9 +105,18 @@ def test_the_job_uses_the_worker_image_and_stages_this_package_with_its_model(jo
     assert images == {WORKER_IMAGE}
     with tarfile.open(staging / "workflow.tar.gz") as package:
         names = set(package.getnames())
+        installed = package.extractfile("artstyle-0.1.0/artstyle.egg-info/top_level.txt")
+        packages = installed.read().decode().split()
     bundle = Path(DEFAULT_BUNDLE).relative_to(REPO)
     for file in ("manifest.json", "head.keras"):
         assert f"artstyle-0.1.0/{bundle}/{file}" in names
+    assert sorted(packages) == ["models", "pipeline", "transforms"]  # no bench/: a checkout's
+
+
+def test_the_worker_image_holds_the_package_and_not_the_benchmarks():
+    copied = re.findall(r"^COPY (\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert copied == ["setup.py", "pipeline", "transforms", "models"]
+    assert "bench" in (REPO / ".dockerignore").read_text().split()
 
 
 def test_the_worker_image_pins_what_setup_py_pins():

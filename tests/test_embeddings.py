@@ -140,7 +140,7 @@ def test_files_of_two_models_in_one_run_are_refused(tmp_path):
 
 
 def test_vectors_of_another_length_than_the_metadata_says_are_refused(tmp_path):
-    liar = EmbeddingsOrigin(ORIGIN.model, EmbeddingSpec(DIMENSION + 1, "test_features"))
+    liar = EmbeddingsOrigin(ORIGIN.model_id, EmbeddingSpec(DIMENSION + 1, "test_features"))
     schema = embedding_schema(pa.schema([("uri", pa.string())]), ORIGIN)
     table = pa.table({"uri": ["a"], "embedding": [np.ones(DIMENSION, np.float16)]}, schema=schema)
     pq.write_table(table.replace_schema_metadata(liar.metadata()),

@@ -9,6 +9,7 @@ import pytest
 from models import engine_choice, openvino_engine, precision
 from models.cache import CACHE_DIR_VARIABLE
 from models.engine_choice import choose_engine, gpu_device_present
+from pipeline import plan
 from pipeline.predict import run
 from tests.conftest import painting
 
@@ -57,18 +58,26 @@ def test_the_choice_loads_no_tensorflow():
     assert done.stdout.split(" ", 1)[1].strip() == "[]"
 
 
-def test_a_run_says_which_engine_it_chose_and_why(tiny_bundle, gpu, tmp_path):
+def test_a_run_says_which_engine_it_chose_and_why_having_asked_once(
+    tiny_bundle, gpu, tmp_path, monkeypatch
+):
+    """The plan is resolved once: the model's check, the graph and summary.json read it."""
     gpu(False)
+    asked = []
+    monkeypatch.setattr(
+        plan, "choose_engine", lambda *args: asked.append(args) or choose_engine(*args)
+    )
     images = [painting(tmp_path / f"p{i}.png", (200, 40, 30), seed=i) for i in range(3)]
     catalog = tmp_path / "catalog.csv"
     catalog.write_text("uri\n" + "".join(f"{path}\n" for path in images))
     argv = [f"--input={catalog}", f"--model={tiny_bundle}", "--batch_size=2"]
     summary = run([*argv, f"--output={tmp_path / 'out'}", "--precision=float32"])
-    assert summary["engine"] == {
+    assert summary.engine.to_json() == {
         "engine": "openvino",
         "reason": "on this CPU it computes Keras's results without TensorFlow's start-up",
     }
-    assert summary["n_images"] == 3 and summary["n_errors"] == 0
+    assert summary.n_images == 3 and summary.n_errors == 0
+    assert asked == [("auto", True)]
 
 
 def test_summary_json_gives_the_precision_openvino_ran_in(tiny_bundle, gpu, tmp_path, monkeypatch):
@@ -80,8 +89,8 @@ def test_summary_json_gives_the_precision_openvino_ran_in(tiny_bundle, gpu, tmp_
     (tmp_path / "catalog.csv").write_text(f"uri\n{image}\n")
     summary = run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
                    f"--model={tiny_bundle}", "--batch_size=2"])  # fmt: skip
-    assert summary["engine"]["engine"] == "openvino"
-    assert summary["precision"] == {
+    assert summary.engine.engine == "openvino"
+    assert summary.precision.to_json() == {
         "precision": "bfloat16",
         "reason": "1.70 x float32 measured on this CPU",
     }
@@ -103,6 +112,6 @@ def test_the_model_runs_in_the_precision_resolved_at_start_even_where_none_is_ke
     with caplog.at_level(logging.INFO):
         summary = run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
                        f"--model={tiny_bundle}", "--batch_size=2", "--engine=keras"])  # fmt: skip
-    assert summary["precision"]["precision"] == "bfloat16"
+    assert summary.precision.precision == "bfloat16"
     loaded = [r.getMessage() for r in caplog.records if "(--precision=" in r.getMessage()]
     assert loaded and all("bfloat16 chosen" in line for line in loaded), loaded

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models import gradcam
 from models.bundle import ModelBundle
 from models.feature_maps import MAX_CHANNELS, LayerError, LayerViewer
+from models.gradcam import GradCam
 from pipeline import figures
 from pipeline.explain import MAX_NAME_BYTES, ExplainError, main, output_names, run
 from pipeline.flags import UsageError
@@ -36,6 +38,23 @@ def test_one_png_per_image_with_the_layer_pictures(images, tiny_bundle, tmp_path
     for name in names:
         pixels = picture(tmp_path / name)
         assert pixels.std() > 10  # drawn, not blank
+
+
+def test_grad_cam_runs_in_batches_of_the_one_size_every_caller_takes(
+    images, tiny_bundle, tmp_path, monkeypatch
+):
+    """explain's batches are models.gradcam's BATCH_SIZE, as the report's step's are."""
+    sizes = []
+    explain_batch = GradCam.__call__
+
+    def counted(self, batch, styles=None):
+        sizes.append(len(batch))
+        return explain_batch(self, batch, styles)
+
+    monkeypatch.setattr(GradCam, "__call__", counted)
+    monkeypatch.setattr(gradcam, "BATCH_SIZE", 2)
+    run([*images, f"--output={tmp_path}", f"--model={tiny_bundle}"])
+    assert sizes == [2, 1]
 
 
 def test_style_chooses_the_style_explained(images, tiny_bundle, tmp_path):

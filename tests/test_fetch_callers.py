@@ -39,7 +39,7 @@ def test_explain_names_a_redirect_to_a_local_file_and_explains_the_rest(
 ):
     good = str(painting(tmp_path / "red.jpg", COLOURS["Red_Period"], seed=0))
     redirected = f"{faulty_host.url}/redirect.jpg?to={REDIRECTS[0]}"
-    with pytest.raises(ExplainError, match="1 of 2 images could not be read"):
+    with pytest.raises(ExplainError, match="1 of 2 images could not be explained"):
         run([redirected, good, f"--output={tmp_path / 'out'}", f"--model={tiny_bundle}"])
     assert f"{redirected}: fetch_failed: could not read" in capsys.readouterr().err
     assert (tmp_path / "out" / "red.png").is_file()

@@ -139,7 +139,7 @@ def covariance_bundle(tmp_path_factory, tiny_bundle) -> str:
     manifest = dataclasses.replace(
         tiny,
         id="tiny-covariance-ensemble",
-        backbone=BackboneSpec(name=name, input_size=224, features=features),
+        backbone=BackboneSpec(name=name, input_size=224, feature_kind=features),
         head=dataclasses.replace(tiny.head, temperature=1.3),
     )
     path = tmp_path_factory.mktemp("bundle") / "covariance"

@@ -48,7 +48,8 @@ def test_an_index_of_two_runs_holds_their_paintings_recognisably(tmp_path, capsy
     built = build(first, second, "--output", tmp_path / "index")
     loaded = VectorIndex.load(str(tmp_path / "index"))
     assert loaded.size == built.size == 17 and loaded.manifest.kind == "exact"
-    assert loaded.manifest.model == ORIGIN.model and loaded.manifest.embedding == ORIGIN.embedding
+    assert loaded.manifest.model_id == ORIGIN.model_id
+    assert loaded.manifest.embedding == ORIGIN.embedding
     rows = loaded.items.to_pylist()
     assert rows[0] == {"id": 0, "uri": uris([0])[0], "title": "Painting 0", "style": "Baroque",
                        "confidence": 0.5, "label": "Cubism"}  # fmt: skip
@@ -120,7 +121,7 @@ def test_an_index_of_another_model_refuses_its_runs_in_one_line(tmp_path, capsys
 
 def test_runs_of_two_models_or_two_dimensions_do_not_make_one_index(tmp_path, capsys):
     one = write_run(tmp_path / "one", unit_rows(4))
-    longer = EmbeddingsOrigin(ORIGIN.model, EmbeddingSpec(9, ORIGIN.embedding.kind))
+    longer = EmbeddingsOrigin(ORIGIN.model_id, EmbeddingSpec(9, ORIGIN.embedding.kind))
     other = write_run(tmp_path / "other", unit_rows(4, dimension=9), origin=longer)
     line = fails_with(index.main, [one, other, "--output", tmp_path / "index"], capsys)
     assert "(test_features, 9 dimensions), the first run" in line

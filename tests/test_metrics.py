@@ -1,6 +1,11 @@
+import json
+
 import pytest
 
+from models.engine_choice import EngineChoice
 from models.metrics import Scoreboard
+from models.precision import PrecisionChoice
+from transforms.evaluation import RunSummary
 
 CLASSES = ("A", "B", "C")
 
@@ -19,16 +24,16 @@ def hand_checked_board() -> Scoreboard:
 
 
 def test_overall_scores_match_the_hand_count():
-    summary = hand_checked_board().summary()
-    assert summary["n_images"] == 7
-    assert summary["n_errors"] == 1
-    assert summary["errors_by_kind"] == {"not_found": 1}
-    assert summary["n_labelled"] == 4
-    assert summary["top1"] == pytest.approx(2 / 4)
-    assert summary["top3"] == pytest.approx(4 / 4)
-    assert summary["top5"] is None  # rows ranked only three styles
-    assert summary["n_unknown_label"] == 1
-    assert summary["unknown_labels"] == {"D": 1}
+    summary = hand_checked_board().scores()
+    assert summary.n_images == 7
+    assert summary.n_errors == 1
+    assert summary.errors_by_kind == {"not_found": 1}
+    assert summary.n_labelled == 4
+    assert summary.top1 == pytest.approx(2 / 4)
+    assert summary.top3 == pytest.approx(4 / 4)
+    assert summary.top5 is None  # rows ranked only three styles
+    assert summary.n_unknown_label == 1
+    assert summary.unknown_labels == {"D": 1}
 
 
 def test_per_class_scores_and_macro_f1():
@@ -68,7 +73,7 @@ def test_merged_boards_equal_one_board_over_all_rows():
     second.add("A", None, None, error="not_found: no such file")
     second.add(None, ["C", "A", "B"], 0.4)
     first.merge(second)
-    assert first.summary() == whole.summary()
+    assert first.scores() == whole.scores()
 
 
 def test_probabilities_are_ranked_like_rows():
@@ -76,6 +81,28 @@ def test_probabilities_are_ranked_like_rows():
 
     board = Scoreboard(CLASSES)
     board.add_probabilities(["B", "C"], np.array([[0.2, 0.7, 0.1], [0.5, 0.3, 0.2]]))
-    summary = board.summary()
-    assert summary["top1"] == pytest.approx(0.5)
-    assert summary["top3"] == pytest.approx(1.0)
+    summary = board.scores()
+    assert summary.top1 == pytest.approx(0.5)
+    assert summary.top3 == pytest.approx(1.0)
+
+
+def test_a_runs_summary_reads_back_as_written_and_an_older_one_without_its_engine():
+    board = hand_checked_board()
+    summary = RunSummary(
+        **vars(board.scores()),
+        model_id="m",
+        engine=EngineChoice("openvino", "asked for (--engine openvino)"),
+        precision=PrecisionChoice("float32", "asked for (--precision float32)"),
+    )
+    written = json.loads(json.dumps(summary.to_json()))
+    assert written["model"] == "m" and written["engine"]["engine"] == "openvino"
+    assert RunSummary.from_json(written) == summary
+    del written["engine"], written["precision"]
+    older = RunSummary.from_json(written)
+    assert older.engine is None and older.precision is None and older.top1 == summary.top1
+
+
+def test_a_summary_without_labelled_rows_has_no_scores():
+    board = Scoreboard(("A", "B"))
+    board.add(None, ["A", "B"], 0.9)
+    assert "top1" not in board.scores().to_json() and board.scores().top1 is None

@@ -8,11 +8,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.model_handler import (
-    FixedBatchModelHandler,
-    outputs_in_fixed_batches,
-    predict_in_fixed_batches,
-)
+from models.fixed_batches import outputs_in_fixed_batches, predict_in_fixed_batches
+from transforms.model_handler import FixedBatchModelHandler
 
 
 def small_model(seed: int = 0) -> keras.Model:

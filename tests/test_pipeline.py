@@ -17,6 +17,7 @@ from PIL import Image
 from models.bundle import ModelBundle
 from models.cache import CACHE_DIR_VARIABLE
 from pipeline.flags import UsageError
+from pipeline.plan import plan_run
 from pipeline.predict import build_graph, run
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
@@ -87,8 +88,10 @@ def _kind(row):
 def test_every_row_comes_out_once_with_its_error_kind(catalog_csv, tmp_path, tiny_bundle):
     argv = argv_for(catalog_csv, tmp_path / "out", tiny_bundle)
     catalog = open_catalog(str(catalog_csv))
+    bundle = ModelBundle.load(tiny_bundle)
     with TestPipeline(options=PipelineOptions(argv)) as pipeline:
-        rows = build_graph(pipeline, pipeline.options, catalog, ModelBundle.load(tiny_bundle))
+        plan = plan_run(pipeline.options, bundle)
+        rows = build_graph(pipeline, pipeline.options, plan, catalog, bundle)
         kinds = rows | beam.Map(lambda row: (row["uri"].removeprefix("images/"), _kind(row)))
         assert_that(kinds, equal_to(list(EXPECTED_KIND.items())))
 
@@ -107,21 +110,21 @@ def test_run_writes_predictions_metrics_and_summary(catalog_csv, tmp_path, tiny_
         if row["error"] is None:
             assert row["style"] in CLASSES and row["model"] == "tiny-test-model"
             assert row["top_k_styles"][0] == row["style"] and len(row["top_k_styles"]) == 3
-            assert row["top_k_probs"] == sorted(row["top_k_probs"], reverse=True)
-            assert sum(row["top_k_probs"]) == pytest.approx(1.0, abs=1e-4)
+            assert row["top_k_probabilities"] == sorted(row["top_k_probabilities"], reverse=True)
+            assert sum(row["top_k_probabilities"]) == pytest.approx(1.0, abs=1e-4)
         else:
-            assert row["style"] is None and row["top_k_probs"] is None
+            assert row["style"] is None and row["top_k_probabilities"] is None
             assert len(row["error"].split(": ", 1)[1]) > 5  # a message, not only a kind
 
     errors = sum(kind is not None for kind in EXPECTED_KIND.values())
-    assert summary["n_images"] == len(EXPECTED_KIND) and summary["n_errors"] == errors
-    assert summary["model"] == "tiny-test-model"
-    assert summary["n_labelled"] == 3 and summary["n_unknown_label"] == 4  # Cubism, predicted
-    assert json.loads((output / "summary.json").read_text()) == summary
+    assert summary.n_images == len(EXPECTED_KIND) and summary.n_errors == errors
+    assert summary.model_id == "tiny-test-model"
+    assert summary.n_labelled == 3 and summary.n_unknown_label == 4  # Cubism, predicted
+    assert json.loads((output / "summary.json").read_text()) == summary.to_json()
     metrics = pq.read_table(list(map(str, output.glob("metrics-*.parquet")))).to_pandas()
     overall = metrics[metrics.section == "overall"].set_index("metric")["value"]
     assert overall["n_images"] == len(EXPECTED_KIND)
-    assert overall["top1"] == pytest.approx(summary["top1"])
+    assert overall["top1"] == pytest.approx(summary.top1)
     assert set(metrics.section) >= {"overall", "per_class", "confusion", "errors"}
 
 
@@ -134,15 +137,17 @@ def test_parquet_and_folder_inputs(tmp_path, tiny_bundle):
     )
     from_parquet = run(argv_for(tmp_path / "catalog.parquet", tmp_path / "a", tiny_bundle))
     from_folder = run(argv_for(folder, tmp_path / "b", tiny_bundle))
-    assert from_parquet["n_images"] == from_folder["n_images"] == 3
-    assert from_parquet["n_errors"] == from_folder["n_errors"] == 0
-    assert from_parquet["n_labelled"] == 3 and "top1" not in from_folder
+    assert from_parquet.n_images == from_folder.n_images == 3
+    assert from_parquet.n_errors == from_folder.n_errors == 0
+    assert from_parquet.n_labelled == 3 and from_folder.top1 is None
 
 
 def predictions_of(output):
     frame = pq.read_table([str(p) for p in output.glob("predictions-*.parquet")]).to_pandas()
     frame = frame.sort_values("uri").reset_index(drop=True)
-    return frame[["uri", "style", "error"]], np.stack(frame["top_k_probs"].dropna().to_numpy())
+    return frame[["uri", "style", "error"]], np.stack(
+        frame["top_k_probabilities"].dropna().to_numpy()
+    )
 
 
 def test_two_workers_predict_what_one_worker_does(catalog_csv, tmp_path, tiny_bundle):
@@ -150,7 +155,7 @@ def test_two_workers_predict_what_one_worker_does(catalog_csv, tmp_path, tiny_bu
     one = run(argv_for(catalog_csv, tmp_path / "one", tiny_bundle))
     two = run(argv_for(catalog_csv, tmp_path / "two", tiny_bundle, "--direct_num_workers=2",
                        "--direct_running_mode=multi_processing"))  # fmt: skip
-    assert one["engine"] == two["engine"] and one["precision"] == two["precision"]
+    assert one.engine == two.engine and one.precision == two.precision
     (one_rows, one_probs), (two_rows, two_probs) = (
         predictions_of(tmp_path / name) for name in ("one", "two")
     )
@@ -174,8 +179,11 @@ def test_openvino_predicts_what_keras_does_and_then_runs_without_tensorflow(
     )
     pd.testing.assert_frame_equal(keras_rows, openvino_rows)
     np.testing.assert_allclose(keras_probs, openvino_probs, atol=1e-5)
-    assert summary["engine"] == {"engine": "openvino", "reason": "asked for (--engine openvino)"}
-    assert summary["precision"]["precision"] == "float32"
+    assert summary.engine.to_json() == {
+        "engine": "openvino",
+        "reason": "asked for (--engine openvino)",
+    }
+    assert summary.precision.precision == "float32"
 
     # The model converted above is in the cache: a new process never loads TensorFlow.
     script = (

@@ -89,8 +89,8 @@ def test_a_run_writes_one_embedding_per_predicted_row_beside_the_predictions(
     plain = run(argv_for(catalog, tmp_path / "plain", projection_bundle, exact))
     assert not list((tmp_path / "plain").glob("embeddings-*"))
     np.testing.assert_allclose(
-        np.stack(predictions_of(tmp_path / "plain")["top_k_probs"].dropna().to_numpy()),
-        np.stack(predictions["top_k_probs"].dropna().to_numpy()),
+        np.stack(predictions_of(tmp_path / "plain")["top_k_probabilities"].dropna().to_numpy()),
+        np.stack(predictions["top_k_probabilities"].dropna().to_numpy()),
         atol=1e-6,
     )
     assert plain["n_images"] == summary["n_images"] == len(GOOD) + len(BAD)

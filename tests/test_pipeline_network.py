@@ -30,7 +30,7 @@ def test_a_trickling_host_costs_its_own_row_only(tmp_path, tiny_bundle, faulty_h
     rows = pq.read_table(list(map(str, (tmp_path / "out").glob("predictions-*.parquet"))))
     errors = {row["uri"]: row["error"] for row in rows.to_pylist()}
     assert sorted(errors) == sorted(uris)
-    assert summary["n_images"] == 4 and summary["n_errors"] == 2, errors
+    assert summary.n_images == 4 and summary.n_errors == 2, errors
     assert errors["local.jpg"] is None and errors[uris[1]] is None
     assert errors[uris[3]].startswith("fetch_failed:") and "timed out after 2 s" in errors[uris[3]]
     assert faulty_host.gets("/flaky.jpg") == 2  # a 503, then the (undecodable) painting

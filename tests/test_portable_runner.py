@@ -41,7 +41,7 @@ def worker_pool() -> Iterator[str]:
 def predictions(output) -> pd.DataFrame:
     files = [str(path) for path in output.glob("predictions-*.parquet")]
     frame = pq.read_table(files).to_pandas().sort_values("uri").reset_index(drop=True)
-    return frame[["uri", "label", "style", "top_k_probs", "error"]]
+    return frame[["uri", "label", "style", "top_k_probabilities", "error"]]
 
 
 def test_the_portable_runner_predicts_what_the_direct_runner_does(
@@ -63,8 +63,10 @@ def test_the_portable_runner_predicts_what_the_direct_runner_does(
     direct, portable = predictions(tmp_path / "direct"), predictions(tmp_path / "portable")
     assert len(portable) == len(rows) and portable["error"].notna().sum() == 1
     pd.testing.assert_frame_equal(
-        direct.drop(columns="top_k_probs"), portable.drop(columns="top_k_probs")
+        direct.drop(columns="top_k_probabilities"), portable.drop(columns="top_k_probabilities")
     )
-    for ours, theirs in zip(direct["top_k_probs"], portable["top_k_probs"], strict=True):
+    for ours, theirs in zip(
+        direct["top_k_probabilities"], portable["top_k_probabilities"], strict=True
+    ):
         if ours is not None:
             np.testing.assert_allclose(ours, theirs, atol=1e-6)

@@ -19,7 +19,8 @@ from models.precision import (
     measured_speedup,
     resolve_precision,
 )
-from pipeline.predict import precision_of_workers, run
+from pipeline.plan import plan_run
+from pipeline.predict import run
 from tests.conftest import painting
 
 
@@ -214,17 +215,18 @@ def test_summary_json_says_which_arithmetic_the_run_used_and_why(
     catalog.write_text("uri\n" + "".join(f"{path}\n" for path in images))
     argv = [f"--input={catalog}", f"--model={tiny_bundle}", "--batch_size=2", "--engine=keras"]
     summary = run([*argv, f"--output={tmp_path / 'auto'}"])
-    assert summary["precision"] == {
+    assert summary.precision.to_json() == {
         "precision": "float32",
         "reason": "bfloat16 measured at 0.68 x float32 on this CPU",
     }
     summary = run([*argv, f"--output={tmp_path / 'asked'}", "--precision=bfloat16"])
-    assert summary["precision"]["precision"] == "bfloat16"
+    assert summary.precision.precision == "bfloat16"
 
 
 def test_on_a_remote_runner_the_summary_says_each_worker_resolves_its_own(tiny_bundle):
     options = PipelineOptions(["--runner=DataflowRunner", "--precision=auto"])
-    assert precision_of_workers(options, ModelBundle.load(tiny_bundle), "keras") == {
+    plan = plan_run(options, ModelBundle.load(tiny_bundle))
+    assert plan.precision.to_json() == {
         "precision": "auto",
         "reason": "resolved per worker (see the workers' logs)",
     }

@@ -5,7 +5,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms.catalog import open_catalog, read_records
-from transforms.predictions import error_row, passthrough_names, prediction_schema
+from transforms.predictions import (
+    error_row,
+    passthrough_names,
+    prediction_schema,
+    with_current_names,
+)
 
 
 def test_clashing_catalog_columns_are_renamed_and_the_output_is_readable(tmp_path):
@@ -19,7 +24,7 @@ def test_clashing_catalog_columns_are_renamed_and_the_output_is_readable(tmp_pat
     assert schema.names == [
         "uri", "catalog_style", "catalog_catalog_style", "catalog_confidence",
         "catalog_top_k_styles", "catalog_top_k_probs", "catalog_model", "catalog_error",
-        "label", "style", "confidence", "top_k_styles", "top_k_probs", "model", "error",
+        "label", "style", "confidence", "top_k_styles", "top_k_probabilities", "model", "error",
     ]  # fmt: skip
     [record] = read_records(catalog.files[0], catalog)
     row = error_row((record, "not_found: a.jpg"), model_id="new", has_labels=True)
@@ -35,3 +40,10 @@ def test_the_rename_rule_is_the_same_whatever_the_flags():
         "catalog_error",
         "catalog_catalog_error",
     )
+
+
+def test_a_row_of_an_earlier_runs_files_reads_under_todays_names():
+    earlier = {"uri": "a.jpg", "style": "Baroque", "top_k_probs": [0.9], "title": "x"}
+    assert with_current_names(earlier) == {
+        "uri": "a.jpg", "style": "Baroque", "top_k_probabilities": [0.9], "title": "x"
+    }  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.options import runs_in_this_process
+from pipeline.plan import Workers
 from pipeline.progress_bar import progress_bar
 from tests.conftest import painting
 from transforms.catalog import ImageRecord, open_catalog
@@ -47,7 +47,7 @@ def test_the_loading_step_counts_every_record_in_this_process(tmp_path):
     ],
 )
 def test_the_bar_is_only_where_the_count_is(flags, here):
-    assert runs_in_this_process(PipelineOptions(flags)) == here
+    assert (Workers.of(PipelineOptions(flags)) is Workers.IN_THIS_PROCESS) == here
 
 
 class Terminal(io.StringIO):
@@ -63,7 +63,7 @@ def twelve_rows(tmp_path):
 def test_the_bar_shows_images_done_of_the_total_on_a_terminal(tmp_path, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
+    with progress_bar(Workers.IN_THIS_PROCESS, twelve_rows(tmp_path)):
         IMAGES_DONE.add(5)
         deadline = time.monotonic() + 30  # the bar redraws on a thread of its own
         while "5/12" not in terminal.getvalue() and time.monotonic() < deadline:
@@ -74,7 +74,7 @@ def test_the_bar_shows_images_done_of_the_total_on_a_terminal(tmp_path, monkeypa
 def test_no_bar_in_a_log(tmp_path, monkeypatch):
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
-    with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
+    with progress_bar(Workers.IN_THIS_PROCESS, twelve_rows(tmp_path)):
         IMAGES_DONE.add(5)
     assert log.getvalue() == ""
 
@@ -90,7 +90,7 @@ def test_ctrl_c_clears_the_bar_then_does_what_it_did_before(tmp_path, monkeypatc
 
     previous = signal.signal(signal.SIGINT, earlier_handler)
     try:
-        with progress_bar(PipelineOptions([]), twelve_rows(tmp_path)):
+        with progress_bar(Workers.IN_THIS_PROCESS, twelve_rows(tmp_path)):
             signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is earlier_handler
     finally:

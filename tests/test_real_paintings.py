@@ -36,12 +36,12 @@ def test_the_shipped_model_tells_styles_apart_on_real_paintings(val_sample, tmp_
     summary = predict([f"--input={val_sample}", f"--output={tmp_path}"])
     bundle = ModelBundle.load(DEFAULT_BUNDLE)
 
-    assert summary["model"] == bundle.id
-    assert summary["n_images"] == 64 and summary["n_errors"] == 0
-    assert summary["n_labelled"] == 64
+    assert summary.model_id == bundle.id
+    assert summary.n_images == 64 and summary.n_errors == 0
+    assert summary.n_labelled == 64
     # Chance is 1/16; the bundle's manifest reports about two thirds on the whole split.
-    assert summary["top1"] >= 0.45
-    assert summary["top3"] >= 0.7
+    assert summary.top1 >= 0.45
+    assert summary.top3 >= 0.7
     predictions = pq.read_table(list(tmp_path.glob("predictions-*.parquet"))).to_pandas()
     assert set(predictions["style"]) <= set(bundle.classes)
     assert predictions["confidence"].between(0, 1).all()

@@ -304,21 +304,25 @@ def test_sampling_picks_by_confidence_with_ties_broken_by_uri():
 
 
 def test_sampled_images_are_found_in_their_own_catalog_files_folder(tmp_path, tiny_bundle):
-    """Catalog shards in two folders: each sampled row's image is read from its own."""
+    """Catalog shards in two folders: each sampled row's image is read from its own. (The
+    second row is an earlier version's, whose column of probabilities had another name.)"""
     rows = []
-    for museum, style in (("museum_a", "Blue_Period"), ("museum_b", "Red_Period")):
+    for museum, style, probabilities in (("museum_a", "Blue_Period", "top_k_probabilities"),
+                                         ("museum_b", "Red_Period", "top_k_probs")):  # fmt: skip
         painting(tmp_path / museum / f"{museum}.jpg", COLOURS[style], seed=1)
         (tmp_path / museum / "catalog.csv").write_text(f"uri\n{museum}.jpg\n")
         rows.append({"uri": f"{museum}.jpg", "label": None, "style": style, "confidence": 0.9,
-                     "top_k_styles": [style], "top_k_probs": [0.9], "error": None})  # fmt: skip
+                     "top_k_styles": [style], probabilities: [0.9], "error": None})  # fmt: skip
     catalog = open_catalog(str(tmp_path / "museum_*" / "catalog.csv"))
     explain = ExplainSamples(ModelBundle.load(tiny_bundle), labelled=False,
                              files_dir=str(tmp_path / "files"), catalog=catalog,
                              count=REPORT_SAMPLES, per_style=REPORT_PER_STYLE)  # fmt: skip
     with TestPipeline() as pipeline:
         samples = pipeline | beam.Create(rows) | explain
-        found = samples | beam.Map(lambda sample: (sample["uri"], sample["error"]))
-        assert_that(found, equal_to([("museum_a.jpg", None), ("museum_b.jpg", None)]))
+        found = samples | beam.Map(
+            lambda sample: (sample["uri"], sample["error"], sample["top_k_probabilities"])
+        )
+        assert_that(found, equal_to([("museum_a.jpg", None, [0.9]), ("museum_b.jpg", None, [0.9])]))
 
 
 def test_a_later_run_without_report_takes_the_earlier_report_away(tmp_path, tiny_bundle):

@@ -46,7 +46,7 @@ def test_a_run_keeps_the_users_files_and_tells_the_time_since_the_process_starte
         [f"--input={catalog_of(tmp_path, 3)}", f"--output={out}", f"--model={tiny_bundle}"]
     )
 
-    assert summary["n_images"] == 3
+    assert summary.n_images == 3
     assert (out / "notes.parquet").read_bytes() == b"the user's"
     assert (out / "summary.json").exists() and not list(out.glob(f"{STAGING_PREFIX}*"))
     printed = capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_an_earlier_versions_shards_are_never_read_with_a_runs_own(tmp_path, tin
 
     summary = run([*argv, "--overwrite"])
     predictions = pq.read_table(sorted(map(str, out.glob("predictions-*-of-*.parquet"))))
-    assert predictions.num_rows == summary["n_images"] == 4
+    assert predictions.num_rows == summary.n_images == 4
     assert not [uri for uri in predictions["uri"].to_pylist() if uri.startswith("old-")]
     run(argv)  # the folder's results are now on record: a rerun needs no flag
 
@@ -140,7 +140,8 @@ def test_ctrl_c_ends_a_run_at_once_in_one_line_and_keeps_the_earlier_results(
 
 
 def test_an_output_folder_with_a_bracket_stops_before_any_work(tmp_path, tiny_bundle):
-    """Beam's writers take `[` for a glob: the run used to end in a BeamIOError traceback."""
+    """Beam's writers take `[` for a glob, and cannot write under one: one line at start-up,
+    not a BeamIOError traceback after the run."""
     out = tmp_path / "out [1]"
     argv = [f"--input={catalog_of(tmp_path, 1)}", f"--output={out}", f"--model={tiny_bundle}"]
     with pytest.raises(OutputError, match=r"choose a folder without '\['$"):

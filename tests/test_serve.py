@@ -8,10 +8,12 @@ loopback: see tests/serve_support.py.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import glob
 import io
+import json
 import re
 import socket
 import subprocess
@@ -30,11 +32,15 @@ from PIL import Image
 
 from models.bundle import ModelBundle
 from models.gradcam import overlay
-from pipeline.options import run_command
+from models.openvino_engine import load_openvino_classifier
+from pipeline.flags import PREDICT_COMMAND
 from pipeline.predict import run
 from pipeline.serve import __main__ as serve_command
 from pipeline.serve import service as service_module
+from pipeline.serve.app import create_app
+from pipeline.serve.config import ServeConfig, parse_config, serve_parser
 from pipeline.serve.guard import guarded_socket
+from pipeline.serve.service import batch_shapes, call_sizes
 from tests import serve_support
 from tests.conftest import CLASSES
 from tests.serve_support import (
@@ -48,8 +54,7 @@ from tests.serve_support import (
     wait_ready,
 )
 from transforms import fetch
-from transforms.explanations import jpeg
-from transforms.images import decode_image
+from transforms.images import decode_image, jpeg
 
 # The service's fixtures: no packet past loopback (autouse), a host that redirects.
 loopback_only = serve_support.loopback_only
@@ -61,7 +66,7 @@ LOADS_FROM_ELSEWHERE = re.compile(
     r"""|fetch\(\s*["'](https?:)?//"""
 )
 
-ANSWER_FIELDS = {"style", "confidence", "top_k_styles", "top_k_probs", "model", "predict"}
+ANSWER_FIELDS = {"style", "confidence", "top_k_styles", "top_k_probabilities", "model", "predict"}
 
 
 @pytest.fixture(autouse=True)
@@ -113,11 +118,13 @@ def post_image(client, data: bytes, media_type: str = "image/png", route: str = 
 
 def assert_same_answer(answer: dict, expected: dict) -> None:
     """Equal, but for float rounding: a batch of another shape may round differently."""
-    probabilities = ("confidence", "top_k_probs")
+    probabilities = ("confidence", "top_k_probabilities")
     assert {k: v for k, v in answer.items() if k not in probabilities} == {
         k: v for k, v in expected.items() if k not in probabilities
     }
-    np.testing.assert_allclose(answer["top_k_probs"], expected["top_k_probs"], atol=1e-6)
+    np.testing.assert_allclose(
+        answer["top_k_probabilities"], expected["top_k_probabilities"], atol=1e-6
+    )
 
 
 def assert_error(response, status: int, kind: str) -> dict:
@@ -137,9 +144,9 @@ def test_a_raw_image_body_gets_the_batch_rows_fields_and_the_demos_predict(clien
     assert answer["predict"] == answer["style"] == answer["top_k_styles"][0]
     assert answer["model"] == "tiny-test-model"
     assert sorted(answer["top_k_styles"]) == sorted(CLASSES)  # --top_k 5, 3 styles
-    assert answer["top_k_probs"] == sorted(answer["top_k_probs"], reverse=True)
-    assert answer["confidence"] == answer["top_k_probs"][0]
-    assert sum(answer["top_k_probs"]) == pytest.approx(1, abs=1e-5)
+    assert answer["top_k_probabilities"] == sorted(answer["top_k_probabilities"], reverse=True)
+    assert answer["confidence"] == answer["top_k_probabilities"][0]
+    assert sum(answer["top_k_probabilities"]) == pytest.approx(1, abs=1e-5)
 
 
 def test_a_multipart_upload_and_a_jpeg_body_are_read_as_the_same_image(client, images):
@@ -161,7 +168,7 @@ def test_the_original_demos_json_request_works_unchanged(open_client, image_host
 def test_top_k_limits_the_styles_listed(tiny_bundle, images):
     with ready_client(make_app(tiny_bundle, max_batch=1, top_k=2)) as client:
         answer = post_image(client, images["green.png"]).json()
-    assert len(answer["top_k_styles"]) == len(answer["top_k_probs"]) == 2
+    assert len(answer["top_k_styles"]) == len(answer["top_k_probabilities"]) == 2
 
 
 def test_a_heatmap_is_grad_cam_of_the_top_style_over_the_square_the_model_saw(tiny_bundle, images):
@@ -301,6 +308,36 @@ def test_ready_only_once_the_model_is_loaded_and_every_batch_shape_has_run(tiny_
         assert calls == [1, 2, 4, 8]  # the warm-up: each batch shape once, before any request
         assert post_image(client, images["red.png"]).status_code == 200
         assert calls[4:] == [1]
+
+
+def test_on_openvino_the_warm_up_runs_its_two_shapes_and_a_batch_runs_as_calls_of_them(
+    tiny_bundle, images
+):
+    calls = []
+
+    class Recorded:
+        def predict_on_batch(self, batch):
+            calls.append(len(batch))
+            return tiny_model(tiny_bundle).predict_on_batch(batch)
+
+    app = make_app(tiny_bundle, load_model=Recorded, engine="openvino", max_batch=16)
+    with ready_client(app) as client:
+        assert calls == [1, 8]
+        assert post_image(client, images["red.png"]).status_code == 200
+    assert calls[2:] == [1]
+
+
+def test_batches_run_in_calls_of_the_shapes_their_engine_runs():
+    assert batch_shapes(32, "keras") == (1, 2, 4, 8, 16, 32)
+    assert batch_shapes(12, "keras") == (1, 2, 4, 8, 12)
+    assert batch_shapes(32, "openvino") == (1, 8)
+    assert batch_shapes(4, "openvino") == (1, 4)
+    assert batch_shapes(1, "openvino") == (1,)
+    assert call_sizes(5, (1, 2, 4, 8)) == [8]
+    assert call_sizes(1, (1, 8)) == [1]
+    assert call_sizes(3, (1, 8)) == [8]
+    assert call_sizes(9, (1, 8)) == [8, 1]
+    assert call_sizes(20, (1, 8)) == [8, 8, 8]
 
 
 def test_a_model_that_cannot_load_fails_liveness_with_json(tiny_bundle):
@@ -595,22 +632,174 @@ def test_urls_whose_host_never_answers_keep_urls_out_but_not_uploads(
 # --- The same probabilities as the batch pipeline -------------------------------------------
 
 
-def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tmp_path, images):
+@pytest.mark.parametrize("engine", ["auto", "keras"])
+def test_the_same_image_gets_the_pipelines_probabilities_on_the_same_engine(
+    engine, tiny_bundle, image_host, tmp_path, images
+):
+    """The service as it starts with --engine (OpenVINO on this CPU, by default), one image
+    at a time and several in a batch, against `python -m pipeline --engine` in its own
+    arithmetic (`auto`: resolved by both, from the one measurement cached per machine)."""
     names = ["red.png", "blue.jpg", "green.png"]
     for name in names:
         (tmp_path / name).write_bytes(images[name])
+        image_host.files[name] = images[name]
     pd.DataFrame({"uri": [str(tmp_path / name) for name in names]}).to_csv(
         tmp_path / "catalog.csv", index=False
     )
     run([f"--input={tmp_path / 'catalog.csv'}", f"--output={tmp_path / 'out'}",
-         f"--model={tiny_bundle}", "--engine=keras"])  # fmt: skip
+         f"--model={tiny_bundle}", f"--engine={engine}"])  # fmt: skip
     rows = pd.concat(map(pd.read_parquet, glob.glob(str(tmp_path / "out" / "predictions-*"))))
+    rows = rows.set_index("uri")
+    config = ServeConfig(model=tiny_bundle, engine=engine, heatmaps=False, max_batch=4,
+                         allow_private_urls=True)  # fmt: skip
+    app = create_app(config, ModelBundle.load(tiny_bundle))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    with ready_client(app) as client:
+        service = app.state.service
+        assert service.engine.engine == summary["engine"]["engine"]
+        assert service.engine.engine == ("keras" if engine == "keras" else "openvino")
+        assert service.precision.precision == summary["precision"]["precision"]
+        alone = {name: post_image(client, images[name], media_type_of(name)).json()
+                 for name in names}  # fmt: skip
+        urls = [f"{image_host.url}/files/{name}" for name in names]
+        together = dict(
+            zip(
+                names,
+                client.post("/predict/batch", json={"urls": urls}).json()["results"],
+                strict=True,
+            )
+        )
     for name in names:
-        row = rows.set_index("uri").loc[str(tmp_path / name)]
-        media_type = "image/jpeg" if name.endswith(".jpg") else "image/png"
-        answer = post_image(client, images[name], media_type).json()
-        assert answer["top_k_styles"] == list(row["top_k_styles"])
-        np.testing.assert_allclose(answer["top_k_probs"], row["top_k_probs"], atol=1e-6)
+        row = rows.loc[str(tmp_path / name)]
+        for answer in (alone[name], together[name]):
+            assert answer["top_k_styles"] == list(row["top_k_styles"])
+            np.testing.assert_allclose(
+                answer["top_k_probabilities"], row["top_k_probabilities"], atol=1e-6
+            )
+
+
+def media_type_of(name: str) -> str:
+    return "image/jpeg" if name.endswith(".jpg") else "image/png"
+
+
+# --- On OpenVINO: no Beam, no TensorFlow; Grad-CAM on Keras, loaded at the first heatmap -------
+
+SERVE_AND_SAY_WHAT_LOADED = """
+import json, sys, time
+from fastapi.testclient import TestClient
+import pipeline.serve.__main__
+from models.bundle import ModelBundle
+from pipeline.serve.app import create_app
+from pipeline.serve.config import ServeConfig
+
+bundle, image = sys.argv[1], open(sys.argv[2], "rb").read()
+app = create_app(ServeConfig(model=bundle, max_batch=4), ModelBundle.load(bundle))
+with TestClient(app) as client:
+    while client.get("/health/ready").status_code != 200:
+        assert app.state.service.state.value == "loading", app.state.service.state
+        time.sleep(0.05)
+    answer = client.post("/predict", content=image, headers={"Content-Type": "image/png"})
+    assert answer.status_code == 200, answer.text
+heavy = ("apache_beam", "tensorflow", "keras")
+print(json.dumps({"engine": app.state.service.engine.engine,
+                  **{name: name in sys.modules for name in heavy}}))
+"""
+
+
+def test_the_service_on_openvino_serves_without_importing_beam_or_tensorflow(
+    tiny_bundle, tmp_path, images
+):
+    """In a fresh interpreter (this one has both): the command's module, the app, and a
+    prediction served. Beam's import alone took over a second of the service's start-up."""
+    load_openvino_classifier(tiny_bundle, None, "float32", 1)  # converted once per machine
+    (tmp_path / "red.png").write_bytes(images["red.png"])
+    script = [
+        sys.executable,
+        "-c",
+        SERVE_AND_SAY_WHAT_LOADED,
+        tiny_bundle,
+        str(tmp_path / "red.png"),
+    ]
+    served = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert served.returncode == 0, served.stderr[-3000:]
+    loaded = json.loads(served.stdout.splitlines()[-1])
+    assert loaded == {"engine": "openvino", "apache_beam": False, "tensorflow": False,
+                      "keras": False}  # fmt: skip
+
+
+class GradCamLoads:
+    """The tiny bundle's Grad-CAM, counting its loads, each held until released."""
+
+    def __init__(self, bundle_path: str, fail: bool = False):
+        self.bundle_path = bundle_path
+        self.fail = fail
+        self.count = 0
+        self.release = threading.Event()
+
+    def __call__(self):
+        self.count += 1
+        assert self.release.wait(30), "never released"
+        if self.fail:
+            raise OSError("no memory for TensorFlow")
+        return tiny_grad_cam(self.bundle_path)
+
+
+def openvino_app(bundle_path: str, load_grad_cam: GradCamLoads):
+    config = ServeConfig(model=bundle_path, engine="openvino", max_batch=4)
+    return create_app(config, ModelBundle.load(bundle_path), load_grad_cam=load_grad_cam)
+
+
+def test_on_openvino_grad_cam_loads_at_the_first_heatmap_and_serves_every_one_after(
+    tiny_bundle, images
+):
+    loads = GradCamLoads(tiny_bundle)
+    app = openvino_app(tiny_bundle, loads)
+    service = app.state.service
+    with ready_client(app) as client:
+        plain = post_image(client, images["red.png"]).json()
+        assert loads.count == 0 and "heatmap" not in plain  # ready, and no Keras yet
+        asking = [
+            threading.Thread(target=post_image, args=(client, images["red.png"], "image/png",
+                                                     "/predict?heatmap=true"))
+            for _ in range(2)
+        ]  # fmt: skip
+        for thread in asking:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while loads.count < 1 or service.batcher.places.taken < 2:  # a load begun, held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        loads.release.set()
+        for thread in asking:
+            thread.join()
+        answer = post_image(client, images["red.png"], route="/predict?heatmap=true").json()
+    assert loads.count == 1  # one load, for the two who waited and everyone after
+    assert_same_answer({k: v for k, v in answer.items() if k != "heatmap"}, plain)
+    prefix = "data:image/jpeg;base64,"
+    shown = decoded_jpeg(base64.b64decode(answer["heatmap"].removeprefix(prefix)))
+    image = decode_image(images["red.png"], size=224)
+    explanation = tiny_grad_cam(tiny_bundle)(
+        image[np.newaxis], np.array([CLASSES.index(answer["style"])])
+    )
+    expected = decoded_jpeg(jpeg(overlay(image, explanation.heatmaps[0])))
+    assert np.abs(shown.astype(int) - expected).mean() < 0.5
+
+
+def test_on_openvino_a_grad_cam_that_cannot_load_leaves_the_heatmap_out_and_says_so_once(
+    tiny_bundle, images, caplog
+):
+    loads = GradCamLoads(tiny_bundle, fail=True)
+    loads.release.set()
+    with ready_client(openvino_app(tiny_bundle, loads)) as client:
+        answers = [
+            post_image(client, images["red.png"], route="/predict?heatmap=true") for _ in range(2)
+        ]
+        assert client.get("/health/ready").status_code == 200
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert not any("heatmap" in answer.json() for answer in answers)
+    told = [r for r in caplog.records if "Grad-CAM could not be loaded" in r.getMessage()]
+    assert len(told) == 1 and "no memory for TensorFlow" in told[0].exc_text
+    assert loads.count == 1
 
 
 # --- python -m pipeline.serve ----------------------------------------------------------------
@@ -619,6 +808,40 @@ def test_the_same_image_gets_the_pipelines_probabilities(client, tiny_bundle, tm
 def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         return probe.getsockname()[1]
+
+
+def test_the_flags_defaults_are_the_configs():
+    assert parse_config([]) == ServeConfig()
+
+
+def test_the_flags_shared_with_the_pipeline_are_its_declarations_and_other_defaults_say_why():
+    pipeline_parser = argparse.ArgumentParser()
+    for add_flags in PREDICT_COMMAND.groups:
+        add_flags(pipeline_parser)
+    in_pipeline = {action.dest: action for action in pipeline_parser._actions}
+    service_parser = serve_parser()
+    shared = {action.dest: action for action in service_parser._actions} & in_pipeline.keys()
+    assert {"model", "top_k", "precision", "engine", "fetch_timeout_s", "max_image_bytes",
+            "max_image_pixels"} <= shared  # fmt: skip
+    for dest in shared - {"help"}:
+        ours = next(action for action in service_parser._actions if action.dest == dest)
+        theirs = in_pipeline[dest]
+        assert (ours.option_strings, ours.help, ours.choices, kind_of(ours.type)) == (
+            theirs.option_strings, theirs.help, theirs.choices, kind_of(theirs.type)
+        ), dest  # fmt: skip
+        if ours.default != theirs.default:
+            assert dest in ("fetch_timeout_s", "max_image_bytes"), dest
+            assert f"--{dest}" in service_parser.epilog
+    shown = " ".join(service_parser.format_help().split())
+    assert "(default: 15)" in shown and "(default: 20971520 bytes)" in shown
+    assert parse_config(["--engine=openvino"]).engine == "openvino"
+    with pytest.raises(SystemExit):
+        parse_config(["--engine=tpu"])
+
+
+def kind_of(parse: object) -> object:
+    """An argparse type, by what made it: whole_number(1) twice is two functions."""
+    return getattr(parse, "__qualname__", parse)
 
 
 def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch):
@@ -632,7 +855,7 @@ def test_the_command_serves_the_app_its_flags_describe(tiny_bundle, monkeypatch)
     monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", "--host=127.0.0.1",
                                       f"--port={port}", "--max_batch=8", "--max_wait_ms=5",
                                       "--top_k=2", "--allow_private_urls"])  # fmt: skip
-    run_command(serve_command.serve)
+    serve_command.main()
     config = served["app"].state.service.config
     assert served["listening_on"] == [("127.0.0.1", port)]
     assert (config.max_batch, config.max_wait_ms, config.top_k) == (8, 5.0, 2)
@@ -646,7 +869,7 @@ def test_an_address_in_use_is_told_first_in_one_line_status_2(tiny_bundle, monke
         port = taken.getsockname()[1]
         monkeypatch.setattr(sys, "argv", ["serve", f"--model={tiny_bundle}", f"--port={port}"])
         with pytest.raises(SystemExit) as exited:
-            run_command(serve_command.serve)
+            serve_command.main()
     assert exited.value.code == 2
     said = f"artstyle: cannot listen on 127.0.0.1:{port}: address already in use\n"
     assert capsys.readouterr().err == said
@@ -676,6 +899,6 @@ def test_a_bad_flag_or_bundle_is_told_before_serving_status_2(flags, said, monke
     monkeypatch.setattr(serve_command.uvicorn, "run", lambda *a, **kw: pytest.fail("served"))
     monkeypatch.setattr(sys, "argv", ["serve", *flags])
     with pytest.raises(SystemExit) as exited:
-        run_command(serve_command.serve)
+        serve_command.main()
     assert exited.value.code == 2
     assert said in capsys.readouterr().err

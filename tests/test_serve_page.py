@@ -68,7 +68,7 @@ def shown_bars(browser) -> list[dict]:
 def assert_shows(browser, answer: dict) -> None:
     bars = shown_bars(browser)
     assert [bar["style"] for bar in bars] == answer["top_k_styles"]
-    np.testing.assert_allclose([bar["probability"] for bar in bars], answer["top_k_probs"])
+    np.testing.assert_allclose([bar["probability"] for bar in bars], answer["top_k_probabilities"])
     widths = [bar["width"] for bar in bars]
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1] > 0
     heading = browser.find_element("id", "top-style").text

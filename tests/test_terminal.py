@@ -1,5 +1,6 @@
 """The terminal: a command prints its own lines, not its libraries' chatter (unless --verbose)."""
 
+import io
 import logging
 import os
 import re
@@ -76,41 +77,22 @@ def test_verbose_shows_the_libraries_start_up_lines(tmp_path, tiny_bundle):
     assert LIBRARY_LINES.search(run.stderr)
 
 
-def test_a_bad_flag_is_one_line_even_with_verbose_found_before_tensorflow_loads(tmp_path):
-    run = run_pipeline(
-        f"--input={tmp_path}", f"--output={tmp_path / 'out'}", "--top_k=0", "--verbose"
-    )
-    assert run.returncode == 2
-    assert run.stderr == "artstyle: --top_k: must be at least 1, not 0\n"
-
-
-def set_up_in_a_process(code: str, env: dict) -> subprocess.CompletedProcess:
-    """`code` after the terminal's quiet set-up, in a process of its own (it takes over the
-    process's stderr)."""
-    script = f"from pipeline import terminal\nterminal.set_up(verbose=False)\n{code}"
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-
-
 @pytest.mark.parametrize(("given", "kept"), [(None, "3"), ("1", "1"), ("0", "0")])
 def test_tensorflows_log_level_is_set_unless_the_user_set_it(given, kept):
-    env = without_tf_log_level() | ({terminal.TF_LOG_LEVEL: given} if given else {})
-    run = set_up_in_a_process("import os; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])", env)
-    assert run.stdout.strip() == kept
+    environ = {terminal.TF_LOG_LEVEL: given} if given else {}
+    assert terminal.tf_log_level(environ) == kept
+    assert environ == {terminal.TF_LOG_LEVEL: kept}  # where TensorFlow reads it
 
 
-NATIVE_WRITES = """
-import os, sys
-for line in (
+NATIVE_LINES = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
     "I0000 00:00:1796186228.245943   32343 port.cc:153] oneDNN custom operations are on.",
     "W0000 00:00:1796186228.245943   32343 cuda_dnn.cc:8] a warning",
     "E0000 00:00:1796186507.071277    1521 cuda_platform.cc:52] failed call to cuInit: 303",
     "F0000 00:00:1796186507.071277    1521 check.cc:1] a check failed",
     "a line of a C library's own",
-):
-    os.write(2, (line + "\\n").encode())
-print("artstyle: from Python", file=sys.stderr)
-"""
+]
+EVERY_LINE = ["WARNING: All", "I0000", "W0000", "E0000", "F0000", "a line of a C library's own"]
 
 
 @pytest.mark.parametrize(
@@ -118,51 +100,62 @@ print("artstyle: from Python", file=sys.stderr)
     [
         ("3", ["F0000", "a line of a C library's own"]),
         ("1", ["W0000", "E0000", "F0000", "a line of a C library's own"]),
-        ("0", ["WARNING: All", "I0000", "W0000", "E0000", "F0000", "a line of a C library's own"]),
+        ("0", EVERY_LINE),
+        ("a word", EVERY_LINE),
     ],
 )
 def test_c_libraries_lines_are_filtered_by_tensorflows_own_level(level, shown):
-    """absl writes some lines to file descriptor 2 before any level applies."""
-    run = set_up_in_a_process(
-        NATIVE_WRITES, without_tf_log_level() | {"TF_CPP_MIN_LOG_LEVEL": level}
-    )
-    lines = run.stderr.splitlines()
-    assert "artstyle: from Python" in lines
-    native = [line for line in lines if line != "artstyle: from Python"]
-    assert [next(s for s in shown if line.startswith(s)) for line in native] == shown
+    """absl writes some lines to file descriptor 2 before any level applies: `grep -v` with
+    this expression takes them out there (end to end: test_a_run_prints_only_its_own_lines)."""
+    noise = terminal.native_noise(level)
+    kept = [line for line in NATIVE_LINES if not (noise and re.search(noise, line))]
+    assert [next(s for s in shown if line.startswith(s)) for line in kept] == shown
 
 
-def test_beams_harmless_warnings_are_dropped_and_the_tools_own_kept():
-    code = """
-import logging
-logging.warning("apitools not found, and bigquery client libraries are not available")
-logging.warning("Resource module is not available for current platform, memory usage ...")
-logging.warning("artstyle: could not remove %s: %s", "staging", "busy")
-logging.getLogger("apache_beam.io").warning("a warning of Beam's own")
-logging.getLogger("absl").warning("absl's")
-logging.getLogger("tensorflow").warning("TensorFlow's")
-logging.info("artstyle: an INFO line")
-"""
-    run = set_up_in_a_process(code, without_tf_log_level())
-    assert run.stderr.splitlines() == [
+@pytest.fixture
+def quiet_logging():
+    """The terminal's Python logging, in this process, onto a string; then the loggers as
+    they were (what it added taken off, their levels restored)."""
+    loggers = [logging.getLogger(name) for name in
+               ("", terminal.WORKER_RELAY_LOGGER, *terminal.QUIET_LOGGERS)]  # fmt: skip
+    before = [(logger, logger.level, logger.handlers[:], logger.filters[:]) for logger in loggers]
+    lines = io.StringIO()
+    terminal.quiet_python_logging(logging.StreamHandler(lines))
+    try:
+        yield lines
+    finally:
+        for logger, level, handlers, filters in before:
+            logger.setLevel(level)
+            for added in [handler for handler in logger.handlers if handler not in handlers]:
+                logger.removeHandler(added)
+            for added in [filter for filter in logger.filters if filter not in filters]:
+                logger.removeFilter(added)
+
+
+def test_beams_harmless_warnings_are_dropped_and_the_tools_own_kept(quiet_logging):
+    logging.warning("apitools not found, and bigquery client libraries are not available")
+    logging.warning("Resource module is not available for current platform, memory usage ...")
+    logging.warning("artstyle: could not remove %s: %s", "staging", "busy")
+    logging.getLogger("apache_beam.io").warning("a warning of Beam's own")
+    logging.getLogger("absl").warning("absl's")
+    logging.getLogger("tensorflow").warning("TensorFlow's")
+    logging.info("artstyle: an INFO line")
+    assert quiet_logging.getvalue().splitlines() == [
         "artstyle: could not remove staging: busy",
         "WARNING:apache_beam.io: a warning of Beam's own",
     ]
 
 
-def test_workers_start_up_warnings_and_ctrl_c_tracebacks_are_dropped_their_errors_kept():
-    code = """
-import logging
-from pipeline.terminal import WORKER_RELAY_LOGGER
-relay = logging.getLogger(WORKER_RELAY_LOGGER)
-relay.warning("Worker: %s", 'severity: WARN message: "Discarding unparseable args: []"')
-relay.warning("Worker: %s", 'severity: WARN message: "artstyle: cannot cache it"')
-relay.error("Worker: %s", 'severity: ERROR message: "a DoFn failed"')
-relay.error("Worker: %s", 'severity: ERROR message: "failed: Traceback ... KeyboardInterrupt"')
-"""
-    run = set_up_in_a_process(code, without_tf_log_level())
+def test_workers_start_up_warnings_and_ctrl_c_tracebacks_are_dropped_their_errors_kept(
+    quiet_logging,
+):
+    relay = logging.getLogger(terminal.WORKER_RELAY_LOGGER)
+    relay.warning("Worker: %s", 'severity: WARN message: "Discarding unparseable args: []"')
+    relay.warning("Worker: %s", 'severity: WARN message: "artstyle: cannot cache it"')
+    relay.error("Worker: %s", 'severity: ERROR message: "a DoFn failed"')
+    relay.error("Worker: %s", 'severity: ERROR message: "failed: Traceback ... KeyboardInterrupt"')
     relayed = f"WARNING:{terminal.WORKER_RELAY_LOGGER}: Worker: "
-    assert run.stderr.splitlines() == [
+    assert quiet_logging.getvalue().splitlines() == [
         relayed + 'severity: WARN message: "artstyle: cannot cache it"',
         relayed.replace("WARNING", "ERROR") + 'severity: ERROR message: "a DoFn failed"',
     ]
@@ -227,3 +220,20 @@ def test_ctrl_c_while_tensorflow_loads_is_one_line_and_status_130():
     assert process.returncode == 130
     assert "loaded" not in stdout
     assert stderr.strip().splitlines() == ["artstyle: interrupted"]
+
+
+@pytest.mark.parametrize("package", ["pipeline", "bench"])
+def test_python_m_of_either_package_quiets_the_terminal_before_the_commands_imports(package):
+    """`python -m bench...` as `python -m pipeline...`: the package, which Python imports
+    first, sets the terminal up (here, in a process of its own, as -m finds it)."""
+    script = (
+        "import os, sys\n"
+        "sys.argv[:] = ['-m', '--top_k=3']\n"
+        f"import {package}\n"
+        "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), sys.argv[1:])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=without_tf_log_level()
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3 ['--top_k=3']"

@@ -423,8 +423,9 @@ def _csv_lines(text: TextIO) -> Iterator[CsvRecord]:
 
 
 def _csv_header(file: str, lines: Iterator[CsvRecord]) -> list[str]:
-    """The column names of the first record. A blank name is `Unnamed: i`, as pandas (and
-    so earlier versions of this tool) named it: the index column of `DataFrame.to_csv`."""
+    """The column names of the first record. A blank name is `Unnamed: i`, as pandas names
+    it (a catalog written by `DataFrame.to_csv` has a blank name over its index column), so
+    that a query written for pandas' reading of the catalog works on the predictions."""
     for _, fields, problem in lines:
         if fields == []:
             continue

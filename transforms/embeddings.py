@@ -34,7 +34,7 @@ EMBEDDING_COLUMN = "embedding"
 METADATA_KEY = b"artstyle"
 # Prediction columns an embedding row leaves out: the top k and the error belong to the
 # prediction (every embedding row is a row that was predicted), the model is in the metadata.
-PREDICTION_ONLY_COLUMNS = frozenset({"top_k_styles", "top_k_probs", "model", "error"})
+PREDICTION_ONLY_COLUMNS = frozenset({"top_k_styles", "top_k_probabilities", "model", "error"})
 READ_BATCH_ROWS = 65_536  # rows read at a time
 
 
@@ -46,15 +46,15 @@ class EmbeddingsError(ValueError):
 class EmbeddingsOrigin:
     """What made a file's vectors: the bundle's id and its embedding's description."""
 
-    model: str
+    model_id: str
     embedding: EmbeddingSpec
 
     def describe(self) -> str:
-        return f"model {self.model} ({self.embedding.describe()})"
+        return f"model {self.model_id} ({self.embedding.describe()})"
 
     def metadata(self) -> dict[bytes, bytes]:
         """The schema's metadata that says it."""
-        value = {"model": self.model, "embedding": self.embedding.to_json()}
+        value = {"model": self.model_id, "embedding": self.embedding.to_json()}
         return {METADATA_KEY: json.dumps(value).encode()}
 
     @classmethod

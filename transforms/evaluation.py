@@ -1,16 +1,20 @@
-"""Evaluation inside the pipeline: combine prediction rows into a Scoreboard, write it out."""
+"""Evaluation inside the pipeline: combine prediction rows into a Scoreboard, write it out as
+metrics-*.parquet and summary.json (`RunSummary`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import fsspec
 import pyarrow as pa
 
-from models.metrics import Scoreboard
+from models.engine_choice import EngineChoice
+from models.metrics import Scoreboard, Scores
+from models.precision import PrecisionChoice
 
 # Long form: every number is one row, so one schema holds overall scores, per-class
 # scores, the confusion matrix and the reliability diagram, and filters are plain queries.
@@ -58,7 +62,7 @@ def metric_rows(board: Scoreboard) -> Iterator[dict[str, Any]]:
             "value": None if value is None else float(value),
         }
 
-    for metric, value in board.summary().items():
+    for metric, value in board.scores().to_json().items():
         if not isinstance(value, dict):
             yield row("overall", metric, value)
     for kind, count in board.errors_by_kind.items():
@@ -75,12 +79,57 @@ def metric_rows(board: Scoreboard) -> Iterator[dict[str, Any]]:
             yield row("reliability", metric, bin_[metric], label=f"{bin_['bin_low']:.3f}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunSummary(Scores):
+    """summary.json: a run's scores, its model's id (the JSON's `model`), and the engine and
+    arithmetic it ran on, each with why. Writing it (`Evaluate`) and reading it (`read`)
+    share this definition. The engine and arithmetic are None in a run's summary that
+    does not say them."""
+
+    model_id: str
+    engine: EngineChoice | None = None
+    precision: PrecisionChoice | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        ran_on = {"engine": self.engine, "precision": self.precision}
+        return {
+            **super().to_json(),
+            "model": self.model_id,
+            **{key: choice.to_json() for key, choice in ran_on.items() if choice is not None},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        engine, precision = data.get("engine"), data.get("precision")
+        return cls(
+            **vars(Scores.from_json(data)),
+            model_id=data["model"],
+            engine=EngineChoice.from_json(engine) if engine else None,
+            precision=PrecisionChoice.from_json(precision) if precision else None,
+        )
+
+    @classmethod
+    def read(cls, url: str) -> RunSummary:
+        """The summary.json at `url`. ValueError where it is not one."""
+        with fsspec.open(url, encoding="utf-8") as f:
+            try:
+                return cls.from_json(json.load(f))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{url} is not a run's summary ({error!r})") from None
+
+
 def write_summary(
-    board: Scoreboard, path: str, model_id: str, run_facts: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    summary = {**board.summary(), "model": model_id, **(run_facts or {})}
+    board: Scoreboard,
+    path: str,
+    model_id: str,
+    engine: EngineChoice | None = None,
+    precision: PrecisionChoice | None = None,
+) -> RunSummary:
+    summary = RunSummary(
+        **vars(board.scores()), model_id=model_id, engine=engine, precision=precision
+    )
     with fsspec.open(path, "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary.to_json(), f, indent=2)
     return summary
 
 
@@ -92,16 +141,18 @@ class Evaluate(beam.PTransform):
         classes: Sequence[str],
         output_dir: str,
         model_id: str,
-        run_facts: dict[str, Any] | None = None,
+        engine: EngineChoice | None = None,
+        precision: PrecisionChoice | None = None,
     ):
-        """`run_facts`: more keys for summary.json, such as the arithmetic the model used."""
+        """`engine` and `precision`: what the model ran on, for summary.json."""
         super().__init__()
         self._classes = classes
         self._output_dir = output_dir.rstrip("/")
         self._model_id = model_id
-        self._run_facts = run_facts or {}
+        self._engine = engine
+        self._precision = precision
 
-    def expand(self, rows: beam.PCollection[dict]) -> beam.PCollection[dict]:
+    def expand(self, rows: beam.PCollection[dict]) -> beam.PCollection[RunSummary]:
         board = rows | "Score" >> beam.CombineGlobally(ScoreRowsFn(self._classes))
         _ = (
             board
@@ -116,5 +167,5 @@ class Evaluate(beam.PTransform):
         )
         summary_path = f"{self._output_dir}/summary.json"
         return board | "WriteSummary" >> beam.Map(
-            write_summary, summary_path, self._model_id, self._run_facts
+            write_summary, summary_path, self._model_id, self._engine, self._precision
         )

@@ -8,28 +8,24 @@ the collection: sampling is a Beam combiner, the same on a hundred rows or ten m
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
 import fsspec
 import numpy as np
-from PIL import Image
 
 from models.bundle import ModelBundle
-from models.gradcam import bundle_grad_cam, overlay
+from models.gradcam import BATCH_SIZE, bundle_grad_cam, overlay
 from transforms.catalog import Catalog, ImageRecord, ReadCatalog
 from transforms.fetch import BackgroundFetcher, FetchPolicy
-from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe
+from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe, jpeg
+from transforms.predictions import with_current_names
 
 # The report's sections of sampled rows.
 CONFIDENT_MISTAKES = "confident_mistakes"  # labelled: wrong, most confident first
 LEAST_CONFIDENT = "least_confident"  # labelled: right or wrong, least confident first
 GALLERY = "gallery"  # unlabelled: each predicted style's most confident paintings
-
-EXPLAIN_BATCH = 16  # images per Grad-CAM call: large enough to amortise, small in memory
-JPEG_QUALITY = 88
 
 
 def by_confidence(row: dict[str, Any]) -> tuple[float, str]:
@@ -161,16 +157,11 @@ class ExplainRowsFn(beam.DoFn):
 
 
 def _shown_columns(row: dict[str, Any]) -> dict[str, Any]:
+    row = with_current_names(row)
     return {
         key: row.get(key)
-        for key in ("uri", "label", "style", "confidence", "top_k_styles", "top_k_probs")
+        for key in ("uri", "label", "style", "confidence", "top_k_styles", "top_k_probabilities")
     }
-
-
-def jpeg(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
 
 
 class ExplainSamples(beam.PTransform):
@@ -209,7 +200,7 @@ class ExplainSamples(beam.PTransform):
         return (
             sampled
             | "Spread" >> beam.Reshuffle()
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=EXPLAIN_BATCH)
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH_SIZE)
             | "GradCam" >> beam.ParDo(self._explain, locations=locations)
         )
 

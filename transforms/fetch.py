@@ -60,6 +60,7 @@ from fsspec.archive import AbstractArchiveFileSystem
 from fsspec.implementations.tar import TarFileSystem
 
 from transforms.images import ImageError, brief, describe, over_the_cap
+from transforms.library_internals import strip_protocol
 
 PROJECT_URL = "https://github.com/artstyle-project/artstyle"
 
@@ -416,7 +417,7 @@ def _read_file(location: Location, max_bytes: int) -> bytes:
                 data = file.read(max_bytes + 1)
         else:
             fs = _filesystem(location.scheme)
-            data = fs.cat_file(fs._strip_protocol(location.target), start=0, end=max_bytes + 1)
+            data = fs.cat_file(strip_protocol(fs, location.target), start=0, end=max_bytes + 1)
     except Exception as error:
         raise _file_error(error, location.uri) from error
     if len(data) > max_bytes:
@@ -509,7 +510,7 @@ def _open_archive(scheme: str, source: Location | None) -> _OpenArchive:
         file: IO[bytes] = _open_regular_file(source.target)
     else:
         fs = _filesystem(source.scheme)
-        file = fs.open(fs._strip_protocol(source.target), "rb")
+        file = fs.open(strip_protocol(fs, source.target), "rb")
     return _OpenArchive(fsspec.get_filesystem_class(scheme)(fo=file))
 
 

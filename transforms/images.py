@@ -1,4 +1,5 @@
-"""Model-ready arrays from image bytes, and the error every unusable image raises.
+"""Model-ready arrays from image bytes, the error every unusable image raises, and JPEG
+bytes from arrays (the pictures of a heatmap).
 
 Every way one image can be unusable raises `ImageError` with a short `kind`, so the
 pipeline can turn it into an error row and count it, instead of failing the run. Reading
@@ -41,6 +42,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, Runtime
 # Downscale in at most 3x bicubic steps after a fast integer reduction: Pillow documents
 # the result as indistinguishable from a full bicubic resize, at a fraction of the cost.
 _REDUCING_GAP = 3.0
+
+# Threads that decode beside the model, in the pipeline and in the service: Pillow releases
+# the GIL while it decodes. Two: decoding is a small share of the work, and the model wants
+# the cores.
+DECODE_THREADS = 2
+
+JPEG_QUALITY = 88  # the pictures of heatmaps, in the report and the service's answers
 
 
 class ImageError(Exception):
@@ -150,8 +158,8 @@ def _centre_square(image: Image.Image, size: int) -> Image.Image:
     The square starts on a whole pixel, and an image whose shorter side is already `size`
     is only cropped: Pillow skips resampling only when the box is the whole image, and
     otherwise runs its bicubic filter at scale 1, a cost that changes no pixel. ImageOps.fit
-    does the same otherwise, but without `reducing_gap`, which is 5x slower on a large PNG
-    or TIFF (JPEGs were already reduced by `draft`).
+    does the same otherwise, but without `reducing_gap`, which is several times slower on a
+    large PNG or TIFF (JPEGs were already reduced by `draft`).
     """
     width, height = image.size
     side = min(width, height)
@@ -160,6 +168,16 @@ def _centre_square(image: Image.Image, size: int) -> Image.Image:
     if side == size:
         return image.crop(box)
     return image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
+
+
+# --- Encoding pixels ---------------------------------------------------------------------
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    """An RGB uint8 array as a JPEG file's bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
 
 
 # --- Messages ----------------------------------------------------------------------------

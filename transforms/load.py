@@ -13,17 +13,15 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.catalog import ImageRecord
 from transforms.fetch import BackgroundFetcher, FetchPolicy
-from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from transforms.images import DECODE_THREADS, DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.model_handler import METRICS_NAMESPACE
 from transforms.progress import IMAGES_DONE
 
 ERRORS = "errors"
 
 # At least two batches of the pipeline's default size in flight: the one the model will
-# take next is decoded while it computes the current one. Two threads: decoding is a small
-# share of the work, and the model wants the cores.
+# take next is decoded while it computes the current one.
 DECODE_LOOKAHEAD = 64
-DECODE_THREADS = 2
 
 
 class LoadImageFn(beam.DoFn):

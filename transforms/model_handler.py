@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from models.fixed_batches import outputs_in_fixed_batches
+
 METRICS_NAMESPACE = "artstyle"
 
 
@@ -58,26 +60,3 @@ class FixedBatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
     def batch_elements_kwargs(self) -> dict[str, int]:
         return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
-
-
-def predict_in_fixed_batches(model: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """The output of a model of one output (the probabilities), as `outputs_in_fixed_batches`."""
-    (output,) = outputs_in_fixed_batches(model, inputs, batch_size)
-    return output
-
-
-def outputs_in_fixed_batches(
-    model: Any, inputs: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, ...]:
-    """`model.predict_on_batch` over slices of exactly `batch_size` rows (the last padded):
-    each of its outputs for all rows (one, or those of the list it gives)."""
-    chunks = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        padding = batch_size - len(chunk)
-        if padding:
-            chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
-        outputs = model.predict_on_batch(chunk)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        chunks.append([np.asarray(output)[: batch_size - padding] for output in outputs])
-    return tuple(np.concatenate(parts) for parts in zip(*chunks, strict=True))

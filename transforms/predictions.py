@@ -1,8 +1,9 @@
 """Prediction rows: one per catalog row, in one fixed Arrow schema, errors included.
 
 The tool's own columns (`TOOL_COLUMNS`: uri, label, style, confidence, top_k_styles,
-top_k_probs, model, error) always keep their names. A catalog column passed through under
-one of those names (an earlier run's predictions used as a catalog has most of them) is
+top_k_probabilities, model, error) always keep their names. A catalog column passed through
+under one of those names, or one that an earlier version gave its own column
+(`EARLIER_NAMES`: an earlier run's predictions used as a catalog have most of them), is
 renamed `catalog_<name>`, prefixed again until no other column has the name: `style`
 becomes `catalog_style`, or `catalog_catalog_style` if the catalog also has a
 `catalog_style`. The rename is the same whatever the flags, so a query written for one
@@ -20,16 +21,20 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import PredictionResult
 
 from transforms.catalog import Catalog, ImageRecord
+from transforms.top_k import top_k_fields
 
 STYLE_FIELDS = (
     pa.field("style", pa.string()),
     pa.field("confidence", pa.float32()),
     pa.field("top_k_styles", pa.list_(pa.string())),
-    pa.field("top_k_probs", pa.list_(pa.float32())),
+    pa.field("top_k_probabilities", pa.list_(pa.float32())),
     pa.field("model", pa.string()),
     pa.field("error", pa.string()),
 )
-TOOL_COLUMNS = frozenset({"uri", "label", *(field.name for field in STYLE_FIELDS)})
+# The names earlier versions gave the tool's columns: the readers of a run's files (the
+# report) take either.
+EARLIER_NAMES = {"top_k_probs": "top_k_probabilities"}
+TOOL_COLUMNS = frozenset({"uri", "label", *(field.name for field in STYLE_FIELDS), *EARLIER_NAMES})
 CLASH_PREFIX = "catalog_"
 
 
@@ -64,6 +69,11 @@ def _record_columns(record: ImageRecord, has_labels: bool) -> dict[str, Any]:
     return columns
 
 
+def with_current_names(row: dict[str, Any]) -> dict[str, Any]:
+    """A prediction row as read from a run's files, its columns under today's names."""
+    return {EARLIER_NAMES.get(name, name): value for name, value in row.items()}
+
+
 def prediction_row(
     inferred: tuple[ImageRecord, PredictionResult],
     *,
@@ -93,20 +103,6 @@ def prediction_and_embedding(
     return prediction_row((record, with_probabilities), **row_context), embedding
 
 
-def top_k_fields(
-    probabilities: np.ndarray, *, classes: Sequence[str], top_k: int
-) -> dict[str, Any]:
-    """style, confidence, top_k_styles and top_k_probs of one image's probabilities: the
-    pipeline's rows and the service's answers share them."""
-    ranked = np.argsort(-probabilities, kind="stable")[:top_k]
-    return {
-        "style": classes[ranked[0]],
-        "confidence": float(probabilities[ranked[0]]),
-        "top_k_styles": [classes[i] for i in ranked],
-        "top_k_probs": [float(probabilities[i]) for i in ranked],
-    }
-
-
 def error_row(
     failure: tuple[ImageRecord, str], *, model_id: str, has_labels: bool
 ) -> dict[str, Any]:
@@ -116,7 +112,7 @@ def error_row(
         "style": None,
         "confidence": None,
         "top_k_styles": None,
-        "top_k_probs": None,
+        "top_k_probabilities": None,
         "model": model_id,
         "error": error,
     }

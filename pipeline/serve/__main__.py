@@ -1,14 +1,26 @@
-"""`python -m pipeline.serve [--model BUNDLE] [--host 127.0.0.1] [--port 8000] ...`"""
+"""`python -m pipeline.serve [--model BUNDLE] [--host 127.0.0.1] [--port 8000] ...`
+
+Nothing here or in what it imports loads Beam, nor, on OpenVINO, TensorFlow: the service
+is ready seconds sooner (docs/service.md).
+"""
 
 import logging
 import socket
-import sys
 
 import uvicorn
 
-from models.bundle import ModelBundle
+from models.bundle import BundleError, ModelBundle
+from models.engine_choice import choose_engine
+from models.openvino_engine import converted_file
+from pipeline.exits import run_reporting
 from pipeline.flags import UsageError
 from pipeline.serve.config import ServeConfig, parse_config
+
+
+def main() -> None:
+    """A bad flag, an address in use or a bad bundle is one line and exit status 2; Ctrl-C
+    one line and 130."""
+    run_reporting(serve, lambda: (UsageError, BundleError))
 
 
 def serve() -> None:
@@ -17,8 +29,8 @@ def serve() -> None:
     config = parse_config()
     with bind(config) as address:
         bundle = ModelBundle.load(config.model)
-        bundle.check_head()  # a head Keras refuses is one line, not a service that never loads
-        from pipeline.serve.app import create_app  # FastAPI, and Keras for the model
+        check_head(bundle, config.engine)
+        from pipeline.serve.app import create_app  # FastAPI, and what runs the model
 
         logging.getLogger("artstyle.serve").setLevel(logging.INFO)
         app = create_app(config, bundle)
@@ -26,6 +38,14 @@ def serve() -> None:
         # uvicorn says where it listens only when it binds the socket itself.
         logging.getLogger("uvicorn.error").info("Uvicorn running on %s", url_of(address))
         server.run(sockets=[address])
+
+
+def check_head(bundle: ModelBundle, engine: str) -> None:
+    """A head Keras refuses is one line, not a service that never loads. (OpenVINO, running
+    files it converted before, needs no check: Keras read the head then.)"""
+    on_keras = choose_engine(engine, on_this_machine=True).engine == "keras"
+    if on_keras or not converted_file(bundle, None).is_file():
+        bundle.check_head()
 
 
 def bind(config: ServeConfig) -> socket.socket:
@@ -49,7 +69,4 @@ def url_of(address: socket.socket) -> str:
 
 
 if __name__ == "__main__":
-    parse_config(sys.argv[1:])  # --help and a bad flag answer before Beam and TensorFlow load
-    from pipeline.options import run_command
-
-    run_command(serve)
+    main()

@@ -17,9 +17,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -29,13 +28,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from models.bundle import ModelBundle
-from models.gradcam import GradCam
 from pipeline.serve.bodies import UPLOAD_FIELD, RequestBodies, UrlRequest, read_image_source
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ErrorBody, ServiceError, install_error_handlers, internal_error
 from pipeline.serve.metrics import RequestMetrics
-from pipeline.serve.service import ModelState, StyleService
+from pipeline.serve.service import Classifier, ModelState, StyleService
 from transforms.images import ACCEPTED_FORMATS
+
+if TYPE_CHECKING:
+    from models.gradcam import GradCam
 
 logger = logging.getLogger("artstyle.serve")
 
@@ -49,7 +50,7 @@ class Prediction(BaseModel):
     style: str = Field(description="The most likely style.")
     confidence: float = Field(description="Its probability.")
     top_k_styles: list[str]
-    top_k_probs: list[float]
+    top_k_probabilities: list[float]
     model: str = Field(description="The model bundle's id.")
     predict: str = Field(description="The top style again, as the original demo answered.")
     url: str | None = Field(None, description="The URL asked about, when one was.")
@@ -112,12 +113,12 @@ PREDICT_ERRORS = _errors(400, 403, 408, 413, 415, 422, 502, 503, 504)
 def create_app(
     config: ServeConfig,
     bundle: ModelBundle | None = None,
-    load_model: Callable[[], keras.Model] | None = None,
+    load_model: Callable[[], Classifier] | None = None,
     load_grad_cam: Callable[[], GradCam] | None = None,
 ) -> FastAPI:
-    """The service for `config`; `load_model` and `load_grad_cam` replace the bundle's
-    loaders (tests share one model among several apps). The model loads when the app
-    starts (its lifespan)."""
+    """The service for `config`; `load_model` (one model for every batch shape) and
+    `load_grad_cam` replace the bundle's loaders (tests share one model among several
+    apps). The model loads when the app starts (its lifespan)."""
     bundle = bundle or ModelBundle.load(config.model)
     service = StyleService(config, bundle, load_model, load_grad_cam)
 

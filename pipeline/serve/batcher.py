@@ -125,7 +125,8 @@ class MicroBatcher:
         return batch
 
     async def _compute(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
-        """Runs the model on the batch's images; every request gets its row, or the error."""
+        """Runs the model on the batch's images; every request gets its row, or the error
+        (cancelled, if the batcher is closed meanwhile)."""
         batch = [(image, future) for image, future in batch if not future.done()]  # gone
         if not batch:
             return
@@ -134,6 +135,10 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             outputs = await loop.run_in_executor(self._model_thread, self._predict_batch, images)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as error:
             for _, future in batch:
                 if not future.done():
@@ -143,3 +148,6 @@ class MicroBatcher:
         for (_, future), output in zip(batch, outputs, strict=True):
             if not future.done():
                 future.set_result(output)
+        # The answered requests take their next step (and give back their places) before
+        # the next batch is gathered, which would otherwise wait for them to join it.
+        await asyncio.sleep(0)

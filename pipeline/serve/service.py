@@ -3,14 +3,22 @@ fetcher behind the guard; decoding off the event loop; the micro-batcher; and th
 for one image, with the fields of the batch pipeline's rows.
 
 The same image gets the same probabilities as in the pipeline: the same decoding
-(transforms/images.py), the same model (models/bundle.py) and the same way to run it
-(`predict_in_fixed_batches`). A batch is padded to one of a few fixed shapes (1, 2, 4, ...
-up to --max_batch), each traced during the warm-up, so that a lone request does not pay
-for a batch of 32 and no request pays for a trace.
+(transforms/images.py), the same model on the same engine, chosen and loaded by the same
+code (models/engine_choice.py, models/openvino_engine.py, models/bundle.py), in the same
+arithmetic, and the same way to run it (`predict_in_fixed_batches`). A batch is padded to
+one of a few fixed shapes, each run once during the warm-up, so that a lone request does
+not pay for a batch of 32 and no request pays for a trace: on Keras 1, 2, 4, ... up to
+--max_batch (a graph traced per shape, over one copy of the weights); on OpenVINO 1 and
+OPENVINO_CALL, a larger batch in several calls (a model compiled per shape holds a copy of
+the weights of its own). OPENVINO_CALL is the fewest images that OpenVINO's CPU plugin
+spreads over two cores: it runs smaller batches on one.
 
 A heatmap, where asked for, is the explanations' Grad-CAM (models/gradcam.py) for the top
 style, over the model-sized square the model saw, on a thread of its own: it is one
-image's gradient, not batched.
+image's gradient, not batched. Gradients need Keras: on the Keras engine Grad-CAM loads
+with the model, before the service is ready; on OpenVINO, whose process otherwise never
+imports TensorFlow, at the first heatmap asked for, which waits for it (and so does any
+other asked for meanwhile).
 """
 
 from __future__ import annotations
@@ -23,25 +31,27 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, contextmanager
 from enum import Enum
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
 from models.bundle import ModelBundle, load_classifier
-from models.gradcam import GradCam, bundle_grad_cam, overlay
+from models.engine_choice import EngineChoice, choose_engine
+from models.fixed_batches import Classifier, predict_in_fixed_batches
+from models.openvino_engine import load_openvino_classifier, openvino_precision_of
+from models.precision import PrecisionChoice, choose_precision
 from pipeline.serve.batcher import MicroBatcher, Places, QueueFull
 from pipeline.serve.bodies import BodyBudget
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.errors import ServiceError, overloaded
 from pipeline.serve.guard import check_url, guarded_socket
 from pipeline.serve.metrics import ServiceMetrics
-from transforms.explanations import jpeg
 from transforms.fetch import Fetcher, FetchPolicy, default_user_agent
-from transforms.images import ImageError, brief, decode_image
-from transforms.load import DECODE_THREADS
-from transforms.model_handler import predict_in_fixed_batches
-from transforms.predictions import top_k_fields
+from transforms.images import DECODE_THREADS, ImageError, brief, decode_image, jpeg
+from transforms.top_k import top_k_fields
+
+if TYPE_CHECKING:
+    from models.gradcam import GradCam
 
 logger = logging.getLogger("artstyle.serve")
 
@@ -52,6 +62,8 @@ FETCHER_DEADLINE_GRACE_S = 1.0
 FETCH_RETRIES = 1
 # What a client is told to wait before trying again while the model is loading.
 LOADING_RETRY_AFTER_S = 5
+# The images of an OpenVINO call, beside single images: see the module's docstring.
+OPENVINO_CALL = 8
 
 
 class ModelState(Enum):
@@ -60,41 +72,77 @@ class ModelState(Enum):
     FAILED = "failed"
 
 
-def batch_shapes(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, ... below `max_batch`, and `max_batch`."""
+def batch_shapes(max_batch: int, engine: str) -> tuple[int, ...]:
+    """The sizes of the model's calls. Keras: 1, 2, 4, ... below `max_batch`, and
+    `max_batch`. OpenVINO: 1 and OPENVINO_CALL (at most `max_batch`)."""
+    if engine == "openvino":
+        return tuple(sorted({1, min(OPENVINO_CALL, max_batch)}))
     shapes = [1]
     while shapes[-1] * 2 < max_batch:
         shapes.append(shapes[-1] * 2)
     return (*shapes, max_batch) if max_batch > 1 else (1,)
 
 
-def batch_shape(n: int, shapes: tuple[int, ...]) -> int:
-    """The smallest of `shapes` that holds `n` images."""
-    return next(shape for shape in shapes if shape >= n)
+def call_sizes(n: int, shapes: tuple[int, ...]) -> list[int]:
+    """The shapes that a batch of `n` images runs as: the largest while more images than it
+    remain, then the smallest that holds the rest (padded to it)."""
+    sizes = []
+    while n > shapes[-1]:
+        sizes.append(shapes[-1])
+        n -= shapes[-1]
+    return [*sizes, next(shape for shape in shapes if shape >= n)]
+
+
+def service_precision(bundle: ModelBundle, engine: str, asked: str, shapes: tuple[int, ...]):
+    """--precision on `engine`, with 'auto' resolved as the pipeline resolves it for workers
+    on its own machine (the same rule, and the same measurement, cached per machine)."""
+    if engine == "openvino":
+        return openvino_precision_of(bundle.path, None, asked, max(shapes))
+    return choose_precision(asked, partial(bundle.classifier, None), bundle.id)
+
+
+def load_classifiers(
+    bundle: ModelBundle, engine: str, precision: str, shapes: tuple[int, ...]
+) -> dict[int, Classifier]:
+    """What runs each of the batch shapes, in `precision` ('float32' or 'bfloat16'): one
+    Keras model for all of them, or an OpenVINO model compiled for each."""
+    if engine == "openvino":
+        return {shape: load_openvino_classifier(bundle.path, None, precision, shape)
+                for shape in shapes}  # fmt: skip
+    return dict.fromkeys(shapes, load_classifier(bundle.path, None, precision))
+
+
+def bundle_grad_cam(bundle: ModelBundle) -> GradCam:
+    """The explanations' Grad-CAM for the bundle (TensorFlow loads with it)."""
+    from models.gradcam import bundle_grad_cam
+
+    return bundle_grad_cam(bundle)
 
 
 class StyleService:
     """`await start()` returns at once; the model loads in the background, and `state` says
-    when it is READY (loaded, and every batch shape run once; Grad-CAM too, unless
-    --no_heatmaps). `load_model` and `load_grad_cam` replace the bundle's loaders."""
+    when it is READY (loaded, and every batch shape run once; on Keras, Grad-CAM too,
+    unless --no_heatmaps). `load_model` (one model for every batch shape) and
+    `load_grad_cam` replace the bundle's loaders."""
 
     def __init__(
         self,
         config: ServeConfig,
         bundle: ModelBundle,
-        load_model: Callable[[], keras.Model] | None = None,
+        load_model: Callable[[], Classifier] | None = None,
         load_grad_cam: Callable[[], GradCam] | None = None,
     ):
         self.config = config
         self.bundle = bundle
         self.state = ModelState.LOADING
-        self._load_model = load_model or partial(
-            load_classifier, bundle.path, None, config.precision
-        )
+        self.engine: EngineChoice = choose_engine(config.engine, on_this_machine=True)
+        self.precision: PrecisionChoice | None = None  # resolved as the model loads
+        self._shapes = batch_shapes(config.max_batch, self.engine.engine)
+        self._load_model = load_model
         self._load_grad_cam = load_grad_cam or partial(bundle_grad_cam, bundle)
-        self._model: keras.Model | None = None
-        self._grad_cam: GradCam | None = None
-        self._shapes = batch_shapes(config.max_batch)
+        self._models: dict[int, Classifier] = {}
+        self._grad_cam: asyncio.Task[GradCam] | None = None  # once its loading has begun
+        self._told_grad_cam_failed = False
         self.batcher = MicroBatcher(
             self._predict_batch,
             max_batch=config.max_batch,
@@ -133,31 +181,41 @@ class StyleService:
         self._loading = asyncio.create_task(self._load(), name="load-model")
 
     async def stop(self) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
+        for task in (self._loading, self._grad_cam):
+            if task is not None:
+                task.cancel()
         await self._resources.aclose()
         self._decoders.shutdown(wait=False, cancel_futures=True)
         self._explainer.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self) -> None:
+        logger.info("artstyle: %s", self.engine)
         try:
-            model = await asyncio.to_thread(self._load_model)
-            await asyncio.to_thread(self._warm_up, model)
-            if self.config.heatmaps:
-                grad_cam = await asyncio.to_thread(self._load_grad_cam)
-                await asyncio.to_thread(self._explain, grad_cam, self._blank(1)[0], 0)
-                self._grad_cam = grad_cam
+            models = await asyncio.to_thread(self._loaded_models)
+            await asyncio.to_thread(self._warm_up, models)
+            if self.config.heatmaps and self.engine.engine == "keras":
+                await self._grad_cam_loading()
         except Exception:
             logger.exception("artstyle: the model %s could not be loaded", self.bundle.path)
             self.state = ModelState.FAILED
             return
-        self._model = model
+        self._models = models
         self.state = ModelState.READY
         logger.info("artstyle: %s is ready (batch shapes %s)", self.bundle.id, self._shapes)
 
-    def _warm_up(self, model: keras.Model) -> None:
-        """Every batch shape once, so that no request waits for TensorFlow to trace one."""
-        for shape in self._shapes:
+    def _loaded_models(self) -> dict[int, Classifier]:
+        if self._load_model is not None:
+            return dict.fromkeys(self._shapes, self._load_model())
+        choice = service_precision(self.bundle, self.engine.engine, self.config.precision,
+                                   self._shapes)  # fmt: skip
+        logger.info("artstyle: %s (--precision=%s)", choice, self.config.precision)
+        self.precision = choice
+        return load_classifiers(self.bundle, self.engine.engine, choice.precision, self._shapes)
+
+    def _warm_up(self, models: dict[int, Classifier]) -> None:
+        """Every batch shape once, so that no request waits for TensorFlow to trace one (or
+        for OpenVINO's first run of a shape)."""
+        for shape, model in models.items():
             predict_in_fixed_batches(model, self._blank(shape), shape)
 
     def _blank(self, n: int) -> np.ndarray:
@@ -166,7 +224,26 @@ class StyleService:
 
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:
         """On the batcher's model thread."""
-        return predict_in_fixed_batches(self._model, images, batch_shape(len(images), self._shapes))
+        outputs, start = [], 0
+        for size in call_sizes(len(images), self._shapes):
+            chunk = images[start : start + size]
+            outputs.append(predict_in_fixed_batches(self._models[size], chunk, size))
+            start += size
+        return np.concatenate(outputs)
+
+    def _grad_cam_loading(self) -> asyncio.Task[GradCam]:
+        """Grad-CAM, loaded and run once on the explainer's thread: begun by the first
+        caller, and the same task for every caller after it."""
+        if self._grad_cam is None:
+            self._grad_cam = asyncio.create_task(self._load_grad_cam_now(), name="load-grad-cam")
+        return self._grad_cam
+
+    async def _load_grad_cam_now(self) -> GradCam:
+        loop = asyncio.get_running_loop()
+        grad_cam = await loop.run_in_executor(self._explainer, self._load_grad_cam)
+        await loop.run_in_executor(self._explainer, self._explain, grad_cam, self._blank(1)[0], 0)
+        logger.info("artstyle: Grad-CAM is loaded, for heatmaps")
+        return grad_cam
 
     # --- Answers ---------------------------------------------------------------------------
 
@@ -208,8 +285,9 @@ class StyleService:
             image = await self._decode(data)
             probabilities = await self.batcher.predict(image)
             answer = self.answer(probabilities, url)
-            if heatmap and self._grad_cam is not None:
-                answer["heatmap"] = await self.heatmap(image, int(np.argmax(probabilities)))
+            if heatmap and self.config.heatmaps:
+                shown = await self.heatmap(image, int(np.argmax(probabilities)))
+                answer |= {"heatmap": shown} if shown is not None else {}
         return answer
 
     async def _decode(self, data: bytes) -> np.ndarray:
@@ -229,17 +307,26 @@ class StyleService:
         """The answer for the image at `url`; the caller holds its place (`fetching`)."""
         return await self.predict_image(await self.fetch(url), url, heatmap)
 
-    async def heatmap(self, image: np.ndarray, style: int) -> str:
-        """Grad-CAM for `style` over the image, as a JPEG data URL the page can show as is."""
-        assert self._grad_cam is not None, "heatmaps are off, or their model is not loaded yet"
+    async def heatmap(self, image: np.ndarray, style: int) -> str | None:
+        """Grad-CAM for `style` over the image, as a JPEG data URL the page can show as is;
+        None where Grad-CAM could not be loaded (the log says why, once)."""
+        loading = self._grad_cam_loading()
+        try:
+            grad_cam = await asyncio.shield(loading)  # a client that hangs up stops no load
+        except Exception:
+            if not self._told_grad_cam_failed:
+                self._told_grad_cam_failed = True
+                logger.error("artstyle: Grad-CAM could not be loaded: answers go without "
+                             "heatmaps", exc_info=loading.exception())  # fmt: skip
+            return None
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(
-            self._explainer, self._explain, self._grad_cam, image, style
-        )
+        pixels = await loop.run_in_executor(self._explainer, self._explain, grad_cam, image, style)
         return "data:image/jpeg;base64," + base64.b64encode(jpeg(pixels)).decode("ascii")
 
     @staticmethod
     def _explain(grad_cam: GradCam, image: np.ndarray, style: int) -> np.ndarray:
+        from models.gradcam import overlay  # loaded with Grad-CAM
+
         explanation = grad_cam(image[np.newaxis], np.array([style]))
         return overlay(image, explanation.heatmaps[0])
 

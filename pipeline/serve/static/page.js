@@ -26,7 +26,7 @@ function showPrediction(answer) {
   document.getElementById("top-style").textContent = styleName(answer.style);
   const bars = document.getElementById("bars");
   bars.replaceChildren(
-    ...answer.top_k_styles.map((style, i) => bar(style, answer.top_k_probs[i])),
+    ...answer.top_k_styles.map((style, i) => bar(style, answer.top_k_probabilities[i])),
   );
   document.getElementById("model-id").textContent = `model ${answer.model}`;
   heatmapFigure.hidden = !answer.heatmap;
