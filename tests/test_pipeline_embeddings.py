@@ -65,7 +65,8 @@ def test_a_run_writes_one_embedding_per_predicted_row_beside_the_predictions(
     output = tmp_path / "out"
     exact = "--precision=float32"  # to compare with Keras's float32 below
     summary = run(argv_for(catalog, output, projection_bundle, exact, "--embeddings"))
-    assert summary["engine"]["engine"] == "openvino"  # the default engine on a CPU
+    assert summary.engine is not None
+    assert summary.engine.engine == "openvino"  # the default engine on a CPU
 
     bundle = ModelBundle.load(projection_bundle)
     table = pq.read_table([str(p) for p in output.glob("embeddings-*.parquet")])
@@ -93,7 +94,7 @@ def test_a_run_writes_one_embedding_per_predicted_row_beside_the_predictions(
         np.stack(predictions["top_k_probabilities"].dropna().to_numpy()),
         atol=1e-6,
     )
-    assert plain["n_images"] == summary["n_images"] == len(GOOD) + len(BAD)
+    assert plain.n_images == summary.n_images == len(GOOD) + len(BAD)
 
 
 def test_keras_writes_the_embeddings_openvino_does_and_an_index_takes_them(
