@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # loaded once the flags are read: --help answers at once
 
 def run(argv: list[str] | None = None) -> VectorIndex:
     args = INDEX_COMMAND.parse(sys.argv[1:] if argv is None else argv)
-    from models.vector_index import VectorIndex, chosen_parameters, writing
+    from models.vector_index import VectorIndex, writing
     from transforms.embeddings import EmbeddingsOrigin, open_run_embeddings
 
     _check_output(args)
@@ -47,9 +47,7 @@ def run(argv: list[str] | None = None) -> VectorIndex:
         known_uris = set(index.items.column("uri").to_pylist()) if index is not None else set()
         vectors, items, records = new_paintings(runs, known_uris)
         if index is None:
-            origin = runs[0].origin
-            search = chosen_parameters(args.search or "auto", len(vectors))
-            index = VectorIndex.new(origin.model_id, origin.embedding, search)
+            index = new_index(runs[0].origin, args.search or "auto", len(vectors))
         index.add(vectors, items)
         for record in records:
             index.record_run(record)
@@ -90,6 +88,14 @@ def new_paintings(
         records.append(RunRecord(one.folder, added, one.n_rows - added))
     items = pa.concat_tables(tables, promote_options="permissive")
     return vectors[:count], items, records
+
+
+def new_index(origin: EmbeddingsOrigin, search: str, n_items: int) -> VectorIndex:
+    """An empty index for `origin`'s vectors, exact or approximate as `search` (a value of
+    --search) chooses for `n_items` paintings."""
+    from models.vector_index import VectorIndex, chosen_parameters
+
+    return VectorIndex.new(origin.model_id, origin.embedding, chosen_parameters(search, n_items))
 
 
 def _check_output(args: argparse.Namespace) -> None:

@@ -131,7 +131,15 @@ class RunEmbeddings:
 def open_run_embeddings(folder: str) -> RunEmbeddings:
     """The embeddings of the run whose --output was `folder`; EmbeddingsError when it has
     none, or a file is not an embeddings file, or two files disagree on their origin."""
-    files = _embedding_files(folder)
+    return run_embeddings(folder, _embedding_files(folder))
+
+
+def run_embeddings(folder: str, files: Sequence[str]) -> RunEmbeddings:
+    """The embeddings in `files`, the embeddings files of the run whose --output was
+    `folder` (for a reader that has listed them itself), checked as `open_run_embeddings`
+    checks them."""
+    if not files:
+        raise EmbeddingsError(f"{folder} has no {EMBEDDING_FILES}")
     origin: EmbeddingsOrigin | None = None
     n_rows = 0
     for file in files:
@@ -144,10 +152,10 @@ def open_run_embeddings(folder: str) -> RunEmbeddings:
                 f"{origin.describe()}: a run's files are of one model"
             )
         origin, n_rows = file_origin, n_rows + rows
-    assert origin is not None  # _embedding_files found at least one file
+    assert origin is not None  # there is at least one file
     if not n_rows:
         raise EmbeddingsError(f"{folder}'s embeddings hold no rows: none of its rows was predicted")
-    return RunEmbeddings(folder, origin, files, n_rows)
+    return RunEmbeddings(folder, origin, tuple(files), n_rows)
 
 
 def _embedding_files(folder: str) -> tuple[str, ...]:
