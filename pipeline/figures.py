@@ -16,6 +16,7 @@ from typing import ParamSpec, TypeVar
 
 import matplotlib
 import numpy as np
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from models.feature_maps import LayerPictures
@@ -44,6 +45,17 @@ def literal_text(draw: Callable[Arguments, Picture]) -> Callable[Arguments, Pict
 def display_name(style: str) -> str:
     """'Naive_Art_Primitivism' -> 'Naive Art Primitivism'."""
     return style.replace("_", " ")
+
+
+def style_colours(styles: Sequence[str]) -> dict[str, str]:
+    """A colour (#rrggbb) for each style, told apart by hue first: tab20's ten strong
+    colours, then its ten light ones; past twenty, hues spread evenly over turbo's."""
+    if len(styles) <= 20:
+        strong_first = [*range(0, 20, 2), *range(1, 20, 2)]
+        palette = matplotlib.colormaps["tab20"](np.array(strong_first))
+    else:
+        palette = matplotlib.colormaps["turbo"](np.linspace(0.05, 0.95, len(styles)))
+    return {style: to_hex(colour) for style, colour in zip(styles, palette, strict=False)}
 
 
 def png(figure: Figure) -> bytes:

@@ -4,6 +4,8 @@ The page opens from disk, offline: no script, no font or style from the network;
 pictures are PNG and JPEG files beside it. Its numbers are the run's own (summary.json,
 metrics-*.parquet), its charts are drawn from them, and its thumbnails are a few sampled
 rows explained with Grad-CAM in a small Beam pipeline over `DIR/predictions-*.parquet`.
+A run with embeddings (`embeddings-*.parquet`) also has a map of its paintings and its
+likely duplicates (pipeline/report_map.py), whose paintings the same pipeline pictures.
 `python -m pipeline.report DIR` writes it for a finished run, `python -m pipeline ...
 --report` after its own.
 
@@ -47,10 +49,13 @@ from pipeline.outputs import (
     OutputFolder,
     RunFiles,
 )
+from pipeline.report_map import EmbeddingSections, LikelyDuplicates, embedding_sections
 from transforms.catalog import Catalog
+from transforms.embeddings import EMBEDDING_FILES, EmbeddingsError, run_embeddings
 from transforms.evaluation import RunSummary
 from transforms.explanations import (
     CONFIDENT_MISTAKES,
+    DUPLICATES,
     GALLERY,
     LEAST_CONFIDENT,
     ExplainSamples,
@@ -120,6 +125,7 @@ def write_report(
             f"{output.url}'s predictions are by model {summary.model_id!r}, not by "
             f"{bundle.id!r}: name its bundle with --model"
         )
+    embedded = _embedding_sections(results, summary, bundle)
     files_dir = f"{output.staging}/{REPORT_FILES}"
     fsspec.core.url_to_fs(files_dir)[0].makedirs(files_dir, exist_ok=True)
     labelled = summary.n_labelled > 0
@@ -133,9 +139,10 @@ def write_report(
         max_pixels=max_pixels,
         count=samples,
         per_style=per_style,
+        duplicates=embedded.duplicates.paintings() if embedded else (),
     )
     explained = _explain_samples(results, explain, files_dir, beam_options)
-    html = _page(output.url, results, summary, bundle.classes, labelled, explained, files_dir)
+    html = _page(output.url, results, summary, bundle, labelled, explained, files_dir, embedded)
     with fsspec.open(f"{output.staging}/{REPORT_PAGE}", "w", encoding="utf-8") as file:
         file.write(html)
     return f"{output.url}/{REPORT_PAGE}"
@@ -162,6 +169,45 @@ def _read_summary(results: RunFiles) -> RunSummary:
 def _not_a_run(folder: str) -> ReportError:
     return ReportError(
         f"{folder!r} has no {SUMMARY_FILE}: not the output of a finished run of python -m pipeline"
+    )
+
+
+def _embedding_sections(
+    results: RunFiles, summary: RunSummary, bundle: ModelBundle
+) -> EmbeddingSections | None:
+    """The map and the likely duplicates of a run with embeddings of at least one painting
+    (None for another). Its embeddings must be its model's, one per predicted row:
+    ReportError where they are not (files of another run, or not embeddings files)."""
+    names = results.named(EMBEDDING_FILES)
+    n_predicted = summary.n_images - summary.n_errors
+    if not names or not n_predicted:
+        return None
+    try:
+        embeddings = run_embeddings(results.folder, [results.url(name) for name in names])
+    except EmbeddingsError as error:
+        raise ReportError(str(error)) from None
+    if embeddings.origin.model_id != bundle.id or embeddings.n_rows != n_predicted:
+        raise ReportError(
+            f"{results.folder}'s embeddings do not match its predictions: {embeddings.n_rows:,} "
+            f"rows of model {embeddings.origin.model_id!r}, for {n_predicted:,} predicted rows "
+            f"of model {bundle.id!r} (move {EMBEDDING_FILES} away to report without them)"
+        )
+    return embedding_sections(embeddings, bundle.classes)
+
+
+def _no_map_note(bundle: ModelBundle, summary: RunSummary) -> str:
+    """Why a page has no map, and how to have one."""
+    if summary.n_images == summary.n_errors:
+        return "No map of the run: none of its paintings was predicted."
+    if bundle.manifest.embedding is None:
+        return (
+            f"No map of the run: model {bundle.id} gives no embeddings (a bundle trained with "
+            "--projection does; python -m pipeline --embeddings then writes them, and its "
+            "report maps the paintings and lists their likely duplicates)."
+        )
+    return (
+        "No map of the run: it has no embeddings. Run python -m pipeline with --embeddings "
+        "to write them, and the report maps the paintings and lists their likely duplicates."
     )
 
 
@@ -205,13 +251,15 @@ def _page(
     output: str,
     results: RunFiles,
     summary: RunSummary,
-    classes: Sequence[str],
+    bundle: ModelBundle,
     labelled: bool,
     explained: list[dict],
     files_dir: str,
+    embedded: EmbeddingSections | None,
 ) -> str:
     """The page's HTML, which names `output`, the folder its run's results are published
     in; its figures are written to `files_dir` on the way."""
+    classes = bundle.classes
     metrics = _read_metrics(results)
     predictions = _read_predictions(results)
     per_class = _per_class(metrics)
@@ -248,6 +296,10 @@ def _page(
         files=REPORT_FILES,
         sections=_sections(explained, labelled),
         errors=predictions.errors,
+        run_map=embedded.run_map if embedded else None,
+        duplicates=embedded.duplicates if embedded else None,
+        duplicate_groups=_duplicate_groups(embedded.duplicates, explained) if embedded else [],
+        no_map=None if embedded else _no_map_note(bundle, summary),
     )
 
 
@@ -277,6 +329,21 @@ def _sections(explained: list[dict], labelled: bool) -> list[dict[str, Any]]:
             {"id": section.replace("_", "-"), "title": title, "note": note, "groups": groups}
         )
     return sections
+
+
+def _duplicate_groups(duplicates: LikelyDuplicates, explained: list[dict]) -> list[dict[str, Any]]:
+    """The groups shown, each painting with its picture's file, or why it has none (the
+    report's pipeline pictured every painting of them)."""
+    pictures = {(s["uri"], s["style"]): s for s in explained if s["section"] == DUPLICATES}
+
+    def pictured(painting: dict[str, Any]) -> dict[str, Any]:
+        sample = pictures[(painting["uri"], painting["style"])]
+        return painting | {"image": sample["image"], "error": sample["error"]}
+
+    return [
+        {"group": group, "paintings": [pictured(painting) for painting in group.paintings]}
+        for group in duplicates.groups
+    ]
 
 
 # --- The run's numbers -------------------------------------------------------------------

@@ -195,6 +195,15 @@ def test_without_labels_a_gallery_per_predicted_style(unlabelled_run):
     assert "not shown: not_found" in html
 
 
+def test_a_run_of_a_model_without_embeddings_has_no_map_and_says_why(labelled_run):
+    html, _ = page_of(labelled_run)
+    assert 'id="map"' not in html and 'id="duplicates"' not in html and "<svg" not in html
+    assert (
+        "No map of the run: model tiny-test-model gives no embeddings (a bundle trained with "
+        "--projection does" in " ".join(html.split())
+    )
+
+
 def test_a_report_replaces_the_earlier_page_and_files_and_records_them(unlabelled_run):
     assert not (unlabelled_run / REPORT_FILES / STALE).exists()
     _, facts = page_of(unlabelled_run)

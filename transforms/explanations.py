@@ -1,4 +1,5 @@
-"""The report's pictures: a few prediction rows, sampled, each shown with its Grad-CAM.
+"""The report's pictures: a few prediction rows, sampled, each shown with its Grad-CAM, and
+the paintings of the likely duplicates it lists, shown as they are.
 
 Only the sampled rows are explained (Grad-CAM costs a forward and a backward pass of the
 float32 model, several times a prediction), so the cost of a report does not grow with
@@ -26,6 +27,7 @@ from transforms.predictions import with_current_names
 CONFIDENT_MISTAKES = "confident_mistakes"  # labelled: wrong, most confident first
 LEAST_CONFIDENT = "least_confident"  # labelled: right or wrong, least confident first
 GALLERY = "gallery"  # unlabelled: each predicted style's most confident paintings
+DUPLICATES = "duplicates"  # the paintings of likely duplicates: pictured, not explained
 
 
 def by_confidence(row: dict[str, Any]) -> tuple[float, str]:
@@ -84,9 +86,9 @@ class ExplainRowsFn(beam.DoFn):
 
     Each sample has the row's uri, label, style, confidence and top styles, and `image` and
     `gradcam`: file names under `files_dir` of the painting as the model saw it and of its
-    Grad-CAM overlay for the predicted style; or `error` where the image cannot be read
-    again. File names are digests of model, URI and style: the same row, explained again,
-    writes the same file.
+    Grad-CAM overlay for the predicted style (none in the DUPLICATES section); or `error`
+    where the image cannot be read again. File names are digests of model, URI and style:
+    the same row, explained again, writes the same file.
     """
 
     def __init__(
@@ -133,27 +135,33 @@ class ExplainRowsFn(beam.DoFn):
         for index, (section, row) in enumerate(batch):
             sample = {"section": section, **_shown_columns(row), "image": None, "gradcam": None}
             if index in images:
-                sample |= self._write_pictures(row, images[index], heatmaps[index])
+                sample |= self._write_pictures(row, images[index], heatmaps.get(index))
             yield sample | {"error": failures.get(index)}
 
     def _heatmaps(
         self, images: dict[int, np.ndarray], batch: list[tuple[str, dict]]
     ) -> dict[int, np.ndarray]:
-        """Grad-CAM of the images read, for each row's predicted style, by batch index."""
-        if not images:
+        """Grad-CAM of the images read, for each row's predicted style, by batch index (of
+        the rows to explain: not those of DUPLICATES)."""
+        explained_rows = [i for i in images if batch[i][0] != DUPLICATES]
+        if not explained_rows:
             return {}
-        styles = np.array([self._classes.index(batch[i][1]["style"]) for i in images])
-        explained = self._grad_cam(np.stack(list(images.values())), styles)
-        return dict(zip(images, explained.heatmaps, strict=True))
+        styles = np.array([self._classes.index(batch[i][1]["style"]) for i in explained_rows])
+        explained = self._grad_cam(np.stack([images[i] for i in explained_rows]), styles)
+        return dict(zip(explained_rows, explained.heatmaps, strict=True))
 
-    def _write_pictures(self, row: dict, image: np.ndarray, heatmap: np.ndarray) -> dict[str, str]:
+    def _write_pictures(
+        self, row: dict, image: np.ndarray, heatmap: np.ndarray | None
+    ) -> dict[str, str]:
         key = f"{self._model_id}\n{row['uri']}\n{row['style']}".encode()
         name = hashlib.sha256(key).hexdigest()[:20]
-        names = {"image": f"{name}.jpg", "gradcam": f"{name}-gradcam.jpg"}
-        for kind, pixels in (("image", image), ("gradcam", overlay(image, heatmap))):
-            with fsspec.open(f"{self._files_dir}/{names[kind]}", "wb") as file:
+        pictures = {"image": (f"{name}.jpg", image)}
+        if heatmap is not None:
+            pictures["gradcam"] = (f"{name}-gradcam.jpg", overlay(image, heatmap))
+        for file_name, pixels in pictures.values():
+            with fsspec.open(f"{self._files_dir}/{file_name}", "wb") as file:
                 file.write(jpeg(pixels))
-        return names
+        return {kind: file_name for kind, (file_name, _) in pictures.items()}
 
 
 def _shown_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +173,8 @@ def _shown_columns(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class ExplainSamples(beam.PTransform):
-    """Prediction rows -> sample dicts (see ExplainRowsFn) of the rows SampleRows picks."""
+    """Prediction rows -> sample dicts (see ExplainRowsFn) of the rows SampleRows picks, and
+    of the `duplicates` rows (in the DUPLICATES section)."""
 
     def __init__(
         self,
@@ -179,12 +188,15 @@ class ExplainSamples(beam.PTransform):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         count: int,
         per_style: int,
+        duplicates: Sequence[dict[str, Any]] = (),
     ):
         """`catalog`: the run's, where the sampled rows' images are found (without it, URIs
         are read as they are); `fetch_policy` and `max_pixels`: the run's, so that the
-        images read again are read as they were."""
+        images read again are read as they were; `duplicates`: rows (`uri`, `style` and
+        what a sample shows of them) of the likely duplicates the report lists."""
         super().__init__()
         self._catalog = catalog
+        self._duplicates = [(DUPLICATES, dict(row)) for row in duplicates]
         self._sample = SampleRows(bundle.classes, labelled, count, per_style)
         self._explain = ExplainRowsFn(
             bundle.path,
@@ -195,7 +207,9 @@ class ExplainSamples(beam.PTransform):
         )
 
     def expand(self, rows: beam.PCollection[dict]) -> beam.PCollection[dict]:
-        sampled = rows | "Sample" >> self._sample
+        explained = rows | "Sample" >> self._sample
+        duplicates = rows.pipeline | "Duplicates" >> beam.Create(self._duplicates)
+        sampled = (explained, duplicates) | "Pictured" >> beam.Flatten()
         locations = beam.pvalue.AsDict(self._locations(rows.pipeline, sampled))
         return (
             sampled
