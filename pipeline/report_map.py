@@ -8,14 +8,15 @@ embeddings files and join nothing: a join with the predictions by URI would be w
 catalog may list one URI twice and both rows are the run's. Error rows have no embedding:
 they are absent from both, and the page says how many.
 
-The run's paintings become an index as `python -m pipeline.index` builds one (read as stored,
-in float16, then held once in FAISS as float32: the only full copy in float32, so a run of
-100,000 paintings takes a few hundred MB, not twice that). Its likely duplicates are the
-index's `near_pairs` at models.settings.DUPLICATE_MAX_DISTANCE, the pairs and groups that
-`python -m pipeline.duplicates` lists. The map is at most MAP_MAX_POINTS of the paintings,
-chosen by a digest of their URI (the same ones however the run's files are sharded), placed
-by the first two principal components of their vectors: a linear projection, so that near
-on the map is near in the embedding, computed by numpy on those paintings alone.
+The run's paintings become an index as `python -m pipeline.index` builds one: read as stored,
+in float16, then held once in FAISS as float32, the only copy of them all in float32 (the
+adds convert a chunk at a time). Its likely duplicates are the index's `near_pairs` at
+models.settings.DUPLICATE_MAX_DISTANCE: the pairs and groups that `python -m
+pipeline.duplicates` lists. The map is at most MAP_MAX_POINTS of the paintings, chosen by a
+digest of their URI (the same ones however the run's files are sharded), placed by the first
+two principal components of their vectors, computed by numpy on those paintings alone: a
+linear projection, so paintings near in the embedding are near on the map (not always the
+converse), and the same vectors always give the same map.
 """
 
 from __future__ import annotations
@@ -192,21 +193,23 @@ def _digest(uri: str | None) -> int:
 
 def principal_plane(vectors: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """Each vector's coordinates on the first two principal components of `vectors`, and
-    the share of their variance that each component holds. Each component's sign is set by
-    its largest loading, which it makes positive: the same vectors give the same map."""
+    the share of their variance that each component holds. The components are the
+    eigenvectors of the vectors' scatter matrix (dimension x dimension: cheaper than an SVD
+    of the vectors themselves); each one's sign is set by its largest loading, which it makes
+    positive, so that the same vectors give the same map."""
     vectors = np.asarray(vectors, dtype=np.float64)
-    centred = vectors - vectors.mean(axis=0) if len(vectors) else vectors
     coordinates = np.zeros((len(vectors), 2))
     if len(vectors) < 2:
         return coordinates, (0.0, 0.0)
-    _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    kept = components[:2]
+    centred = vectors - vectors.mean(axis=0)
+    variances, components = np.linalg.eigh(centred.T @ centred)  # ascending
+    variances = np.clip(variances[::-1][:2], 0.0, None)
+    kept = components[:, ::-1][:, :2].T
     signs = np.sign(kept[np.arange(len(kept)), np.abs(kept).argmax(axis=1)])
     kept = kept * np.where(signs == 0, 1.0, signs)[:, None]
     coordinates[:, : len(kept)] = centred @ kept.T
-    variance = singular**2
-    total = variance.sum()
-    shares = [float(v / total) if total > 0 else 0.0 for v in variance[:2]]
+    total = float(np.einsum("ij,ij->", centred, centred))
+    shares = [float(v / total) if total > 0 else 0.0 for v in variances]
     shares += [0.0] * (2 - len(shares))
     return coordinates, (shares[0], shares[1])
 

@@ -318,6 +318,12 @@ def test_the_principal_plane_of_no_painting_or_one(n):
     assert coordinates.shape == (n, 2) and not coordinates.any() and variance == (0.0, 0.0)
 
 
+def test_the_principal_plane_of_vectors_of_one_dimension_is_a_line():
+    coordinates, variance = principal_plane(np.arange(5.0)[:, None])
+    np.testing.assert_allclose(coordinates, [[-2, 0], [-1, 0], [0, 0], [1, 0], [2, 0]])
+    assert variance == (pytest.approx(1.0), 0.0)
+
+
 def test_the_paintings_drawn_are_the_same_whatever_the_order_of_the_rows(tmp_path):
     vectors = unit_rows(60)
     uris = [f"images/painting-{i:03d}.jpg" for i in range(60)]
