@@ -196,9 +196,9 @@ def test_a_measured_choice_returns_the_classifier_it_measured_not_a_third_build(
     built = []
     build = ModelBundle.classifier
 
-    def counting(self, backbone_weights=None, precision="float32"):
+    def counting(self, backbone_weights=None, precision="float32", embeddings=False):
         built.append(precision)
-        return build(self, backbone_weights, precision)
+        return build(self, backbone_weights, precision, embeddings)
 
     monkeypatch.setattr(ModelBundle, "classifier", counting)
     load_classifier(tiny_bundle, precision="auto")
