@@ -230,6 +230,13 @@ class IndexedPaintings:
     def image(self, i: int) -> bytes:
         return (self.folder / self.uri(i)).read_bytes()
 
+    def item(self, i: int) -> int:
+        """The index's id of painting i (the run wrote its rows in an order of its own)."""
+        from models.vector_index import VectorIndex
+
+        uris = VectorIndex.load(self.index).items.column("uri").to_pylist()
+        return uris.index(self.uri(i))
+
 
 _indexed: dict[str, IndexedPaintings] = {}
 

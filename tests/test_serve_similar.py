@@ -220,11 +220,12 @@ def test_without_an_index_the_similar_routes_say_so_in_json(tiny_bundle, indexed
     with ready_client(make_app(tiny_bundle, max_batch=1)) as client:
         for response in (
             post_image(client, indexed.image(0)),
-            client.get("/similar/index"),
             client.get("/similar/items/0/thumbnail"),
         ):
             said = assert_error(response, 404, "no_index")
             assert "started without --index" in said["message"]
+        described = client.get("/similar/index")
+        assert described.status_code == 200 and described.json() is None
         assert client.post("/predict", content=indexed.image(0),
                            headers={"Content-Type": "image/jpeg"}).status_code == 200  # fmt: skip
 
@@ -239,7 +240,7 @@ def decoded(data: bytes) -> np.ndarray:
 def test_a_thumbnail_is_the_indexed_images_square_as_a_small_jpeg(
     client, indexed, in_the_catalogs_folder
 ):
-    response = client.get("/similar/items/3/thumbnail")
+    response = client.get(f"/similar/items/{indexed.item(3)}/thumbnail")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/jpeg"
     shown = decoded(response.content)
@@ -254,25 +255,25 @@ def test_a_thumbnail_is_the_indexed_images_square_as_a_small_jpeg(
 def test_a_thumbnail_is_kept_and_a_browsers_copy_is_confirmed_without_a_read(
     projection_bundle, indexed, tmp_path, monkeypatch
 ):
-    monkeypatch.chdir(tmp_path)  # copies of the images, taken away once they are shown
+    monkeypatch.chdir(tmp_path)  # copies of two images, taken away once they are shown
     (tmp_path / "images").mkdir()
     for i in (5, 6):
         (tmp_path / indexed.uri(i)).write_bytes(indexed.image(i))
+    shown, other = (f"/similar/items/{indexed.item(i)}/thumbnail" for i in (5, 6))
     with ready_client(make_similar_app(projection_bundle, indexed.index, max_batch=1)) as client:
-        first = client.get("/similar/items/5/thumbnail")
+        first = client.get(shown)
+        assert first.status_code == 200, first.text
         (tmp_path / indexed.uri(5)).unlink()
-        assert client.get("/similar/items/5/thumbnail").content == first.content  # kept
-        other = client.get(
-            "/similar/items/6/thumbnail", headers={"If-None-Match": first.headers["etag"]}
-        )
-        assert other.status_code == 200 and other.headers["etag"] != first.headers["etag"]
+        assert client.get(shown).content == first.content  # kept: its file is gone
+        not_confirmed = client.get(other, headers={"If-None-Match": first.headers["etag"]})
+        assert not_confirmed.status_code == 200, not_confirmed.text  # another item's validator
+        assert not_confirmed.headers["etag"] != first.headers["etag"]
         assert len(client.app.state.service.similar.thumbnails) == 2
     with ready_client(make_similar_app(projection_bundle, indexed.index, max_batch=1)) as client:
-        confirmed = client.get("/similar/items/5/thumbnail",
-                               headers={"If-None-Match": first.headers["etag"]})  # fmt: skip
+        confirmed = client.get(shown, headers={"If-None-Match": first.headers["etag"]})
         assert confirmed.status_code == 304 and confirmed.content == b""
         assert confirmed.headers["etag"] == first.headers["etag"]
-        assert_error(client.get("/similar/items/5/thumbnail"), 502, "not_found")  # not read above
+        assert_error(client.get(shown), 502, "not_found")  # so the 304 read nothing
 
 
 def test_an_unknown_item_is_404_and_an_id_that_is_no_number_422(client):
@@ -286,11 +287,12 @@ def test_an_unknown_item_is_404_and_an_id_that_is_no_number_422(client):
 def test_a_relative_uri_is_read_from_the_folder_the_service_runs_in(
     client, indexed, tmp_path, monkeypatch
 ):
+    thumbnail = f"/similar/items/{indexed.item(0)}/thumbnail"
     monkeypatch.chdir(tmp_path)
-    said = assert_error(client.get("/similar/items/0/thumbnail"), 502, "not_found")
+    said = assert_error(client.get(thumbnail), 502, "not_found")
     assert indexed.uri(0) in said["message"]
     monkeypatch.chdir(indexed.folder)
-    assert client.get("/similar/items/0/thumbnail").status_code == 200
+    assert client.get(thumbnail).status_code == 200
 
 
 def test_the_thumbnail_cache_keeps_the_most_recently_used_within_its_bytes():

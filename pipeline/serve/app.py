@@ -4,7 +4,8 @@ POST /predict          one image: a JSON {"url": ...}, a multipart upload, or im
 POST /predict/batch    {"urls": [...]}: one result per URL, in order, errors in place
 POST /similar          one image, as /predict takes it: its answer and the index's nearest
                        paintings (with --index; 404 without)
-GET  /similar/index    what the index holds
+GET  /similar/index    what the index holds (null without one: the page asks, and shows
+                       similar paintings only where there are some)
 GET  /similar/items/{item_id}/thumbnail   a small JPEG of an item of the index
 GET  /health/live      the process answers
 GET  /health/ready     the model is loaded and warmed up (503 until then)
@@ -234,12 +235,11 @@ def _api_routes(service: StyleService) -> APIRouter:
 
     @router.get(
         "/similar/index",
-        response_model=IndexSummary,
-        responses=_errors(404),
-        summary="What the index of similar paintings holds",
+        response_model=IndexSummary | None,
+        summary="What the index of similar paintings holds (null: the service has none)",
     )
-    async def similar_index() -> dict[str, Any]:
-        return service.check_index().describe()
+    async def similar_index() -> dict[str, Any] | None:
+        return service.similar.describe() if service.similar is not None else None
 
     @router.get(
         THUMBNAIL_ROUTE,
