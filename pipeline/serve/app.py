@@ -254,7 +254,7 @@ def _api_routes(service: StyleService) -> APIRouter:
         similar.uri_of(item_id)  # 404 for an unknown id, even to a client with an ETag
         etag = similar.etag(item_id)
         headers = {"ETag": etag, "Cache-Control": "no-cache"}  # kept, and checked each time
-        if if_none_match == etag:
+        if if_none_match is not None and _names(if_none_match, etag):
             return Response(status_code=304, headers=headers)
         data = await service.thumbnail(item_id)
         return Response(data, media_type="image/jpeg", headers=headers)
@@ -295,6 +295,13 @@ def _api_routes(service: StyleService) -> APIRouter:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return router
+
+
+def _names(if_none_match: str, etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (weakly, as RFC 9110 compares there),
+    or any entity (*)."""
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
 
 
 async def _answer_image(
