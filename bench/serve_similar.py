@@ -33,7 +33,7 @@ import numpy as np
 
 from bench.cli import sample_catalog, table
 from bench.flags import DATA, JSON_OUTPUT
-from bench.measure import own_cache, run_pipeline, run_process
+from bench.measure import PipelineRun, own_cache, run_pipeline, run_process
 from bench.serve import LoadLog, Server, answers, measure_level, serving
 from models.bundle import ModelBundle
 from pipeline.cli import called_as
@@ -70,7 +70,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="artstyle-bench-serve-similar-") as name:
         folder = Path(name)
         os.environ.update(own_cache(folder))  # for the processes started here
-        index = build_index(args, indexed, folder, load)
+        index, run = build_index(args, indexed, folder, load)
+        results |= {"engine": run.engine, "precision": run.precision}  # the service's too
         flags = [f"--precision={args.precision}", f"--engine={args.engine}", "--no_heatmaps"]
         with (
             serving(args.model, [*flags, f"--index={index}"], folder / "serve.log") as similar,
@@ -84,7 +85,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return results | targets(results)
 
 
-def build_index(args: argparse.Namespace, indexed, folder: Path, load: LoadLog) -> Path:
+def build_index(
+    args: argparse.Namespace, indexed, folder: Path, load: LoadLog
+) -> tuple[Path, PipelineRun]:
     """The pipeline with --embeddings over the indexed paintings, then their index."""
     catalog = folder / "catalog.csv"
     indexed.to_csv(catalog, index=False)
@@ -96,7 +99,7 @@ def build_index(args: argparse.Namespace, indexed, folder: Path, load: LoadLog) 
     command = [sys.executable, "-m", "pipeline.index", str(folder / "run"), f"--output={index}"]
     with load.section("the index"):
         run_process(command, folder / "index.log")
-    return index
+    return index, run
 
 
 def measure_turns(
