@@ -25,6 +25,7 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "wikiart16"
 # The other benchmarks, each a command of its own: `python -m bench NAME` runs bench.NAME.
 OTHER_BENCHES = {
     "serve": "the service under load, against the batch pipeline",
+    "serve_similar": "POST /similar against POST /predict, on one service with --index",
     "large_catalog": "whether memory stays flat as a catalog grows tenfold",
     "similar": "the nearest-neighbour index: its build, memory, one query and recall",
 }

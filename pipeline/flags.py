@@ -364,6 +364,12 @@ SEARCH = flag(
     choices=INDEX_SEARCHES,
     default=None,
 )
+INDEX = flag(
+    "--index",
+    "An index (python -m pipeline.index) of the same model as --model.",
+    metavar="INDEX",
+    default=None,
+)
 MAX_DISTANCE = flag(
     "--max_distance",
     "The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
@@ -492,9 +498,7 @@ def add_similar_flags(parser: argparse.ArgumentParser) -> None:
         help="Images (a path, or any URI the pipeline reads: gs://, https://, zip://, ...), or "
         "catalogs (.csv, .parquet, as python -m pipeline reads them) whose every row is a query.",
     )
-    parser.add_argument(
-        "--index", required=True, help="An index (python -m pipeline.index) of the same model."
-    )
+    INDEX.but(required=True)(parser)
     parser.add_argument(
         "-k",
         type=whole_number(1),

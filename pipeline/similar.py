@@ -46,22 +46,17 @@ def run(argv: list[str] | None = None) -> pa.Table:
     SIMILAR_COMMAND.answer_help(argv)
     args = SIMILAR_COMMAND.parse(argv)
     from models.bundle import ModelBundle
-    from models.vector_index import VectorIndex, VectorIndexError
     from pipeline.plan import plan_run
     from pipeline.result_tables import check_table_output, neighbours_text, write_table
     from transforms.catalog import open_catalog, table_format_of
 
     if args.output:
         check_table_output(args.output)
-    index = VectorIndex.load(args.index)
-    if index.size == 0:
-        raise VectorIndexError(f"{args.index} holds no paintings: add runs to it first")
+    bundle = ModelBundle.load(args.model)
+    open_index(args.index, bundle)
     images = [query for query in args.queries if table_format_of(query) is None]
     catalogs = [open_catalog(query) for query in args.queries if table_format_of(query)]
     options = pipeline_options(args, images, catalogs)
-    bundle = ModelBundle.load(args.model)
-    bundle.check_embedding()
-    check_same_model(index, bundle, args)
     plan = plan_run(options, bundle)
     with tempfile.TemporaryDirectory(prefix="artstyle-similar-") as folder:
         prefix = str(Path(folder) / NEIGHBOUR_FILES)
@@ -94,7 +89,21 @@ def pipeline_options(
     return options
 
 
-def check_same_model(index: VectorIndex, bundle: ModelBundle, args: argparse.Namespace) -> None:
+def open_index(folder: str, bundle: ModelBundle) -> VectorIndex:
+    """The index at `folder`, to be queried with `bundle`'s embeddings (here, and by the
+    service's --index): a missing, corrupt or empty index, a bundle without a projection,
+    or an index of another model is one line (VectorIndexError, BundleError)."""
+    from models.vector_index import VectorIndex, VectorIndexError
+
+    index = VectorIndex.load(folder)
+    if index.size == 0:
+        raise VectorIndexError(f"{folder} holds no paintings: add runs to it first")
+    bundle.check_embedding()
+    check_same_model(index, bundle, folder)
+    return index
+
+
+def check_same_model(index: VectorIndex, bundle: ModelBundle, folder: str) -> None:
     """The index's vectors and the queries' must be of one model and one embedding."""
     from models.vector_index import VectorIndexError
     from transforms.embeddings import EmbeddingsOrigin
@@ -105,7 +114,7 @@ def check_same_model(index: VectorIndex, bundle: ModelBundle, args: argparse.Nam
     asked = EmbeddingsOrigin(bundle.id, bundle.manifest.embedding)
     if indexed != asked:
         raise VectorIndexError(
-            f"{args.index} is an index of {indexed.describe()}; --model {args.model} is "
+            f"{folder} is an index of {indexed.describe()}; --model {bundle.path} is "
             f"{asked.describe()}: vectors of different models do not compare (name the "
             "index's bundle with --model)"
         )

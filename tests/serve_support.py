@@ -1,5 +1,6 @@
 """What the service's tests share: a network that ends at loopback, apps on the tiny
-model, live servers on 127.0.0.1, and a host that redirects.
+model, live servers on 127.0.0.1, a host that redirects, and an index of paintings made by a
+real run for the service's similar paintings.
 
 No test of the service may send a packet past loopback, even when the guard under test is
 broken: `loopback_only` (autouse wherever it is imported) answers every name lookup from
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -34,7 +36,7 @@ from models.bundle import ModelBundle, load_classifier
 from models.gradcam import bundle_grad_cam
 from pipeline.serve.app import create_app
 from pipeline.serve.config import ServeConfig
-from tests.conftest import COLOURS, painting
+from tests.conftest import CLASSES, COLOURS, painting
 
 # example.com's old address: a public one, so the guard lets it through; the connect is
 # turned to 127.0.0.1 by `loopback_only`, so no packet is ever sent to it.
@@ -199,3 +201,81 @@ def image_host() -> Iterator[ImageHost]:
     with live_server(app) as url:
         host.url, host.port = url, int(url.rsplit(":", 1)[1])
         yield host
+
+
+# --- Similar paintings -----------------------------------------------------------------------
+
+# The similar paintings' run: three paintings a style, one of them titled in markup that a
+# page must show as text.
+SIMILAR_PAINTINGS = [f"{style}-{i}.jpg" for style in CLASSES for i in range(3)]
+MARKUP_TITLE = '<img src="/nowhere.png" onerror="document.title=\'run\'"> & <b>Co</b>'
+
+
+@dataclass(frozen=True)
+class IndexedPaintings:
+    """A folder with images/NAME for each of SIMILAR_PAINTINGS, catalog.csv (relative URIs,
+    titles), run/ (a run over it with --embeddings) and index/ (its index)."""
+
+    folder: Path
+    titles: tuple[str, ...]
+
+    @property
+    def index(self) -> str:
+        return str(self.folder / "index")
+
+    def uri(self, i: int) -> str:
+        """As the catalog wrote it, and so as the index holds it."""
+        return f"images/{SIMILAR_PAINTINGS[i]}"
+
+    def image(self, i: int) -> bytes:
+        return (self.folder / self.uri(i)).read_bytes()
+
+    def item(self, i: int) -> int:
+        """The index's id of painting i (the run wrote its rows in an order of its own)."""
+        from models.vector_index import VectorIndex
+
+        uris = VectorIndex.load(self.index).items.column("uri").to_pylist()
+        return uris.index(self.uri(i))
+
+
+_indexed: dict[str, IndexedPaintings] = {}
+
+
+def indexed_paintings(tmp_path_factory, bundle_path: str) -> IndexedPaintings:
+    """The paintings, run (in float32, as `tiny_model_with_embeddings`) and indexed once per
+    session and bundle: by python -m pipeline --embeddings and python -m pipeline.index."""
+    if bundle_path not in _indexed:
+        from pipeline.index import run as index
+        from pipeline.predict import run as predict
+
+        folder = tmp_path_factory.mktemp("indexed")
+        for i, name in enumerate(SIMILAR_PAINTINGS):
+            colour = COLOURS[name.split("-")[0]]
+            painting(folder / "images" / name, colour, seed=i, size=(120, 90))
+        titles = tuple(f"Painting {i}" if i != 4 else MARKUP_TITLE
+                       for i in range(len(SIMILAR_PAINTINGS)))  # fmt: skip
+        catalog = pd.DataFrame(
+            {"uri": [f"images/{name}" for name in SIMILAR_PAINTINGS], "title": titles}
+        )
+        catalog.to_csv(folder / "catalog.csv", index=False)
+        predict([f"--input={folder / 'catalog.csv'}", f"--output={folder / 'run'}",
+                 f"--model={bundle_path}", "--precision=float32", "--embeddings"])  # fmt: skip
+        index([str(folder / "run"), f"--output={folder / 'index'}"])
+        _indexed[bundle_path] = IndexedPaintings(folder, titles)
+    return _indexed[bundle_path]
+
+
+@cache
+def tiny_model_with_embeddings(bundle_path: str):
+    """The classifier that gives embeddings too, in the arithmetic the index was made in."""
+    return load_classifier(bundle_path, None, "float32", embeddings=True)
+
+
+def make_similar_app(bundle_path: str, index: str, **settings):
+    """An app with --index on the bundle's shared Keras model with embeddings."""
+    return make_app(
+        bundle_path,
+        load_model=lambda: tiny_model_with_embeddings(bundle_path),
+        index=index,
+        **settings,
+    )

@@ -1,13 +1,16 @@
-"""The service's benchmark: its arithmetic, and a short run of `python -m pipeline.serve` as
-its own process (the entry point, as the benchmark and production start it) under load."""
+"""The service's benchmarks: their arithmetic, a short run of `python -m pipeline.serve` as
+its own process (the entry point, as the benchmark and production start it) under load, and
+a short run of the similar paintings' benchmark (POST /similar against POST /predict)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pandas as pd
 import pytest
 
+from bench import serve_similar
 from bench.serve import (
     compare_with_pipeline,
     latency_percentiles,
@@ -15,6 +18,7 @@ from bench.serve import (
     serving,
     targets,
 )
+from tests.conftest import CLASSES, COLOURS, painting
 from tests.serve_support import painting_bytes
 
 
@@ -82,3 +86,40 @@ def test_the_service_runs_as_its_own_process_and_answers_under_load(tiny_bundle,
     assert server.process.returncode is not None  # stopped when the block ended
     assert level["clients"] == 2 and level["errors"] == 0
     assert level["images_per_s"] > 0 and 0 < level["p50_ms"] <= level["p99_ms"]
+
+
+def test_similar_is_set_beside_predict_on_the_same_service():
+    results = {"predict_p50_ms": 50.0, "similar_p50_ms": 55.0, "predict_without_index_p50_ms": 48.0}
+    assert serve_similar.targets(results) == {
+        "similar_p50_vs_predict_p50": pytest.approx(1.1),
+        "predict_p50_with_index_vs_without": pytest.approx(50 / 48),
+        "target_similar_vs_predict_met": True,
+    }
+    results["similar_p50_ms"] = 61.0
+    assert not serve_similar.targets(results)["target_similar_vs_predict_met"]
+    results["similar_p50_ms"] = None  # no answer in the time given
+    assert not serve_similar.targets(results)["target_similar_vs_predict_met"]
+
+
+@pytest.mark.slow  # a run of the pipeline, an index and two services of their own: a minute
+def test_the_similar_benchmark_runs_the_pipeline_the_index_and_the_service(
+    projection_bundle, tmp_path
+):
+    data = tmp_path / "data"
+    names = [f"{style}-{i}.png" for style in CLASSES for i in range(3)]
+    for i, name in enumerate(names):
+        painting(data / "images" / name, COLOURS[name.split("-")[0]], seed=i)
+    pd.DataFrame({"uri": [f"images/{name}" for name in names],
+                  "style": [name.split("-")[0] for name in names],
+                  "title": [f"Painting {i}" for i in range(len(names))]}).to_csv(
+        data / "catalog.csv", index=False
+    )  # fmt: skip
+    output = tmp_path / "results.json"
+    serve_similar.main([f"--model={projection_bundle}", f"--data={data}", "--images=6",
+                        "--queries=3", "-k", "3", "--seconds=1", "--rounds=1",
+                        "--precision=float32", f"--output={output}"])  # fmt: skip
+    results = json.loads(output.read_text())
+    assert results["indexed_paintings"] == 6 and results["self_found_first"] == 1.0
+    for route in ("predict", "similar", "predict_without_index"):
+        assert results[f"{route}_errors"] == 0 and results[f"{route}_p50_ms"] > 0
+    assert results["similar_p50_vs_predict_p50"] > 0 and results["thumbnails"] == 3

@@ -1,6 +1,7 @@
 """The page at / in a real headless browser (Debian's chromium, driven by selenium): an image
-chosen, dropped or named by URL comes back as bars, the expected top style first; nothing
-is loaded from anywhere but the service; no console errors; a screenshot that is not blank."""
+chosen, dropped or named by URL comes back as bars, the expected top style first, and, on a
+service with --index, the nearest paintings as thumbnails under them; nothing is loaded
+from anywhere but the service; no console errors; a screenshot that is not blank."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from PIL import Image
 
 from tests import serve_support
 from tests.browser import headless_chromium
-from tests.serve_support import live_server, make_app, painting_bytes, wait_ready
+from tests.serve_support import (
+    MARKUP_TITLE,
+    indexed_paintings,
+    live_server,
+    make_app,
+    make_similar_app,
+    painting_bytes,
+    wait_ready,
+)
 
 loopback_only = serve_support.loopback_only
 image_host = serve_support.image_host
@@ -124,6 +133,7 @@ def test_an_uploaded_image_shows_its_styles_as_bars(browser, service_url, tmp_pa
     assert_shows(browser, expected_answer(service_url, data))
     assert_no_broken_image(browser)
     assert_offline_and_quiet(browser, service_url)
+    assert not browser.find_element("id", "similar").is_displayed()  # no --index
 
     screenshot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"))
     assert screenshot.std() > 20  # not a blank page
@@ -219,3 +229,117 @@ def test_the_api_docs_render_from_the_service_alone(browser, service_url):
     )
     assert "/predict/batch" in browser.find_element("css selector", ".swagger-ui").text
     assert_offline_and_quiet(browser, service_url)
+
+
+# --- Similar paintings (--index) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, projection_bundle):
+    return indexed_paintings(tmp_path_factory, projection_bundle)
+
+
+@pytest.fixture(scope="module")
+def similar_url(projection_bundle, indexed):
+    with live_server(make_similar_app(projection_bundle, indexed.index, max_batch=4)) as url:
+        wait_ready(lambda path: httpx.get(url + path))
+        yield url
+
+
+def expected_similar(similar_url: str, data: bytes) -> dict:
+    response = httpx.post(
+        f"{similar_url}/similar", content=data, headers={"Content-Type": "image/jpeg"}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def shown_neighbours(browser) -> list[dict]:
+    """The similar paintings, once they are shown and each thumbnail has loaded or failed."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, WAIT_S).until(
+        lambda b: b.execute_script(
+            "const items = document.querySelectorAll('#neighbours .neighbour');"
+            "return !document.getElementById('similar').hidden && items.length > 0"
+            " && Array.from(items).every(item => item.querySelector('.missing')"
+            "   || !item.querySelector('img').hidden)"
+        )
+    )
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll('#neighbours .neighbour')).map(item => {"
+        " const img = item.querySelector('img');"
+        " return {id: Number(item.dataset.id),"
+        "  title: item.querySelector('.neighbour-title').textContent,"
+        "  style: item.querySelector('.neighbour-style').textContent,"
+        "  distance: item.querySelector('.neighbour-distance').textContent,"
+        "  width: img ? img.naturalWidth : 0, drawn: img ? img.getBoundingClientRect().width : 0,"
+        "  missing: item.querySelector('.missing') ? item.querySelector('.missing').textContent"
+        "   : null}})"
+    )
+
+
+def upload(browser, path: Path) -> None:
+    browser.find_element("id", "file-input").send_keys(str(path))
+
+
+def test_with_an_index_the_nearest_paintings_show_under_the_prediction(
+    browser, similar_url, indexed, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(indexed.folder)  # where the index's relative URIs are
+    path = tmp_path / "query.jpg"
+    path.write_bytes(indexed.image(4))
+    expected = expected_similar(similar_url, indexed.image(4))
+    open_page(browser, similar_url)
+    assert not browser.find_element("id", "similar").is_displayed()
+    assert shown_images(browser) == []  # nothing before an image is chosen
+    upload(browser, path)
+
+    bars = shown_bars(browser)
+    assert [bar["style"] for bar in bars] == expected["top_k_styles"]
+    neighbours = shown_neighbours(browser)
+    assert [n["id"] for n in neighbours] == [n["id"] for n in expected["neighbours"]]
+    assert [n["title"] for n in neighbours] == [n["title"] for n in expected["neighbours"]]
+    assert neighbours[0]["title"] == MARKUP_TITLE  # shown as the text it is, not run as HTML
+    assert browser.title == "artstyle: the style of a painting"
+    for shown, answer in zip(neighbours, expected["neighbours"], strict=True):
+        assert shown["style"].startswith(answer["style"].replace("_", " "))
+        assert shown["distance"] == f"distance {answer['distance']:.3f}"
+        assert shown["width"] == 160 and shown["drawn"] > 0 and shown["missing"] is None
+    about = browser.find_element("id", "similar-about").text
+    assert about.startswith("The nearest of the 9 paintings in the index")
+    section, result = (browser.find_element("id", name).rect for name in ("similar", "result"))
+    assert section["y"] >= result["y"] + result["height"]  # under the prediction
+    assert_no_broken_image(browser)
+    assert_offline_and_quiet(browser, similar_url)
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(entry => entry.name)"
+    )
+    assert not any("nowhere" in url for url in fetched)
+    assert sum("/similar?" in url for url in fetched) == 1
+    assert not any("/predict" in url for url in fetched)  # one request for the whole answer
+
+
+def test_a_thumbnail_the_service_cannot_make_is_a_box_that_says_so(
+    browser, projection_bundle, indexed, tmp_path, monkeypatch
+):
+    """A service of its own: its thumbnails' cache, and the browser's, hold none yet."""
+    monkeypatch.chdir(tmp_path)  # copies of the index's images, one of them gone
+    for i in range(9):
+        copy = tmp_path / indexed.uri(i)
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(indexed.image(i))
+    path = tmp_path / "query.jpg"
+    path.write_bytes(indexed.image(0))
+    with live_server(make_similar_app(projection_bundle, indexed.index, max_batch=1)) as url:
+        wait_ready(lambda path: httpx.get(url + path))
+        gone = expected_similar(url, indexed.image(0))["neighbours"][-1]
+        (tmp_path / gone["uri"]).unlink()
+        open_page(browser, url)
+        upload(browser, path)
+        neighbours = shown_neighbours(browser)
+    missing = [n for n in neighbours if n["missing"] is not None]
+    assert [n["id"] for n in missing] == [gone["id"]] and missing[0]["missing"] == "no picture"
+    assert_no_broken_image(browser)
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert all("502" in entry["message"] for entry in errors), errors  # the failed thumbnail's

@@ -1,5 +1,6 @@
 """Schemathesis against the service's own OpenAPI schema, on a live server: whatever the
-schema allows a client to send, the service answers as its schema says, and never 500."""
+schema allows a client to send, the service answers as its schema says, and never 500;
+the similar paintings' routes on a service with --index too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from pipeline.serve.app import create_app
 from pipeline.serve.config import ServeConfig
 from tests import serve_support
-from tests.serve_support import live_server, make_app, wait_ready
+from tests.serve_support import (
+    indexed_paintings,
+    live_server,
+    make_app,
+    make_similar_app,
+    wait_ready,
+)
 
 loopback_only = serve_support.loopback_only  # no packet past loopback, whatever is generated
 
@@ -29,18 +36,38 @@ def service_url(tiny_bundle):
         yield url
 
 
+@pytest.fixture(scope="module")
+def similar_service_url(tmp_path_factory, projection_bundle):
+    index = indexed_paintings(tmp_path_factory, projection_bundle).index
+    app = make_similar_app(projection_bundle, index, max_batch=4, fetch_timeout_s=2.0)
+    with live_server(app) as url:
+        wait_ready(lambda path: httpx.get(url + path))
+        yield url
+
+
 # The schema is the app's own, whatever its model: the live server runs the tiny one.
 # (Schemathesis's `from_fixture` does not run under pytest 9, hence a schema made here.)
 schema = schemathesis.openapi.from_dict(create_app(ServeConfig()).openapi())
-
-
-@schema.parametrize()
-@settings(
+SEARCHED = settings(
     max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@schema.parametrize()
+@SEARCHED
 def test_the_service_keeps_to_its_schema_and_never_fails_inside(case, service_url):
+    check(case, service_url)
+
+
+@schema.include(path_regex="^/similar").parametrize()
+@SEARCHED
+def test_the_similar_routes_with_an_index_keep_to_the_schema(case, similar_service_url):
+    check(case, similar_service_url)
+
+
+def check(case, service_url: str) -> None:
     response = case.call(base_url=service_url, timeout=30)
     assert response.status_code != 500, response.text
     assert response.status_code < 500 or response.status_code in DOCUMENTED_SERVER_ERRORS

@@ -1,4 +1,4 @@
-"""`python -m pipeline.serve [--model BUNDLE] [--host 127.0.0.1] [--port 8000] ...`
+"""`python -m pipeline.serve [--model BUNDLE] [--index INDEX] [--host 127.0.0.1] [--port 8000] ...`
 
 Nothing here or in what it imports loads Beam, nor, on OpenVINO, TensorFlow: the service
 is ready seconds sooner (docs/service.md).
@@ -12,32 +12,41 @@ import uvicorn
 from models.bundle import BundleError, ModelBundle
 from models.engine_choice import choose_engine
 from models.openvino_engine import converted_file
+from models.vector_index import VectorIndex, VectorIndexError
 from pipeline.exits import run_reporting
 from pipeline.flags import UsageError
 from pipeline.serve.config import ServeConfig, parse_config
+from pipeline.similar import open_index
 
 
 def main() -> None:
-    """A bad flag, an address in use or a bad bundle is one line and exit status 2; Ctrl-C
-    one line and 130."""
-    run_reporting(serve, lambda: (UsageError, BundleError))
+    """A bad flag, an address in use, a bad bundle or index is one line and exit status 2;
+    Ctrl-C one line and 130."""
+    run_reporting(serve, lambda: (UsageError, BundleError, VectorIndexError))
 
 
 def serve() -> None:
-    """A bad flag, an address that cannot be listened on or a bad bundle is one line and exit
-    status 2, before the model loads and before anything listens."""
+    """A bad flag, an address that cannot be listened on, a bad bundle, or an --index that
+    is missing, corrupt, empty or of another model is one line and exit status 2, before
+    the model loads and before anything listens."""
     config = parse_config()
     with bind(config) as address:
         bundle = ModelBundle.load(config.model)
+        index = opened_index(config, bundle)
         check_head(bundle, config.engine)
         from pipeline.serve.app import create_app  # FastAPI, and what runs the model
 
         logging.getLogger("artstyle.serve").setLevel(logging.INFO)
-        app = create_app(config, bundle)
+        app = create_app(config, bundle, index=index)
         server = uvicorn.Server(uvicorn.Config(app, access_log=config.access_log, log_level="info"))
         # uvicorn says where it listens only when it binds the socket itself.
         logging.getLogger("uvicorn.error").info("Uvicorn running on %s", url_of(address))
         server.run(sockets=[address])
+
+
+def opened_index(config: ServeConfig, bundle: ModelBundle) -> VectorIndex | None:
+    """--index, read whole and checked against the bundle, which must give embeddings."""
+    return open_index(config.index, bundle) if config.index is not None else None
 
 
 def check_head(bundle: ModelBundle, engine: str) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import numpy as np
 
@@ -55,12 +56,12 @@ class Places:
 
 class MicroBatcher:
     """`with batcher.places.hold(): ... await batcher.predict(image)`, from many requests at
-    once; `predict_batch` (stacked images -> one output row each) runs on one thread of its
-    own."""
+    once; `predict_batch` (stacked images -> one output each, in order: an array's rows, or
+    a list) runs on one thread of its own."""
 
     def __init__(
         self,
-        predict_batch: Callable[[np.ndarray], np.ndarray],
+        predict_batch: Callable[[np.ndarray], Sequence[Any]],
         *,
         max_batch: int,
         max_wait_s: float,
@@ -81,7 +82,7 @@ class MicroBatcher:
         """Images queued for the model's next batches."""
         return self._queue.qsize()
 
-    async def predict(self, image: np.ndarray) -> np.ndarray:
+    async def predict(self, image: np.ndarray) -> Any:
         """The model's output for one image, computed in a batch with others."""
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((image, future))

@@ -1,5 +1,5 @@
-"""Request bodies: their limits (size, deadline, memory), and the three ways /predict takes
-an image.
+"""Request bodies: their limits (size, deadline, memory), and the three ways /predict (and
+/similar) take an image.
 
 application/json      {"url": "https://..."}: the image is fetched (guard.py)
 multipart/form-data   the image in the field `file` (an HTML form's upload)
@@ -131,7 +131,8 @@ def _declared_length(scope: Scope) -> int:
 
 
 async def read_image_source(request: Request) -> ImageSource:
-    """What a /predict request asks about (its body's limits are `RequestBodies`')."""
+    """What a /predict or /similar request asks about (its body's limits are
+    `RequestBodies`')."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json":
         return ImageSource(url=_url_of(await request.body()))
@@ -141,7 +142,7 @@ async def read_image_source(request: Request) -> ImageSource:
         return ImageSource(data=await request.body())
     said = f"Content-Type {media_type}" if media_type else "no Content-Type"
     message = (
-        f'/predict takes application/json ({{"url": ...}}), multipart/form-data (field '
+        f'{request.url.path} takes application/json ({{"url": ...}}), multipart/form-data (field '
         f"'{UPLOAD_FIELD}') or an image/* body, not {said}"
     )
     raise ServiceError(415, "unsupported_media_type", message)

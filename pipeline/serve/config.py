@@ -49,6 +49,8 @@ class ServeConfig:
     heatmaps: bool = True
     allow_private_urls: bool = False
     access_log: bool = False
+    # An index of --model's embeddings: POST /similar, and the page's similar paintings.
+    index: str | None = None
 
     @property
     def max_wait_s(self) -> float:
@@ -113,4 +115,10 @@ def serve_parser() -> argparse.ArgumentParser:
         "intranets). Without it such URLs are refused (403).",
     )
     parser.add_argument("--access_log", action="store_true", help="Log every request.")
+    flags.INDEX.but(
+        "With it, POST /similar answers the index's paintings nearest to an image, and the "
+        "page shows them under its prediction; the index's images are read for their "
+        "thumbnails (relative paths from the folder the service runs in, http(s) URLs "
+        "through the same guard as a request's)."
+    )(parser)
     return parser

@@ -8,11 +8,16 @@ image's fault, 422, except those that are the network's or the guard's:
     fetch_failed        502  the URL could not be read (unreachable, refused, HTTP error)
     timed_out           504  the URL's image did not arrive within --fetch_timeout_s
 
-and the service adds its own: body_too_large 413, unsupported_media_type 415,
+An image the index names (a thumbnail's) is not the client's to mend: every kind but
+those three is 502 there, the service's source at fault.
+
+The service adds its own: body_too_large 413, unsupported_media_type 415,
 invalid_request 400 or 422, empty 422, body_timeout 408, overloaded and not_ready 503
 (with Retry-After), model_failed 503, unknown_route 404, method_not_allowed 405,
-internal 500, and client_disconnected 499 (nginx's "client closed request"): a client
-that hung up before its body was in, never sent, but counted apart in the metrics.
+no_index 404 (a similar-paintings route on a service without --index), unknown_item 404
+(an id the index does not have), internal 500, and client_disconnected 499 (nginx's
+"client closed request"): a client that hung up before its body was in, never sent, but
+counted apart in the metrics.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transforms.images import ImageError
 
 IMAGE_ERROR_STATUS = {"forbidden_address": 403, "fetch_failed": 502, "timed_out": 504}
 IMAGE_FAULT_STATUS = 422
+INDEX_IMAGE_FAULT_STATUS = 502
 
 # What a client is told to wait before trying again when the service is at its limit.
 OVERLOADED_RETRY_AFTER_S = 1
@@ -58,8 +64,10 @@ class ServiceError(HTTPException):
         self.message = message
 
     @classmethod
-    def of_image(cls, error: ImageError) -> ServiceError:
-        status = IMAGE_ERROR_STATUS.get(error.kind, IMAGE_FAULT_STATUS)
+    def of_image(cls, error: ImageError, fault_status: int = IMAGE_FAULT_STATUS) -> ServiceError:
+        """`fault_status` for a kind that is the image's fault: 422 for a request's image,
+        INDEX_IMAGE_FAULT_STATUS for one the index names."""
+        status = IMAGE_ERROR_STATUS.get(error.kind, fault_status)
         return cls(status, error.kind, error.message)
 
     def body(self) -> dict:

@@ -7,6 +7,13 @@ URIs). And every address is checked as the socket for it is made, after the name
 resolved: aiohttp calls `guarded_socket` for each address it is about to connect to, IP
 literals included, and again for each redirect's host. Checking the resolved address,
 not the name, at connect time, leaves DNS rebinding no gap between a check and its use.
+
+The URIs an index names (a thumbnail's image: never a URI from a request) may also be on
+the service's own disk (paths, file://, members of local zip and tar archives), data:
+URIs, or in buckets (gs://, s3://: their library talks to the cloud's own endpoints, not
+to a host the URI names). An http(s) URI among them is fetched as a request's URL is,
+through the same guard. Any other scheme fsspec could open (ftp://, sftp://, an archive
+fetched over http) would reach a host the guard never sees: refused.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from transforms.fetch import ForbiddenAddress, locate
 from transforms.images import ImageError, brief
 
 FETCHED_SCHEMES = ("http", "https")
+# Where the bytes of an index's other URIs may be stored ("": a local path or file://).
+INDEX_STORAGE_SCHEMES = ("", "data", "gs", "gcs", "s3", "s3a")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -45,6 +54,21 @@ def check_url(url: str) -> None:
         said = f"{scheme}: URIs" if scheme else "local paths"
         message = f"{brief(url)}: only http(s) URLs are fetched, not {said}"
         raise ImageError("unsupported_scheme", message)
+
+
+def check_index_uri(uri: str) -> None:
+    """Raises ImageError unsupported_scheme for a URI in an index that the service does not
+    read (see the module's docstring); the rest, http(s) URLs through the guard."""
+    location = locate(uri.strip())
+    if location.scheme in FETCHED_SCHEMES or location.storage.scheme in INDEX_STORAGE_SCHEMES:
+        return
+    where = f"{location.storage.scheme}:// URIs"
+    where = f"archives read from {where}" if location.archive else where
+    message = (
+        f"{brief(uri)}: the service reads the index's images from local files, data: URIs, "
+        f"buckets and http(s) URLs, not from {where}"
+    )
+    raise ImageError("unsupported_scheme", message)
 
 
 def is_public(address: IPAddress) -> bool:

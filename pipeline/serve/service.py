@@ -13,6 +13,10 @@ OPENVINO_CALL, a larger batch in several calls (a model compiled per shape holds
 the weights of its own). OPENVINO_CALL is the fewest images that OpenVINO's CPU plugin
 spreads over two cores: it runs smaller batches on one.
 
+With --index the model is the classifier with embeddings, on either engine: each image's
+probabilities and its embedding from one pass, so that a request for similar paintings
+(similar.py) costs its prediction and a search.
+
 A heatmap, where asked for, is the explanations' Grad-CAM (models/gradcam.py) for the top
 style, over the model-sized square the model saw, on a thread of its own: it is one
 image's gradient, not batched. Gradients need Keras: on the Keras engine Grad-CAM loads
@@ -29,6 +33,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -37,21 +42,28 @@ import numpy as np
 
 from models.bundle import ModelBundle, load_classifier
 from models.engine_choice import EngineChoice, choose_engine
-from models.fixed_batches import Classifier, predict_in_fixed_batches
+from models.fixed_batches import Classifier, outputs_in_fixed_batches
 from models.openvino_engine import load_openvino_classifier, openvino_precision_of
 from models.precision import PrecisionChoice, choose_precision
 from pipeline.serve.batcher import MicroBatcher, Places, QueueFull
 from pipeline.serve.bodies import BodyBudget
 from pipeline.serve.config import ServeConfig
-from pipeline.serve.errors import ServiceError, overloaded
-from pipeline.serve.guard import check_url, guarded_socket
+from pipeline.serve.errors import (
+    IMAGE_FAULT_STATUS,
+    INDEX_IMAGE_FAULT_STATUS,
+    ServiceError,
+    overloaded,
+)
+from pipeline.serve.guard import check_index_uri, check_url, guarded_socket
 from pipeline.serve.metrics import ServiceMetrics
+from pipeline.serve.similar import THUMBNAIL_SIDE, NeighbourQuery, SimilarPaintings
 from transforms.fetch import Fetcher, FetchPolicy, default_user_agent
 from transforms.images import DECODE_THREADS, ImageError, brief, decode_image, jpeg
 from transforms.top_k import top_k_fields
 
 if TYPE_CHECKING:
     from models.gradcam import GradCam
+    from models.vector_index import VectorIndex
 
 logger = logging.getLogger("artstyle.serve")
 
@@ -70,6 +82,15 @@ class ModelState(Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """The model's output for one image: its probabilities, and its embedding where the
+    classifier gives one (with --index)."""
+
+    probabilities: np.ndarray
+    embedding: np.ndarray | None = None
 
 
 def batch_shapes(max_batch: int, engine: str) -> tuple[int, ...]:
@@ -93,23 +114,36 @@ def call_sizes(n: int, shapes: tuple[int, ...]) -> list[int]:
     return [*sizes, next(shape for shape in shapes if shape >= n)]
 
 
-def service_precision(bundle: ModelBundle, engine: str, asked: str, shapes: tuple[int, ...]):
+def service_precision(
+    bundle: ModelBundle,
+    engine: str,
+    asked: str,
+    shapes: tuple[int, ...],
+    embeddings: bool = False,
+):
     """--precision on `engine`, with 'auto' resolved as the pipeline resolves it for workers
     on its own machine (the same rule, and the same measurement, cached per machine)."""
     if engine == "openvino":
-        return openvino_precision_of(bundle.path, None, asked, max(shapes))
-    return choose_precision(asked, partial(bundle.classifier, None), bundle.id)
+        return openvino_precision_of(bundle.path, None, asked, max(shapes), embeddings)
+    return choose_precision(
+        asked, partial(bundle.classifier, None, embeddings=embeddings), bundle.id
+    )
 
 
 def load_classifiers(
-    bundle: ModelBundle, engine: str, precision: str, shapes: tuple[int, ...]
+    bundle: ModelBundle,
+    engine: str,
+    precision: str,
+    shapes: tuple[int, ...],
+    embeddings: bool = False,
 ) -> dict[int, Classifier]:
     """What runs each of the batch shapes, in `precision` ('float32' or 'bfloat16'): one
-    Keras model for all of them, or an OpenVINO model compiled for each."""
+    Keras model for all of them, or an OpenVINO model compiled for each; with `embeddings`,
+    the classifier that gives each image's embedding too."""
     if engine == "openvino":
-        return {shape: load_openvino_classifier(bundle.path, None, precision, shape)
+        return {shape: load_openvino_classifier(bundle.path, None, precision, shape, embeddings)
                 for shape in shapes}  # fmt: skip
-    return dict.fromkeys(shapes, load_classifier(bundle.path, None, precision))
+    return dict.fromkeys(shapes, load_classifier(bundle.path, None, precision, embeddings))
 
 
 def bundle_grad_cam(bundle: ModelBundle) -> GradCam:
@@ -122,8 +156,9 @@ def bundle_grad_cam(bundle: ModelBundle) -> GradCam:
 class StyleService:
     """`await start()` returns at once; the model loads in the background, and `state` says
     when it is READY (loaded, and every batch shape run once; on Keras, Grad-CAM too,
-    unless --no_heatmaps). `load_model` (one model for every batch shape) and
-    `load_grad_cam` replace the bundle's loaders."""
+    unless --no_heatmaps). `load_model` (one model for every batch shape; with an index,
+    one that gives embeddings) and `load_grad_cam` replace the bundle's loaders. `index`:
+    the --index, checked against the bundle (pipeline.similar.open_index)."""
 
     def __init__(
         self,
@@ -131,9 +166,11 @@ class StyleService:
         bundle: ModelBundle,
         load_model: Callable[[], Classifier] | None = None,
         load_grad_cam: Callable[[], GradCam] | None = None,
+        index: VectorIndex | None = None,
     ):
         self.config = config
         self.bundle = bundle
+        self.similar = SimilarPaintings(index) if index is not None else None
         self.state = ModelState.LOADING
         self.engine: EngineChoice = choose_engine(config.engine, on_this_machine=True)
         self.precision: PrecisionChoice | None = None  # resolved as the model loads
@@ -187,6 +224,8 @@ class StyleService:
         await self._resources.aclose()
         self._decoders.shutdown(wait=False, cancel_futures=True)
         self._explainer.shutdown(wait=False, cancel_futures=True)
+        if self.similar is not None:
+            self.similar.close()
 
     async def _load(self) -> None:
         logger.info("artstyle: %s", self.engine)
@@ -201,35 +240,39 @@ class StyleService:
             return
         self._models = models
         self.state = ModelState.READY
-        logger.info("artstyle: %s is ready (batch shapes %s)", self.bundle.id, self._shapes)
+        similar = f", similar paintings from {self.similar.index.size:,}" if self.similar else ""
+        logger.info("artstyle: %s is ready (batch shapes %s%s)", self.bundle.id, self._shapes,
+                    similar)  # fmt: skip
 
     def _loaded_models(self) -> dict[int, Classifier]:
         if self._load_model is not None:
             return dict.fromkeys(self._shapes, self._load_model())
-        choice = service_precision(self.bundle, self.engine.engine, self.config.precision,
-                                   self._shapes)  # fmt: skip
+        engine, embeddings = self.engine.engine, self.similar is not None
+        choice = service_precision(self.bundle, engine, self.config.precision, self._shapes,
+                                   embeddings)  # fmt: skip
         logger.info("artstyle: %s (--precision=%s)", choice, self.config.precision)
         self.precision = choice
-        return load_classifiers(self.bundle, self.engine.engine, choice.precision, self._shapes)
+        return load_classifiers(self.bundle, engine, choice.precision, self._shapes, embeddings)
 
     def _warm_up(self, models: dict[int, Classifier]) -> None:
         """Every batch shape once, so that no request waits for TensorFlow to trace one (or
         for OpenVINO's first run of a shape)."""
         for shape, model in models.items():
-            predict_in_fixed_batches(model, self._blank(shape), shape)
+            outputs_in_fixed_batches(model, self._blank(shape), shape)
 
     def _blank(self, n: int) -> np.ndarray:
         size = self.bundle.input_size
         return np.zeros((n, size, size, 3), np.uint8)
 
-    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
-        """On the batcher's model thread."""
-        outputs, start = [], 0
+    def _predict_batch(self, images: np.ndarray) -> list[ImageOutput]:
+        """On the batcher's model thread: each image's output."""
+        calls, start = [], 0
         for size in call_sizes(len(images), self._shapes):
             chunk = images[start : start + size]
-            outputs.append(predict_in_fixed_batches(self._models[size], chunk, size))
+            calls.append(outputs_in_fixed_batches(self._models[size], chunk, size))
             start += size
-        return np.concatenate(outputs)
+        outputs = [np.concatenate(parts) for parts in zip(*calls, strict=True)]
+        return [ImageOutput(*rows) for rows in zip(*outputs, strict=True)]
 
     def _grad_cam_loading(self) -> asyncio.Task[GradCam]:
         """Grad-CAM, loaded and run once on the explainer's thread: begun by the first
@@ -274,38 +317,74 @@ class StyleService:
             raise overloaded(str(error)) from None
 
     async def predict_image(
-        self, data: bytes, url: str | None = None, heatmap: bool = False
+        self,
+        data: bytes,
+        url: str | None = None,
+        heatmap: bool = False,
+        similar: NeighbourQuery | None = None,
     ) -> dict[str, Any]:
-        """The answer for one image's bytes, with the heatmap if asked for (and served),
-        computed in a place in the queue (503 with Retry-After when none is free);
-        ServiceError if the bytes are not a usable image."""
+        """The answer for one image's bytes, with the heatmap if asked for (and served) and
+        its neighbours in the index if `similar`, computed in a place in the queue (503 with
+        Retry-After when none is free); ServiceError if the bytes are not a usable image."""
         if not data:
             raise ServiceError(422, "empty", "the image is empty (0 bytes)")
         with self._holding(self.batcher.places, 1):
-            image = await self._decode(data)
-            probabilities = await self.batcher.predict(image)
-            answer = self.answer(probabilities, url)
+            image = await self._decode(data, self.bundle.input_size)
+            output: ImageOutput = await self.batcher.predict(image)
+            answer = self.answer(output.probabilities, url)
+            if similar is not None:
+                answer["neighbours"] = await self._neighbours(output, similar)
             if heatmap and self.config.heatmaps:
-                shown = await self.heatmap(image, int(np.argmax(probabilities)))
+                shown = await self.heatmap(image, int(np.argmax(output.probabilities)))
                 answer |= {"heatmap": shown} if shown is not None else {}
         return answer
 
-    async def _decode(self, data: bytes) -> np.ndarray:
-        """The model-sized square of the image, decoded on a decoding thread."""
-        decode = partial(
-            decode_image,
-            data,
-            size=self.bundle.input_size,
-            max_pixels=self.config.max_image_pixels,
-        )
+    async def _decode(
+        self, data: bytes, size: int, fault_status: int = IMAGE_FAULT_STATUS
+    ) -> np.ndarray:
+        """The image's centred square, `size` pixels a side, decoded on a decoding thread."""
+        decode = partial(decode_image, data, size=size, max_pixels=self.config.max_image_pixels)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._decoders, decode)
         except ImageError as error:
-            raise ServiceError.of_image(error) from None
+            raise ServiceError.of_image(error, fault_status) from None
 
-    async def predict_url(self, url: str, heatmap: bool = False) -> dict[str, Any]:
+    async def predict_url(
+        self, url: str, heatmap: bool = False, similar: NeighbourQuery | None = None
+    ) -> dict[str, Any]:
         """The answer for the image at `url`; the caller holds its place (`fetching`)."""
-        return await self.predict_image(await self.fetch(url), url, heatmap)
+        return await self.predict_image(await self.fetch(url), url, heatmap, similar)
+
+    def check_index(self) -> SimilarPaintings:
+        """The service's index, or 404 no_index for a service started without one."""
+        if self.similar is None:
+            message = "the service was started without --index: it has no similar paintings"
+            raise ServiceError(404, "no_index", message)
+        return self.similar
+
+    async def _neighbours(self, output: ImageOutput, query: NeighbourQuery) -> list[dict]:
+        similar = self.check_index()
+        if output.embedding is None:  # an index always comes with the embeddings' classifier
+            raise RuntimeError("the model gave no embedding for a similarity query")
+        return await similar.nearest(output.embedding, query)
+
+    async def thumbnail(self, item_id: int) -> bytes:
+        """A small JPEG of the image the index names for `item_id`, from the cache or read,
+        in a place for URLs, as guard.py's `check_index_uri` allows: 404 for an id the
+        index does not have, 502 (403, 504) for an image that cannot be read or used."""
+        similar = self.check_index()
+        uri = similar.uri_of(item_id)
+        cached = similar.thumbnails.get(item_id)
+        if cached is not None:
+            return cached
+        with self.fetching():
+            data = await self._read(uri, check_index_uri, INDEX_IMAGE_FAULT_STATUS)
+            square = await self._decode(data, THUMBNAIL_SIDE, INDEX_IMAGE_FAULT_STATUS)
+            thumbnail = await asyncio.get_running_loop().run_in_executor(
+                self._decoders, jpeg, square
+            )
+        similar.thumbnails.put(item_id, thumbnail)
+        return thumbnail
 
     async def heatmap(self, image: np.ndarray, style: int) -> str | None:
         """Grad-CAM for `style` over the image, as a JPEG data URL the page can show as is;
@@ -331,16 +410,22 @@ class StyleService:
         return overlay(image, explanation.heatmaps[0])
 
     async def fetch(self, url: str) -> bytes:
-        """The bytes at an http(s) URL, through the guard, within --fetch_timeout_s."""
+        """The bytes at an http(s) URL a request names, through the guard, within
+        --fetch_timeout_s."""
+        return await self._read(url, check_url, IMAGE_FAULT_STATUS)
+
+    async def _read(self, uri: str, check: Callable[[str], None], fault_status: int) -> bytes:
+        """The bytes at `uri` if `check` allows it (the fetcher's connections go through the
+        guard), within --fetch_timeout_s; `fault_status` for an error that is the image's."""
         assert self._fetcher is not None, "start() the service first"
         try:
-            check_url(url)
+            check(uri)
             async with asyncio.timeout(self.config.fetch_timeout_s):
-                return await self._fetcher.fetch(url)
+                return await self._fetcher.fetch(uri)
         except ImageError as error:
-            raise ServiceError.of_image(error) from None
+            raise ServiceError.of_image(error, fault_status) from None
         except TimeoutError:
-            message = f"{brief(url)} did not answer within {self.config.fetch_timeout_s:g} s"
+            message = f"{brief(uri)} did not answer within {self.config.fetch_timeout_s:g} s"
             raise ServiceError(504, "timed_out", message) from None
 
     def answer(self, probabilities: np.ndarray, url: str | None = None) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 // The page at /: an image (chosen, dropped, or a URL) goes to POST /predict, and its top
-// styles come back as bars, with Grad-CAM's heatmap where the service computes them.
-// Plain JavaScript, nothing fetched from anywhere else.
+// styles come back as bars, with Grad-CAM's heatmap where the service computes them. A
+// service started with --index answers POST /similar instead, the same prediction and the
+// index's nearest paintings in one request, shown under it as thumbnails.
+// Plain JavaScript, nothing fetched from anywhere else; every text from an answer goes in
+// as text (textContent), never as HTML.
 "use strict";
 
 const fileInput = document.getElementById("file-input");
@@ -12,6 +15,14 @@ const result = document.getElementById("result");
 const preview = document.getElementById("preview");
 const previewFigure = document.getElementById("preview-figure");
 const heatmapFigure = document.getElementById("heatmap-figure");
+const similarSection = document.getElementById("similar");
+const neighbourList = document.getElementById("neighbours");
+
+// What the service's index holds (GET /similar/index), null for a service without one:
+// asked once, as the page loads.
+const similarIndex = fetch("/similar/index")
+  .then((response) => (response.ok ? response.json() : null))
+  .catch(() => null);
 
 function styleName(style) {
   return style.replaceAll("_", " ");
@@ -67,9 +78,12 @@ async function predict(request) {
   const thisRequest = ++latestRequest;
   showStatus("Looking…");
   result.hidden = true;
+  similarSection.hidden = true;
+  const index = await similarIndex;
+  const route = index ? "/similar?heatmap=true" : "/predict?heatmap=true";
   let response;
   try {
-    response = await fetch("/predict?heatmap=true", request);
+    response = await fetch(route, request);
   } catch (error) {
     if (thisRequest === latestRequest) {
       showStatus(`The service did not answer (${error.message}).`, true);
@@ -86,6 +100,65 @@ async function predict(request) {
     return;
   }
   showPrediction(answer);
+  if (index && answer.neighbours) {
+    showNeighbours(answer.neighbours, index);
+  }
+}
+
+function showNeighbours(neighbours, index) {
+  const count = index.items.toLocaleString("en");
+  document.getElementById("similar-about").textContent = neighbours.length
+    ? `The nearest of the ${count} paintings in the index, by cosine distance (0: the same picture).`
+    : `None of the ${count} paintings in the index is near enough.`;
+  neighbourList.replaceChildren(...neighbours.map(neighbourItem));
+  similarSection.hidden = false;
+}
+
+function neighbourItem(neighbour) {
+  const item = document.createElement("li");
+  item.className = "neighbour";
+  item.dataset.id = String(neighbour.id);
+  item.title = neighbour.uri || "";
+  item.append(thumbnail(neighbour));
+  const title = document.createElement("span");
+  title.className = "neighbour-title";
+  title.textContent = neighbour.title || lastPart(neighbour.uri) || `item ${neighbour.id}`;
+  const style = document.createElement("span");
+  style.className = "neighbour-style";
+  style.textContent = neighbour.style ? styleName(neighbour.style) : "";
+  if (neighbour.label && neighbour.label !== neighbour.style) {
+    style.textContent += ` (labelled ${styleName(neighbour.label)})`;
+  }
+  const distance = document.createElement("span");
+  distance.className = "neighbour-distance";
+  distance.textContent = `distance ${neighbour.distance.toFixed(3)}`;
+  item.append(title, style, distance);
+  return item;
+}
+
+// A thumbnail is shown once the browser has drawn it; one the service could not make (its
+// file gone, its host refused) is a plain box that says so, never a broken image.
+function thumbnail(neighbour) {
+  const frame = document.createElement("div");
+  frame.className = "thumbnail";
+  const image = document.createElement("img");
+  image.hidden = true;
+  image.alt = "";
+  image.addEventListener("load", () => {
+    image.hidden = false;
+  });
+  image.addEventListener("error", () => {
+    image.remove();
+    frame.classList.add("missing");
+    frame.textContent = "no picture";
+  });
+  image.src = neighbour.thumbnail;
+  frame.append(image);
+  return frame;
+}
+
+function lastPart(uri) {
+  return uri ? uri.split(/[\\/]/).filter(Boolean).pop() : "";
 }
 
 // The image asked about is shown once the browser has drawn it: one it cannot draw (a
