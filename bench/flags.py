@@ -28,6 +28,8 @@ OTHER_BENCHES = {
     "serve_similar": "POST /similar against POST /predict, on one service with --index",
     "large_catalog": "whether memory stays flat as a catalog grows tenfold",
     "similar": "the nearest-neighbour index: its build, memory, one query and recall",
+    "similar_quality": "duplicates and style neighbours found by a model's embeddings, on "
+    "real paintings and their altered copies",
 }
 
 JSON_OUTPUT = OUTPUT.but(help="The JSON file to write.", required=True)

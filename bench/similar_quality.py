@@ -41,11 +41,13 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from bench.flags import DATA, JSON_OUTPUT
 from bench.measure import run_process
 from bench.similar import query_latencies_ms
 from models.embedding import unit_vectors
-from models.settings import DEFAULT_BUNDLE
 from models.vector_index import VectorIndex, chosen_parameters
+from pipeline.cli import called_as
+from pipeline.flags import MODEL, add
 from transforms.embeddings import open_run_embeddings
 
 ALTERATIONS = ("half_size", "jpeg_30", "crop_10", "rotate_3", "frame")
@@ -62,13 +64,16 @@ COLUMNS = ("uri", "label", "split", "original", "alteration")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.similar_quality",
+        prog=called_as("bench.similar_quality"),
         description=__doc__.split("\n")[0],
         epilog="Other flags (--precision, --engine, ...) are the pipeline's, for its runs.",
     )
-    parser.add_argument("--output", required=True, help="The JSON file to write.")
-    parser.add_argument("--data", type=Path, required=True, help="A folder with catalog.csv.")
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help="A bundle with an embedding.")
+    add(
+        parser,
+        JSON_OUTPUT,
+        DATA.but(help="A folder with catalog.csv (uri, style, split: train, val).", required=True),
+        MODEL.but("It must give embeddings (a bundle trained with --projection)."),
+    )
     parser.add_argument(
         "--work", type=Path, required=True, help="Where the copies, runs and indexes go."
     )
