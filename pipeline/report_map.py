@@ -127,7 +127,9 @@ class EmbeddingSections:
 def embedding_sections(embeddings: RunEmbeddings, classes: Sequence[str]) -> EmbeddingSections:
     """The map and the likely duplicates of the run whose embeddings these are."""
     index = run_index(embeddings)
-    return EmbeddingSections(run_map(index, classes), likely_duplicates(index))
+    return EmbeddingSections(
+        run_map(index, classes), likely_duplicates(index, DUPLICATE_MAX_DISTANCE)
+    )
 
 
 def run_index(embeddings: RunEmbeddings) -> VectorIndex:
@@ -253,9 +255,7 @@ def _clipped(text: str, from_start: bool) -> str:
 # --- The likely duplicates ---------------------------------------------------------------
 
 
-def likely_duplicates(
-    index: VectorIndex, max_distance: float = DUPLICATE_MAX_DISTANCE
-) -> LikelyDuplicates:
+def likely_duplicates(index: VectorIndex, max_distance: float) -> LikelyDuplicates:
     """The index's pairs at most `max_distance` apart and their groups (the index's
     `near_pairs`), with the MAX_GROUPS_SHOWN groups whose closest pair is closest."""
     pairs = index.near_pairs(max_distance)

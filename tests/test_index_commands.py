@@ -222,7 +222,9 @@ def index_with_copies(tmp_path: Path) -> Path:
 def test_duplicates_lists_the_near_pairs_grouped_and_writes_them_all(tmp_path, capsys):
     folder = index_with_copies(tmp_path)
     capsys.readouterr()
-    pairs = duplicates.run([str(folder), "--output", str(tmp_path / "pairs.parquet")])
+    pairs = duplicates.run(
+        [str(folder), "--max_distance", "0.05", "--output", str(tmp_path / "pairs.parquet")]
+    )
     written = pq.read_table(tmp_path / "pairs.parquet")
     assert written.schema.remove_metadata() == DUPLICATE_SCHEMA and written.equals(pairs)
     assert {(r["id_a"], r["id_b"], r["group"]) for r in written.to_pylist()} == {
