@@ -875,6 +875,31 @@ def test_an_address_in_use_is_told_first_in_one_line_status_2(tiny_bundle, monke
     assert capsys.readouterr().err == said
 
 
+def test_the_services_connections_send_at_once_without_waiting_for_acknowledgements():
+    """Nagle's algorithm off (TCP_NODELAY) on every connection of the service's socket, as on
+    uvicorn's own: with it on, each request after the first on a kept-alive connection waited
+    for the client's delayed acknowledgement."""
+    address = serve_command.bind(ServeConfig(host="127.0.0.1", port=0))
+    address.listen()
+    nodelay: list[int] = []
+
+    async def connect_once() -> None:
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted_socket = writer.get_extra_info("socket")
+            nodelay.append(accepted_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=address)
+        async with server:
+            _, writer = await asyncio.open_connection(*address.getsockname()[:2])
+            while not nodelay:
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(connect_once(), 30))
+    assert nodelay == [1]
+
+
 def test_python_m_pipeline_serve_on_a_port_in_use_exits_2_with_one_line(tiny_bundle):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

@@ -59,9 +59,12 @@ def check_head(bundle: ModelBundle, engine: str) -> None:
 
 def bind(config: ServeConfig) -> socket.socket:
     """The service's socket, bound to --host and --port first of all: an address in use, or
-    one this machine does not have, is told at once, not once the model has loaded."""
+    one this machine does not have, is told at once, not once the model has loaded. Made as
+    a TCP socket by name (IPPROTO_TCP), as uvicorn's own are: asyncio turns Nagle's
+    algorithm off only on connections of such a socket, and with it on, every request after
+    the first on a kept-alive connection waited for the client's delayed acknowledgement."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    address = socket.socket(family, socket.SOCK_STREAM)
+    address = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     address.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own
     try:
         address.bind((config.host, config.port))
