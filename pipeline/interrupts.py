@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a process that Ctrl-C ended
 CLEANUP_S = 3.0  # the most an interrupted run waits for its clean-up (a remote lock's delete)
@@ -66,4 +66,14 @@ def interrupts_deferred() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
         if received:
-            signal.raise_signal(signal.SIGINT)
+            _take_effect(previous)
+
+
+def _take_effect(handler: Any) -> None:
+    """A deferred Ctrl-C, through `handler` as Python would have called it on the signal:
+    called directly rather than by raising the signal again, so that it takes effect before
+    the block's caller goes on, whatever the signal's delivery."""
+    if callable(handler):
+        handler(signal.SIGINT, None)
+    elif handler == signal.SIG_DFL:
+        raise KeyboardInterrupt
