@@ -211,10 +211,15 @@ def test_a_second_run_is_kept_out_while_the_first_lives(tmp_path):
 
 
 def test_ctrl_c_while_publishing_takes_effect_once_publishing_is_done():
+    """Ctrl-C is delivered to the handler in place, as Python delivers a signal: a signal
+    raised here was, now and then in a full run of the suite, seen by no handler at all,
+    whatever the code under test did."""
     steps = []
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt), interrupts_deferred():
-        signal.raise_signal(signal.SIGINT)
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        assert ctrl_c is not previous  # publishing holds its own
+        ctrl_c(signal.SIGINT, None)
         steps.append("went on to the end")
     assert steps == ["went on to the end"]
     assert signal.getsignal(signal.SIGINT) is previous
