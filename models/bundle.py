@@ -440,6 +440,43 @@ def load_classifier(
     return build(choice.precision)
 
 
+KERAS_WEIGHTS_FILE = "model.weights.h5"  # where a .keras file keeps its weights
+
+
+def store_weights_as_float16(head_file: str) -> None:
+    """The .keras file's weights stored in float16, half the bytes: Keras reads them back into
+    its float32 variables, so the head still computes in float32 (its inputs, the features,
+    are float16 numbers already)."""
+    import h5py
+
+    with zipfile.ZipFile(head_file) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    with tempfile.TemporaryDirectory() as folder:
+        written, halved = os.path.join(folder, "written.h5"), os.path.join(folder, "halved.h5")
+        Path(written).write_bytes(members[KERAS_WEIGHTS_FILE])
+        with h5py.File(written, "r") as source, h5py.File(halved, "w") as target:
+            target.attrs.update(source.attrs)
+            source.visititems(partial(_copy_halved, target))
+        members[KERAS_WEIGHTS_FILE] = Path(halved).read_bytes()
+    with zipfile.ZipFile(head_file, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def _copy_halved(target: Any, name: str, item: Any) -> None:
+    """`item` of an HDF5 file into `target` at `name`, its float32 values as float16."""
+    import h5py
+
+    if isinstance(item, h5py.Group):
+        copied = target.require_group(name)
+    else:
+        values = item[()]
+        copied = target.create_dataset(
+            name, data=values.astype("float16") if values.dtype == "float32" else values
+        )
+    copied.attrs.update(item.attrs)
+
+
 def save_bundle(path: str, manifest: Manifest, head: keras.Model) -> ModelBundle:
     os.makedirs(path, exist_ok=True)
     # A fresh, uncompiled one-in one-out model over the same layers: the file then holds the
@@ -447,7 +484,9 @@ def save_bundle(path: str, manifest: Manifest, head: keras.Model) -> ModelBundle
     import keras
 
     weights_only = keras.Model(head.inputs[0], head.outputs[0], name=head.name)
-    weights_only.save(os.path.join(path, manifest.head.file))
+    head_file = os.path.join(path, manifest.head.file)
+    weights_only.save(head_file)
+    store_weights_as_float16(head_file)
     with open(os.path.join(path, MANIFEST_FILE), "w") as f:
         json.dump(manifest.to_json(), f, indent=2)
         f.write("\n")

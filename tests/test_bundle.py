@@ -9,6 +9,7 @@ import zipfile
 from functools import partial
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from models.bundle import (
     ModelBundle,
     check_backbone_weights,
     load_classifier,
+    save_bundle,
 )
 from models.torch_weights import imagenet_weights_path
 from pipeline import explain, report, train
@@ -140,6 +142,27 @@ def test_bundle_round_trip_gives_calibrated_probabilities(tiny_bundle):
     probabilities = np.asarray(classifier.predict_on_batch(images))
     assert probabilities.shape == (2, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_saved_head_keeps_its_weights_in_float16_and_computes_as_before(tmp_path, tiny_bundle):
+    """Half the bytes on disk; read back into float32 variables, the head gives the logits of
+    its weights rounded to float16, nothing else."""
+    bundle = ModelBundle.load(tiny_bundle)
+    head = bundle.load_head()
+    saved = save_bundle(str(tmp_path / "halved"), bundle.manifest, head).load_head()
+    with zipfile.ZipFile(tmp_path / "halved" / bundle.manifest.head.file) as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        dtypes = set()
+        weights.visititems(lambda name, item: dtypes.add(str(getattr(item, "dtype", ""))))
+    assert dtypes - {""} == {"float16"}
+    assert all(variable.dtype == "float32" for variable in saved.weights)
+    for original, read_back in zip(head.get_weights(), saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(read_back, original.astype(np.float16).astype(np.float32))
+    features = np.random.default_rng(2).normal(size=(4, head.input_shape[-1])).astype(np.float32)
+    np.testing.assert_allclose(
+        saved.predict_on_batch(features), head.predict_on_batch(features), rtol=0.02, atol=0.02
+    )
 
 
 def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
