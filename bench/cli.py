@@ -20,7 +20,6 @@ The sections run one after the other, never side by side, so none slows another:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from bench.measure import (
     run_pipeline,
     run_process,
     tile_batches,
+    write_results,
 )
 from models.bundle import ModelBundle
 from models.precision import (
@@ -382,7 +382,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(results))
     if results["pipeline_images_per_s"] is None:
         print("note: the N-image run was not slower than the start-up run; use more --images")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, Path(args.output))
     return results

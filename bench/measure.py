@@ -6,6 +6,7 @@ test can run it on a handful of tiny images, and the CLI on thousands of real pa
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -148,6 +149,12 @@ class ProcessRun:
     wall_s: float  # from just before the process starts until it has exited
     peak_rss_mb: float  # the kernel's high-water mark of its resident memory (VmHWM)
     cpu_s: float  # user + system time of all its threads
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """A benchmark's results as JSON at `path`, its folder made if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def run_process(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import numpy as np
 
 from bench.cli import sample_catalog, table
 from bench.flags import DATA, JSON_OUTPUT
-from bench.measure import PipelineRun, own_cache, run_pipeline, run_process
+from bench.measure import PipelineRun, own_cache, run_pipeline, run_process, write_results
 from bench.serve import LoadLog, Server, answers, measure_level, serving
 from models.bundle import ModelBundle
 from pipeline.cli import called_as
@@ -191,9 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     results = benchmark(args)
     print(report(results))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, Path(args.output))
     return results
 
 

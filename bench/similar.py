@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.flags import JSON_OUTPUT
-from bench.measure import run_process
+from bench.measure import run_process, write_results
 from models.embedding import STORED_DTYPE, EmbeddingSpec
 from models.vector_index import EXACT_LIMIT, VectorIndex
 from pipeline.cli import called_as
@@ -324,19 +324,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     _progress("the exact search's one query as it grows")
     results |= measure_exact_curve(data, queries, args.exact_sizes)
-    _write(results, Path(args.output))
+    write_results(results, Path(args.output))
     with tempfile.TemporaryDirectory(prefix="artstyle-similar-") as scratch:
         for i, size in enumerate(args.sizes):
             results[str(size)] = measure_size(data, size, queries, args, Path(scratch), i == 0)
             results[f"load_average_1min_after_{size}"] = os.getloadavg()[0]
-            _write(results, Path(args.output))  # each size as it is done: 1,000,000 takes long
+            # Each size as it is done: 1,000,000 takes long.
+            write_results(results, Path(args.output))
     print(json.dumps(results, indent=2))
     return results
-
-
-def _write(results: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _machine() -> dict[str, Any]:

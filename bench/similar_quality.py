@@ -42,7 +42,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from bench.flags import DATA, JSON_OUTPUT
-from bench.measure import run_process
+from bench.measure import run_process, write_results
 from bench.similar import query_latencies_ms
 from models.embedding import unit_vectors
 from models.vector_index import VectorIndex, chosen_parameters
@@ -537,19 +537,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     _progress("the model's embedding")
     results["embedding_scores"] = scores(vectors, rows, with_timings=True)
-    _write(results, Path(args.output))
+    write_results(results, Path(args.output))
     if args.alternatives:
         _progress("other vectors from the same features")
         results["alternatives"] = measure_alternatives(args, paintings.rows, copies.rows)
     results["load_average_1min_after"] = os.getloadavg()[0]
-    _write(results, Path(args.output))
+    write_results(results, Path(args.output))
     print(json.dumps(results, indent=2))
     return results
-
-
-def _write(results: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _machine() -> dict[str, Any]:
