@@ -211,3 +211,15 @@ def channel_covariance(feature_map):
         ops.reshape(covariance, (-1, channels * channels)), rows * channels + cols, axis=1
     )
     return ops.sign(upper) * ops.sqrt(ops.abs(upper))
+
+
+def pooled_columns(extractor: keras.Model, spec: str, feature_kind: str) -> list[tuple[int, int]]:
+    """Where each backbone's pooled features lie in the vector `extractor` (built by
+    `feature_extractor(spec, feature_kind)`) gives: each backbone's part begins with them."""
+    columns, start = [], 0
+    for backbone in backbones_of(spec):
+        part = extractor.get_layer(f"{backbone.name}_{feature_kind}")
+        pooled = part.get_layer("pooled").output.shape[-1]
+        columns.append((start, start + pooled))
+        start += part.output.shape[-1]
+    return columns

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import posixpath
@@ -26,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from models.embedding import PROJECTION_LAYER, EmbeddingSpec, EmbeddingSpecError
+from models.embedding import (
+    PROJECTION_LAYER,
+    STYLE_AND_FINGERPRINT,
+    EmbeddingSpec,
+    EmbeddingSpecError,
+)
+from models.fingerprint import FINGERPRINT_FILE, Fingerprint, FingerprintError
 from models.metrics import SplitScores
 from models.precision import (
     building_in,
@@ -34,7 +41,7 @@ from models.precision import (
     grow_gpu_memory_on_demand,
 )
 from models.settings import DEFAULT_BUNDLE as DEFAULT_BUNDLE  # where commands look for it
-from models.settings import FEATURE_KINDS, check_backbone_names
+from models.settings import FEATURE_KINDS, STYLE_PROBABILITY_SHARE, check_backbone_names
 from models.torch_weights import imagenet_weights_path, read_torch_state_dict
 
 if TYPE_CHECKING:
@@ -95,7 +102,8 @@ class Manifest:
     backbone: BackboneSpec
     head: HeadSpec
     classes: tuple[str, ...]
-    # The head's projection, L2-normalised, when it has one (`--projection` in training).
+    # The embedding, when the head has a projection (`--projection` in training): its style
+    # and its fingerprint (models/embedding.py).
     embedding: EmbeddingSpec | None = None
     training: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, SplitScores] = field(default_factory=dict)
@@ -234,7 +242,10 @@ class ModelBundle:
             raise BundleError(f"{manifest_path} cannot be read ({error})") from None
         manifest = Manifest.from_json(data, manifest_path)
         check_head_file(posixpath.join(path, manifest.head.file))
-        return cls(path, manifest)
+        bundle = cls(path, manifest)
+        if manifest.embedding is not None:
+            bundle.load_fingerprint()
+        return bundle
 
     @property
     def id(self) -> str:
@@ -318,25 +329,63 @@ class ModelBundle:
             logits = head(extractor.output)
             probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
             return keras.Model(extractor.input, probabilities, name="style_classifier")
-        self.check_embedding()
+        fingerprint = self.load_fingerprint()
         # Named as the head is: the OpenVINO engine finds where the head begins by its name.
         both = keras.Model(
             head.inputs, [head.output, head.get_layer(PROJECTION_LAYER).output], name=head.name
         )
         logits, projected = both(extractor.output)
         probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
-        embedding = keras.ops.normalize(projected, axis=-1, order=2)
+        embedding = style_and_fingerprint(
+            projected, probabilities, fingerprint.of(extractor.output)
+        )
         return keras.Model(
             extractor.input, [probabilities, embedding], name="style_classifier_with_embeddings"
         )
 
-    def check_embedding(self) -> None:
-        """A bundle without a projection has no embedding to give: one line, at start-up."""
-        if self.manifest.embedding is None:
+    def load_fingerprint(self) -> Fingerprint:
+        """The embedding's fingerprint; a bundle without an embedding, or whose fingerprint
+        file is missing, damaged or of another dimension than its manifest says, is one line
+        (at start-up: `load` reads it)."""
+        spec = self.manifest.embedding
+        if spec is None:
             raise BundleError(
                 f"{self.path!r} gives no embeddings: its head has no projection "
                 "(train with --projection)"
             )
+        if spec.kind != STYLE_AND_FINGERPRINT:
+            raise BundleError(f"{self.path!r}: its embedding is {spec.kind!r}, which this "
+                              f"version does not compute (train it again)")  # fmt: skip
+        path = posixpath.join(self.path, FINGERPRINT_FILE)
+        try:
+            fingerprint = Fingerprint.load(path)
+        except FingerprintError as error:
+            raise BundleError(str(error)) from None
+        if fingerprint.dimension != spec.fingerprint_dimension:
+            raise BundleError(f"{path} has {fingerprint.dimension} dimensions; the manifest's "
+                              f"embedding says {spec.fingerprint_dimension}")  # fmt: skip
+        return fingerprint
+
+    def check_embedding(self) -> None:
+        """A bundle without an embedding to give is one line, at start-up."""
+        self.load_fingerprint()
+
+
+def style_and_fingerprint(projected: Any, probabilities: Any, fingerprints: Any) -> Any:
+    """The embedding (models/embedding.py): the style part, the head's projection and the
+    square roots of the style probabilities (STYLE_PROBABILITY_SHARE of its squared length),
+    then the fingerprint; each part of length 1/sqrt(2)."""
+    from keras import ops
+
+    share = STYLE_PROBABILITY_SHARE
+    style = ops.concatenate(
+        [
+            ops.normalize(projected, axis=-1, order=2) * math.sqrt(1 - share),
+            ops.normalize(ops.sqrt(probabilities), axis=-1, order=2) * math.sqrt(share),
+        ],
+        axis=-1,
+    )
+    return ops.concatenate([style, fingerprints], axis=-1) / math.sqrt(2.0)
 
 
 def check_head_file(path: str) -> None:
@@ -477,8 +526,16 @@ def _copy_halved(target: Any, name: str, item: Any) -> None:
     copied.attrs.update(item.attrs)
 
 
-def save_bundle(path: str, manifest: Manifest, head: keras.Model) -> ModelBundle:
+def save_bundle(
+    path: str, manifest: Manifest, head: keras.Model, fingerprint: Fingerprint | None = None
+) -> ModelBundle:
+    """The bundle's files: the head, the fingerprint where the manifest has an embedding,
+    and the manifest last."""
     os.makedirs(path, exist_ok=True)
+    if (fingerprint is None) != (manifest.embedding is None):
+        raise ValueError("a bundle with an embedding has a fingerprint, and only such a one")
+    if fingerprint is not None:
+        fingerprint.save(os.path.join(path, FINGERPRINT_FILE))
     # A fresh, uncompiled one-in one-out model over the same layers: the file then holds the
     # weights alone, not the optimizer's state too (twice the weights again, of no use here).
     import keras

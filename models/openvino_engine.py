@@ -35,6 +35,7 @@ import numpy as np
 
 from models.bundle import MANIFEST_FILE, ModelBundle
 from models.cache import cache_dir
+from models.fingerprint import FINGERPRINT_FILE
 from models.precision import PrecisionChoice, Speedup, measured_speedup, resolve_precision
 
 if TYPE_CHECKING:
@@ -162,10 +163,10 @@ def compiled_classifier(
 
 def split_at_head(model: openvino.Model) -> tuple[openvino.Model, openvino.Model]:
     """The classifier cut where its head begins: the backbone with its features, and the
-    head with its softmax (and the embedding, where the classifier gives one). Keras's
-    bfloat16 rounds the first alone; OpenVINO's, given the whole model, rounded the head
-    too, and moved the scores on `val` further from float32's than Keras's do. Cut, it
-    gives Keras's bfloat16 scores."""
+    head with its softmax (and the embedding, where the classifier gives one: its
+    fingerprint reads the features too). Keras's bfloat16 rounds the first alone;
+    OpenVINO's, given the whole model, rounded the head too, and moved the scores on `val`
+    further from float32's than Keras's do. Cut, it gives Keras's bfloat16 scores."""
     openvino = imported_openvino()
     model = model.clone()
     first = next(
@@ -178,8 +179,9 @@ def split_at_head(model: openvino.Model) -> tuple[openvino.Model, openvino.Model
     features = first.input_value(0)
     shape, element_type = features.get_partial_shape(), features.get_element_type()
     head_input = openvino.opset13.parameter(shape, element_type, name="features")
+    for reader in features.get_target_inputs():
+        reader.replace_source_output(head_input.output(0))
     backbone = openvino.Model([features], model.get_parameters(), "backbone")
-    first.input(0).replace_source_output(head_input.output(0))
     return backbone, openvino.Model(model.get_results(), [head_input], "head")
 
 
@@ -248,6 +250,7 @@ def conversion_key(
     backbone weights' file if one is named, the libraries that build and convert, and
     whether the classifier gives embeddings too (another model, with two outputs)."""
     files = [f"{bundle.path}/{MANIFEST_FILE}", f"{bundle.path}/{bundle.manifest.head.file}"]
+    files += [f"{bundle.path}/{FINGERPRINT_FILE}"] if embeddings else []
     files += [backbone_weights] if backbone_weights else []
     parts = [bundle.id]
     for path in files:

@@ -50,7 +50,17 @@ class HeadConfig:
 # approximate (IVF) past it, or either whatever its size.
 INDEX_SEARCHES = ("auto", "exact", "approximate")
 # Pairs of paintings at most this cosine distance apart are listed as the same picture by
-# `python -m pipeline.duplicates`: with the shipped model's embedding, the largest round
-# distance that lists fewer than 1 in 1,000 pairs of distinct paintings (measured with
-# `python -m bench.similar_quality`; docs/similar.md has the figures).
-DUPLICATE_MAX_DISTANCE = 0.2
+# The embedding's fingerprint part (models/fingerprint.py): its numbers, at most. With the
+# shipped model's 256 of projection and 16 styles, the whole vector is 512 float16 numbers,
+# 1 KB a painting.
+FINGERPRINT_DIMENSION = 240
+# The share of the style part's squared length that the style probabilities take (their
+# square roots), the head's projection taking the rest: the probabilities say outright what
+# the projection says among much else (docs/similar.md measures the share).
+STYLE_PROBABILITY_SHARE = 0.3
+# The fingerprints' distance within which two paintings are the same picture, that training
+# writes into a bundle's embedding: what similar paintings put first, and what
+# `python -m pipeline.duplicates` lists by default. For the shipped model's fingerprint, a
+# round distance that lists at least 98% of altered copies and fewer than 1 in 1,000 pairs
+# of distinct paintings (measured with `python -m bench.similar_quality`; docs/similar.md).
+SAME_PICTURE_DISTANCE = 0.6

@@ -16,10 +16,15 @@ manifest still names the files it had. Writers take a lock on the folder (`writi
 
 ## Search
 Vectors are unit length and compared by cosine distance, 1 - their dot product (FAISS's
-inner product). Up to EXACT_LIMIT items the index is exact (`IndexFlatIP`, every vector
-compared); past it, approximate: IVF, the vectors filed under the nearest of `nlist` cells
-(k-means centroids fitted on the first vectors added) and a query compared with those of
-its `nprobe` nearest cells, whose recall against exact search is measured in
+inner product). A vector of two parts (models/embedding.py) is compared a part at a time,
+by a query that is zero outside that part: similar paintings by their style, except that
+the painting whose fingerprint is nearest the query's comes first where it is the same
+picture (within the embedding's `same_picture_distance`); duplicates by their fingerprints.
+
+Up to EXACT_LIMIT items the index is exact (`IndexFlatIP`, every vector compared); past
+it, approximate: IVF, the vectors filed under the nearest of `nlist` cells (k-means
+centroids fitted on the first vectors added) and a query compared with those of its
+`nprobe` nearest cells, whose recall against exact search is measured in
 bench/similar.py and docs/similar.md. Both take more vectors without a rebuild.
 
 Importable without Keras, TensorFlow or Beam, and FAISS loads on first use: the service and
@@ -46,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.embedding import EmbeddingSpec, EmbeddingSpecError, unit_vectors
+from models.embedding import FINGERPRINT, STYLE, EmbeddingSpec, EmbeddingSpecError, unit_vectors
 from models.settings import INDEX_SEARCHES
 
 if TYPE_CHECKING:
@@ -72,6 +77,11 @@ CELLS_PER_SQRT_ITEMS = 4
 TRAINING_PER_CELL = 40
 # Cells a query visits: recall against time (bench/similar.py measures both).
 NPROBE = 32
+# ... times this for a query by fingerprint: the cells are fitted on whole vectors, so a
+# fingerprint's nearest lie in fewer of the cells nearest by fingerprint alone (over the
+# 33,725 paintings, the most similar painting of an altered copy is the exact search's for
+# 97% of copies at 1 x, 99.6% at 4 x, 99.9% at 8 x: docs/similar.md).
+FINGERPRINT_CELLS_FACTOR = 8
 # Vectors normalised and handed to FAISS at a time by `add`.
 ADD_CHUNK = 65_536
 # Queries per FAISS call in `near_pairs`: each block's similarities are computed at once.
@@ -89,9 +99,10 @@ ITEM_SCHEMA = pa.schema(
 )
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names[1:])  # what an item takes from a run's rows
 # `python -m pipeline.similar`'s rows: one per (query, neighbour), nearest first, with the
-# neighbour's item. A query without neighbours is one row of its own, with no neighbour: one
-# that could not be asked (its image unreadable, `error` says why), or that has none within
-# the distance asked.
+# neighbour's item. `distance` is the style's; `same_picture` says the fingerprints match
+# (those rows come first). A query without neighbours is one row of its own, with no
+# neighbour: one that could not be asked (its image unreadable, `error` says why), or that
+# has none within the distance asked.
 NEIGHBOUR_ITEM_COLUMNS = ("id", "title", "style", "confidence", "label")
 NEIGHBOUR_SCHEMA = pa.schema(
     [
@@ -99,12 +110,14 @@ NEIGHBOUR_SCHEMA = pa.schema(
         pa.field("rank", pa.int32()),
         pa.field("uri", pa.string()),
         pa.field("distance", pa.float32()),
+        pa.field("same_picture", pa.bool_()),
         *(ITEM_SCHEMA.field(name).with_nullable(True) for name in NEIGHBOUR_ITEM_COLUMNS),
         pa.field("error", pa.string()),
     ]
 )
-# `python -m pipeline.duplicates`'s rows: one per near pair, `group` joining pairs that share
-# a painting (connected components), numbered from 1 in the order of their first item.
+# `python -m pipeline.duplicates`'s rows: one per near pair (by fingerprint), `group`
+# joining pairs that share a painting (connected components), numbered from 1 in the order
+# of their first item.
 DUPLICATE_SCHEMA = pa.schema(
     [
         pa.field("uri_a", pa.string()),
@@ -241,10 +254,13 @@ def _approximate_from_json(search: dict, where: str) -> IvfParameters | None:
 
 @dataclass(frozen=True)
 class Neighbours:
-    """One query's neighbours: item ids and cosine distances, nearest first."""
+    """One query's neighbours: item ids and cosine distances, nearest first; of similar
+    paintings (`search`, of an embedding with a fingerprint), the distances are their
+    style's, and each says whether it is the same picture."""
 
     ids: np.ndarray  # int64
     distances: np.ndarray  # float32
+    same_picture: np.ndarray | None = None  # bool
 
 
 class VectorIndex:
@@ -320,35 +336,88 @@ class VectorIndex:
     def search(
         self, queries: np.ndarray, k: int, max_distance: float | None = None
     ) -> list[Neighbours]:
-        """Each query's `k` nearest items (fewer where the index has fewer, or where
-        `max_distance` leaves some out), nearest first."""
+        """Each query's `k` most similar items (fewer where the index has fewer, or where
+        `max_distance` of style leaves some out), nearest in style first, except the item
+        whose fingerprint is nearest, which comes first if it is the same picture (see
+        `_same_picture_first`)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
         queries = self._queries(queries)
         if self.size == 0:  # an approximate index without vectors has no cells to search
             return [_no_neighbours() for _ in queries]
+        spec = self.manifest.embedding
         with _threads_for(len(queries)):
-            similarities, ids = self._vectors.search(queries, k, params=self._search_parameters())
+            similarities, ids = self._vectors.search(
+                spec.query(queries, STYLE), k, params=self._search_parameters(STYLE)
+            )
+            if spec.fingerprint_dimension:
+                _, nearest_pictures = self._vectors.search(
+                    spec.query(queries, FINGERPRINT), 1, params=self._search_parameters(FINGERPRINT)
+                )
         found = []
-        for row_ids, row_similarities in zip(ids, similarities, strict=True):
+        for row, (row_ids, row_similarities) in enumerate(zip(ids, similarities, strict=True)):
             keep = row_ids >= 0  # FAISS pads with -1 where it has fewer than k
             distances = _distances(row_similarities[keep])
-            row_ids = row_ids[keep]
+            row_ids = row_ids[keep].astype(np.int64)
             if max_distance is not None:
                 near = distances <= max_distance
                 row_ids, distances = row_ids[near], distances[near]
-            found.append(Neighbours(row_ids.astype(np.int64), distances))
+            by_style = Neighbours(row_ids, distances)
+            if spec.fingerprint_dimension:
+                by_style = self._same_picture_first(
+                    queries[row], nearest_pictures[row, 0], by_style, k
+                )
+            found.append(by_style)
         return found
 
+    def _same_picture_first(
+        self, query: np.ndarray, nearest_picture: int, by_style: Neighbours, k: int
+    ) -> Neighbours:
+        """`by_style`, with the item of the nearest fingerprint first where it is the same
+        picture (within the embedding's `same_picture_distance`), however far in style, and
+        each item marked the same picture or not.
+
+        Only that one item is moved: a collection's paintings of one look lie within that
+        distance of each other too, a few for each painting in a large collection, and all
+        of them first would push the paintings of the query's style down the list
+        (docs/similar.md measures both)."""
+        ids, distances = by_style.ids, by_style.distances
+        if nearest_picture >= 0 and self._same_pictures(query, np.array([nearest_picture]))[0]:
+            elsewhere = ids != nearest_picture
+            own = (
+                distances[~elsewhere]
+                if not elsewhere.all()
+                else self._style_distances(query, np.array([nearest_picture]))
+            )
+            ids = np.concatenate([[nearest_picture], ids[elsewhere]])[:k]
+            distances = np.concatenate([own, distances[elsewhere]])[:k]
+        return Neighbours(ids, distances, self._same_pictures(query, ids))
+
+    def _style_distances(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return _distances(self._part_similarities(query, ids, STYLE))
+
+    def _same_pictures(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Whether each item's fingerprint is within the same-picture distance of `query`'s."""
+        distances = _distances(self._part_similarities(query, ids, FINGERPRINT))
+        return distances <= self.manifest.embedding.same_picture_distance
+
+    def _part_similarities(self, query: np.ndarray, ids: np.ndarray, part: str) -> np.ndarray:
+        """The dot products of `query`'s `part` with the items', each summed on its own (a
+        matrix product's rounding would depend on how many items are asked about)."""
+        part_query = self.manifest.embedding.query(query.reshape(1, -1), part)
+        return np.sum(self.vectors(ids) * part_query, axis=1)
+
     def within(self, queries: np.ndarray, max_distance: float) -> list[Neighbours]:
-        """Every item at most `max_distance` from each query, nearest first (on an
-        approximate index, those in the query's `nprobe` nearest cells)."""
-        queries = self._queries(queries)
+        """Every item whose fingerprint is at most `max_distance` from each query's, nearest
+        first (on an approximate index, those in the cells the query visits)."""
+        queries = self.manifest.embedding.query(self._queries(queries), FINGERPRINT)
         if self.size == 0:
             return [_no_neighbours() for _ in queries]
         with _threads_for(len(queries)):
             limits, similarities, ids = self._vectors.range_search(
-                queries, _similarity_floor(max_distance), params=self._search_parameters()
+                queries,
+                _similarity_floor(max_distance),
+                params=self._search_parameters(FINGERPRINT),
             )
         found = []
         for start, end in itertools.pairwise(limits):
@@ -361,8 +430,9 @@ class VectorIndex:
         return found
 
     def near_pairs(self, max_distance: float) -> pa.Table:
-        """Every pair of items at most `max_distance` apart (DUPLICATE_SCHEMA), each pair
-        once, grouped: a group is the pairs that are joined through shared items."""
+        """Every pair of items whose fingerprints are at most `max_distance` apart
+        (DUPLICATE_SCHEMA), each pair once, grouped: a group is the pairs that are joined
+        through shared items."""
         firsts, seconds, distances = [], [], []
         for start in range(0, self.size, PAIR_QUERY_BLOCK):
             block = np.arange(start, min(start + PAIR_QUERY_BLOCK, self.size))
@@ -409,12 +479,14 @@ class VectorIndex:
         ids = np.concatenate([np.zeros(0, np.int64), *(one.ids for one in found)])
         distances = np.concatenate([np.zeros(0, np.float32), *(one.distances for one in found)])
         ranks = np.concatenate([np.zeros(0, np.int32), *(np.arange(1, n + 1) for n in counts)])
+        same = np.concatenate([np.zeros(0, bool), *(_same_picture(one) for one in found)])
         items = self.items.take(pa.array(ids, pa.int64()))
         columns = {
             "query": pa.array(np.repeat(np.asarray(queries, dtype=object), counts), pa.string()),
             "rank": pa.array(ranks, pa.int32()),
             "uri": items.column("uri"),
             "distance": pa.array(distances, pa.float32()),
+            "same_picture": pa.array(same, pa.bool_()),
             **{name: items.column(name) for name in NEIGHBOUR_ITEM_COLUMNS},
             "error": pa.nulls(len(ids), pa.string()),
         }
@@ -477,12 +549,14 @@ class VectorIndex:
             )
         return unit_vectors(queries)
 
-    def _search_parameters(self) -> faiss.SearchParameters | None:
-        """IVF's nprobe, per call."""
+    def _search_parameters(self, part: str) -> faiss.SearchParameters | None:
+        """IVF's nprobe, per call: more cells for the fingerprint part of a two-part vector."""
         approximate = self.manifest.approximate
         if approximate is None:
             return None
-        return _faiss().SearchParametersIVF(nprobe=approximate.nprobe)
+        two_parts = bool(self.manifest.embedding.fingerprint_dimension)
+        factor = FINGERPRINT_CELLS_FACTOR if part == FINGERPRINT and two_parts else 1
+        return _faiss().SearchParametersIVF(nprobe=approximate.nprobe * factor)
 
 
 def query_without_neighbours(query: str | None, error: str | None = None) -> dict[str, Any]:
@@ -538,8 +612,14 @@ def _empty_faiss_index(dimension: int, approximate: IvfParameters | None) -> fai
     )
 
 
+def _same_picture(found: Neighbours) -> np.ndarray:
+    if found.same_picture is None:
+        return np.zeros(len(found.ids), bool)
+    return found.same_picture
+
+
 def _no_neighbours() -> Neighbours:
-    return Neighbours(np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return Neighbours(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool))
 
 
 def _distances(similarities: np.ndarray) -> np.ndarray:

@@ -22,10 +22,13 @@ def run(argv: list[str] | None = None) -> pa.Table:
     from pipeline.result_tables import duplicates_text, write_table
 
     index = VectorIndex.load(args.index)
-    pairs = index.near_pairs(args.max_distance)
+    max_distance = args.max_distance
+    if max_distance is None:
+        max_distance = index.manifest.embedding.same_picture_distance
+    pairs = index.near_pairs(max_distance)
     if args.output:
         write_table(pairs, args.output)
-    print(duplicates_text(pairs, args.max_distance, args.show))
+    print(duplicates_text(pairs, max_distance, args.show))
     if args.output:
         print(f"artstyle: {len(pairs):,} pairs written to {args.output}")
     return pairs

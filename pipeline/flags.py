@@ -20,11 +20,11 @@ from typing import Any, NoReturn
 
 from models.settings import (
     DEFAULT_BUNDLE,
-    DUPLICATE_MAX_DISTANCE,
     ENGINES,
     FEATURE_KINDS,
     INDEX_SEARCHES,
     PRECISIONS,
+    SAME_PICTURE_DISTANCE,
     HeadConfig,
     check_backbone_names,
 )
@@ -372,8 +372,7 @@ INDEX = flag(
 )
 MAX_DISTANCE = flag(
     "--max_distance",
-    "The largest cosine distance listed: 0 for the same direction, 1 for unrelated "
-    "paintings, 2 for opposite ones",
+    "The largest cosine distance listed (0: the same direction, 1: unrelated, 2: opposite)",
     type=number(0),
     metavar="D",
     default=None,
@@ -472,16 +471,22 @@ def add_index_flags(parser: argparse.ArgumentParser) -> None:
     SEARCH(parser)
 
 
-def add_max_distance_flag(parser: argparse.ArgumentParser, default: float | None) -> None:
-    """--max_distance, for the commands that list neighbours or pairs, with their default."""
+def add_max_distance_flag(
+    parser: argparse.ArgumentParser, default: float | None, compared: str
+) -> None:
+    """--max_distance, for the commands that list neighbours or pairs, with their default
+    and what they compare (the paintings' style, or their fingerprints)."""
     shown = "none" if default is None else default
-    MAX_DISTANCE.but(f"(default: {shown}).", default=default)(parser)
+    MAX_DISTANCE.but(f"between {compared} (default: {shown}).", default=default)(parser)
 
 
 def add_duplicates_flags(parser: argparse.ArgumentParser) -> None:
     """python -m pipeline.duplicates's."""
     parser.add_argument("index", metavar="INDEX", help="An index (python -m pipeline.index).")
-    add_max_distance_flag(parser, DUPLICATE_MAX_DISTANCE)
+    MAX_DISTANCE.but(
+        "between fingerprints (default: the index's embedding's same_picture_distance, "
+        f"{SAME_PICTURE_DISTANCE} for the shipped model)."
+    )(parser)
     add(
         parser,
         OUTPUT.but(help="Write every pair there too.", metavar="FILE.parquet"),
@@ -505,7 +510,7 @@ def add_similar_flags(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="Nearest paintings listed per query (default: %(default)d).",
     )
-    add_max_distance_flag(parser, None)
+    add_max_distance_flag(parser, None, "styles; the same picture is listed whatever its style")
     add(
         parser,
         OUTPUT.but(

@@ -10,13 +10,13 @@ they are absent from both, and the page says how many.
 
 The run's paintings become an index as `python -m pipeline.index` builds one: read as stored,
 in float16, then held once in FAISS as float32, the only copy of them all in float32 (the
-adds convert a chunk at a time). Its likely duplicates are the index's `near_pairs` at
-models.settings.DUPLICATE_MAX_DISTANCE: the pairs and groups that `python -m
+adds convert a chunk at a time). Its likely duplicates are the index's `near_pairs` at its
+embedding's `same_picture_distance`: the pairs and groups that `python -m
 pipeline.duplicates` lists. The map is at most MAP_MAX_POINTS of the paintings, chosen by a
 digest of their URI (the same ones however the run's files are sharded), placed by the first
-two principal components of their vectors, computed by numpy on those paintings alone: a
-linear projection, so paintings near in the embedding are near on the map (not always the
-converse), and the same vectors always give the same map.
+two principal components of their vectors' style parts, computed by numpy on those
+paintings alone: a linear projection, so paintings near in style are near on the map (not
+always the converse), and the same vectors always give the same map.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.settings import DUPLICATE_MAX_DISTANCE
+from models.embedding import STYLE
 from models.vector_index import VectorIndex
 from pipeline.figures import style_colours
 from pipeline.index import new_index, new_paintings
@@ -128,7 +128,8 @@ def embedding_sections(embeddings: RunEmbeddings, classes: Sequence[str]) -> Emb
     """The map and the likely duplicates of the run whose embeddings these are."""
     index = run_index(embeddings)
     return EmbeddingSections(
-        run_map(index, classes), likely_duplicates(index, DUPLICATE_MAX_DISTANCE)
+        run_map(index, classes),
+        likely_duplicates(index, index.manifest.embedding.same_picture_distance),
     )
 
 
@@ -152,7 +153,8 @@ def run_map(index: VectorIndex, classes: Sequence[str]) -> RunMap:
         dtype=bool,
     )
     drawn = drawn_ids(items.column("uri"), MAP_MAX_POINTS)
-    coordinates, variance = principal_plane(index.vectors(drawn))
+    styles = index.manifest.embedding.part(index.vectors(drawn), STYLE)
+    coordinates, variance = principal_plane(styles)
     xs, ys = _fitted(coordinates, MAP_WIDTH, MAP_HEIGHT, MAP_MARGIN)
     rows = items.take(pa.array(drawn, pa.int64())).to_pylist()
     colours = style_colours(classes)

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-NEIGHBOUR_COLUMNS = ("rank", "distance", "uri", "title", "style", "confidence", "label")
+NEIGHBOUR_COLUMNS = ("rank", "distance", "same_picture", "uri", "title", "style", "confidence",
+                     "label")  # fmt: skip
 URI_WIDTH = 60  # characters of a URI printed (its end: the file name)
 TEXT_WIDTH = 30  # of a title, a style or a label
 ELLIPSIS = "…"
@@ -35,7 +36,7 @@ def neighbours_text(table: pa.Table, queries_shown: int | None = None) -> str:
     if not len(table):
         return "no neighbours (none within --max_distance)"
     neighbours = table.filter(pc.field("rank").is_valid())
-    columns = [name for name in NEIGHBOUR_COLUMNS if neighbours[name].null_count < len(neighbours)]
+    columns = [name for name in NEIGHBOUR_COLUMNS if _shows_something(neighbours[name])]
     by_query: dict[str, list[dict[str, Any]]] = {}
     for row in table.to_pylist():
         query = "(no uri)" if row["query"] is None else row["query"]
@@ -47,6 +48,13 @@ def neighbours_text(table: pa.Table, queries_shown: int | None = None) -> str:
     if more > 0:
         blocks.append(f"... and {more:,} more queries (--output writes them all)")
     return "\n\n".join(blocks)
+
+
+def _shows_something(column: pa.ChunkedArray) -> bool:
+    """A column worth printing: one with a value, and for `same_picture`, with a match."""
+    if pa.types.is_boolean(column.type):
+        return bool(pc.any(column).as_py())
+    return column.null_count < len(column)
 
 
 def _query_block(query: str, rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -3,7 +3,9 @@
 1. A Beam pipeline writes one feature vector per image to Parquet (pipeline/features.py).
 2. Heads are cross-fitted on the training split's features and merged into one, and their
    out-of-fold logits calibrate its temperature (models/crossfit.py).
-3. The evaluation split is scored once, and the bundle is written with its manifest:
+3. With --projection, the embedding's fingerprint is fitted on the training features
+   (models/fingerprint.py).
+4. The evaluation split is scored once, and the bundle is written with its manifest:
    data, flags, the exact command and the scores, so any figure can be reproduced.
 """
 
@@ -23,7 +25,10 @@ from pipeline import terminal
 from pipeline.flags import TRAIN_COMMAND
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from models.bundle import Manifest
+    from models.fingerprint import Fingerprint
 
 
 def catalog_digest(files: Sequence[str]) -> str:
@@ -48,7 +53,7 @@ def run(argv: list[str] | None = None) -> Manifest:
 
     from models.backbones import input_size_of
     from models.crossfit import fit_bundle_head
-    from models.embedding import HEAD_PROJECTION, EmbeddingSpec
+    from models.embedding import STYLE_AND_FINGERPRINT, EmbeddingSpec
     from pipeline.features import build_feature_graph, default_features_dir, training_data
     from pipeline.plan import Workers
     from pipeline.progress_bar import progress_bar
@@ -71,14 +76,17 @@ def run(argv: list[str] | None = None) -> Manifest:
         with progress_bar(Workers.of(options), catalog), beam.Pipeline(options=options) as pipeline:
             build_feature_graph(pipeline, options, catalog, features_dir)  # runs on leaving
     feature_seconds = time.perf_counter() - started
+    data = training_data(features_dir, train_options)
     head, fit = fit_bundle_head(
-        training_data(features_dir, train_options),
-        train_options.head_config(),
-        train_options.folds,
-        train_options.eval_split,
+        data, train_options.head_config(), train_options.folds, train_options.eval_split
     )
     backbone, feature_kind = train_options.backbone, train_options.feature_kind
     projection = train_options.projection
+    fingerprint, embedding = None, None
+    if projection:
+        fingerprint = fitted_fingerprint(data.train.features, backbone, feature_kind)
+        dimension = projection + len(fit.classes) + fingerprint.dimension
+        embedding = EmbeddingSpec(dimension, STYLE_AND_FINGERPRINT, fingerprint.dimension)
     manifest = Manifest(
         id=train_options.model_id or f"artstyle-{backbone}-{feature_kind}",
         version=datetime.now(UTC).strftime("%Y.%m.%d"),
@@ -87,7 +95,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         ),
         head=fit.head,
         classes=fit.classes,
-        embedding=EmbeddingSpec(projection, HEAD_PROJECTION) if projection else None,
+        embedding=embedding,
         training={
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
             "catalog": catalog_options.input,
@@ -99,9 +107,21 @@ def run(argv: list[str] | None = None) -> Manifest:
         },
         scores=fit.scores,
     )
-    save_bundle(output, manifest, head)
+    save_bundle(output, manifest, head, fingerprint)
     print(training_summary(manifest, output))
     return manifest
+
+
+def fitted_fingerprint(features: np.ndarray, backbone: str, feature_kind: str) -> Fingerprint:
+    """The embedding's fingerprint (models/fingerprint.py), fitted on the training paintings'
+    features as they are (their mirrors would add nothing: a mirror is another picture)."""
+    from models.backbones import feature_extractor, pooled_columns
+    from models.fingerprint import Fingerprint
+    from models.settings import FINGERPRINT_DIMENSION
+
+    extractor = feature_extractor(backbone, feature_kind, weights=None)  # its shapes alone
+    columns = pooled_columns(extractor, backbone, feature_kind)
+    return Fingerprint.fitted(features, columns, FINGERPRINT_DIMENSION)
 
 
 def training_summary(manifest: Manifest, output: str) -> str:

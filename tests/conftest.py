@@ -10,7 +10,8 @@ from PIL import Image
 
 from models.bundle import BackboneSpec, HeadSpec, Manifest, save_bundle
 from models.cache import CACHE_DIR_VARIABLE
-from models.embedding import HEAD_PROJECTION, EmbeddingSpec
+from models.embedding import STYLE_AND_FINGERPRINT, EmbeddingSpec
+from models.fingerprint import Fingerprint
 from models.head import HeadConfig, build_head, low_rank_head, merge_heads
 from tests.faulty_host import faulty_host, flaky_filesystem  # noqa: F401 (fixtures for all)
 
@@ -18,10 +19,21 @@ CLASSES = ["Blue_Period", "Green_Period", "Red_Period"]
 COLOURS = {"Blue_Period": (30, 60, 200), "Green_Period": (40, 170, 60), "Red_Period": (210, 40, 30)}
 
 
-def painting(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72)) -> Path:
-    """A noisy field of one colour: stands in for a painting in a style of that colour."""
+def painting(
+    path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72), shapes: int = 0
+) -> Path:
+    """A noisy field of one colour: stands in for a painting in a style of that colour. With
+    `shapes`, that many blocks of other colours on it, placed by `seed`: another picture for
+    each seed (fields alone are the same picture to a fingerprint, whatever their noise)."""
     rng = np.random.default_rng(seed)
     pixels = np.clip(rng.normal(colour, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    for _ in range(shapes):
+        left, top = rng.integers(0, size[0] * 3 // 4), rng.integers(0, size[1] * 3 // 4)
+        width, height = (
+            rng.integers(size[0] // 8, size[0] // 3),
+            rng.integers(size[1] // 8, size[1] // 3),
+        )
+        pixels[top : top + height, left : left + width] = rng.integers(0, 256, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
@@ -63,19 +75,41 @@ def tiny_bundle(tmp_path_factory) -> str:
     return str(path)
 
 
-PROJECTION = 8  # the embedding's dimension of `projection_bundle`
+PROJECTION = 8  # the head's projection in `projection_bundle`: its embedding's style part
+FINGERPRINT = 12  # the fingerprint's numbers in `projection_bundle`
+EMBEDDING_DIMENSION = PROJECTION + len(CLASSES) + FINGERPRINT
+# Its fingerprints' distance for the same picture: the tests' pictures, whole or at half
+# size, are nearer; two of them are not (their blocks are all that tells them apart).
+SAME_PICTURE = 0.05
 
 
 def projection_bundle_at(path: Path, model_id: str = "tiny-projection-model") -> str:
     """EfficientNet-Lite0 with a seeded 3-style head that reads its features through a
-    projection to PROJECTION numbers, as `--projection` trains one: its embedding."""
+    projection to PROJECTION numbers, and a fingerprint of FINGERPRINT numbers, as
+    `--projection` trains them: its embedding."""
     features = np.random.default_rng(1).normal(size=(64, 1280)).astype(np.float32)
     keras.utils.set_random_seed(1)
     merged = merge_heads([build_head(features, len(CLASSES), HeadConfig(hidden_units=16, seed=1))])
     head = low_rank_head(merged, features, PROJECTION)
-    embedding = EmbeddingSpec(PROJECTION, HEAD_PROJECTION)
-    save_bundle(str(path), lite0_manifest(model_id, CLASSES, embedding), head)
+    fingerprint = Fingerprint.fitted(pictures_features(path.parent / "pictures"), [(0, 1280)],
+                                     FINGERPRINT)  # fmt: skip
+    embedding = EmbeddingSpec(EMBEDDING_DIMENSION, STYLE_AND_FINGERPRINT, FINGERPRINT, SAME_PICTURE)
+    save_bundle(str(path), lite0_manifest(model_id, CLASSES, embedding), head, fingerprint)
     return str(path)
+
+
+def pictures_features(folder: Path, n: int = 40) -> np.ndarray:
+    """EfficientNet-Lite0's pooled features of `n` pictures with shapes, of every colour:
+    what a fingerprint is fitted on (the training paintings' features)."""
+    from models.backbones import feature_extractor
+    from transforms.images import decode_image
+
+    rng = np.random.default_rng(2)
+    paths = [painting(folder / f"{i}.png", tuple(rng.integers(0, 256, 3)), seed=1000 + i,
+                      shapes=6) for i in range(n)]  # fmt: skip
+    images = np.stack([decode_image(path.read_bytes(), size=224) for path in paths])
+    extractor = feature_extractor("efficientnet_lite0", "pooled")
+    return np.asarray(extractor.predict_on_batch(images))
 
 
 @pytest.fixture(scope="session")

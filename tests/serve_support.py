@@ -251,7 +251,7 @@ def indexed_paintings(tmp_path_factory, bundle_path: str) -> IndexedPaintings:
         folder = tmp_path_factory.mktemp("indexed")
         for i, name in enumerate(SIMILAR_PAINTINGS):
             colour = COLOURS[name.split("-")[0]]
-            painting(folder / "images" / name, colour, seed=i, size=(120, 90))
+            painting(folder / "images" / name, colour, seed=i, size=(120, 90), shapes=6)
         titles = tuple(f"Painting {i}" if i != 4 else MARKUP_TITLE
                        for i in range(len(SIMILAR_PAINTINGS)))  # fmt: skip
         catalog = pd.DataFrame(

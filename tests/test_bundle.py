@@ -323,3 +323,42 @@ def test_every_command_stops_a_model_that_cannot_run_in_one_line_before_any_work
     err = capsys.readouterr().err
     assert (stop.value.code, err.count("\n"), err[: len(line)]) == (2, 1, line), err
     assert not out.exists()
+
+
+EMBEDDING_BREAKAGES = {
+    "no fingerprint": (lambda b: (b / "fingerprint.npz").unlink(),
+                       r"^{b}/fingerprint.npz is missing$"),
+    "damaged fingerprint": (lambda b: (b / "fingerprint.npz").write_bytes(b"PK\x03\x04junk"),
+                            r"^{b}/fingerprint.npz is not a readable fingerprint \(.+\)$"),
+    "another dimension": (
+        lambda b: edit_manifest(b, lambda m: m["embedding"].update(dimension=40,
+                                                                   fingerprint_dimension=29)),
+        r"^{b}/fingerprint.npz has 12 dimensions; the manifest's embedding says 29$"),
+    "an embedding of old": (
+        lambda b: edit_manifest(b, lambda m: m["embedding"].update(kind="head_projection")),
+        r"^'{b}': its embedding is 'head_projection', which this version does not compute"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage", EMBEDDING_BREAKAGES)
+def test_a_bundle_whose_embedding_cannot_be_made_is_one_line_at_load(
+    tmp_path, projection_bundle, breakage
+):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(projection_bundle, bundle)
+    breaks, message = EMBEDDING_BREAKAGES[breakage]
+    breaks(bundle)
+    with pytest.raises(BundleError, match=message.format(b=bundle)):
+        ModelBundle.load(str(bundle))
+
+
+def test_a_bundle_with_an_embedding_is_saved_with_its_fingerprint_only(tmp_path, tiny_bundle):
+    manifest = ModelBundle.load(tiny_bundle).manifest
+    head = ModelBundle.load(tiny_bundle).load_head()
+    with_embedding = Manifest.from_json(
+        {**manifest.to_json(), "embedding": {"dimension": 20, "kind": "style_and_fingerprint",
+                                             "fingerprint_dimension": 9}},
+        "here",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="a bundle with an embedding has a fingerprint"):
+        save_bundle(str(tmp_path / "b"), with_embedding, head)

@@ -164,3 +164,22 @@ def test_with_embeddings_it_gives_kerass_two_outputs_in_either_precision(cache, 
     plain = load_openvino_classifier(projection_bundle, None, "float32", 2)
     np.testing.assert_allclose(plain.predict_on_batch(batch), probabilities, atol=1e-5)
     assert len(list((cache / "openvino").glob("*/classifier.xml"))) == 2
+
+
+def test_cut_at_the_head_the_embeddings_fingerprint_is_on_the_heads_side(cache, projection_bundle):
+    """The fingerprint reads the features as the head does: both readers are cut from the
+    backbone, and the two parts in float32 compute the whole classifier of two outputs."""
+    import openvino
+
+    core = openvino.Core()
+    bundle = ModelBundle.load(projection_bundle)
+    model = openvino_engine.classifier_model(core, bundle, None, embeddings=True)
+    model.reshape([2, 224, 224, 3])
+    batch = images(2).astype(np.float32)
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    whole = core.compile_model(model, "CPU", f32)(batch)
+    backbone, head = openvino_engine.split_at_head(model)
+    features = core.compile_model(backbone, "CPU", f32)(batch)[0]
+    parts = core.compile_model(head, "CPU", f32)(features)
+    for output in range(2):
+        np.testing.assert_allclose(parts[output], whole[output], atol=1e-5)

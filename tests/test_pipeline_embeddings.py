@@ -14,7 +14,7 @@ from models.cache import CACHE_DIR_VARIABLE
 from models.vector_index import VectorIndex
 from pipeline.index import run as index
 from pipeline.predict import embeddings_schema, run
-from tests.conftest import CLASSES, COLOURS, PROJECTION, painting
+from tests.conftest import CLASSES, COLOURS, EMBEDDING_DIMENSION, painting
 from transforms.catalog import open_catalog
 from transforms.embeddings import EmbeddingsOrigin, open_run_embeddings
 from transforms.fetch import read_file
@@ -82,7 +82,7 @@ def test_a_run_writes_one_embedding_per_predicted_row_beside_the_predictions(
     for column in ("title", "label", "style", "confidence"):
         assert embeddings[column].tolist() == predicted[column].tolist()
     vectors = np.stack(embeddings["embedding"].to_numpy()).astype(np.float32)
-    assert vectors.shape == (len(GOOD), PROJECTION)
+    assert vectors.shape == (len(GOOD), EMBEDDING_DIMENSION)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)  # float16
     expected = keras_embeddings(projection_bundle, tmp_path, embeddings["uri"])
     np.testing.assert_allclose(vectors, expected, atol=2e-3)

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 import pipeline.report_map
-from models.settings import DUPLICATE_MAX_DISTANCE
 from pipeline.outputs import FILES_RECORD
 from pipeline.predict import run as predict
 from pipeline.report import run as report
@@ -64,9 +63,6 @@ def pattern(kind: str, size: int = 120) -> np.ndarray:
 KINDS = ("stripes", "bands", "checks", "tiles", "gradient", "noise")
 
 
-TINY_MODEL_MAX_DISTANCE = 0.05  # the report's duplicates threshold for the tiny model's runs
-
-
 @pytest.fixture(scope="module")
 def mapped_run(tmp_path_factory, projection_bundle) -> Path:
     """`python -m pipeline --embeddings --report` over a labelled catalog of six distinct
@@ -87,13 +83,9 @@ def mapped_run(tmp_path_factory, projection_bundle) -> Path:
     frame = pd.DataFrame({"uri": uris, "style": labels, "title": titles})
     frame.to_csv(folder / "catalog.csv", index=False)
     output = folder / "out"
-    with pytest.MonkeyPatch.context() as patch:
-        # The tiny model's embedding is not the shipped one's: its distinct pictures lie
-        # closer than the shipped threshold, so the run uses one for its scale.
-        patch.setattr(pipeline.report_map, "DUPLICATE_MAX_DISTANCE", TINY_MODEL_MAX_DISTANCE)
-        predict([f"--input={folder / 'catalog.csv'}", f"--output={output}",
-                 f"--model={projection_bundle}", "--embeddings", "--report",
-                 "--batch_size=4"])  # fmt: skip
+    predict([f"--input={folder / 'catalog.csv'}", f"--output={output}",
+             f"--model={projection_bundle}", "--embeddings", "--report",
+             "--batch_size=4"])  # fmt: skip
     return output
 
 
@@ -227,7 +219,6 @@ def test_a_large_runs_map_draws_a_fixed_number_of_paintings_chosen_by_uri(
     shutil.copytree(mapped_run.parent, tmp_path, dirs_exist_ok=True)
     (tmp_path / "images" / "bands.png").unlink()
     monkeypatch.setattr(pipeline.report_map, "MAP_MAX_POINTS", 4)
-    monkeypatch.setattr(pipeline.report_map, "DUPLICATE_MAX_DISTANCE", TINY_MODEL_MAX_DISTANCE)
     output = tmp_path / "out"
     report([str(output), f"--input={tmp_path / 'catalog.csv'}", f"--model={projection_bundle}"])
     html, facts = facts_of(output)
@@ -362,6 +353,9 @@ def test_the_map_colours_by_predicted_style_and_marks_the_mistakes(tmp_path, mon
         assert 0 <= point.x <= the_map.width and 0 <= point.y <= the_map.height
 
 
+PLANTED_WITHIN = 0.2  # the planted copies are nearer; 16-number random rows are not
+
+
 def test_duplicates_are_the_index_near_pairs_and_the_closest_groups_are_shown(
     tmp_path, monkeypatch
 ):
@@ -373,9 +367,9 @@ def test_duplicates_are_the_index_near_pairs_and_the_closest_groups_are_shown(
     monkeypatch.setattr(pipeline.report_map, "MAX_GROUPS_SHOWN", 2)
     monkeypatch.setattr(pipeline.report_map, "MAX_PAINTINGS_PER_GROUP", 2)
     index = run_index(open_run_embeddings(str(run)))
-    found = likely_duplicates(index, DUPLICATE_MAX_DISTANCE)
-    pairs = index.near_pairs(DUPLICATE_MAX_DISTANCE)
-    assert found.max_distance == DUPLICATE_MAX_DISTANCE
+    found = likely_duplicates(index, PLANTED_WITHIN)
+    pairs = index.near_pairs(PLANTED_WITHIN)
+    assert found.max_distance == PLANTED_WITHIN
     assert (found.n_pairs, found.n_groups) == (len(pairs), len(set(pairs["group"].to_pylist())))
     assert (found.n_groups, found.n_paintings) == (4, 9)
     assert [group.size for group in found.groups] == [3, 2]  # painting 1's, then 2's

@@ -304,10 +304,11 @@ def test_with_an_index_the_nearest_paintings_show_under_the_prediction(
     assert browser.title == "artstyle: the style of a painting"
     for shown, answer in zip(neighbours, expected["neighbours"], strict=True):
         assert shown["style"].startswith(answer["style"].replace("_", " "))
-        assert shown["distance"] == f"distance {answer['distance']:.3f}"
+        distance = f"distance {answer['distance']:.3f}"
+        assert shown["distance"] == ("the same picture" if answer["same_picture"] else distance)
         assert shown["width"] == 160 and shown["drawn"] > 0 and shown["missing"] is None
     about = browser.find_element("id", "similar-about").text
-    assert about.startswith("The nearest of the 9 paintings in the index")
+    assert about.startswith("The most similar of the 9 paintings in the index")
     section, result = (browser.find_element("id", name).rect for name in ("similar", "result"))
     assert section["y"] >= result["y"] + result["height"]  # under the prediction
     assert_no_broken_image(browser)

@@ -43,8 +43,8 @@ from transforms.images import decode_image
 loopback_only = serve_support.loopback_only
 image_host = serve_support.image_host
 
-NEIGHBOUR_FIELDS = {"rank", "distance", "id", "uri", "title", "style", "confidence", "label",
-                    "thumbnail"}  # fmt: skip
+NEIGHBOUR_FIELDS = {"rank", "distance", "same_picture", "id", "uri", "title", "style",
+                    "confidence", "label", "thumbnail"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,9 @@ def test_an_upload_gets_its_prediction_and_the_nearest_paintings_first_itself(cl
     nearest = neighbours[0]
     items = VectorIndex.load(indexed.index).items.to_pylist()
     assert nearest["uri"] == indexed.uri(4) and nearest["distance"] < 2e-3
-    assert {k: v for k, v in nearest.items() if k not in ("rank", "distance", "thumbnail")} == (
-        items[nearest["id"]]
-    )
+    assert [n["same_picture"] for n in neighbours] == [True, False, False]
+    found_only = ("rank", "distance", "same_picture", "thumbnail")
+    assert {k: v for k, v in nearest.items() if k not in found_only} == items[nearest["id"]]
     assert nearest["title"] == indexed.titles[4]  # the catalog's, as it was written
     assert nearest["thumbnail"] == f"/similar/items/{nearest['id']}/thumbnail"
     distances = [n["distance"] for n in neighbours]

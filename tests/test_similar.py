@@ -32,7 +32,8 @@ def indexed(tmp_path_factory, projection_bundle):
     """A folder of paintings, a run over them with --embeddings, and its index."""
     folder = tmp_path_factory.mktemp("similar")
     for i, name in enumerate(PAINTINGS):
-        painting(folder / "images" / name, COLOURS[name.split("-")[0]], seed=i, size=(120, 90))
+        painting(folder / "images" / name, COLOURS[name.split("-")[0]], seed=i, size=(120, 90),
+                 shapes=6)  # fmt: skip
     pd.DataFrame(
         {"uri": [f"images/{name}" for name in PAINTINGS],
          "title": [f"Painting {i}" for i in range(len(PAINTINGS))]}
@@ -66,13 +67,15 @@ def test_a_painting_finds_itself_first_and_an_altered_copy_finds_its_original(
     assert rows[0]["title"] == "Painting 4"
     assert rows[3]["uri"] == f"images/{PAINTINGS[4]}"
     assert all(row["error"] is None for row in rows)
+    assert [row["same_picture"] for row in rows] == [True, False, False, True, False, False]
     distances = [row["distance"] for row in rows[:3]]
     assert distances == sorted(distances)
 
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "query: original.jpg"
-    assert printed[1].split() == ["rank", "distance", "uri", "title", "style", "confidence"]
-    assert printed[2].split()[:3] == ["1", f"{rows[0]['distance']:.4f}", rows[0]["uri"]]
+    assert printed[1].split() == ["rank", "distance", "same_picture", "uri", "title", "style",
+                                  "confidence"]  # fmt: skip
+    assert printed[2].split()[:4] == ["1", f"{rows[0]['distance']:.4f}", "True", rows[0]["uri"]]
     assert printed[6] == "query: half.png"
     assert printed[-1] == "artstyle: 2 queries, 6 neighbours (k = 3)"
 

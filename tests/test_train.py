@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from models.bundle import ModelBundle
+from models.settings import SAME_PICTURE_DISTANCE
 from pipeline.features import read_features
 from pipeline.predict import run as predict
 from pipeline.train import run as train
@@ -44,7 +45,15 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     assert manifest.training["counts"] == {"rows": 24, "errors": 0, "train": 18,
                                            "train_mirrored": 0, "eval": 6}  # fmt: skip
     assert manifest.head.fit["folds"] == 3 and len(manifest.head.fit["epochs_trained"]) == 3
-    assert saved["embedding"] == {"dimension": 8, "kind": "head_projection"}
+    fingerprint = ModelBundle.load(str(bundle)).load_fingerprint()
+    assert fingerprint.columns == ((0, 1280),)  # Lite0's pooled features, all of them
+    assert 1 <= fingerprint.dimension <= 17  # the directions 18 training paintings span
+    assert saved["embedding"] == {
+        "dimension": 8 + len(CLASSES) + fingerprint.dimension,  # projection, styles, fingerprint
+        "kind": "style_and_fingerprint",
+        "fingerprint_dimension": fingerprint.dimension,
+        "same_picture_distance": SAME_PICTURE_DISTANCE,
+    }
     assert manifest.scores["out_of_fold"].n_labelled == 18
     assert len(manifest.training["catalog_sha256"]) == 64
     assert (labelled_catalog / "bundle.features").is_dir()
@@ -61,7 +70,8 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
     classifier = ModelBundle.load(str(bundle)).classifier(embeddings=True)
     images = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
     probabilities, embeddings = classifier.predict_on_batch(images)
-    assert probabilities.shape == (2, 3) and embeddings.shape == (2, 8)
+    assert probabilities.shape == (2, 3)
+    assert embeddings.shape == (2, saved["embedding"]["dimension"])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
 
     with pytest.raises(ValueError, match="no mirrors' features"):

@@ -341,3 +341,50 @@ def test_an_empty_index_answers_with_no_neighbours(approximate):
     assert [len(one.ids) for one in index.search(unit_rows(2), k=3)] == [0, 0]
     assert [len(one.ids) for one in index.within(unit_rows(2), 0.5)] == [0, 0]
     assert len(index.near_pairs(0.5)) == 0
+
+
+# --- Vectors of two parts: style, then fingerprint --------------------------------------
+
+PARTS = EmbeddingSpec(16, "test_style_and_fingerprint", fingerprint_dimension=6)
+
+
+def two_part(style: np.ndarray, fingerprint: np.ndarray) -> np.ndarray:
+    """Stored vectors as a bundle makes them: each part at unit length over sqrt(2)."""
+    parts = [part / np.linalg.norm(part, axis=1, keepdims=True) for part in (style, fingerprint)]
+    return (np.concatenate(parts, axis=1) / np.sqrt(2)).astype(np.float32)
+
+
+def test_similar_paintings_come_by_style_with_the_same_picture_first():
+    """Item 0 shares the query's fingerprint (the same picture, altered) but is far from it
+    in style; item 1 shares its style but is another picture: 0 first, marked, then 1."""
+    rng = np.random.default_rng(3)
+    style, fingerprint = rng.normal(size=(40, 10)), rng.normal(size=(40, 6))
+    query_style, query_fingerprint = style[1] + 0.01, fingerprint[0] + 0.01
+    index = VectorIndex.new("test-model-v1", PARTS)
+    index.add(two_part(style, fingerprint), items_for(40))
+    (found,) = index.search(two_part(query_style[None], query_fingerprint[None]), k=3)
+    assert found.ids[:2].tolist() == [0, 1]
+    assert found.same_picture.tolist() == [True, False, False]
+    style_distances = 1 - unit_rows_of(style[found.ids]) @ unit_rows_of(query_style[None])[0]
+    np.testing.assert_allclose(found.distances, style_distances, atol=1e-5)
+    (near_only,) = index.search(two_part(query_style[None], query_fingerprint[None]), k=3,
+                                max_distance=0.05)  # fmt: skip
+    assert near_only.ids.tolist() == [0, 1]  # the same picture stays, however far in style
+    table = index.neighbour_table(["q"], [found])
+    assert table.column("same_picture").to_pylist() == [True, False, False]
+
+
+def test_duplicates_are_pairs_of_fingerprints_whatever_their_style():
+    rng = np.random.default_rng(4)
+    style, fingerprint = rng.normal(size=(30, 10)), rng.normal(size=(30, 6))
+    fingerprint[7] = fingerprint[3] + 0.01  # the same picture twice, in other styles
+    style[12] = style[5]  # one style, two pictures
+    index = VectorIndex.new("test-model-v1", PARTS)
+    index.add(two_part(style, fingerprint), items_for(30))
+    pairs = index.near_pairs(0.01)
+    assert list(zip(pairs.column("id_a").to_pylist(), pairs.column("id_b").to_pylist(),
+                    strict=True)) == [(3, 7)]  # fmt: skip
+
+
+def unit_rows_of(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

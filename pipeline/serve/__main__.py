@@ -33,7 +33,7 @@ def serve() -> None:
     with bind(config) as address:
         bundle = ModelBundle.load(config.model)
         index = opened_index(config, bundle)
-        check_head(bundle, config.engine)
+        check_head(bundle, config.engine, embeddings=index is not None)
         from pipeline.serve.app import create_app  # FastAPI, and what runs the model
 
         logging.getLogger("artstyle.serve").setLevel(logging.INFO)
@@ -49,11 +49,12 @@ def opened_index(config: ServeConfig, bundle: ModelBundle) -> VectorIndex | None
     return open_index(config.index, bundle) if config.index is not None else None
 
 
-def check_head(bundle: ModelBundle, engine: str) -> None:
+def check_head(bundle: ModelBundle, engine: str, embeddings: bool) -> None:
     """A head Keras refuses is one line, not a service that never loads. (OpenVINO, running
-    files it converted before, needs no check: Keras read the head then.)"""
+    files it converted before, needs no check: Keras read the head then. The classifier it
+    runs is the one with embeddings where the service has an index.)"""
     on_keras = choose_engine(engine, on_this_machine=True).engine == "keras"
-    if on_keras or not converted_file(bundle, None).is_file():
+    if on_keras or not converted_file(bundle, None, embeddings).is_file():
         bundle.check_head()
 
 

@@ -77,7 +77,11 @@ class Prediction(BaseModel):
 
 class Neighbour(BaseModel):
     rank: int = Field(description="1 for the nearest.")
-    distance: float = Field(description="Cosine distance: 0 the same direction, 1 unrelated.")
+    distance: float = Field(description="Cosine distance of style: 0 the same, 1 unrelated.")
+    same_picture: bool = Field(
+        description="The same picture, however scanned, cropped or re-encoded: its "
+        "fingerprint matches (such neighbours come first)."
+    )
     id: int = Field(description="The item's id in the index.")
     uri: str | None = Field(description="The image as the index names it.")
     title: str | None
@@ -89,8 +93,8 @@ class Neighbour(BaseModel):
 
 class SimilarAnswer(Prediction):
     neighbours: list[Neighbour] = Field(
-        description="The index's nearest paintings, nearest first: k of them, fewer where "
-        "max_distance leaves some out."
+        description="The index's most similar paintings: the same picture first, then the "
+        "nearest in style; k of them, fewer where max_distance leaves some out."
     )
 
 
@@ -220,13 +224,17 @@ def _api_routes(service: StyleService) -> APIRouter:
         response_model=SimilarAnswer,  # a neighbour's fields are all there, null or not
         responses=PREDICT_ERRORS | _errors(404),
         openapi_extra=PREDICT_BODY,
-        summary="The index's paintings nearest to one image, and its styles",
+        summary="The index's paintings most like one image, and its styles",
     )
     async def similar(
         request: Request,
         k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="How many neighbours."),
         max_distance: float | None = Query(
-            None, ge=0, le=2, description="Leave out neighbours farther than this."
+            None,
+            ge=0,
+            le=2,
+            description="Leave out neighbours farther than this in style (the same picture "
+            "stays, whatever its style's distance).",
         ),
         heatmap: bool = Query(False, description="Add Grad-CAM's heatmap for the top style."),
     ) -> dict[str, Any]:

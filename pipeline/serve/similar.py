@@ -84,23 +84,26 @@ class SimilarPaintings:
         self._searcher.shutdown(wait=False, cancel_futures=True)
 
     async def nearest(self, embedding: np.ndarray, query: NeighbourQuery) -> list[dict[str, Any]]:
-        """The index's items nearest to `embedding`, nearest first, each with its rank, its
-        distance and its thumbnail's URL."""
+        """The index's items most similar to `embedding` (the same picture first, then the
+        nearest in style), each with its rank, its distance, whether it is the same picture,
+        and its thumbnail's URL."""
         loop = asyncio.get_running_loop()
         (found,) = await loop.run_in_executor(
             self._searcher, self.index.search, embedding, query.k, query.max_distance
         )
         ids = found.ids.tolist()
         items = self.index.items.take(found.ids).to_pylist()
+        same = found.same_picture if found.same_picture is not None else [False] * len(ids)
         return [
             {
                 "rank": rank,
                 "distance": float(distance),
+                "same_picture": bool(same_picture),
                 **{name: item[name] for name in ("uri", *NEIGHBOUR_ITEM_COLUMNS)},
                 "thumbnail": thumbnail_url(item_id),
             }
-            for rank, (item_id, distance, item) in enumerate(
-                zip(ids, found.distances, items, strict=True), start=1
+            for rank, (item_id, distance, same_picture, item) in enumerate(
+                zip(ids, found.distances, same, items, strict=True), start=1
             )
         ]
 

@@ -108,7 +108,7 @@ async function predict(request) {
 function showNeighbours(neighbours, index) {
   const count = index.items.toLocaleString("en");
   document.getElementById("similar-about").textContent = neighbours.length
-    ? `The nearest of the ${count} paintings in the index, by cosine distance (0: the same picture).`
+    ? `The most similar of the ${count} paintings in the index: the same picture first, then the nearest in style, by cosine distance.`
     : `None of the ${count} paintings in the index is near enough.`;
   neighbourList.replaceChildren(...neighbours.map(neighbourItem));
   similarSection.hidden = false;
@@ -131,7 +131,9 @@ function neighbourItem(neighbour) {
   }
   const distance = document.createElement("span");
   distance.className = "neighbour-distance";
-  distance.textContent = `distance ${neighbour.distance.toFixed(3)}`;
+  distance.textContent = neighbour.same_picture
+    ? "the same picture"
+    : `distance ${neighbour.distance.toFixed(3)}`;
   item.append(title, style, distance);
   return item;
 }
