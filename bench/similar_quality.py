@@ -8,10 +8,11 @@ crop, a 3-degree rotation, a frame of plain colour), made under --work. Then:
 
 - near-duplicates: each copy queried against an index of all the catalog's paintings (the
   originals among them): the share whose nearest painting is its original, by alteration;
-- the duplicates' threshold: the cosine distance of each copy to its original, against
-  those of every pair of distinct `val` paintings; the threshold that lists at least
-  RECALL_TARGET of the copy pairs, and the share of distinct pairs it lists (at most
-  FALSE_PAIR_TARGET wanted), checked with `near_pairs` on an index of originals and copies;
+- the duplicates' threshold: the cosine distance of each copy's fingerprint to its
+  original's, against those of every pair of distinct `val` paintings; the threshold that
+  lists at least RECALL_TARGET of the copy pairs, and the share of distinct pairs it lists
+  (at most FALSE_PAIR_TARGET wanted), checked with `near_pairs` on an index of originals
+  and copies;
 - style neighbours: each `val` painting queried against an index of the `train` paintings:
   the share of its K nearest whose label is its own, overall and by style;
 - the index: `python -m pipeline.index` over the run (its own process: wall, CPU, peak
@@ -33,6 +34,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,10 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from bench.flags import DATA, JSON_OUTPUT
+from bench.flags import DATA, JSON_OUTPUT, REPO_ROOT
 from bench.measure import run_process, write_results
 from bench.similar import query_latencies_ms
-from models.embedding import unit_vectors
+from models.embedding import FINGERPRINT, EmbeddingSpec, unit_vectors
 from models.vector_index import VectorIndex, chosen_parameters
 from pipeline.cli import called_as
 from pipeline.flags import MODEL, add
@@ -145,13 +147,19 @@ def make_copies(originals: pd.DataFrame, data: Path, folder: Path) -> Path:
 
 
 def ensure_run(catalog: Path, output: Path, model: str, flags: list[str]) -> dict[str, Any]:
-    """`python -m pipeline --embeddings` over `catalog` into `output`, unless a run is there."""
+    """`python -m pipeline --embeddings` over `catalog` into `output`, unless a run is there,
+    and what it cost: measured now, or read back from beside a run reused (where it was
+    written when the run was made)."""
+    measured = output.with_suffix(".json")
     if (output / "summary.json").is_file():
-        return {"reused": str(output)}
+        cost = json.loads(measured.read_text()) if measured.is_file() else {}
+        return {**cost, "reused": True}
     command = [sys.executable, "-m", "pipeline", f"--input={catalog}", f"--output={output}",
                f"--model={model}", "--embeddings", *flags]  # fmt: skip
     process = run_process(command, output.with_suffix(".log"))
-    return {"wall_s": process.wall_s, "cpu_s": process.cpu_s, "peak_rss_mb": process.peak_rss_mb}
+    cost = {"wall_s": process.wall_s, "cpu_s": process.cpu_s, "peak_rss_mb": process.peak_rss_mb}
+    measured.write_text(json.dumps(cost) + "\n")
+    return cost
 
 
 # --- Reading a run's embeddings ----------------------------------------------------------
@@ -174,16 +182,17 @@ class Embeddings:
         return self.vectors[mask], self.rows[mask].reset_index(drop=True)
 
 
-def index_of(vectors: np.ndarray, rows: pd.DataFrame, search: str = "auto") -> VectorIndex:
+def index_of(
+    vectors: np.ndarray, rows: pd.DataFrame, spec: EmbeddingSpec, search: str = "auto"
+) -> VectorIndex:
     """An index of these vectors, as the index command builds one (its kind by `search`)."""
-    index = VectorIndex.new("bench", _spec(vectors), chosen_parameters(search, len(vectors)))
+    index = VectorIndex.new("bench", spec, chosen_parameters(search, len(vectors)))
     index.add(vectors, pa.Table.from_pandas(rows[[c for c in ("uri", "label") if c in rows]]))
     return index
 
 
-def _spec(vectors: np.ndarray) -> Any:
-    from models.embedding import EmbeddingSpec
-
+def whole_vectors(vectors: np.ndarray) -> EmbeddingSpec:
+    """The description of vectors without parts (the alternatives): each is compared whole."""
     return EmbeddingSpec(vectors.shape[1], "bench")
 
 
@@ -279,12 +288,16 @@ def _quantiles(values: np.ndarray, at: tuple[float, ...] = (0.5, 0.9, 0.98, 0.99
 
 
 def listed_by_near_pairs(
-    originals: np.ndarray, copies: np.ndarray, copy_of: np.ndarray, threshold: float
+    originals: np.ndarray,
+    copies: np.ndarray,
+    copy_of: np.ndarray,
+    threshold: float,
+    spec: EmbeddingSpec,
 ) -> dict[str, Any]:
     """The duplicates command's own pairs at `threshold`, on an index of the originals then
     the copies (copy i of original copy_of[i]): copy pairs found, distinct pairs listed."""
     n = len(originals)
-    index = VectorIndex.new("bench", _spec(originals))
+    index = VectorIndex.new("bench", spec)
     ids = [f"o{i}" for i in range(n)] + [f"c{i}" for i in range(len(copies))]
     index.add(np.concatenate([originals, copies]), pa.table({"uri": ids}))
     started = time.perf_counter()
@@ -332,6 +345,29 @@ def style_neighbours(
     }
 
 
+def first_against_exact(
+    approximate: VectorIndex, exact: VectorIndex, copies: np.ndarray
+) -> dict[str, float]:
+    """The share of copies whose most similar painting on the approximate index is the
+    exact index's, by the cells a query by fingerprint visits (FINGERPRINT_CELLS_FACTOR x
+    `nprobe`): the cells are fitted on whole vectors, not on fingerprints."""
+    from models.vector_index import FINGERPRINT_CELLS_FACTOR, IvfParameters
+
+    truth = [one.ids[0] for one in exact.search(copies, 1)]
+    fitted = approximate.manifest
+    assert fitted.approximate is not None
+    shares = {}
+    for nprobe in (4, 8, 16, 32):
+        approximate.manifest = replace(
+            fitted, approximate=IvfParameters(fitted.approximate.nlist, nprobe)
+        )
+        found = [one.ids[0] for one in approximate.search(copies, 1)]
+        cells = nprobe * FINGERPRINT_CELLS_FACTOR
+        shares[f"{cells}_cells"] = float(np.mean(np.equal(found, truth)))
+    approximate.manifest = fitted
+    return shares
+
+
 def recall_against_exact(
     approximate: VectorIndex, exact: VectorIndex, queries: np.ndarray
 ) -> float:
@@ -356,9 +392,13 @@ def build_with_the_command(run: Path, output: Path, search: str) -> dict[str, An
 # --- One vector's scores -----------------------------------------------------------------
 
 
-def scores(vectors: np.ndarray, rows: pd.DataFrame, with_timings: bool = False) -> dict[str, Any]:
-    """Every measure of one kind of vector, on rows of the originals (`split` train/val) and
-    the copies (`original`, `alteration`), all of one run or of one sample."""
+def scores(
+    vectors: np.ndarray, rows: pd.DataFrame, spec: EmbeddingSpec, with_timings: bool = False
+) -> dict[str, Any]:
+    """Every measure of one kind of vector (described by `spec`), on rows of the originals
+    (`split` train/val) and the copies (`original`, `alteration`), all of one run or of one
+    sample. Distances between copies and originals, and between distinct paintings, are the
+    fingerprints' (what duplicates compare); searches are the index's own."""
     is_copy = rows["alteration"].notna().to_numpy()
     originals, original_rows = vectors[~is_copy], rows[~is_copy].reset_index(drop=True)
     copies, copy_rows = vectors[is_copy], rows[is_copy].reset_index(drop=True)
@@ -366,27 +406,40 @@ def scores(vectors: np.ndarray, rows: pd.DataFrame, with_timings: bool = False) 
     train = (original_rows["split"] == "train").to_numpy()
     results: dict[str, Any] = {"dimension": vectors.shape[1], "paintings": len(originals),
                                "val": int(val.sum()), "train": int(train.sum())}  # fmt: skip
-    everything = index_of(originals, original_rows)
+    everything = index_of(originals, original_rows, spec)
     copy_originals = copy_rows["original"].tolist()
     results["near_duplicates"] = nearest_originals(
         everything, copies, copy_originals, copy_rows["alteration"].tolist()
     )
     uris = original_rows["uri"].tolist()
-    to_original = copy_distances(copies, copy_originals, originals, uris)
-    distinct = distinct_pair_distances(originals[val])
+    fingerprints, copy_fingerprints = (
+        spec.part(originals, FINGERPRINT),
+        spec.part(copies, FINGERPRINT),
+    )
+    to_original = copy_distances(copy_fingerprints, copy_originals, fingerprints, uris)
+    distinct = distinct_pair_distances(fingerprints[val])
     choice = threshold_choice(to_original, distinct, copy_rows["alteration"].tolist())
     results["threshold"] = choice
     val_position = {uri: i for i, uri in enumerate(original_rows["uri"][val])}
     copy_of = np.array([val_position[uri] for uri in copy_originals])
-    results["near_pairs"] = listed_by_near_pairs(originals[val], copies, copy_of, choice["chosen"])
-    train_index = index_of(originals[train], original_rows[train].reset_index(drop=True))
+    results["near_pairs"] = listed_by_near_pairs(
+        originals[val], copies, copy_of, choice["chosen"], spec
+    )
+    train_index = index_of(originals[train], original_rows[train].reset_index(drop=True), spec)
     results["style_neighbours"] = style_neighbours(
         train_index, originals[val], original_rows["label"][val].tolist()
     )
     if with_timings:
-        results["closest_distinct_val_pairs"] = closest_pairs(originals[val], original_rows[val])
-        exact = index_of(originals, original_rows, "exact")
+        results["closest_distinct_val_pairs"] = closest_pairs(fingerprints[val], original_rows[val])
+        exact = index_of(originals, original_rows, spec, "exact")
+        results["near_duplicates_exact_search"] = nearest_originals(
+            exact, copies, copy_originals, copy_rows["alteration"].tolist()
+        )
         results["index_kind"] = everything.manifest.kind
+        if spec.fingerprint_dimension and everything.manifest.approximate is not None:
+            results["copies_first_as_exact_by_fingerprint_cells"] = first_against_exact(
+                everything, exact, copies
+            )
         results["recall_at_10_against_exact"] = recall_against_exact(
             everything, exact, originals[val]
         )
@@ -466,20 +519,15 @@ def alternative_vectors(
 
 
 def _pooled_slices(bundle_path: str) -> list[tuple[str, slice]]:
-    """Where each backbone's pooled features are in the bundle's feature vector (each
-    backbone's vector begins with them)."""
-    from models.backbones import backbone_features as one_backbone
-    from models.backbones import backbones_of
+    """Where each backbone's pooled features are in the bundle's feature vector."""
+    from models.backbones import backbones_of, feature_extractor, pooled_columns
     from models.bundle import ModelBundle
 
     spec = ModelBundle.load(bundle_path).manifest.backbone
-    slices, start = [], 0
-    for backbone in backbones_of(spec.name):
-        width = one_backbone(backbone, spec.feature_kind, None, None).output.shape[-1]
-        pooled = one_backbone(backbone, "pooled", None, None).output.shape[-1]
-        slices.append((backbone.name, slice(start, start + pooled)))
-        start += width
-    return slices
+    extractor = feature_extractor(spec.name, spec.feature_kind, weights=None)
+    columns = pooled_columns(extractor, spec.name, spec.feature_kind)
+    names = [backbone.name for backbone in backbones_of(spec.name)]
+    return [(name, slice(start, stop)) for name, (start, stop) in zip(names, columns, strict=True)]
 
 
 def measure_alternatives(
@@ -503,7 +551,7 @@ def measure_alternatives(
                "copies": len(copies)}  # fmt: skip
     for name, vectors in alternative_vectors(args.model, features, np.flatnonzero(fit)).items():
         _progress(f"scoring {name}")
-        results[name] = scores(unit_vectors(vectors), rows)
+        results[name] = scores(unit_vectors(vectors), rows, whole_vectors(vectors))
     return results
 
 
@@ -514,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     catalog = pd.read_csv(args.data / "catalog.csv", dtype=str, keep_default_na=False)
-    results: dict[str, Any] = {"machine": _machine(), "model": args.model,
+    results: dict[str, Any] = {"machine": _machine(), "model": _model_named(args.model),
                                "load_average_1min_before": os.getloadavg()[0]}  # fmt: skip
     run = args.run or args.work / "run"
     _progress(f"the run over {args.data / 'catalog.csv'}")
@@ -536,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for search in ("auto", "exact")
     }
     _progress("the model's embedding")
-    results["embedding_scores"] = scores(vectors, rows, with_timings=True)
+    spec = paintings.origin.embedding
+    results["embedding_scores"] = scores(vectors, rows, spec, with_timings=True)
     write_results(results, Path(args.output))
     if args.alternatives:
         _progress("other vectors from the same features")
@@ -545,6 +594,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_results(results, Path(args.output))
     print(json.dumps(results, indent=2))
     return results
+
+
+def _model_named(path: str) -> str:
+    """The bundle's id, and its folder as the repository names it where it is the repository's
+    (results name no folder of the machine they were measured on)."""
+    from models.bundle import ModelBundle
+
+    folder = Path(path).resolve()
+    shown = folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder.name
+    return f"{shown} ({ModelBundle.load(path).id})"
 
 
 def _machine() -> dict[str, Any]:
