@@ -98,8 +98,10 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _cell(name: str, value: Any) -> str:
-    if value is None:
+    if value is None or value is False:  # a match marked, its absence left blank
         return ""
+    if value is True:
+        return "yes"
     if isinstance(value, float):
         return f"{value:.2f}" if name == "confidence" else f"{value:.4f}"
     if name.startswith("uri"):

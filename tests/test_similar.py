@@ -75,7 +75,8 @@ def test_a_painting_finds_itself_first_and_an_altered_copy_finds_its_original(
     assert printed[0] == "query: original.jpg"
     assert printed[1].split() == ["rank", "distance", "same_picture", "uri", "title", "style",
                                   "confidence"]  # fmt: skip
-    assert printed[2].split()[:4] == ["1", f"{rows[0]['distance']:.4f}", "True", rows[0]["uri"]]
+    assert printed[2].split()[:4] == ["1", f"{rows[0]['distance']:.4f}", "yes", rows[0]["uri"]]
+    assert printed[3].split()[:3] == ["2", f"{rows[1]['distance']:.4f}", rows[1]["uri"]]
     assert printed[6] == "query: half.png"
     assert printed[-1] == "artstyle: 2 queries, 6 neighbours (k = 3)"
 
