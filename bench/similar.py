@@ -17,7 +17,9 @@ Measured, in one run:
   disk per painting), exact and approximate;
 - at the first size, one query from Python (p50, p95) on each, and the approximate index's
   recall@10 against exact search, at every size;
-- the duplicates' pairs at the first size, and how many of the planted copies they find.
+- the duplicates' pairs at the first size, and how many of the planted copies they find;
+- at the first size, one query from Python on the same vectors read as two parts (style,
+  fingerprint), as the shipped model's embedding is: two searches a query.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import pyarrow.parquet as pq
 from bench.flags import JSON_OUTPUT
 from bench.measure import run_process, write_results
 from models.embedding import STORED_DTYPE, EmbeddingSpec
-from models.vector_index import EXACT_LIMIT, VectorIndex
+from models.vector_index import EXACT_LIMIT, VectorIndex, chosen_parameters
 from pipeline.cli import called_as
 from transforms.embeddings import EMBEDDING_FILE_PREFIX, EmbeddingsOrigin, embedding_schema
 
@@ -268,7 +270,27 @@ def measure_size(
             del exact
         _progress(f"duplicates at {size:,}")
         results["duplicates"] = measure_duplicates(approximate, data.planted_pairs(size))
+        del approximate
+        _progress(f"one query at a time at {size:,}, vectors of two parts")
+        results["approximate_query_two_parts"] = two_part_latencies(data.vectors(size), queries)
     return results
+
+
+def two_part_latencies(vectors: np.ndarray, queries: np.ndarray) -> dict[str, float]:
+    """One query at a time on an approximate index of the same vectors read as a bundle's
+    embedding of style and fingerprint (the shipped model's share of fingerprint, each part
+    at length 1/sqrt(2)): a search by style and one by fingerprint."""
+    dimension = vectors.shape[1]
+    spec = EmbeddingSpec(dimension, "synthetic", fingerprint_dimension=dimension * 15 // 32)
+    index = VectorIndex.new(ORIGIN_MODEL, spec, chosen_parameters("approximate", len(vectors)))
+    index.add(_two_parts(vectors, spec), pa.table({"uri": pa.nulls(len(vectors), pa.string())}))
+    return query_latencies_ms(index, _two_parts(queries, spec))
+
+
+def _two_parts(vectors: np.ndarray, spec: EmbeddingSpec) -> np.ndarray:
+    cut = spec.dimension - spec.fingerprint_dimension
+    parts = [_unit(np.asarray(part, np.float32)) for part in (vectors[:, :cut], vectors[:, cut:])]
+    return np.concatenate(parts, axis=1) / np.sqrt(2.0)
 
 
 def by_nprobe(

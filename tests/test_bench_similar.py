@@ -44,4 +44,5 @@ def test_a_small_run_measures_every_figure(tmp_path):
         assert build["vector_bytes_per_painting"] >= 16 * 4  # float32 in FAISS
     assert at["approximate_recall_at_10"] == pytest.approx(1, abs=0.1)
     assert at["approximate_query"]["p50_ms"] > 0 and at["exact_query"]["p95_ms"] > 0
+    assert at["approximate_query_two_parts"]["p50_ms"] > 0
     assert at["duplicates"]["planted"] == 30 and at["duplicates"]["planted_found_share"] >= 0.9
