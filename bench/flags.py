@@ -30,6 +30,7 @@ OTHER_BENCHES = {
     "similar": "the nearest-neighbour index: its build, memory, one query and recall",
     "similar_quality": "duplicates and style neighbours found by a model's embeddings, on "
     "real paintings and their altered copies",
+    "embedding_choice": "the measurements that chose the embedding's style and fingerprint",
 }
 
 JSON_OUTPUT = OUTPUT.but(help="The JSON file to write.", required=True)

@@ -461,9 +461,11 @@ def sample(rows: pd.DataFrame, per_style: int, split: str, seed: int = 0) -> pd.
     )
 
 
-def backbone_features(bundle_path: str, uris: list[str], batch_size: int = 32) -> np.ndarray:
-    """The bundle's backbone features (what its head reads) of these images, float32 Keras,
-    decoded as the pipeline decodes them."""
+def backbone_features(
+    bundle_path: str, uris: list[str], batch_size: int = 32, feature_kind: str | None = None
+) -> np.ndarray:
+    """The bundle's backbone features (what its head reads, or those of another
+    `feature_kind`) of these images, float32 Keras, decoded as the pipeline decodes them."""
     from models.backbones import feature_extractor
     from models.bundle import ModelBundle
     from transforms.fetch import read_file
@@ -471,7 +473,9 @@ def backbone_features(bundle_path: str, uris: list[str], batch_size: int = 32) -
 
     bundle = ModelBundle.load(bundle_path)
     spec = bundle.manifest.backbone
-    extractor = feature_extractor(spec.name, spec.feature_kind, weights=spec.weights)
+    extractor = feature_extractor(
+        spec.name, feature_kind or spec.feature_kind, weights=spec.weights
+    )
 
     def decoded(uri: str) -> np.ndarray:
         return decode_image(read_file(uri), size=bundle.input_size)

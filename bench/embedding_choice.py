@@ -1,0 +1,280 @@
+"""`python -m bench.embedding_choice`: the measurements that chose the embedding's two
+parts (docs/similar.md, "How the embedding was chosen"), on real paintings, by exact search.
+
+It reads what `python -m bench.similar_quality --work WORK` made: the altered copies of the
+`val` paintings (WORK/copies) and the `--embeddings` runs over the catalog and the copies
+(WORK/run, WORK/copies-run); and the feature files the model was trained on
+(--features_dir, every painting's). The copies' pooled features are computed once here
+(float32 Keras, cached in WORK). Then:
+
+- the fingerprint: the pooled features square-rooted, each backbone's at unit length, and
+  projected on their principal directions over the `train` paintings, each scaled by its
+  variance to the power -p (p = 0.5 whitens): by dimension and by p, each copy's nearest
+  painting, and the distance that lists 98% of copy pairs against the share of distinct
+  `val` pairs it lists;
+- the style part: the `val` paintings' K nearest `train` paintings of their own style, by
+  the head's projection, its hidden units, its probabilities, and the projection with the
+  probabilities' square roots at several shares;
+- what comes first: on the runs' own embeddings, each copy's most similar painting and the
+  style neighbours, by which same pictures are put before the style's order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.flags import JSON_OUTPUT
+from bench.measure import write_results
+from bench.similar_quality import RECALL_TARGET, Embeddings, K, backbone_features
+from models.embedding import FINGERPRINT, STYLE, unit_vectors
+from pipeline.cli import called_as
+from pipeline.flags import MODEL, add
+
+FINGERPRINT_DIMENSIONS = (200, 240, 320, 400)
+WHITENING_POWERS = (0.5, 0.45, 0.4, 0.35)
+PROJECTION_SHARES = (0.6, 0.7, 0.8, 0.9)  # of the style part's squared length
+SAME_PICTURE_DISTANCES = (0.5, 0.6)
+RATIO = 0.8  # the ratio test: the nearest fingerprint under this share of the second's
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=called_as("bench.embedding_choice"), description=__doc__.split("\n")[0]
+    )
+    add(parser, JSON_OUTPUT, MODEL.but("The bundle that made WORK's runs."))
+    parser.add_argument(
+        "--work", type=Path, required=True, help="bench.similar_quality's --work folder."
+    )
+    parser.add_argument(
+        "--features_dir", required=True, help="The feature files the model was trained on."
+    )
+    return parser.parse_args(argv)
+
+
+# --- Exact search -------------------------------------------------------------------------
+
+
+def nearest(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k nearest of `vectors` (unit rows): ids and cosine distances."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    similarities, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids, 1 - similarities
+
+
+def own_style_share(vectors: np.ndarray, labels: np.ndarray, train: np.ndarray) -> float:
+    """The share of each `val` painting's K nearest `train` paintings of its own style."""
+    val = ~train
+    ids, _ = nearest(
+        unit_vectors(vectors[train]), unit_vectors(vectors[val]), int(min(K, train.sum()))
+    )
+    return float(np.mean(labels[train][ids] == labels[val][:, None]))
+
+
+# --- The fingerprint ---------------------------------------------------------------------
+
+
+def fingerprint_source(pooled: np.ndarray, widths: list[int]) -> np.ndarray:
+    """As models.fingerprint.source_of: each backbone's pooled features square-rooted and at
+    unit length, side by side."""
+    parts, start = [], 0
+    for width in widths:
+        part = np.sqrt(np.maximum(pooled[:, start : start + width].astype(np.float32), 0))
+        parts.append(unit_vectors(part))
+        start += width
+    return np.concatenate(parts, axis=1)
+
+
+def fingerprint_scores(
+    paintings: np.ndarray, copies: np.ndarray, original: np.ndarray, val: np.ndarray
+) -> dict[str, float]:
+    """Copies' nearest painting, and the distance for RECALL_TARGET of copy pairs against
+    the distinct `val` pairs it lists."""
+    ids, _ = nearest(paintings, copies, 1)
+    to_original = 1 - np.sum(copies * paintings[original], axis=1)
+    needed = float(np.sort(to_original)[int(np.ceil(RECALL_TARGET * len(copies))) - 1])
+    of_val = paintings[val]
+    distinct = 1 - (of_val @ of_val.T)[np.triu_indices(len(of_val), k=1)]
+    return {"nearest_is_original": float(np.mean(ids[:, 0] == original)),
+            "distance_for_98_percent_of_copies": needed,
+            "distinct_pairs_listed_there": float(np.mean(distinct <= needed))}  # fmt: skip
+
+
+def measure_fingerprints(
+    pooled: np.ndarray, widths: list[int], copies_pooled: np.ndarray, rows: pd.DataFrame,
+    original: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    source, copy_source = (
+        fingerprint_source(pooled, widths),
+        fingerprint_source(copies_pooled, widths),
+    )
+    train, val = (rows["split"] == "train").to_numpy(), (rows["split"] == "val").to_numpy()
+    mean = source[train].mean(axis=0)
+    centred = (source[train] - mean).astype(np.float64)
+    variances, directions = np.linalg.eigh(centred.T @ centred / len(centred))
+    order = np.argsort(variances)[::-1]
+    variances, directions = variances[order], directions[:, order]
+
+    def scored(dimension: int, power: float) -> dict[str, float]:
+        matrix = directions[:, :dimension] / variances[:dimension] ** power
+        paintings = unit_vectors((source - mean) @ matrix)
+        return fingerprint_scores(
+            paintings, unit_vectors((copy_source - mean) @ matrix), original, val
+        )
+
+    return {
+        "by_dimension_whitened": {d: scored(d, 0.5) for d in FINGERPRINT_DIMENSIONS},
+        "by_power_at_240": {p: scored(240, p) for p in WHITENING_POWERS},
+    }
+
+
+# --- The style part ----------------------------------------------------------------------
+
+
+def measure_styles(projected: np.ndarray, head: dict[str, list], temperature: float,
+                   rows: pd.DataFrame) -> dict[str, float]:  # fmt: skip
+    keep = rows["split"].isin(["train", "val"]).to_numpy()
+    labels, train = rows["label"].to_numpy()[keep], (rows["split"] == "train").to_numpy()[keep]
+    projected = projected[keep]
+    hidden = np.maximum(projected @ head["hidden"][0] + head["hidden"][1], 0)
+    logits = (hidden @ head["logits"][0] + head["logits"][1]) / temperature
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    shares = {"projection": own_style_share(projected, labels, train),
+              "hidden units": own_style_share(hidden, labels, train),
+              "probabilities": own_style_share(probabilities, labels, train)}  # fmt: skip
+    for share in PROJECTION_SHARES:
+        roots = unit_vectors(np.sqrt(probabilities))
+        both = np.concatenate(
+            [np.sqrt(share) * unit_vectors(projected), np.sqrt(1 - share) * roots], axis=1
+        )
+        shares[f"projection {share} and the probabilities' roots"] = own_style_share(
+            both, labels, train
+        )
+    return shares
+
+
+# --- What comes first --------------------------------------------------------------------
+
+
+def ranked(style_ids: np.ndarray, candidates: list[np.ndarray], k: int) -> np.ndarray:
+    """Each query's list: its `candidates` first, then its style neighbours not among them."""
+    lists = []
+    for neighbours, first in zip(style_ids, candidates, strict=True):
+        rest = neighbours[~np.isin(neighbours, first)]
+        lists.append(np.concatenate([first, rest])[:k])
+    return np.array(lists)
+
+
+def first_candidates(
+    fingerprints: np.ndarray, queries: np.ndarray, distance: float, rule: str
+) -> list[np.ndarray]:
+    """The same pictures a rule puts first: every fingerprint within `distance` ("all"),
+    the nearest if within it ("nearest"), or that one if also under RATIO x the second
+    nearest's distance ("ratio")."""
+    import faiss
+
+    if rule == "all":
+        index = faiss.IndexFlatIP(fingerprints.shape[1])
+        index.add(np.ascontiguousarray(fingerprints, dtype=np.float32))
+        limits, similarities, ids = index.range_search(np.ascontiguousarray(queries), 1 - distance)
+        found = []
+        for start, end in itertools.pairwise(limits):
+            order = np.argsort(-similarities[start:end])
+            found.append(ids[start:end][order])
+        return found
+    ids, distances = nearest(fingerprints, queries, 2)
+    keep = distances[:, 0] <= distance
+    if rule == "ratio":
+        keep &= distances[:, 0] <= RATIO * distances[:, 1]
+    return [row[:1] if kept else row[:0] for row, kept in zip(ids, keep, strict=True)]
+
+
+def measure_rules(work: Path) -> dict[str, Any]:
+    paintings, copies = Embeddings(work / "run"), Embeddings(work / "copies-run")
+    spec, rows = paintings.origin.embedding, paintings.rows
+    styles, fingerprints = (
+        spec.part(paintings.vectors, STYLE),
+        spec.part(paintings.vectors, FINGERPRINT),
+    )
+    position = {uri: i for i, uri in enumerate(rows["uri"])}
+    original = np.array([position[uri] for uri in copies.rows["original"]])
+    train, val = (rows["split"] == "train").to_numpy(), (rows["split"] == "val").to_numpy()
+    labels = rows["label"].to_numpy()
+    copy_styles, _ = nearest(styles, spec.part(copies.vectors, STYLE), K)
+    val_styles, _ = nearest(styles[train], styles[val], K)
+    results: dict[str, Any] = {}
+    for distance in SAME_PICTURE_DISTANCES:
+        for rule in ("all", "nearest", "ratio"):
+            firsts = first_candidates(
+                fingerprints, spec.part(copies.vectors, FINGERPRINT), distance, rule
+            )
+            of_copies = ranked(copy_styles, firsts, 1)
+            of_val = first_candidates(fingerprints[train], fingerprints[val], distance, rule)
+            lists = ranked(val_styles, of_val, K)
+            results[f"{rule} within {distance}"] = {
+                "nearest_is_original": float(np.mean(of_copies[:, 0] == original)),
+                "own_style_share": float(np.mean(labels[train][lists] == labels[val][:, None])),
+                "same_pictures_first_a_val_query": float(np.mean([len(f) for f in of_val])),
+            }
+    return results
+
+
+# --- The command -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from models.backbones import feature_extractor, pooled_columns
+    from models.bundle import ModelBundle
+    from models.embedding import PROJECTION_LAYER
+    from pipeline.features import feature_files, read_matrix
+
+    bundle = ModelBundle.load(args.model)
+    spec = bundle.manifest.backbone
+    columns = pooled_columns(feature_extractor(spec.name, spec.feature_kind, weights=None),
+                             spec.name, spec.feature_kind)  # fmt: skip
+    import pyarrow.parquet as pq
+
+    fs, files = feature_files(args.features_dir)
+    rows = pq.read_table(files, filesystem=fs, columns=["uri", "label", "split"]).to_pandas()
+    head = {layer.name: layer.get_weights() for layer in bundle.load_head().layers
+            if layer.get_weights()}  # fmt: skip
+    pooled, projected = [], []
+    for start in range(0, len(rows), 4096):
+        features = read_matrix(args.features_dir, "features",
+                               np.arange(start, min(start + 4096, len(rows))))  # fmt: skip
+        pooled.append(np.concatenate([features[:, a:b] for a, b in columns], axis=1))
+        kernel, bias = head[PROJECTION_LAYER]
+        projected.append(features.astype(np.float32) @ kernel + bias)
+    catalog = pd.read_csv(args.work / "copies" / "catalog.csv", dtype=str)
+    cache = args.work / "copies-pooled.npy"
+    if not cache.is_file():
+        uris = [str(args.work / "copies" / uri) for uri in catalog["uri"]]
+        np.save(cache, backbone_features(args.model, uris, feature_kind="pooled"))
+    by_uri = {uri: i for i, uri in enumerate(rows["uri"])}
+    original = np.array([by_uri[uri] for uri in catalog["original"]])
+    results = {
+        "model": bundle.id,
+        "fingerprint": measure_fingerprints(
+            np.concatenate(pooled), [b - a for a, b in columns], np.load(cache), rows, original
+        ),
+        "style_part": measure_styles(
+            np.concatenate(projected), head, bundle.manifest.head.temperature, rows
+        ),
+        "what_comes_first": measure_rules(args.work),
+    }
+    write_results(results, Path(args.output))
+    return results
+
+
+if __name__ == "__main__":
+    main()
