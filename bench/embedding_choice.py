@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from bench.similar_quality import RECALL_TARGET, Embeddings, K, backbone_feature
 from models.embedding import FINGERPRINT, STYLE, unit_vectors
 from pipeline.cli import called_as
 from pipeline.flags import MODEL, add
+
+if TYPE_CHECKING:
+    from models.bundle import ModelBundle
 
 FINGERPRINT_DIMENSIONS = (200, 240, 320, 400)
 WHITENING_POWERS = (0.5, 0.45, 0.4, 0.35)
@@ -231,45 +234,58 @@ def measure_rules(work: Path) -> dict[str, Any]:
 # --- The command -------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def paintings_features(
+    bundle: ModelBundle, features_dir: str
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[int]]:
+    """Every painting's row (`uri`, `label`, `split`), pooled features (each backbone's, side
+    by side, float16 as stored), the head's projection of its features, and each backbone's
+    width of pooled features."""
+    import pyarrow.parquet as pq
+
     from models.backbones import feature_extractor, pooled_columns
-    from models.bundle import ModelBundle
     from models.embedding import PROJECTION_LAYER
     from pipeline.features import feature_files, read_matrix
 
-    bundle = ModelBundle.load(args.model)
     spec = bundle.manifest.backbone
-    columns = pooled_columns(feature_extractor(spec.name, spec.feature_kind, weights=None),
-                             spec.name, spec.feature_kind)  # fmt: skip
-    import pyarrow.parquet as pq
-
-    fs, files = feature_files(args.features_dir)
+    extractor = feature_extractor(spec.name, spec.feature_kind, weights=None)  # its shapes
+    columns = pooled_columns(extractor, spec.name, spec.feature_kind)
+    fs, files = feature_files(features_dir)
     rows = pq.read_table(files, filesystem=fs, columns=["uri", "label", "split"]).to_pandas()
-    head = {layer.name: layer.get_weights() for layer in bundle.load_head().layers
-            if layer.get_weights()}  # fmt: skip
-    pooled, projected = [], []
-    for start in range(0, len(rows), 4096):
-        features = read_matrix(args.features_dir, "features",
-                               np.arange(start, min(start + 4096, len(rows))))  # fmt: skip
-        pooled.append(np.concatenate([features[:, a:b] for a, b in columns], axis=1))
-        kernel, bias = head[PROJECTION_LAYER]
-        projected.append(features.astype(np.float32) @ kernel + bias)
-    catalog = pd.read_csv(args.work / "copies" / "catalog.csv", dtype=str)
-    cache = args.work / "copies-pooled.npy"
+    features = read_matrix(features_dir, "features", np.arange(len(rows)))
+    pooled = np.concatenate([features[:, start:stop] for start, stop in columns], axis=1)
+    kernel, bias = bundle.load_head().get_layer(PROJECTION_LAYER).get_weights()
+    projected = np.concatenate(
+        [features[start : start + 4096].astype(np.float32) @ kernel + bias
+         for start in range(0, len(features), 4096)]
+    )  # fmt: skip
+    return rows, pooled, projected, [stop - start for start, stop in columns]
+
+
+def copies_pooled(bundle: ModelBundle, work: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The copies' catalog and their pooled features, computed once and kept in `work`."""
+    catalog = pd.read_csv(work / "copies" / "catalog.csv", dtype=str)
+    cache = work / "copies-pooled.npy"
     if not cache.is_file():
-        uris = [str(args.work / "copies" / uri) for uri in catalog["uri"]]
-        np.save(cache, backbone_features(args.model, uris, feature_kind="pooled"))
+        uris = [str(work / "copies" / uri) for uri in catalog["uri"]]
+        np.save(cache, backbone_features(bundle.path, uris, feature_kind="pooled"))
+    return catalog, np.load(cache)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from models.bundle import ModelBundle
+
+    bundle = ModelBundle.load(args.model)
+    rows, pooled, projected, widths = paintings_features(bundle, args.features_dir)
+    catalog, copies = copies_pooled(bundle, args.work)
     by_uri = {uri: i for i, uri in enumerate(rows["uri"])}
     original = np.array([by_uri[uri] for uri in catalog["original"]])
+    head = {layer.name: layer.get_weights() for layer in bundle.load_head().layers
+            if layer.get_weights()}  # fmt: skip
     results = {
         "model": bundle.id,
-        "fingerprint": measure_fingerprints(
-            np.concatenate(pooled), [b - a for a, b in columns], np.load(cache), rows, original
-        ),
-        "style_part": measure_styles(
-            np.concatenate(projected), head, bundle.manifest.head.temperature, rows
-        ),
+        "fingerprint": measure_fingerprints(pooled, widths, copies, rows, original),
+        "style_part": measure_styles(projected, head, bundle.manifest.head.temperature, rows),
         "what_comes_first": measure_rules(args.work),
     }
     write_results(results, Path(args.output))
