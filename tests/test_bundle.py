@@ -68,6 +68,16 @@ def flip_a_byte_halfway(path):
     path.write_bytes(bytes(data))
 
 
+def broken_copy(source: str, tmp_path: Path, breakage: tuple) -> tuple[Path, str]:
+    """A copy of the bundle `source`, broken as `breakage` (a function of the copy's folder,
+    and the message expected, `{b}` for that folder) says, and that message."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    breaks, message = breakage
+    breaks(bundle)
+    return bundle, message.format(b=bundle)
+
+
 BREAKAGES = {
     "no manifest": (lambda b: (b / "manifest.json").unlink(),
                     r"^'{b}' is not a model bundle: it has no manifest.json$"),
@@ -104,11 +114,8 @@ BREAKAGES = {
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_a_broken_bundle_is_a_one_line_error_naming_the_file(tmp_path, tiny_bundle, breakage):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    breaks, message = BREAKAGES[breakage]
-    breaks(bundle)
-    with pytest.raises(BundleError, match=message.format(b=bundle)):
+    bundle, message = broken_copy(tiny_bundle, tmp_path, BREAKAGES[breakage])
+    with pytest.raises(BundleError, match=message):
         ModelBundle.load(str(bundle))
 
 
@@ -195,11 +202,8 @@ HEAD_BREAKAGES = {
 def test_a_head_keras_cannot_use_is_a_one_line_error_naming_the_file(
     tmp_path, tiny_bundle, breakage
 ):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    breaks, message = HEAD_BREAKAGES[breakage]
-    breaks(bundle)
-    with pytest.raises(BundleError, match=message.format(b=bundle)):
+    bundle, message = broken_copy(tiny_bundle, tmp_path, HEAD_BREAKAGES[breakage])
+    with pytest.raises(BundleError, match=message):
         ModelBundle.load(str(bundle)).check_head()
 
 
@@ -344,11 +348,8 @@ EMBEDDING_BREAKAGES = {
 def test_a_bundle_whose_embedding_cannot_be_made_is_one_line_at_load(
     tmp_path, projection_bundle, breakage
 ):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(projection_bundle, bundle)
-    breaks, message = EMBEDDING_BREAKAGES[breakage]
-    breaks(bundle)
-    with pytest.raises(BundleError, match=message.format(b=bundle)):
+    bundle, message = broken_copy(projection_bundle, tmp_path, EMBEDDING_BREAKAGES[breakage])
+    with pytest.raises(BundleError, match=message):
         ModelBundle.load(str(bundle))
 
 
