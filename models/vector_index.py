@@ -80,7 +80,7 @@ NPROBE = 32
 # ... times this for a query by fingerprint: the cells are fitted on whole vectors, so a
 # fingerprint's nearest lie in fewer of the cells nearest by fingerprint alone (over the
 # 33,725 paintings, the most similar painting of an altered copy is the exact search's for
-# 97% of copies at 1 x, 99.6% at 4 x, 99.9% at 8 x: docs/similar.md).
+# 97.3% of copies at 1 x, 99.6% at 4 x, 99.9% at 8 x: docs/similar.md).
 FINGERPRINT_CELLS_FACTOR = 8
 # Vectors normalised and handed to FAISS at a time by `add`.
 ADD_CHUNK = 65_536
@@ -375,21 +375,29 @@ class VectorIndex:
     ) -> Neighbours:
         """`by_style`, with the item of the nearest fingerprint first where it is the same
         picture (within the embedding's `same_picture_distance`), however far in style, and
-        each item marked the same picture or not.
+        each item marked the same picture or not. The nearest fingerprint is that of the
+        search by fingerprint (`nearest_picture`, -1 for none) or of one of `by_style`: on
+        an approximate index each search visits its own cells, and finds what the other
+        may miss.
 
         Only that one item is moved: a collection's paintings of one look lie within that
         distance of each other too, a few for each painting in a large collection, and all
         of them first would push the paintings of the query's style down the list
         (docs/similar.md measures both)."""
         ids, distances = by_style.ids, by_style.distances
-        if nearest_picture >= 0 and self._same_pictures(query, np.array([nearest_picture]))[0]:
-            elsewhere = ids != nearest_picture
+        candidates = np.concatenate([[nearest_picture], ids]) if nearest_picture >= 0 else ids
+        if not len(candidates):
+            return Neighbours(ids, distances, np.zeros(0, bool))
+        to_fingerprints = _distances(self._part_similarities(query, candidates, FINGERPRINT))
+        first = int(candidates[np.argmin(to_fingerprints)])
+        if to_fingerprints.min() <= self.manifest.embedding.same_picture_distance:
+            elsewhere = ids != first
             own = (
                 distances[~elsewhere]
                 if not elsewhere.all()
-                else self._style_distances(query, np.array([nearest_picture]))
+                else self._style_distances(query, np.array([first]))
             )
-            ids = np.concatenate([[nearest_picture], ids[elsewhere]])[:k]
+            ids = np.concatenate([[first], ids[elsewhere]])[:k]
             distances = np.concatenate([own, distances[elsewhere]])[:k]
         return Neighbours(ids, distances, self._same_pictures(query, ids))
 
