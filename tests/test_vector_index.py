@@ -388,3 +388,23 @@ def test_duplicates_are_pairs_of_fingerprints_whatever_their_style():
 
 def unit_rows_of(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_the_same_picture_is_the_nearest_fingerprint_either_search_found():
+    """On an approximate index the search by fingerprint may visit cells without the same
+    picture, which the search by style found: the nearer fingerprint of the two comes first."""
+    rng = np.random.default_rng(5)
+    style, fingerprint = rng.normal(size=(30, 10)), rng.normal(size=(30, 6))
+    query_style, query_fingerprint = rng.normal(size=10), rng.normal(size=6)
+    style[3] = query_style  # the nearest in style, another picture
+    style[8], fingerprint[8] = query_style + 0.2 * rng.normal(size=10), query_fingerprint + 0.01
+    fingerprint[[3, 20]] = -query_fingerprint  # 20: what a search by fingerprint that missed gave
+    index = VectorIndex.new("test-model-v1", PARTS)
+    index.add(two_part(style, fingerprint), items_for(30))
+    query = two_part(query_style[None], query_fingerprint[None])[0]
+    from_style_alone = index.search(query, k=4)[0]
+    assert from_style_alone.ids[:2].tolist() == [8, 3]  # the fingerprint search found 8
+    style_order = np.array([3, 8, *from_style_alone.ids[2:]])  # as the search by style ranks
+    style_only = vector_index.Neighbours(style_order, np.zeros(4, np.float32))
+    found = index._same_picture_first(query, 20, style_only, k=4)
+    assert found.ids[:2].tolist() == [8, 3] and found.same_picture.tolist()[:2] == [True, False]
