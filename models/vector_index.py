@@ -262,6 +262,12 @@ class Neighbours:
     distances: np.ndarray  # float32
     same_picture: np.ndarray | None = None  # bool
 
+    def same_pictures(self) -> np.ndarray:
+        """Whether each is the same picture: none is where no fingerprints were compared."""
+        if self.same_picture is None:
+            return np.zeros(len(self.ids), bool)
+        return self.same_picture
+
 
 class VectorIndex:
     """The vectors in FAISS, their items, and the manifest that describes both."""
@@ -386,28 +392,20 @@ class VectorIndex:
         (docs/similar.md measures both)."""
         ids, distances = by_style.ids, by_style.distances
         candidates = np.concatenate([[nearest_picture], ids]) if nearest_picture >= 0 else ids
-        if not len(candidates):
-            return Neighbours(ids, distances, np.zeros(0, bool))
-        to_fingerprints = _distances(self._part_similarities(query, candidates, FINGERPRINT))
-        first = int(candidates[np.argmin(to_fingerprints)])
-        if to_fingerprints.min() <= self.manifest.embedding.same_picture_distance:
-            elsewhere = ids != first
+        to_fingerprint = _distances(self._part_similarities(query, candidates, FINGERPRINT))
+        same_picture = to_fingerprint <= self.manifest.embedding.same_picture_distance
+        is_same = dict(zip(candidates.tolist(), same_picture, strict=True))
+        nearest = int(candidates[np.argmin(to_fingerprint)]) if len(candidates) else -1
+        if nearest >= 0 and is_same[nearest]:
+            elsewhere = ids != nearest
             own = (
                 distances[~elsewhere]
                 if not elsewhere.all()
-                else self._style_distances(query, np.array([first]))
+                else _distances(self._part_similarities(query, np.array([nearest]), STYLE))
             )
-            ids = np.concatenate([[first], ids[elsewhere]])[:k]
+            ids = np.concatenate([[nearest], ids[elsewhere]])[:k]
             distances = np.concatenate([own, distances[elsewhere]])[:k]
-        return Neighbours(ids, distances, self._same_pictures(query, ids))
-
-    def _style_distances(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return _distances(self._part_similarities(query, ids, STYLE))
-
-    def _same_pictures(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Whether each item's fingerprint is within the same-picture distance of `query`'s."""
-        distances = _distances(self._part_similarities(query, ids, FINGERPRINT))
-        return distances <= self.manifest.embedding.same_picture_distance
+        return Neighbours(ids, distances, np.array([is_same[i] for i in ids.tolist()], bool))
 
     def _part_similarities(self, query: np.ndarray, ids: np.ndarray, part: str) -> np.ndarray:
         """The dot products of `query`'s `part` with the items', each summed on its own (a
@@ -487,7 +485,7 @@ class VectorIndex:
         ids = np.concatenate([np.zeros(0, np.int64), *(one.ids for one in found)])
         distances = np.concatenate([np.zeros(0, np.float32), *(one.distances for one in found)])
         ranks = np.concatenate([np.zeros(0, np.int32), *(np.arange(1, n + 1) for n in counts)])
-        same = np.concatenate([np.zeros(0, bool), *(_same_picture(one) for one in found)])
+        same = np.concatenate([np.zeros(0, bool), *(one.same_pictures() for one in found)])
         items = self.items.take(pa.array(ids, pa.int64()))
         columns = {
             "query": pa.array(np.repeat(np.asarray(queries, dtype=object), counts), pa.string()),
@@ -618,12 +616,6 @@ def _empty_faiss_index(dimension: int, approximate: IvfParameters | None) -> fai
     return faiss.index_factory(
         dimension, f"IVF{approximate.nlist},Flat", faiss.METRIC_INNER_PRODUCT
     )
-
-
-def _same_picture(found: Neighbours) -> np.ndarray:
-    if found.same_picture is None:
-        return np.zeros(len(found.ids), bool)
-    return found.same_picture
 
 
 def _no_neighbours() -> Neighbours:

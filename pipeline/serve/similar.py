@@ -93,7 +93,6 @@ class SimilarPaintings:
         )
         ids = found.ids.tolist()
         items = self.index.items.take(found.ids).to_pylist()
-        same = found.same_picture if found.same_picture is not None else [False] * len(ids)
         return [
             {
                 "rank": rank,
@@ -103,7 +102,7 @@ class SimilarPaintings:
                 "thumbnail": thumbnail_url(item_id),
             }
             for rank, (item_id, distance, same_picture, item) in enumerate(
-                zip(ids, found.distances, same, items, strict=True), start=1
+                zip(ids, found.distances, found.same_pictures(), items, strict=True), start=1
             )
         ]
 
