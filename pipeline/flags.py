@@ -471,15 +471,6 @@ def add_index_flags(parser: argparse.ArgumentParser) -> None:
     SEARCH(parser)
 
 
-def add_max_distance_flag(
-    parser: argparse.ArgumentParser, default: float | None, compared: str
-) -> None:
-    """--max_distance, for the commands that list neighbours or pairs, with their default
-    and what they compare (the paintings' style, or their fingerprints)."""
-    shown = "none" if default is None else default
-    MAX_DISTANCE.but(f"between {compared} (default: {shown}).", default=default)(parser)
-
-
 def add_duplicates_flags(parser: argparse.ArgumentParser) -> None:
     """python -m pipeline.duplicates's."""
     parser.add_argument("index", metavar="INDEX", help="An index (python -m pipeline.index).")
@@ -510,7 +501,9 @@ def add_similar_flags(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="Nearest paintings listed per query (default: %(default)d).",
     )
-    add_max_distance_flag(parser, None, "styles; the same picture is listed whatever its style")
+    MAX_DISTANCE.but(
+        "between styles; the same picture is listed whatever its style (default: none)."
+    )(parser)
     add(
         parser,
         OUTPUT.but(
