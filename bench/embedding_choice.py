@@ -85,17 +85,6 @@ def own_style_share(vectors: np.ndarray, labels: np.ndarray, train: np.ndarray) 
 # --- The fingerprint ---------------------------------------------------------------------
 
 
-def fingerprint_source(pooled: np.ndarray, widths: list[int]) -> np.ndarray:
-    """As models.fingerprint.source_of: each backbone's pooled features square-rooted and at
-    unit length, side by side."""
-    parts, start = [], 0
-    for width in widths:
-        part = np.sqrt(np.maximum(pooled[:, start : start + width].astype(np.float32), 0))
-        parts.append(unit_vectors(part))
-        start += width
-    return np.concatenate(parts, axis=1)
-
-
 def fingerprint_scores(
     paintings: np.ndarray, copies: np.ndarray, original: np.ndarray, val: np.ndarray
 ) -> dict[str, float]:
@@ -112,13 +101,15 @@ def fingerprint_scores(
 
 
 def measure_fingerprints(
-    pooled: np.ndarray, widths: list[int], copies_pooled: np.ndarray, rows: pd.DataFrame,
-    original: np.ndarray,
+    pooled: np.ndarray, columns: list[tuple[int, int]], copies_pooled: np.ndarray,
+    rows: pd.DataFrame, original: np.ndarray,
 ) -> dict[str, Any]:  # fmt: skip
-    source, copy_source = (
-        fingerprint_source(pooled, widths),
-        fingerprint_source(copies_pooled, widths),
-    )
+    """The fingerprint's ways, each from the source models.fingerprint whitens (`columns`:
+    each backbone's pooled features in `pooled`)."""
+    from models.fingerprint import source_of
+
+    source = np.asarray(source_of(pooled, columns))
+    copy_source = np.asarray(source_of(copies_pooled, columns))
     train, val = (rows["split"] == "train").to_numpy(), (rows["split"] == "val").to_numpy()
     mean = source[train].mean(axis=0)
     centred = (source[train] - mean).astype(np.float64)
@@ -236,10 +227,10 @@ def measure_rules(work: Path) -> dict[str, Any]:
 
 def paintings_features(
     bundle: ModelBundle, features_dir: str
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[int]]:
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Every painting's row (`uri`, `label`, `split`), pooled features (each backbone's, side
-    by side, float16 as stored), the head's projection of its features, and each backbone's
-    width of pooled features."""
+    by side, float16 as stored, as the copies' are), the head's projection of its features,
+    and where each backbone's pooled features lie in those side by side."""
     import pyarrow.parquet as pq
 
     from models.backbones import feature_extractor, pooled_columns
@@ -258,7 +249,8 @@ def paintings_features(
         [features[start : start + 4096].astype(np.float32) @ kernel + bias
          for start in range(0, len(features), 4096)]
     )  # fmt: skip
-    return rows, pooled, projected, [stop - start for start, stop in columns]
+    edges = np.cumsum([0, *(stop - start for start, stop in columns)]).tolist()
+    return rows, pooled, projected, list(itertools.pairwise(edges))
 
 
 def copies_pooled(bundle: ModelBundle, work: Path) -> tuple[pd.DataFrame, np.ndarray]:
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from models.bundle import ModelBundle
 
     bundle = ModelBundle.load(args.model)
-    rows, pooled, projected, widths = paintings_features(bundle, args.features_dir)
+    rows, pooled, projected, columns = paintings_features(bundle, args.features_dir)
     catalog, copies = copies_pooled(bundle, args.work)
     by_uri = {uri: i for i, uri in enumerate(rows["uri"])}
     original = np.array([by_uri[uri] for uri in catalog["original"]])
@@ -284,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if layer.get_weights()}  # fmt: skip
     results = {
         "model": bundle.id,
-        "fingerprint": measure_fingerprints(pooled, widths, copies, rows, original),
+        "fingerprint": measure_fingerprints(pooled, columns, copies, rows, original),
         "style_part": measure_styles(projected, head, bundle.manifest.head.temperature, rows),
         "what_comes_first": measure_rules(args.work),
     }

@@ -5,7 +5,6 @@ import pytest
 
 from bench.embedding_choice import (
     fingerprint_scores,
-    fingerprint_source,
     first_candidates,
     own_style_share,
     ranked,
@@ -20,12 +19,6 @@ def test_copies_find_their_originals_and_the_threshold_lists_no_distinct_pair():
     assert scores["nearest_is_original"] == 1.0
     assert 0 < scores["distance_for_98_percent_of_copies"] < 0.01
     assert scores["distinct_pairs_listed_there"] == 0.0
-
-
-def test_the_source_roots_each_backbones_part_and_scales_it_to_unit_length():
-    pooled = np.array([[4.0, 0.0, 9.0, 16.0, 0.0]])
-    source = fingerprint_source(pooled, [2, 3])
-    np.testing.assert_allclose(source, [[1, 0, 0.6, 0.8, 0]])
 
 
 def test_own_style_share_counts_the_nearest_train_paintings_of_the_same_label():

@@ -29,6 +29,12 @@ def test_it_whitens_the_training_paintings_sources():
     assert fingerprint.dimension == 6
 
 
+def test_the_source_roots_each_backbones_pooled_features_at_unit_length():
+    features = np.array([[4.0, 0.0, 7.0, 9.0, 16.0, 0.0]])  # 7: not pooled, left out
+    source = np.asarray(source_of(features, [(0, 2), (3, 6)]))
+    np.testing.assert_allclose(source, [[1, 0, 0.6, 0.8, 0]])
+
+
 def test_a_few_paintings_give_as_many_directions_as_they_span():
     assert Fingerprint.fitted(pooled_features(4), COLUMNS, dimension=6).dimension == 3
 
