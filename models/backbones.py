@@ -15,7 +15,7 @@ import numpy as np
 from keras import layers, ops
 
 from models import efficientnet_lite
-from models.settings import FEATURE_KINDS, check_backbone_names
+from models.settings import CENTRE_POOLED, FEATURE_KINDS, check_backbone_names
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,11 @@ def feature_extractor(
     feature_kind: str,
     weights: str | None = "imagenet",
     weights_path: str | None = None,
+    fingerprint_source: bool = False,
 ) -> keras.Model:
-    """images (0..255) -> one feature vector per image, from one backbone or an ensemble.
+    """images (0..255) -> one feature vector per image, from one backbone or an ensemble;
+    with `fingerprint_source`, also what the embedding's fingerprint is made of (each
+    backbone's `centre_pooled` last map, side by side), a second output of the same pass.
 
     In an ensemble ("efficientnet_lite2+efficientnet_lite0") each backbone sees the image at
     its own input size (resized inside the model, so decoding stays one step) and the
@@ -99,14 +102,25 @@ def feature_extractor(
         raise ValueError("--backbone_weights names one backbone's weights; not for an ensemble")
     size = backbones[0].input_size
     images = keras.Input((size, size, 3), name="images")
-    vectors = [
-        backbone_features(backbone, feature_kind, weights, weights_path)(
+    outputs = [
+        backbone_features(backbone, feature_kind, weights, weights_path, fingerprint_source)(
             resized(images, backbone.input_size)
         )
         for backbone in backbones
     ]
-    vector = vectors[0] if len(vectors) == 1 else layers.Concatenate(name="ensemble")(vectors)
-    return keras.Model(images, vector, name=f"{'_and_'.join(b.name for b in backbones)}_features")
+    name = f"{'_and_'.join(b.name for b in backbones)}_features"
+    if not fingerprint_source:
+        return keras.Model(images, _side_by_side(outputs, "ensemble"), name=name)
+    vectors, sources = zip(*outputs, strict=True)
+    return keras.Model(
+        images,
+        [_side_by_side(list(vectors), "ensemble"), _side_by_side(list(sources), "sources")],
+        name=name,
+    )
+
+
+def _side_by_side(vectors: list, name: str):
+    return vectors[0] if len(vectors) == 1 else layers.Concatenate(name=name)(vectors)
 
 
 def with_mirror(extractor: keras.Model) -> keras.Model:
@@ -149,9 +163,14 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def backbone_features(
-    backbone: Backbone, feature_kind: str, weights: str | None, weights_path: str | None
+    backbone: Backbone,
+    feature_kind: str,
+    weights: str | None,
+    weights_path: str | None,
+    fingerprint_source: bool = False,
 ) -> keras.Model:
-    """images (0..255) -> one backbone's feature vector.
+    """images (0..255) -> one backbone's feature vector (and with `fingerprint_source`, its
+    `centre_pooled` last map).
 
     "pooled": the global average of the last feature map, the usual transfer-learning
     feature vector. "stage_stats": that, plus the per-channel mean and standard deviation of
@@ -167,17 +186,28 @@ def backbone_features(
     if feature_kind == "stage_covariance" and not backbone.covariance_layers:
         raise ValueError(f"{backbone.name} has no layers for 'stage_covariance' features")
     model = backbone.build(weights=weights, weights_path=weights_path)
-    pooled = layers.GlobalAveragePooling2D(name="pooled")(
-        model.get_layer(backbone.last_layer).output
-    )
-    parts = [pooled]
+    last_map = model.get_layer(backbone.last_layer).output
+    parts = [layers.GlobalAveragePooling2D(name="pooled")(last_map)]
     stats_layers, covariance_layers = _statistics_layers(backbone, feature_kind)
     for name in stats_layers:
         stage = model.get_layer(name).output
         parts += [ops.mean(stage, axis=(1, 2)), ops.std(stage, axis=(1, 2))]
     parts += [channel_covariance(model.get_layer(name).output) for name in covariance_layers]
     vector = parts[0] if len(parts) == 1 else layers.Concatenate(name="features")(parts)
-    return keras.Model(model.input, vector, name=f"{backbone.name}_{feature_kind}")
+    outputs = [vector, centre_pooled(last_map)] if fingerprint_source else vector
+    return keras.Model(model.input, outputs, name=f"{backbone.name}_{feature_kind}")
+
+
+def centre_pooled(feature_map):
+    """(batch, h, w, c) -> (batch, c): the map's average without its outer ring of cells.
+    A frame, a border or a slight rotation of a picture changes those cells most and its
+    middle least, so the middle's average finds the same picture again more often than the
+    whole map's does (docs/similar.md measures both). A map of fewer than 3 cells a side
+    has no middle, and is averaged whole."""
+    height, width = feature_map.shape[1:3]
+    if height is not None and width is not None and min(height, width) >= 3:
+        feature_map = layers.Cropping2D(1)(feature_map)
+    return layers.GlobalAveragePooling2D(name=CENTRE_POOLED)(feature_map)
 
 
 def feature_layers(backbone: Backbone, feature_kind: str) -> list[str]:
@@ -213,6 +243,18 @@ def channel_covariance(feature_map):
     return ops.sign(upper) * ops.sqrt(ops.abs(upper))
 
 
+def source_columns(extractor: keras.Model, spec: str, feature_kind: str) -> list[tuple[int, int]]:
+    """Where each backbone's part lies in the fingerprint source that `extractor` (built by
+    `feature_extractor(spec, feature_kind, fingerprint_source=True)`) gives."""
+    columns, start = [], 0
+    for backbone in backbones_of(spec):
+        part = extractor.get_layer(f"{backbone.name}_{feature_kind}")
+        width = part.get_layer(CENTRE_POOLED).output.shape[-1]
+        columns.append((start, start + width))
+        start += width
+    return columns
+
+
 def pooled_columns(extractor: keras.Model, spec: str, feature_kind: str) -> list[tuple[int, int]]:
     """Where each backbone's pooled features lie in the vector `extractor` (built by
     `feature_extractor(spec, feature_kind)`) gives: each backbone's part begins with them."""
@@ -221,5 +263,5 @@ def pooled_columns(extractor: keras.Model, spec: str, feature_kind: str) -> list
         part = extractor.get_layer(f"{backbone.name}_{feature_kind}")
         pooled = part.get_layer("pooled").output.shape[-1]
         columns.append((start, start + pooled))
-        start += part.output.shape[-1]
+        start += part.outputs[0].shape[-1]  # the features, beside any fingerprint source
     return columns

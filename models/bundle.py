@@ -290,10 +290,10 @@ class ModelBundle:
         a worker's traceback later."""
         self.load_head()
 
-    def check_features(self, head: keras.Model, extractor: keras.Model) -> None:
-        """The head reads the features `extractor` gives, else a BundleError (a head fitted
-        over other features)."""
-        wants, gets = head.inputs[0].shape[-1], extractor.output.shape[-1]
+    def check_features(self, head: keras.Model, features: Any) -> None:
+        """The head reads `features` (the extractor's output), else a BundleError (a head
+        fitted over other features)."""
+        wants, gets = head.inputs[0].shape[-1], features.shape[-1]
         if wants != gets:
             spec = self.manifest.backbone
             raise BundleError(f"{self.path}: its head reads {wants} features; {spec.name}'s "
@@ -320,24 +320,29 @@ class ModelBundle:
 
         spec = self.manifest.backbone
         head = self.load_head()  # first: a head Keras refuses costs no backbone's building
+        fingerprint = self.load_fingerprint() if embeddings else None
         with building_in(precision):
             extractor = feature_extractor(
-                spec.name, spec.feature_kind, weights=spec.weights, weights_path=backbone_weights
+                spec.name,
+                spec.feature_kind,
+                weights=spec.weights,
+                weights_path=backbone_weights,
+                fingerprint_source=embeddings,
             )
-        self.check_features(head, extractor)
-        if not embeddings:
-            logits = head(extractor.output)
+        features = extractor.outputs[0]
+        self.check_features(head, features)
+        if fingerprint is None:
+            logits = head(features)
             probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
             return keras.Model(extractor.input, probabilities, name="style_classifier")
-        fingerprint = self.load_fingerprint()
         # Named as the head is: the OpenVINO engine finds where the head begins by its name.
         both = keras.Model(
             head.inputs, [head.output, head.get_layer(PROJECTION_LAYER).output], name=head.name
         )
-        logits, projected = both(extractor.output)
+        logits, projected = both(features)
         probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
         embedding = style_and_fingerprint(
-            projected, probabilities, fingerprint.of(extractor.output)
+            projected, probabilities, fingerprint.of(extractor.outputs[1])
         )
         return keras.Model(
             extractor.input, [probabilities, embedding], name="style_classifier_with_embeddings"

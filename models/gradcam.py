@@ -125,7 +125,7 @@ def bundle_grad_cam(bundle: ModelBundle, backbone_weights: str | None = None) ->
         extractor = feature_extractor(
             spec.name, spec.feature_kind, weights=spec.weights, weights_path=backbone_weights
         )
-        bundle.check_features(head, extractor)
+        bundle.check_features(head, extractor.output)
         return split_at_feature_maps(extractor, head, backbones_of(spec.name), spec.feature_kind)
 
 

@@ -37,6 +37,7 @@ from models.bundle import MANIFEST_FILE, ModelBundle
 from models.cache import cache_dir
 from models.fingerprint import FINGERPRINT_FILE
 from models.precision import PrecisionChoice, Speedup, measured_speedup, resolve_precision
+from models.settings import CENTRE_POOLED
 
 if TYPE_CHECKING:
     import keras
@@ -79,12 +80,15 @@ class OpenVinoClassifier:
         self._stages = stages
 
     def predict_on_batch(self, images: np.ndarray) -> Any:  # an array, or a list of arrays
-        values = images.astype(np.float32, copy=False)
+        values: Any = images.astype(np.float32, copy=False)
         for stage in self._stages[:-1]:
-            values = stage(values)[0]
-        results = self._stages[-1](values)
-        outputs = [results[i] for i in range(len(results))]
+            values = _outputs(stage(values))  # the next stage's inputs, in order
+        outputs = _outputs(self._stages[-1](values))
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _outputs(results: Any) -> list[np.ndarray]:
+    return [results[i] for i in range(len(results))]
 
 
 def openvino_precision(
@@ -162,27 +166,39 @@ def compiled_classifier(
 
 
 def split_at_head(model: openvino.Model) -> tuple[openvino.Model, openvino.Model]:
-    """The classifier cut where its head begins: the backbone with its features, and the
-    head with its softmax (and the embedding, where the classifier gives one: its
-    fingerprint reads the features too). Keras's bfloat16 rounds the first alone;
-    OpenVINO's, given the whole model, rounded the head too, and moved the scores on `val`
-    further from float32's than Keras's do. Cut, it gives Keras's bfloat16 scores."""
+    """The classifier cut where its head begins: the backbone with its features (and, in a
+    classifier that gives embeddings, each backbone's `centre_pooled` map, the fingerprint's
+    source), and the head with its softmax (and the embedding). Keras's bfloat16 rounds
+    the first alone; OpenVINO's, given the whole model, rounded the head too, and moved the
+    scores on `val` further from float32's than Keras's do. Cut, it gives Keras's bfloat16
+    scores."""
     openvino = imported_openvino()
     model = model.clone()
+    ops = model.get_ordered_ops()
     first = next(
-        (op for op in model.get_ordered_ops()
+        (op for op in ops
          if HEAD_NAME in op.get_friendly_name() and op.get_type_name() == "MatMul"),
         None,
     )  # fmt: skip
     if first is None:
         raise ValueError(f"The converted model has no {HEAD_NAME!r} to keep in float32")
-    features = first.input_value(0)
-    shape, element_type = features.get_partial_shape(), features.get_element_type()
-    head_input = openvino.opset13.parameter(shape, element_type, name="features")
-    for reader in features.get_target_inputs():
-        reader.replace_source_output(head_input.output(0))
-    backbone = openvino.Model([features], model.get_parameters(), "backbone")
-    return backbone, openvino.Model(model.get_results(), [head_input], "head")
+    sources = [
+        op.output(0)
+        for op in ops
+        if CENTRE_POOLED in op.get_friendly_name() and op.get_type_name() == "ReduceMean"
+    ]
+    cuts = [first.input_value(0), *sources]
+    head_inputs = []
+    for number, cut in enumerate(cuts):
+        name = "features" if number == 0 else f"fingerprint_source_{number}"
+        head_input = openvino.opset13.parameter(
+            cut.get_partial_shape(), cut.get_element_type(), name=name
+        )
+        for reader in cut.get_target_inputs():
+            reader.replace_source_output(head_input.output(0))
+        head_inputs.append(head_input)
+    backbone = openvino.Model(cuts, model.get_parameters(), "backbone")
+    return backbone, openvino.Model(model.get_results(), head_inputs, "head")
 
 
 def compiled_on_a_thread_of_its_own(

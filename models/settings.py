@@ -54,6 +54,13 @@ INDEX_SEARCHES = ("auto", "exact", "approximate")
 # shipped model's 256 of projection and 16 styles, the whole vector is 512 float16 numbers,
 # 1 KB a painting.
 FINGERPRINT_DIMENSION = 240
+# The layer that averages a backbone's last map without its outer ring
+# (models.backbones.centre_pooled): the fingerprint's source, and where OpenVINO's bfloat16
+# backbone hands it to the float32 head (models.openvino_engine.split_at_head).
+CENTRE_POOLED = "centre_pooled"
+# The training paintings the fingerprint's whitening is fitted on, at most: a sample,
+# read by a pass of its own (pipeline.train); half as many fit it nearly as well (docs/similar.md).
+FINGERPRINT_PAINTINGS = 4000
 # The share of the style part's squared length that the style probabilities take (their
 # square roots), the head's projection taking the rest: the probabilities say outright what
 # the projection says among much else (docs/similar.md measures the share).

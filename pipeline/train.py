@@ -3,8 +3,8 @@
 1. A Beam pipeline writes one feature vector per image to Parquet (pipeline/features.py).
 2. Heads are cross-fitted on the training split's features and merged into one, and their
    out-of-fold logits calibrate its temperature (models/crossfit.py).
-3. With --projection, the embedding's fingerprint is fitted on the training features
-   (models/fingerprint.py).
+3. With --projection, the embedding's fingerprint is fitted on a sample of the training
+   paintings, which a second, smaller pass reads (models/fingerprint.py).
 4. The evaluation split is scored once, and the bundle is written with its manifest:
    data, flags, the exact command and the scores, so any figure can be reproduced.
 """
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shlex
 import sys
 import time
@@ -25,10 +26,11 @@ from pipeline import terminal
 from pipeline.flags import TRAIN_COMMAND
 
 if TYPE_CHECKING:
-    import numpy as np
+    from apache_beam.options.pipeline_options import PipelineOptions
 
     from models.bundle import Manifest
     from models.fingerprint import Fingerprint
+    from transforms.catalog import Catalog
 
 
 def catalog_digest(files: Sequence[str]) -> str:
@@ -84,7 +86,7 @@ def run(argv: list[str] | None = None) -> Manifest:
     projection = train_options.projection
     fingerprint, embedding = None, None
     if projection:
-        fingerprint = fitted_fingerprint(data.train.features, backbone, feature_kind)
+        fingerprint = fitted_fingerprint(options, catalog, features_dir)
         dimension = projection + len(fit.classes) + fingerprint.dimension
         embedding = EmbeddingSpec(dimension, STYLE_AND_FINGERPRINT, fingerprint.dimension)
     manifest = Manifest(
@@ -112,16 +114,37 @@ def run(argv: list[str] | None = None) -> Manifest:
     return manifest
 
 
-def fitted_fingerprint(features: np.ndarray, backbone: str, feature_kind: str) -> Fingerprint:
-    """The embedding's fingerprint (models/fingerprint.py), fitted on the training paintings'
-    features as they are (their mirrors would add nothing: a mirror is another picture)."""
-    from models.backbones import feature_extractor, pooled_columns
-    from models.fingerprint import Fingerprint
-    from models.settings import FINGERPRINT_DIMENSION
+def fitted_fingerprint(
+    options: PipelineOptions, catalog: Catalog, features_dir: str
+) -> Fingerprint:
+    """The embedding's fingerprint (models/fingerprint.py), fitted on the sources of a sample
+    of the training paintings (as they are: a mirror is another picture), which a pass of
+    their own writes beside the features; with --reuse_features, an earlier pass's."""
+    import apache_beam as beam
 
-    extractor = feature_extractor(backbone, feature_kind, weights=None)  # its shapes alone
-    columns = pooled_columns(extractor, backbone, feature_kind)
-    return Fingerprint.fitted(features, columns, FINGERPRINT_DIMENSION)
+    from models.backbones import feature_extractor, source_columns
+    from models.fingerprint import Fingerprint
+    from models.settings import FINGERPRINT_DIMENSION, FINGERPRINT_PAINTINGS
+    from pipeline.features import (
+        SOURCES_PREFIX,
+        build_fingerprint_source_graph,
+        has_feature_files,
+        read_fingerprint_sources,
+        training_sample,
+    )
+    from pipeline.options import TrainOptions
+
+    train_options = options.view_as(TrainOptions)
+    if not (train_options.reuse_features and has_feature_files(features_dir, SOURCES_PREFIX)):
+        sample = training_sample(features_dir, train_options, FINGERPRINT_PAINTINGS)
+        logging.info("artstyle: fitting the fingerprint on %d training paintings", len(sample))
+        with beam.Pipeline(options=options) as pipeline:
+            build_fingerprint_source_graph(pipeline, options, catalog, features_dir, sample)
+    sources = read_fingerprint_sources(features_dir)
+    backbone, feature_kind = train_options.backbone, train_options.feature_kind
+    extractor = feature_extractor(backbone, feature_kind, weights=None, fingerprint_source=True)
+    columns = source_columns(extractor, backbone, feature_kind)  # the shapes alone
+    return Fingerprint.fitted(sources, columns, FINGERPRINT_DIMENSION)
 
 
 def training_summary(manifest: Manifest, output: str) -> str:

@@ -91,16 +91,16 @@ def projection_bundle_at(path: Path, model_id: str = "tiny-projection-model") ->
     keras.utils.set_random_seed(1)
     merged = merge_heads([build_head(features, len(CLASSES), HeadConfig(hidden_units=16, seed=1))])
     head = low_rank_head(merged, features, PROJECTION)
-    fingerprint = Fingerprint.fitted(pictures_features(path.parent / "pictures"), [(0, 1280)],
+    fingerprint = Fingerprint.fitted(pictures_sources(path.parent / "pictures"), [(0, 1280)],
                                      FINGERPRINT)  # fmt: skip
     embedding = EmbeddingSpec(EMBEDDING_DIMENSION, STYLE_AND_FINGERPRINT, FINGERPRINT, SAME_PICTURE)
     save_bundle(str(path), lite0_manifest(model_id, CLASSES, embedding), head, fingerprint)
     return str(path)
 
 
-def pictures_features(folder: Path, n: int = 40) -> np.ndarray:
-    """EfficientNet-Lite0's pooled features of `n` pictures with shapes, of every colour:
-    what a fingerprint is fitted on (the training paintings' features)."""
+def pictures_sources(folder: Path, n: int = 40) -> np.ndarray:
+    """EfficientNet-Lite0's fingerprint sources of `n` pictures with shapes, of every colour:
+    what a fingerprint is fitted on (training paintings')."""
     from models.backbones import feature_extractor
     from transforms.images import decode_image
 
@@ -108,8 +108,8 @@ def pictures_features(folder: Path, n: int = 40) -> np.ndarray:
     paths = [painting(folder / f"{i}.png", tuple(rng.integers(0, 256, 3)), seed=1000 + i,
                       shapes=6) for i in range(n)]  # fmt: skip
     images = np.stack([decode_image(path.read_bytes(), size=224) for path in paths])
-    extractor = feature_extractor("efficientnet_lite0", "pooled")
-    return np.asarray(extractor.predict_on_batch(images))
+    extractor = feature_extractor("efficientnet_lite0", "pooled", fingerprint_source=True)
+    return np.asarray(extractor.predict_on_batch(images)[1])
 
 
 @pytest.fixture(scope="session")

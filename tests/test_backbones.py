@@ -6,12 +6,14 @@ from PIL import Image
 
 from models.backbones import (
     BACKBONES,
+    centre_pooled,
     channel_covariance,
     feature_extractor,
     get_backbone,
     input_size_of,
     resize_matrix,
     resized,
+    source_columns,
     with_mirror,
 )
 from models.settings import BACKBONE_NAMES
@@ -119,3 +121,27 @@ def test_with_mirror_adds_the_features_of_the_left_right_mirror():
     both = np.asarray(with_mirror(extractor).predict_on_batch(images))
     expected = [extractor.predict_on_batch(images), extractor.predict_on_batch(images[:, :, ::-1])]
     np.testing.assert_allclose(both, np.concatenate(expected, axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_fingerprint_source_is_each_backbones_last_map_averaged_without_its_outer_ring():
+    spec = "efficientnet_lite0+efficientnet_lite2"
+    extractor = feature_extractor(spec, "pooled", weights=None, fingerprint_source=True)
+    images = np.random.default_rng(6).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    features, sources = extractor.predict_on_batch(images)
+    plain = feature_extractor(spec, "pooled", weights=None)
+    np.testing.assert_allclose(features, plain.predict_on_batch(images), rtol=1e-4, atol=1e-4)
+    assert source_columns(extractor, spec, "pooled") == [(0, 1280), (1280, 2560)]
+    lite0 = extractor.get_layer("efficientnet_lite0_pooled")
+    maps = keras.Model(lite0.input, lite0.get_layer("head_conv").output).predict_on_batch(
+        resized(images, 224)
+    )
+    assert maps.shape[1:3] == (7, 7)
+    np.testing.assert_allclose(
+        sources[:, :1280], maps[:, 1:6, 1:6].mean(axis=(1, 2)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_map_of_fewer_than_three_cells_a_side_is_averaged_whole():
+    maps = np.random.default_rng(7).uniform(size=(2, 2, 5, 3)).astype(np.float32)
+    pooled = keras.Model(inputs := keras.Input((2, 5, 3)), centre_pooled(inputs))
+    np.testing.assert_allclose(pooled.predict_on_batch(maps), maps.mean(axis=(1, 2)), rtol=1e-5)

@@ -1,16 +1,17 @@
-"""The embedding's fingerprint: fitted as a whitening of the pooled features, saved small,
-refused with one line when its file is not one."""
+"""The embedding's fingerprint: fitted as a whitening of the backbones' pooled maps, saved
+small, refused with one line when its file is not one, or whitens another source."""
 
 import numpy as np
 import pytest
 
 from models.embedding import FINGERPRINT, STYLE, EmbeddingSpec, EmbeddingSpecError
-from models.fingerprint import Fingerprint, FingerprintError, source_of
+from models.fingerprint import SOURCE, Fingerprint, FingerprintError, source_of
 
 
 def pooled_features(n: int, seed: int = 0) -> np.ndarray:
     """Two backbones' features, 12 and 9 wide, each beginning with 5 and 4 pooled numbers
-    (non-negative, as averages of activations are), of correlated pictures."""
+    (non-negative, as averages of activations are), of correlated pictures: the source is
+    at `COLUMNS` of them."""
     rng = np.random.default_rng(seed)
     shared = rng.normal(size=(n, 3))
     pooled = np.abs(shared @ rng.normal(size=(3, 9)) + 0.3 * rng.normal(size=(n, 9)))
@@ -54,6 +55,7 @@ def test_it_is_saved_in_float16_and_read_back(tmp_path):
     fingerprint.save(str(tmp_path / "fingerprint.npz"))
     read = Fingerprint.load(str(tmp_path / "fingerprint.npz"))
     assert read.columns == ((0, 5), (12, 16))
+    assert read.paintings == fingerprint.paintings == 200
     np.testing.assert_allclose(read.matrix, fingerprint.matrix, rtol=1e-3, atol=1e-3)
 
 
@@ -63,10 +65,20 @@ def test_a_file_that_is_not_a_fingerprint_is_one_line(tmp_path):
         Fingerprint.load(str(tmp_path / "junk.npz"))
     with pytest.raises(FingerprintError, match="missing"):
         Fingerprint.load(str(tmp_path / "absent.npz"))
-    np.savez(tmp_path / "odd.npz", columns=np.array([[0, 5]]), mean=np.zeros(4),
-             matrix=np.zeros((5, 2)))  # fmt: skip
+    np.savez(tmp_path / "odd.npz", source=SOURCE, paintings=9, columns=np.array([[0, 5]]),
+             mean=np.zeros(4), matrix=np.zeros((5, 2)))  # fmt: skip
     with pytest.raises(FingerprintError, match="do not agree"):
         Fingerprint.load(str(tmp_path / "odd.npz"))
+
+
+def test_a_fingerprint_of_another_source_is_refused_with_one_line(tmp_path):
+    """An earlier version's file, fitted on the whole maps' averages, has no `source`."""
+    fingerprint = Fingerprint.fitted(pooled_features(50), COLUMNS, dimension=5)
+    np.savez(tmp_path / "fingerprint.npz", columns=np.asarray(COLUMNS), mean=fingerprint.mean,
+             matrix=fingerprint.matrix)  # fmt: skip
+    with pytest.raises(FingerprintError, match=r"fingerprint\.npz whitens whole maps' averages, "
+                       "not centre_pooled_last_maps: train the bundle again$"):  # fmt: skip
+        Fingerprint.load(str(tmp_path / "fingerprint.npz"))
 
 
 def test_a_spec_of_two_parts_reads_back_and_splits_its_vectors():

@@ -167,8 +167,8 @@ def test_with_embeddings_it_gives_kerass_two_outputs_in_either_precision(cache, 
 
 
 def test_cut_at_the_head_the_embeddings_fingerprint_is_on_the_heads_side(cache, projection_bundle):
-    """The fingerprint reads the features as the head does: both readers are cut from the
-    backbone, and the two parts in float32 compute the whole classifier of two outputs."""
+    """The fingerprint reads the centre-pooled map, the head the features: both are cut from
+    the backbone, and the two parts in float32 compute the whole classifier of two outputs."""
     import openvino
 
     core = openvino.Core()
@@ -179,7 +179,9 @@ def test_cut_at_the_head_the_embeddings_fingerprint_is_on_the_heads_side(cache, 
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
     whole = core.compile_model(model, "CPU", f32)(batch)
     backbone, head = openvino_engine.split_at_head(model)
-    features = core.compile_model(backbone, "CPU", f32)(batch)[0]
-    parts = core.compile_model(head, "CPU", f32)(features)
+    assert [p.get_friendly_name() for p in head.get_parameters()] == [
+        "features", "fingerprint_source_1"]  # fmt: skip
+    cut = core.compile_model(backbone, "CPU", f32)(batch)
+    parts = core.compile_model(head, "CPU", f32)([cut[0], cut[1]])
     for output in range(2):
         np.testing.assert_allclose(parts[output], whole[output], atol=1e-5)

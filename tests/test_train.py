@@ -8,7 +8,7 @@ import pytest
 
 from models.bundle import ModelBundle
 from models.settings import SAME_PICTURE_DISTANCE
-from pipeline.features import read_features
+from pipeline.features import SOURCES_PREFIX, read_features
 from pipeline.predict import run as predict
 from pipeline.train import run as train
 from tests.conftest import CLASSES, COLOURS, painting
@@ -46,8 +46,13 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
                                            "train_mirrored": 0, "eval": 6}  # fmt: skip
     assert manifest.head.fit["folds"] == 3 and len(manifest.head.fit["epochs_trained"]) == 3
     fingerprint = ModelBundle.load(str(bundle)).load_fingerprint()
-    assert fingerprint.columns == ((0, 1280),)  # Lite0's pooled features, all of them
+    assert fingerprint.columns == ((0, 1280),)  # Lite0's centre-pooled map, all of it
+    assert fingerprint.paintings == 18  # all the training paintings: fewer than a sample's
     assert 1 <= fingerprint.dimension <= 17  # the directions 18 training paintings span
+    sampled = read_features(f"{bundle}.features", SOURCES_PREFIX).to_pandas()
+    catalog = pd.read_csv(labelled_catalog / "catalog.csv")
+    assert sorted(sampled.uri) == sorted(catalog.uri[catalog.split == "train"])
+    assert sampled.error.isna().all()
     assert saved["embedding"] == {
         "dimension": 8 + len(CLASSES) + fingerprint.dimension,  # projection, styles, fingerprint
         "kind": "style_and_fingerprint",
