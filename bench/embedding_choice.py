@@ -7,7 +7,14 @@ It reads what `python -m bench.similar_quality --work WORK` made: the altered co
 (--features_dir, every painting's). The copies' pooled features are computed once here
 (float32 Keras, cached in WORK). Then:
 
-- the fingerprint: the pooled features square-rooted, each backbone's at unit length, and
+- the fingerprint's pooling, on a sample (the paintings of --data read again, float32
+  Keras, cached in WORK): each backbone's last map averaged whole (the pooled features
+  the feature files hold) against averaged without its outer ring (`centre_pooled`, what
+  the shipped fingerprint reads), each whitened to FINGERPRINT_DIMENSION numbers on
+  POOLING_SAMPLE `train` paintings (and on half of them), the copies queried against an
+  index of those and the `val` paintings;
+- the fingerprint's dimension and whitening, on every painting's whole-map averages (the
+  feature files hold no centre's): square-rooted, each backbone's at unit length, and
   projected on their principal directions over the `train` paintings, each scaled by its
   variance to the power -p (p = 0.5 whitens): by dimension and by p, each copy's nearest
   painting, and the distance that lists 98% of copy pairs against the share of distinct
@@ -23,13 +30,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from bench.flags import JSON_OUTPUT
+from bench.flags import DATA, JSON_OUTPUT
 from bench.measure import write_results
 from bench.similar_quality import RECALL_TARGET, Embeddings, K, backbone_features
 from models.embedding import FINGERPRINT, STYLE, unit_vectors
@@ -39,6 +48,7 @@ from pipeline.flags import MODEL, add
 if TYPE_CHECKING:
     from models.bundle import ModelBundle
 
+POOLING_SAMPLE = 4000  # `train` paintings the pooling's fingerprints are fitted on and index
 FINGERPRINT_DIMENSIONS = (200, 240, 320, 400)
 WHITENING_POWERS = (0.5, 0.45, 0.4, 0.35)
 PROJECTION_SHARES = (0.6, 0.7, 0.8, 0.9)  # of the style part's squared length
@@ -50,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=called_as("bench.embedding_choice"), description=__doc__.split("\n")[0]
     )
-    add(parser, JSON_OUTPUT, MODEL.but("The bundle that made WORK's runs."))
+    add(
+        parser,
+        JSON_OUTPUT,
+        MODEL.but("The bundle that made WORK's runs."),
+        DATA.but(help="The folder of the catalog WORK's run read (its images).", required=True),
+    )
     parser.add_argument(
         "--work", type=Path, required=True, help="bench.similar_quality's --work folder."
     )
@@ -128,6 +143,71 @@ def measure_fingerprints(
         "by_dimension_whitened": {d: scored(d, 0.5) for d in FINGERPRINT_DIMENSIONS},
         "by_power_at_240": {p: scored(240, p) for p in WHITENING_POWERS},
     }
+
+
+def measure_pooling(
+    bundle: ModelBundle, data: Path, work: Path, rows: pd.DataFrame, copies: pd.DataFrame
+) -> dict[str, Any]:
+    """The fingerprint of the whole maps' averages against their centres', on the sample
+    `pooling_sample` chooses (see the module's docstring)."""
+    from models.backbones import feature_extractor, pooled_columns, source_columns
+    from models.fingerprint import Fingerprint
+    from models.settings import FINGERPRINT_DIMENSION
+
+    spec = bundle.manifest.backbone
+    shapes = feature_extractor(spec.name, "pooled", weights=None, fingerprint_source=True)
+    columns = {"whole map": pooled_columns(shapes, spec.name, "pooled"),
+               "centre": source_columns(shapes, spec.name, "pooled")}  # fmt: skip
+    indexed = pooling_sample(rows)
+    by_uri = {uri: i for i, uri in enumerate(indexed["uri"])}
+    original = np.array([by_uri[uri] for uri in copies["original"]])
+    uris = [str(data / uri) for uri in indexed["uri"]]
+    uris += [str(work / "copies" / uri) for uri in copies["uri"]]
+    whole_and_centre = cached_rows(
+        work / "pooling-sources.npy",
+        partial(
+            backbone_features, bundle.path, uris, feature_kind="pooled", fingerprint_source=True
+        ),
+    ).astype(np.float32)
+    width = columns["whole map"][-1][1]
+    sources = {"whole map": whole_and_centre[:, :width], "centre": whole_and_centre[:, width:]}
+    train = (indexed["split"] == "train").to_numpy()
+    val = ~train
+    alteration = copies["alteration"].to_numpy()
+
+    def scored(pooling: str, fitted_on: int) -> dict[str, Any]:
+        fit = np.flatnonzero(train)[:fitted_on]
+        fingerprint = Fingerprint.fitted(
+            sources[pooling][fit], columns[pooling], FINGERPRINT_DIMENSION
+        )
+        vectors = np.asarray(fingerprint.of(sources[pooling]))
+        paintings, copy_vectors = vectors[: len(indexed)], vectors[len(indexed) :]
+        ids, _ = nearest(paintings, copy_vectors, 1)
+        found = ids[:, 0] == original
+        return {**fingerprint_scores(paintings, copy_vectors, original, val),
+                "by_alteration": {kind: float(found[alteration == kind].mean())
+                                  for kind in sorted(set(alteration))}}  # fmt: skip
+
+    return {
+        "index": {"train": int(train.sum()), "val": int(val.sum()), "copies": len(copies)},
+        "whole map": scored("whole map", POOLING_SAMPLE),
+        "centre": scored("centre", POOLING_SAMPLE),
+        f"centre, fitted on {POOLING_SAMPLE // 2}": scored("centre", POOLING_SAMPLE // 2),
+    }
+
+
+def pooling_sample(rows: pd.DataFrame) -> pd.DataFrame:
+    """The `val` paintings and POOLING_SAMPLE `train` paintings (seeded), in that order."""
+    train = rows[rows["split"] == "train"]
+    chosen = train.sample(min(POOLING_SAMPLE, len(train)), random_state=0)
+    return pd.concat([rows[rows["split"] == "val"], chosen], ignore_index=True)
+
+
+def cached_rows(cache: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """`compute()`, saved in `cache` the first time and read back after."""
+    if not cache.is_file():
+        np.save(cache, compute())
+    return np.load(cache)
 
 
 # --- The style part ----------------------------------------------------------------------
@@ -256,11 +336,12 @@ def paintings_features(
 def copies_pooled(bundle: ModelBundle, work: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """The copies' catalog and their pooled features, computed once and kept in `work`."""
     catalog = pd.read_csv(work / "copies" / "catalog.csv", dtype=str)
-    cache = work / "copies-pooled.npy"
-    if not cache.is_file():
-        uris = [str(work / "copies" / uri) for uri in catalog["uri"]]
-        np.save(cache, backbone_features(bundle.path, uris, feature_kind="pooled"))
-    return catalog, np.load(cache)
+    uris = [str(work / "copies" / uri) for uri in catalog["uri"]]
+    pooled = cached_rows(
+        work / "copies-pooled.npy",
+        partial(backbone_features, bundle.path, uris, feature_kind="pooled"),
+    )
+    return catalog, pooled
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -276,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if layer.get_weights()}  # fmt: skip
     results = {
         "model": bundle.id,
+        "pooling": measure_pooling(bundle, args.data, args.work, rows, catalog),
         "fingerprint": measure_fingerprints(pooled, columns, copies, rows, original),
         "style_part": measure_styles(projected, head, bundle.manifest.head.temperature, rows),
         "what_comes_first": measure_rules(args.work),

@@ -462,10 +462,15 @@ def sample(rows: pd.DataFrame, per_style: int, split: str, seed: int = 0) -> pd.
 
 
 def backbone_features(
-    bundle_path: str, uris: list[str], batch_size: int = 32, feature_kind: str | None = None
+    bundle_path: str,
+    uris: list[str],
+    batch_size: int = 32,
+    feature_kind: str | None = None,
+    fingerprint_source: bool = False,
 ) -> np.ndarray:
     """The bundle's backbone features (what its head reads, or those of another
-    `feature_kind`) of these images, float32 Keras, decoded as the pipeline decodes them."""
+    `feature_kind`) of these images, float32 Keras, decoded as the pipeline decodes them;
+    with `fingerprint_source`, each row followed by the image's fingerprint source."""
     from models.backbones import feature_extractor
     from models.bundle import ModelBundle
     from transforms.fetch import read_file
@@ -474,7 +479,10 @@ def backbone_features(
     bundle = ModelBundle.load(bundle_path)
     spec = bundle.manifest.backbone
     extractor = feature_extractor(
-        spec.name, feature_kind or spec.feature_kind, weights=spec.weights
+        spec.name,
+        feature_kind or spec.feature_kind,
+        weights=spec.weights,
+        fingerprint_source=fingerprint_source,
     )
 
     def decoded(uri: str) -> np.ndarray:
@@ -484,7 +492,9 @@ def backbone_features(
     with ThreadPoolExecutor(2) as pool:
         for start in range(0, len(uris), batch_size):
             images = np.stack(list(pool.map(decoded, uris[start : start + batch_size])))
-            out.append(np.asarray(extractor.predict_on_batch(images), np.float16))
+            outputs = extractor.predict_on_batch(images)
+            side_by_side = np.concatenate(outputs, axis=1) if fingerprint_source else outputs
+            out.append(np.asarray(side_by_side, np.float16))
             _progress(f"features {start + len(images):,}/{len(uris):,}")
     return np.concatenate(out)
 
