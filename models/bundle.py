@@ -306,8 +306,8 @@ class ModelBundle:
         embeddings: bool = False,
     ) -> keras.Model:
         """images (0..255) -> style probabilities, calibrated by the bundle's temperature;
-        with `embeddings`, also each image's embedding (the head's projection, L2-normalised),
-        a second output from the same pass.
+        with `embeddings`, also each image's embedding (its style and its fingerprint, a unit
+        vector: models/embedding.py), a second output from the same pass.
 
         `precision` is the backbone's arithmetic, 'float32' or 'bfloat16' (`load_classifier`
         resolves 'auto', measuring where it must); the head and its softmax are float32 in
