@@ -69,3 +69,25 @@ def test_no_rows_is_one_empty_file_with_the_schema(tmp_path):
     assert path.endswith("rows-00000-of-00001.parquet")
     table = pq.read_table(path)
     assert table.num_rows == 0 and table.schema == SCHEMA
+
+
+def test_a_later_write_replaces_every_shard_of_an_earlier_one_under_its_prefix(tmp_path):
+    """Features written again (training without --reuse_features) come in as many shards as
+    the run's bundles: an earlier run's shards past their number must not be read with
+    them. Files of other prefixes stay."""
+    prefix = f"{tmp_path}/rows"
+    with beam.Pipeline() as pipeline:
+        evens = pipeline | "Evens" >> beam.Create([_row(i) for i in range(0, 10, 2)])
+        odds = pipeline | "Odds" >> beam.Create([_row(i) for i in range(1, 10, 2)])
+        _ = (evens, odds) | WriteParquet(prefix, SCHEMA)
+    (tmp_path / "rows-of-another-kind.parquet").write_bytes(b"")
+    (tmp_path / "other-00000-of-00001.parquet").write_bytes(b"")
+    with beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create([_row(i) for i in range(20, 23)]) | WriteParquet(prefix, SCHEMA)
+    assert sorted(os.listdir(tmp_path)) == [
+        "other-00000-of-00001.parquet",
+        "rows-00000-of-00001.parquet",
+        "rows-of-another-kind.parquet",
+    ]
+    table = pq.read_table(glob.glob(f"{prefix}-*-of-*.parquet"))
+    assert sorted(table["id"].to_pylist()) == [20, 21, 22]

@@ -11,6 +11,7 @@ gathered at the end, to be renamed `PREFIX-00000-of-0000N.parquet`.
 from __future__ import annotations
 
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -65,7 +66,8 @@ class _WriteShardFn(beam.DoFn):
 def _publish(paths: list[str], prefix: str, folder: str, schema: pa.Schema) -> list[str]:
     """Renames the bundles' files `PREFIX-SSSSS-of-NNNNN.parquet` (one empty file, with the
     schema, if no row came), then removes the folder they were written in: files of bundles
-    that failed and ran again are left out, as their names never arrived here."""
+    that failed and ran again are left out, as their names never arrived here. The shards
+    of an earlier write under the same prefix go too (see `_remove_earlier_shards`)."""
     fs, _ = fsspec.core.url_to_fs(prefix)
     if not paths:
         empty = f"{prefix}-00000-of-00001.parquet"
@@ -80,7 +82,25 @@ def _publish(paths: list[str], prefix: str, folder: str, schema: pa.Schema) -> l
             published.append(name)
     if fs.exists(folder):
         fs.rm(folder, recursive=True)
+    _remove_earlier_shards(fs, prefix, published)
     return published
+
+
+def _remove_earlier_shards(
+    fs: fsspec.AbstractFileSystem, prefix: str, published: list[str]
+) -> None:
+    """Removes the shards under `prefix` that this write did not write: those of an earlier
+    write in more shards (training's features written again, in as many shards as that
+    run's bundles), which would be read with this write's as one set. They go only once
+    this write's shards are in place, so a write that fails leaves the earlier one whole."""
+    _, path = fsspec.core.url_to_fs(prefix)
+    stem = posixpath.basename(path)
+    shard = re.compile(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.parquet")
+    kept = {posixpath.basename(name) for name in published}
+    for name in fs.glob(f"{path}-*-of-*.parquet"):
+        base = posixpath.basename(name)
+        if shard.fullmatch(base) and base not in kept:
+            fs.rm(name)
 
 
 class WriteParquet(beam.PTransform):
