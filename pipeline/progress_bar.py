@@ -36,9 +36,10 @@ REDRAW_S = 0.5
 
 
 @contextmanager
-def progress_bar(workers: Workers, catalog: Catalog) -> Iterator[None]:
+def progress_bar(workers: Workers, catalog: Catalog, images: int | None = None) -> Iterator[None]:
     """Around a run whose `workers` are where they are: the bar while it runs, gone when
-    it ends (the summary follows)."""
+    it ends (the summary follows). Its total is `images` where the run reads only some of
+    the catalog's rows (it knows how many), else the catalog's rows."""
     if not (sys.stderr.isatty() and workers is Workers.IN_THIS_PROCESS):
         yield
         return
@@ -57,7 +58,7 @@ def progress_bar(workers: Workers, catalog: Catalog) -> Iterator[None]:
     stopped = threading.Event()
 
     def redraw() -> None:
-        bar.update(task, total=catalog_size(catalog), refresh=True)
+        bar.update(task, total=images or catalog_size(catalog), refresh=True)
         while not stopped.wait(REDRAW_S):
             bar.update(task, completed=IMAGES_DONE.value - start, refresh=True)
 

@@ -133,12 +133,17 @@ def fitted_fingerprint(
         training_sample,
     )
     from pipeline.options import TrainOptions
+    from pipeline.plan import Workers
+    from pipeline.progress_bar import progress_bar
 
     train_options = options.view_as(TrainOptions)
     if not (train_options.reuse_features and has_feature_files(features_dir, SOURCES_PREFIX)):
         sample = training_sample(features_dir, train_options, FINGERPRINT_PAINTINGS)
         logging.info("artstyle: fitting the fingerprint on %d training paintings", len(sample))
-        with beam.Pipeline(options=options) as pipeline:
+        with (
+            progress_bar(Workers.of(options), catalog, images=len(sample)),
+            beam.Pipeline(options=options) as pipeline,
+        ):
             build_fingerprint_source_graph(pipeline, options, catalog, features_dir, sample)
     sources = read_fingerprint_sources(features_dir)
     backbone, feature_kind = train_options.backbone, train_options.feature_kind

@@ -71,6 +71,17 @@ def test_the_bar_shows_images_done_of_the_total_on_a_terminal(tmp_path, monkeypa
     assert "5/12" in terminal.getvalue()
 
 
+def test_a_run_over_some_of_the_rows_shows_their_number_as_the_total(tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_bar(Workers.IN_THIS_PROCESS, twelve_rows(tmp_path), images=4):
+        IMAGES_DONE.add(3)
+        deadline = time.monotonic() + 30
+        while "3/4" not in terminal.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "3/4" in terminal.getvalue()
+
+
 def test_no_bar_in_a_log(tmp_path, monkeypatch):
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
