@@ -43,7 +43,8 @@ FEATURE_SCHEMA = pa.schema(
     ]
 )
 
-
+# The fingerprint's sample: each painting's centre-pooled maps (models.backbones), float16
+# as the features are (the whitening fitted on them is stored in float16 too).
 SOURCE_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),
