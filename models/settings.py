@@ -49,7 +49,6 @@ class HeadConfig:
 # What --search can ask of a new index: exact up to models.vector_index.EXACT_LIMIT items and
 # approximate (IVF) past it, or either whatever its size.
 INDEX_SEARCHES = ("auto", "exact", "approximate")
-# Pairs of paintings at most this cosine distance apart are listed as the same picture by
 # The embedding's fingerprint part (models/fingerprint.py): its numbers, at most. With the
 # shipped model's 256 of projection and 16 styles, the whole vector is 512 float16 numbers,
 # 1 KB a painting.

@@ -80,7 +80,7 @@ NPROBE = 32
 # ... times this for a query by fingerprint: the cells are fitted on whole vectors, so a
 # fingerprint's nearest lie in fewer of the cells nearest by fingerprint alone (over the
 # 33,725 paintings, the most similar painting of an altered copy is the exact search's for
-# 97.3% of copies at 1 x, 99.6% at 4 x, 99.9% at 8 x: docs/similar.md).
+# 98.0% of copies at 1 x, 99.7% at 4 x, 99.9% at 8 x: docs/similar.md).
 FINGERPRINT_CELLS_FACTOR = 8
 # Vectors normalised and handed to FAISS at a time by `add`.
 ADD_CHUNK = 65_536
