@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from bench.flags import JSON_OUTPUT
 from bench.measure import run_process, write_results
-from models.embedding import STORED_DTYPE, EmbeddingSpec
+from models.embedding import FINGERPRINT, STORED_DTYPE, STYLE, EmbeddingSpec, unit_vectors
 from models.vector_index import EXACT_LIMIT, VectorIndex, chosen_parameters
 from pipeline.cli import called_as
 from transforms.embeddings import EMBEDDING_FILE_PREFIX, EmbeddingsOrigin, embedding_schema
@@ -99,9 +99,11 @@ class SyntheticEmbeddings:
     def __init__(self, dimension: int, latent_dimension: int = 0, seed: int = 0):
         self.dimension = dimension
         rng = np.random.default_rng(seed)
-        self.centres = _unit(rng.standard_normal((CENTRES, dimension)))
+        self.centres = unit_vectors(rng.standard_normal((CENTRES, dimension)))
         self._latent = (
-            _unit(rng.standard_normal((latent_dimension, dimension))) if latent_dimension else None
+            unit_vectors(rng.standard_normal((latent_dimension, dimension)))
+            if latent_dimension
+            else None
         )
         self._seed = seed
 
@@ -115,12 +117,12 @@ class SyntheticEmbeddings:
         paintings are copies of another painting of the chunk, never of a copy."""
         rng = np.random.default_rng([self._seed, stream, start])
         around = self.centres[rng.integers(CENTRES, size=n)]
-        vectors = _unit(around + self._noise(rng, n))
+        vectors = unit_vectors(around + self._noise(rng, n))
         n_copies = int(n * COPY_SHARE) if stream == 0 else 0
         chosen = rng.choice(n, size=2 * n_copies, replace=False)
         copies, originals = chosen[:n_copies], chosen[n_copies:]
         jitter = rng.standard_normal((n_copies, self.dimension)) * COPY_NOISE
-        vectors[copies] = _unit(vectors[originals] + jitter / np.sqrt(self.dimension))
+        vectors[copies] = unit_vectors(vectors[originals] + jitter / np.sqrt(self.dimension))
         pairs = np.sort(np.stack([originals, copies], axis=1), axis=1) + start
         return vectors.astype(STORED_DTYPE).astype(np.float32), pairs
 
@@ -147,11 +149,6 @@ class SyntheticEmbeddings:
         return np.concatenate(
             [self.chunk(s, min(SHARD_ROWS, size - s)) for s in range(0, size, SHARD_ROWS)]
         )
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = vectors.astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def write_run(data: SyntheticEmbeddings, size: int, folder: Path) -> Path:
@@ -288,8 +285,7 @@ def two_part_latencies(vectors: np.ndarray, queries: np.ndarray) -> dict[str, fl
 
 
 def _two_parts(vectors: np.ndarray, spec: EmbeddingSpec) -> np.ndarray:
-    cut = spec.dimension - spec.fingerprint_dimension
-    parts = [_unit(np.asarray(part, np.float32)) for part in (vectors[:, :cut], vectors[:, cut:])]
+    parts = [spec.part(vectors, name) for name in (STYLE, FINGERPRINT)]
     return np.concatenate(parts, axis=1) / np.sqrt(2.0)
 
 

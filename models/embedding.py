@@ -109,8 +109,7 @@ class EmbeddingSpec:
         (float32); a vector without parts is both whole."""
         if not self.fingerprint_dimension:
             return unit_vectors(vectors)
-        cut = self.dimension - self.fingerprint_dimension
-        return unit_vectors(vectors[:, :cut] if name == STYLE else vectors[:, cut:])
+        return unit_vectors(vectors[:, self._columns(name)])
 
     def query(self, vectors: np.ndarray, name: str) -> np.ndarray:
         """Whole-length queries whose dot product with a stored vector is the cosine of their
@@ -119,11 +118,14 @@ class EmbeddingSpec:
         vectors = unit_vectors(vectors)
         if not self.fingerprint_dimension:
             return vectors
-        cut = self.dimension - self.fingerprint_dimension
         queries = np.zeros_like(vectors)
-        kept = slice(None, cut) if name == STYLE else slice(cut, None)
-        queries[:, kept] = unit_vectors(vectors[:, kept]) * np.sqrt(2.0)
+        queries[:, self._columns(name)] = self.part(vectors, name) * np.sqrt(2.0)
         return queries
+
+    def _columns(self, name: str) -> slice:
+        """Where the `name` part (STYLE or FINGERPRINT) lies in a vector of two parts."""
+        cut = self.dimension - self.fingerprint_dimension
+        return slice(None, cut) if name == STYLE else slice(cut, None)
 
 
 def unit_vectors(vectors: np.ndarray) -> np.ndarray:
