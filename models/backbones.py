@@ -193,7 +193,7 @@ def backbone_features(
         stage = model.get_layer(name).output
         parts += [ops.mean(stage, axis=(1, 2)), ops.std(stage, axis=(1, 2))]
     parts += [channel_covariance(model.get_layer(name).output) for name in covariance_layers]
-    vector = parts[0] if len(parts) == 1 else layers.Concatenate(name="features")(parts)
+    vector = _side_by_side(parts, "features")
     outputs = [vector, centre_pooled(last_map)] if fingerprint_source else vector
     return keras.Model(model.input, outputs, name=f"{backbone.name}_{feature_kind}")
 
