@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,13 @@ import pandas as pd
 
 from bench.flags import DATA, JSON_OUTPUT
 from bench.measure import write_results
-from bench.similar_quality import RECALL_TARGET, Embeddings, K, backbone_features
+from bench.similar_quality import (
+    RECALL_TARGET,
+    Embeddings,
+    K,
+    backbone_features,
+    cached_rows,
+)
 from models.embedding import FINGERPRINT, STYLE, unit_vectors
 from pipeline.cli import called_as
 from pipeline.flags import MODEL, add
@@ -201,13 +206,6 @@ def pooling_sample(rows: pd.DataFrame) -> pd.DataFrame:
     train = rows[rows["split"] == "train"]
     chosen = train.sample(min(POOLING_SAMPLE, len(train)), random_state=0)
     return pd.concat([rows[rows["split"] == "val"], chosen], ignore_index=True)
-
-
-def cached_rows(cache: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """`compute()`, saved in `cache` the first time and read back after."""
-    if not cache.is_file():
-        np.save(cache, compute())
-    return np.load(cache)
 
 
 # --- The style part ----------------------------------------------------------------------

@@ -33,8 +33,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -499,6 +501,14 @@ def backbone_features(
     return np.concatenate(out)
 
 
+def cached_rows(cache: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """`compute()`, saved in `cache` the first time and read back after (a pass of the
+    backbones over thousands of images, made once for every run of a benchmark)."""
+    if not cache.is_file():
+        np.save(cache, compute())
+    return np.load(cache)
+
+
 def alternative_vectors(
     bundle_path: str, features: np.ndarray, fit_rows: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -552,14 +562,12 @@ def measure_alternatives(
     train = sample(run_rows, 2 * per_style, "train")
     copies = copy_rows[copy_rows["original"].isin(set(val["uri"]))]
     rows = pd.concat([val, train, copies], ignore_index=True)
-    cache = args.work / f"alternative-features-{per_style}.npy"
-    if cache.is_file():
-        features = np.load(cache)
-    else:
-        folders = [args.work / "copies" if pd.notna(a) else args.data for a in rows["alteration"]]
-        uris = [str(folder / uri) for folder, uri in zip(folders, rows["uri"], strict=True)]
-        features = backbone_features(args.model, uris)
-        np.save(cache, features)
+    folders = [args.work / "copies" if pd.notna(a) else args.data for a in rows["alteration"]]
+    uris = [str(folder / uri) for folder, uri in zip(folders, rows["uri"], strict=True)]
+    features = cached_rows(
+        args.work / f"alternative-features-{per_style}.npy",
+        partial(backbone_features, args.model, uris),
+    )
     fit = (rows["split"] == "train").to_numpy()
     results = {"val_per_style": per_style, "train_per_style": 2 * per_style,
                "copies": len(copies)}  # fmt: skip
