@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from models import vector_index
-from models.embedding import EmbeddingSpec
+from models.embedding import EmbeddingSpec, unit_vectors
 from models.vector_index import (
     DUPLICATE_SCHEMA,
     EXACT_LIMIT,
@@ -350,8 +350,7 @@ PARTS = EmbeddingSpec(16, "test_style_and_fingerprint", fingerprint_dimension=6)
 
 def two_part(style: np.ndarray, fingerprint: np.ndarray) -> np.ndarray:
     """Stored vectors as a bundle makes them: each part at unit length over sqrt(2)."""
-    parts = [part / np.linalg.norm(part, axis=1, keepdims=True) for part in (style, fingerprint)]
-    return (np.concatenate(parts, axis=1) / np.sqrt(2)).astype(np.float32)
+    return np.concatenate([unit_vectors(style), unit_vectors(fingerprint)], axis=1) / 2**0.5
 
 
 def test_similar_paintings_come_by_style_with_the_same_picture_first():
@@ -365,7 +364,7 @@ def test_similar_paintings_come_by_style_with_the_same_picture_first():
     (found,) = index.search(two_part(query_style[None], query_fingerprint[None]), k=3)
     assert found.ids[:2].tolist() == [0, 1]
     assert found.same_picture.tolist() == [True, False, False]
-    style_distances = 1 - unit_rows_of(style[found.ids]) @ unit_rows_of(query_style[None])[0]
+    style_distances = 1 - unit_vectors(style[found.ids]) @ unit_vectors(query_style[None])[0]
     np.testing.assert_allclose(found.distances, style_distances, atol=1e-5)
     (near_only,) = index.search(two_part(query_style[None], query_fingerprint[None]), k=3,
                                 max_distance=0.05)  # fmt: skip
@@ -384,10 +383,6 @@ def test_duplicates_are_pairs_of_fingerprints_whatever_their_style():
     pairs = index.near_pairs(0.01)
     assert list(zip(pairs.column("id_a").to_pylist(), pairs.column("id_b").to_pylist(),
                     strict=True)) == [(3, 7)]  # fmt: skip
-
-
-def unit_rows_of(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def test_the_same_picture_is_the_nearest_fingerprint_either_search_found():
