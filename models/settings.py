@@ -46,6 +46,16 @@ class HeadConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class VoteConfig:
+    # The training paintings' vote (models/vote.py), chosen on a fold of wikiart-large's
+    # train split (docs/experiments.md).
+    voters: int = 30  # the nearest training paintings that vote; 0: no vote
+    weight: float = 0.4  # the vote's share of the bundle's probabilities
+    dimension: int = 160  # the numbers each painting is kept as: most of a bundle's bytes
+    sharpness: float = 0.05  # how fast a vote's weight falls with its distance
+
+
 # What --search can ask of a new index: exact up to models.vector_index.EXACT_LIMIT items and
 # approximate (IVF) past it, or either whatever its size.
 INDEX_SEARCHES = ("auto", "exact", "approximate")
