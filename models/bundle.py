@@ -43,6 +43,7 @@ from models.precision import (
 from models.settings import DEFAULT_BUNDLE as DEFAULT_BUNDLE  # where commands look for it
 from models.settings import FEATURE_KINDS, STYLE_PROBABILITY_SHARE, check_backbone_names
 from models.torch_weights import imagenet_weights_path, read_torch_state_dict
+from models.vote import TrainingVote, VoteError
 
 if TYPE_CHECKING:
     import keras
@@ -105,11 +106,15 @@ class Manifest:
     # The embedding, when the head has a projection (`--projection` in training): its style
     # and its fingerprint (models/embedding.py).
     embedding: EmbeddingSpec | None = None
+    # The training paintings' vote, where the bundle has one (`--voters` in training):
+    # its file and, for people, what it holds (models/vote.py).
+    vote: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, SplitScores] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         embedding = {"embedding": self.embedding.to_json()} if self.embedding else {}
+        vote = {"vote": self.vote} if self.vote else {}
         return {
             "format": BUNDLE_FORMAT,
             "id": self.id,
@@ -118,6 +123,7 @@ class Manifest:
             "head": {"file": self.head.file, "temperature": self.head.temperature, **self.head.fit},
             "classes": list(self.classes),
             **embedding,
+            **vote,
             "training": self.training,
             "scores": {split: scores.to_json() for split, scores in self.scores.items()},
         }
@@ -147,6 +153,7 @@ class Manifest:
             ),
             classes=tuple(value("classes", list)),
             embedding=_embedding_spec(data, where),
+            vote=value("vote", dict, required=False),
             training=value("training", dict, required=False) or {},
             scores=_split_scores(value("scores", dict, required=False) or {}, where),
         )
@@ -166,11 +173,10 @@ class Manifest:
             return f"unknown features {self.backbone.feature_kind!r}; known: {kinds}"
         if self.backbone.input_size < 1:
             return f"'backbone.input_size' must be at least 1, not {self.backbone.input_size}"
-        if (
-            self.head.file in ("", ".", "..")
-            or posixpath.basename(self.head.file) != self.head.file
-        ):
+        if not _file_name(self.head.file):
             return f"'head.file' must name a file in the bundle's folder, not {self.head.file!r}"
+        if self.vote is not None and not _file_name(self.vote.get("file")):
+            return "'vote.file' must name a file in the bundle's folder"
         if not self.head.temperature > 0:
             return f"'head.temperature' must be above 0, not {self.head.temperature}"
         if not self.classes or not all(isinstance(c, str) and c for c in self.classes):
@@ -178,6 +184,13 @@ class Manifest:
         if len(set(self.classes)) < len(self.classes):
             return "'classes' names a style twice"
         return None
+
+
+def _file_name(name: Any) -> bool:
+    """`name` names a file in the bundle's own folder."""
+    return (
+        isinstance(name, str) and name not in ("", ".", "..") and posixpath.basename(name) == name
+    )
 
 
 def _embedding_spec(data: dict, where: str) -> EmbeddingSpec | None:
@@ -245,6 +258,7 @@ class ModelBundle:
         bundle = cls(path, manifest)
         if manifest.embedding is not None:
             bundle.load_fingerprint()
+        bundle.load_vote()
         return bundle
 
     @property
@@ -314,13 +328,14 @@ class ModelBundle:
         every case.
         """
         import keras
+        from keras import ops
 
         from models.backbones import feature_extractor
-        from models.head import calibrated_probabilities
 
         spec = self.manifest.backbone
         head = self.load_head()  # first: a head Keras refuses costs no backbone's building
         fingerprint = self.load_fingerprint() if embeddings else None
+        vote = self.load_vote()
         with building_in(precision):
             extractor = feature_extractor(
                 spec.name,
@@ -331,22 +346,36 @@ class ModelBundle:
             )
         features = extractor.outputs[0]
         self.check_features(head, features)
+        if vote is not None and vote.mean.shape[0] != features.shape[-1]:
+            raise BundleError(f"{self.path}: its vote reads {vote.mean.shape[0]} features; "
+                              f"the head reads {features.shape[-1]}")  # fmt: skip
+
         if fingerprint is None:
-            logits = head(features)
-            probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
+            probabilities = ops.softmax(self.scores(head(features), features, vote))
             return keras.Model(extractor.input, probabilities, name="style_classifier")
         # Named as the head is: the OpenVINO engine finds where the head begins by its name.
         both = keras.Model(
             head.inputs, [head.output, head.get_layer(PROJECTION_LAYER).output], name=head.name
         )
         logits, projected = both(features)
-        probabilities = calibrated_probabilities(logits, self.manifest.head.temperature)
+        probabilities = ops.softmax(self.scores(logits, features, vote))
         embedding = style_and_fingerprint(
             projected, probabilities, fingerprint.of(extractor.outputs[1])
         )
         return keras.Model(
             extractor.input, [probabilities, embedding], name="style_classifier_with_embeddings"
         )
+
+    def scores(self, logits: Any, features: Any, vote: TrainingVote | None) -> Any:
+        """Scores whose softmax is the bundle's probabilities: the head's `logits` over its
+        temperature, or, with the training paintings' `vote` (`load_vote`), the calibrated
+        mixture's log."""
+        scaled = logits / self.manifest.head.temperature
+        if vote is None:
+            return scaled
+        from keras import ops
+
+        return vote.scores(ops.softmax(scaled), features)
 
     def load_fingerprint(self) -> Fingerprint:
         """The embedding's fingerprint; a bundle without an embedding, or whose fingerprint
@@ -370,6 +399,22 @@ class ModelBundle:
             raise BundleError(f"{path} has {fingerprint.dimension} dimensions; the manifest's "
                               f"embedding says {spec.fingerprint_dimension}")  # fmt: skip
         return fingerprint
+
+    def load_vote(self) -> TrainingVote | None:
+        """The training paintings' vote, where the manifest names one; a file that is missing,
+        damaged or of other classes or features than the head's is one line (at start-up:
+        `load` reads it)."""
+        if self.manifest.vote is None:
+            return None
+        path = posixpath.join(self.path, self.manifest.vote["file"])
+        try:
+            vote = TrainingVote.load(path)
+        except VoteError as error:
+            raise BundleError(str(error)) from None
+        if vote.n_classes != len(self.classes):
+            raise BundleError(f"{path} votes for {vote.n_classes} styles; the manifest names "
+                              f"{len(self.classes)}")  # fmt: skip
+        return vote
 
     def check_embedding(self) -> None:
         """A bundle without an embedding to give is one line, at start-up."""
@@ -532,15 +577,23 @@ def _copy_halved(target: Any, name: str, item: Any) -> None:
 
 
 def save_bundle(
-    path: str, manifest: Manifest, head: keras.Model, fingerprint: Fingerprint | None = None
+    path: str,
+    manifest: Manifest,
+    head: keras.Model,
+    fingerprint: Fingerprint | None = None,
+    vote: TrainingVote | None = None,
 ) -> ModelBundle:
     """The bundle's files: the head, the fingerprint where the manifest has an embedding,
-    and the manifest last."""
+    the training paintings' vote where it names one, and the manifest last."""
     os.makedirs(path, exist_ok=True)
     if (fingerprint is None) != (manifest.embedding is None):
         raise ValueError("a bundle with an embedding has a fingerprint, and only such a one")
+    if (vote is None) != (manifest.vote is None):
+        raise ValueError("a bundle whose manifest names a vote has one, and only such a one")
     if fingerprint is not None:
         fingerprint.save(os.path.join(path, FINGERPRINT_FILE))
+    if vote is not None and manifest.vote is not None:
+        vote.save(os.path.join(path, manifest.vote["file"]))
     # A fresh, uncompiled one-in one-out model over the same layers: the file then holds the
     # weights alone, not the optimizer's state too (twice the weights again, of no use here).
     import keras

@@ -26,6 +26,10 @@ from models.head import (
     stratified_folds,
 )
 from models.metrics import Scoreboard, SplitScores
+from models.settings import VoteConfig
+from models.vote import TrainingVote
+
+NO_VOTE = VoteConfig(voters=0)
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,15 @@ class HeadFit:
     classes: tuple[str, ...]
     counts: dict[str, int]
     scores: dict[str, SplitScores]
+    vote: TrainingVote | None = None  # the training paintings' vote, where there is one
 
 
 def fit_bundle_head(
-    data: TrainingData, config: HeadConfig, folds: int, eval_split: str
+    data: TrainingData,
+    config: HeadConfig,
+    folds: int,
+    eval_split: str,
+    vote_config: VoteConfig = NO_VOTE,
 ) -> tuple[keras.Model, HeadFit]:
     """Cross-fits one head per fold of the training split and merges them into one.
 
@@ -64,8 +73,9 @@ def fit_bundle_head(
     of the split trains the bundle and every training painting is also scored once by a
     head that never saw it. Those out-of-fold logits calibrate the temperature and give
     the choices of flags a score over the whole split, not over a small fold.
-    Returns the merged head with everything the manifest records (`eval_split` names the
-    held-out split's scores).
+    With `vote_config.voters`, the training paintings' vote is mixed in, and the scores
+    are the mixture's. Returns the merged head with everything the manifest records
+    (`eval_split` names the held-out split's scores).
     """
     classes, train, held_out = data.classes, data.train, data.evaluation
     fold_of = stratified_folds(train.labels, folds, config.seed)
@@ -74,10 +84,21 @@ def fit_bundle_head(
     if config.projection:
         head = low_rank_head(head, _sample(train.features, config.seed), config.projection)
     temperature = fit_temperature(out_of_fold, train.labels)
-    scores = {"out_of_fold": _score(out_of_fold, temperature, train.names, classes)}
+    out_of_fold_probabilities = _calibrated(out_of_fold, temperature)
+    vote = None
+    if vote_config.voters:
+        vote = TrainingVote.fitted(
+            train.features, train.labels, len(classes), vote_config, config.seed
+        )
+        left_out = vote.left_out_votes()
+        vote = vote.calibrated(out_of_fold_probabilities, left_out, train.labels)
+        out_of_fold_probabilities = _numpy(vote.mixture(out_of_fold_probabilities, left_out))
+    scores = {"out_of_fold": _score(out_of_fold_probabilities, train.names, classes)}
     if held_out is not None:
-        eval_logits = predict_logits(head, held_out.features)
-        scores[eval_split] = _score(eval_logits, temperature, held_out.names, classes)
+        probabilities = _calibrated(predict_logits(head, held_out.features), temperature)
+        if vote is not None:
+            probabilities = _numpy(vote.mixture(probabilities, vote.votes(held_out.features)))
+        scores[eval_split] = _score(probabilities, held_out.names, classes)
     fit = HeadFit(
         head=HeadSpec(
             temperature=temperature,
@@ -95,6 +116,7 @@ def fit_bundle_head(
             "eval": 0 if held_out is None else len(held_out.labels),
         },
         scores=scores,
+        vote=vote,
     )
     return head, fit
 
@@ -135,10 +157,15 @@ def _sample(features: np.ndarray, seed: int) -> np.ndarray:
     return features[np.sort(rows)]
 
 
-def _score(
-    logits: np.ndarray, temperature: float, names: np.ndarray, classes: list[str]
-) -> SplitScores:
-    probabilities = keras.ops.convert_to_numpy(calibrated_probabilities(logits, temperature))
+def _calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return _numpy(calibrated_probabilities(logits, temperature))
+
+
+def _numpy(tensor) -> np.ndarray:
+    return keras.ops.convert_to_numpy(tensor)
+
+
+def _score(probabilities: np.ndarray, names: np.ndarray, classes: list[str]) -> SplitScores:
     board = Scoreboard(tuple(classes))
     board.add_probabilities(names, probabilities)
     per_class_f1 = {row["label"]: row["f1"] for row in board.per_class()}

@@ -55,15 +55,16 @@ class Explanation:
 
     heatmaps: np.ndarray  # (n, size, size) float32 in 0..1: where the evidence for `styles` is
     styles: np.ndarray  # (n,) the class index each heatmap explains
-    logits: np.ndarray  # (n, classes) the model's logits for the images
+    scores: np.ndarray  # (n, classes) the model's scores: their softmax is its probabilities
 
 
 class GradCam:
-    """Grad-CAM of a classifier given in two stages: images -> feature maps -> logits.
+    """Grad-CAM of a classifier given in two stages: images -> feature maps -> scores.
 
     `maps`: images (n, size, size, 3) -> a list of feature maps (n, h, w, c), any sizes;
-    `head`: that list -> logits (n, classes). The head must treat each image on its own
-    (no batch statistics), as every inference-mode Keras model does.
+    `head`: that list -> scores (n, classes), whose softmax is the probabilities. The head
+    must treat each image on its own (no batch statistics), as every inference-mode Keras
+    model does.
     """
 
     def __init__(self, maps: keras.Model, head: keras.Model):
@@ -80,19 +81,19 @@ class GradCam:
         feature_maps = list(feature_maps)
         with tf.GradientTape() as tape:
             tape.watch(feature_maps)
-            logits = self.head(feature_maps)
+            scores = self.head(feature_maps)
             if styles is None:
-                styles = np.argmax(logits.numpy(), axis=-1)
+                styles = np.argmax(scores.numpy(), axis=-1)
             styles = np.asarray(styles, dtype="int64")
-            # Each image's logit depends on its own maps only, so the gradient of the
-            # batch's sum is, image by image, the gradient of that image's logit.
-            chosen = tf.gather(logits, styles, batch_dims=1)
+            # Each image's score depends on its own maps only, so the gradient of the
+            # batch's sum is, image by image, the gradient of that image's score.
+            chosen = tf.gather(scores, styles, batch_dims=1)
         gradients = tape.gradient(chosen, feature_maps)
         evidence = sum(
             self._evidence(feature_map, gradient)
             for feature_map, gradient in zip(feature_maps, gradients, strict=True)
         )
-        return Explanation(_unit_heatmaps(evidence), styles, logits.numpy())
+        return Explanation(_unit_heatmaps(evidence), styles, scores.numpy())
 
     def _evidence(self, feature_map: tf.Tensor, gradient: tf.Tensor) -> tf.Tensor:
         """One map's share of the logit per image position, resized to the image."""
@@ -113,11 +114,12 @@ def _unit_heatmaps(evidence: tf.Tensor) -> np.ndarray:
 
 
 def bundle_grad_cam(bundle: ModelBundle, backbone_weights: str | None = None) -> GradCam:
-    """Grad-CAM of a bundle's classifier: its backbones and head, split at the feature maps.
+    """Grad-CAM of a bundle's classifier: its backbones and head (with the training
+    paintings' vote, where the bundle has one), split at the feature maps.
 
-    Built from the same feature extractor and head as `ModelBundle.classifier`, always in
-    float32; softmax(logits / temperature) of its Explanation are the classifier's
-    probabilities.
+    Built from the same feature extractor, head and scores as `ModelBundle.classifier`,
+    always in float32: the softmax of its Explanation's scores are the classifier's
+    probabilities, and a heatmap shows where the evidence for a style's score lies.
     """
     spec = bundle.manifest.backbone
     with building_in("float32"):
@@ -126,14 +128,17 @@ def bundle_grad_cam(bundle: ModelBundle, backbone_weights: str | None = None) ->
             spec.name, spec.feature_kind, weights=spec.weights, weights_path=backbone_weights
         )
         bundle.check_features(head, extractor.output)
-        return split_at_feature_maps(extractor, head, backbones_of(spec.name), spec.feature_kind)
+        features = head.inputs[0]
+        scores = keras.Model(features, bundle.scores(head(features), features, bundle.load_vote()))
+        return split_at_feature_maps(extractor, scores, backbones_of(spec.name), spec.feature_kind)
 
 
 def split_at_feature_maps(
     extractor: keras.Model, head: keras.Model, backbones: list[Backbone], feature_kind: str
 ) -> GradCam:
-    """The two stages of `head(extractor(images))`, cut at the maps each backbone's features
-    are computed from (see models.backbones.backbone_features, which names those models)."""
+    """The two stages of `head(extractor(images))` (`head`: features -> scores), cut at the
+    maps each backbone's features are computed from (see models.backbones.backbone_features,
+    which names those models)."""
     images = extractor.input
     maps, head_inputs, vectors = [], [], []
     for backbone in backbones:
@@ -152,7 +157,7 @@ def split_at_feature_maps(
     vector = vectors[0] if len(vectors) == 1 else layers.Concatenate(name="ensemble")(vectors)
     return GradCam(
         keras.Model(images, maps, name="feature_maps"),
-        keras.Model(head_inputs, head(vector), name="logits_of_feature_maps"),
+        keras.Model(head_inputs, head(vector), name="scores_of_feature_maps"),
     )
 
 

@@ -178,8 +178,9 @@ def _all_rows(features: np.ndarray) -> Rows:
 
 
 def calibrated_probabilities(logits, temperature: float):
-    """softmax(logits / T): the bundle's classifier and training's scores share this one
-    definition, so the confidence the pipeline prints is the one the manifest reports."""
+    """softmax(logits / T), a head's calibrated probabilities: what training scores, and the
+    softmax of ModelBundle.scores for a bundle without a vote, so the confidence the
+    pipeline prints is the one the manifest reports."""
     return ops.softmax(logits / temperature, axis=-1)
 
 

@@ -132,8 +132,9 @@ class _Explainer:
     def __call__(
         self, batch: list[tuple[int, np.ndarray]], uris: list[str]
     ) -> list[Callable[[], bytes]]:
+        from keras.ops import softmax
+
         from models.gradcam import overlay
-        from models.head import calibrated_probabilities
         from pipeline import figures
         from transforms.top_k import top_k_fields
 
@@ -142,8 +143,7 @@ class _Explainer:
         images = np.stack([image for _, image in batch])
         styles = None if self._style is None else np.full(len(images), self._style)
         explained = self._grad_cam(images, styles)
-        temperature = self._bundle.manifest.head.temperature
-        probabilities = np.asarray(calibrated_probabilities(explained.logits, temperature))
+        probabilities = np.asarray(softmax(explained.scores))
         classes = self._bundle.classes
         pictures: list[Callable[[], bytes]] = []
         for i, (index, image) in enumerate(batch):

@@ -26,6 +26,7 @@ from models.settings import (
     PRECISIONS,
     SAME_PICTURE_DISTANCE,
     HeadConfig,
+    VoteConfig,
     check_backbone_names,
 )
 from pipeline.cli import called_as
@@ -331,6 +332,19 @@ PROJECTION = flag(
     type=whole_number(0),
     default=HeadConfig.projection,
 )
+VOTERS = flag(
+    "--voters",
+    "The bundle keeps every training painting, and this many nearest ones vote for a "
+    "painting's style beside the head (0: the head alone; models/vote.py).",
+    type=whole_number(0),
+    default=VoteConfig.voters,
+)
+VOTE_WEIGHT = flag(
+    "--vote_weight",
+    "The share of the bundle's probabilities that the training paintings' vote is.",
+    type=_FRACTION,
+    default=VoteConfig.weight,
+)
 LABEL_SMOOTHING = flag("--label_smoothing", type=_FRACTION, default=HeadConfig.label_smoothing)
 LEARNING_RATE = flag(
     "--learning_rate", type=number(0, above=True), default=HeadConfig.learning_rate
@@ -426,6 +440,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add(parser, BACKBONE, FEATURE_KIND, MODEL_ID, SPLIT_COLUMN, TRAIN_SPLIT, EVAL_SPLIT)
     add(parser, FEATURES_DIR, REUSE_FEATURES, AUGMENT_MIRROR, FOLDS, HIDDEN_UNITS, DROPOUT)
     add(parser, L2, CLASS_BALANCE, PROJECTION, LABEL_SMOOTHING, LEARNING_RATE, EPOCHS, SEED)
+    add(parser, VOTERS, VOTE_WEIGHT)
 
 
 def add_explain_flags(parser: argparse.ArgumentParser) -> None:

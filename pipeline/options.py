@@ -16,7 +16,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from models.bundle import BundleError
-from models.settings import HeadConfig
+from models.settings import HeadConfig, VoteConfig
 from pipeline import flags
 from pipeline.exits import run_reporting
 from pipeline.flags import UsageError
@@ -108,6 +108,10 @@ class TrainOptions(PipelineOptions):
             class_balance=self.class_balance,
             projection=self.projection,
         )
+
+    def vote_config(self) -> VoteConfig:
+        """The training paintings' vote, as the flags set it."""
+        return VoteConfig(voters=self.voters, weight=self.vote_weight)
 
 
 def parse_options(argv: list[str] | None, command: flags.CommandLine) -> PipelineOptions:

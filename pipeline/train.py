@@ -2,7 +2,8 @@
 
 1. A Beam pipeline writes one feature vector per image to Parquet (pipeline/features.py).
 2. Heads are cross-fitted on the training split's features and merged into one, and their
-   out-of-fold logits calibrate its temperature (models/crossfit.py).
+   out-of-fold logits calibrate its temperature (models/crossfit.py); with --voters,
+   the training paintings are kept to vote beside it (models/vote.py).
 3. With --projection, the embedding's fingerprint is fitted on a sample of the training
    paintings, which a second, smaller pass reads (models/fingerprint.py).
 4. The evaluation split is scored once, and the bundle is written with its manifest:
@@ -80,7 +81,11 @@ def run(argv: list[str] | None = None) -> Manifest:
     feature_seconds = time.perf_counter() - started
     data = training_data(features_dir, train_options)
     head, fit = fit_bundle_head(
-        data, train_options.head_config(), train_options.folds, train_options.eval_split
+        data,
+        train_options.head_config(),
+        train_options.folds,
+        train_options.eval_split,
+        train_options.vote_config(),
     )
     backbone, feature_kind = train_options.backbone, train_options.feature_kind
     projection = train_options.projection
@@ -98,6 +103,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         head=fit.head,
         classes=fit.classes,
         embedding=embedding,
+        vote=None if fit.vote is None else fit.vote.record(),
         training={
             "command": shlex.join(["python", "-m", "pipeline.train", *(argv or sys.argv[1:])]),
             "catalog": catalog_options.input,
@@ -109,7 +115,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         },
         scores=fit.scores,
     )
-    save_bundle(output, manifest, head, fingerprint)
+    save_bundle(output, manifest, head, fingerprint, fit.vote)
     print(training_summary(manifest, output))
     return manifest
 

@@ -13,6 +13,8 @@ from models.cache import CACHE_DIR_VARIABLE
 from models.embedding import STYLE_AND_FINGERPRINT, EmbeddingSpec
 from models.fingerprint import Fingerprint
 from models.head import HeadConfig, build_head, low_rank_head, merge_heads
+from models.settings import VoteConfig
+from models.vote import TrainingVote
 from tests.faulty_host import faulty_host, flaky_filesystem  # noqa: F401 (fixtures for all)
 
 CLASSES = ["Blue_Period", "Green_Period", "Red_Period"]
@@ -40,7 +42,10 @@ def painting(
 
 
 def lite0_manifest(
-    model_id: str, classes: list[str], embedding: EmbeddingSpec | None = None
+    model_id: str,
+    classes: list[str],
+    embedding: EmbeddingSpec | None = None,
+    vote: TrainingVote | None = None,
 ) -> Manifest:
     """The manifest of a head over EfficientNet-Lite0's pooled features, for tests."""
     return Manifest(
@@ -50,6 +55,7 @@ def lite0_manifest(
         head=HeadSpec(temperature=1.0),
         classes=tuple(classes),
         embedding=embedding,
+        vote=None if vote is None else vote.record(),
     )
 
 
@@ -81,12 +87,14 @@ EMBEDDING_DIMENSION = PROJECTION + len(CLASSES) + FINGERPRINT
 # Its fingerprints' distance for the same picture: the tests' pictures, whole or at half
 # size, are nearer; two of them are not (their blocks are all that tells them apart).
 SAME_PICTURE = 0.05
+TINY_VOTE = VoteConfig(voters=5, dimension=8)  # `projection_bundle`'s
 
 
 def projection_bundle_at(path: Path, model_id: str = "tiny-projection-model") -> str:
     """EfficientNet-Lite0 with a seeded 3-style head that reads its features through a
     projection to PROJECTION numbers, and a fingerprint of FINGERPRINT numbers, as
-    `--projection` trains them: its embedding."""
+    `--projection` trains them: its embedding; and the vote of 64 made-up training
+    paintings' features, as `--voters` keeps them."""
     features = np.random.default_rng(1).normal(size=(64, 1280)).astype(np.float32)
     keras.utils.set_random_seed(1)
     merged = merge_heads([build_head(features, len(CLASSES), HeadConfig(hidden_units=16, seed=1))])
@@ -94,7 +102,10 @@ def projection_bundle_at(path: Path, model_id: str = "tiny-projection-model") ->
     fingerprint = Fingerprint.fitted(pictures_sources(path.parent / "pictures"), [(0, 1280)],
                                      FINGERPRINT)  # fmt: skip
     embedding = EmbeddingSpec(EMBEDDING_DIMENSION, STYLE_AND_FINGERPRINT, FINGERPRINT, SAME_PICTURE)
-    save_bundle(str(path), lite0_manifest(model_id, CLASSES, embedding), head, fingerprint)
+    labels = np.arange(len(features)) % len(CLASSES)
+    vote = TrainingVote.fitted(np.abs(features), labels, len(CLASSES), TINY_VOTE)
+    manifest = lite0_manifest(model_id, CLASSES, embedding, vote)
+    save_bundle(str(path), manifest, head, fingerprint, vote)
     return str(path)
 
 

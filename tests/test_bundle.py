@@ -329,7 +329,7 @@ def test_every_command_stops_a_model_that_cannot_run_in_one_line_before_any_work
     assert not out.exists()
 
 
-EMBEDDING_BREAKAGES = {
+PART_BREAKAGES = {
     "no fingerprint": (lambda b: (b / "fingerprint.npz").unlink(),
                        r"^{b}/fingerprint.npz is missing$"),
     "damaged fingerprint": (lambda b: (b / "fingerprint.npz").write_bytes(b"PK\x03\x04junk"),
@@ -341,14 +341,24 @@ EMBEDDING_BREAKAGES = {
     "an embedding of old": (
         lambda b: edit_manifest(b, lambda m: m["embedding"].update(kind="head_projection")),
         r"^'{b}': its embedding is 'head_projection', which this version does not compute"),
+    "no vote": (lambda b: (b / "vote.npz").unlink(),
+                      r"^{b}/vote.npz is missing$"),
+    "damaged vote": (lambda b: (b / "vote.npz").write_bytes(b"PK\x03\x04junk"),
+                           r"^{b}/vote.npz is not a readable vote file \(.+\)$"),
+    "a vote elsewhere": (
+        lambda b: edit_manifest(b, lambda m: m["vote"].update(file="../vote.npz")),
+        r"'vote.file' must name a file in the bundle's folder$"),
+    "a vote of other styles": (
+        lambda b: edit_manifest(b, lambda m: m["classes"].append("Blue_Period_II")),
+        r"^{b}/vote.npz votes for 3 styles; the manifest names 4$"),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("breakage", EMBEDDING_BREAKAGES)
-def test_a_bundle_whose_embedding_cannot_be_made_is_one_line_at_load(
+@pytest.mark.parametrize("breakage", PART_BREAKAGES)
+def test_a_bundle_whose_embedding_or_vote_cannot_be_made_is_one_line_at_load(
     tmp_path, projection_bundle, breakage
 ):
-    bundle, message = broken_copy(projection_bundle, tmp_path, EMBEDDING_BREAKAGES[breakage])
+    bundle, message = broken_copy(projection_bundle, tmp_path, PART_BREAKAGES[breakage])
     with pytest.raises(BundleError, match=message):
         ModelBundle.load(str(bundle))
 

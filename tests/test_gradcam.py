@@ -8,12 +8,13 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from keras.ops import softmax
 from scipy.stats import spearmanr
 
 from models.backbones import feature_layers, get_backbone
 from models.bundle import DEFAULT_BUNDLE, BackboneSpec, ModelBundle, save_bundle
 from models.gradcam import GradCam, bundle_grad_cam, overlay
-from models.head import HeadConfig, build_head, calibrated_probabilities, merge_heads
+from models.head import HeadConfig, build_head, merge_heads
 from tests.conftest import COLOURS, painting
 from transforms.images import decode_image
 
@@ -103,7 +104,7 @@ def test_heatmaps_are_in_0_to_1_with_each_image_its_own_peak():
     assert explained.heatmaps.shape == (4, SIZE, SIZE) and explained.heatmaps.dtype == np.float32
     assert explained.heatmaps.min() >= 0
     np.testing.assert_allclose(explained.heatmaps.max(axis=(1, 2)), 1.0)
-    assert explained.logits.shape == (4, 2)
+    assert explained.scores.shape == (4, 2)
 
 
 def test_no_evidence_is_an_empty_map_not_a_division_by_zero():
@@ -169,12 +170,25 @@ def test_the_two_stages_are_the_bundles_classifier(
         feature_layers(get_backbone("efficientnet_lite0"), "stage_covariance")
     )
     explained = grad_cam(paintings)
-    probabilities = calibrated_probabilities(explained.logits, bundle.manifest.head.temperature)
+    probabilities = softmax(explained.scores)
     expected = bundle.classifier().predict_on_batch(paintings.astype("float32"))
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert explained.heatmaps.shape == (3, 224, 224)
     assert explained.heatmaps.min() >= 0 and explained.heatmaps.max() <= 1
     assert explained.styles.tolist() == np.argmax(expected, axis=1).tolist()
+
+
+def test_with_a_vote_the_heatmap_explains_the_bundles_own_probabilities(
+    projection_bundle, paintings
+):
+    """The training paintings' vote is part of the scores Grad-CAM explains."""
+    bundle = ModelBundle.load(projection_bundle)
+    assert bundle.load_vote() is not None
+    explained = bundle_grad_cam(bundle)(paintings)
+    expected = bundle.classifier().predict_on_batch(paintings.astype("float32"))
+    np.testing.assert_allclose(softmax(explained.scores), expected, atol=1e-5)
+    assert explained.styles.tolist() == np.argmax(expected, axis=1).tolist()
+    assert all(np.ptp(heatmap) > 0 for heatmap in explained.heatmaps)
 
 
 def test_a_batchs_maps_equal_the_one_image_maps(covariance_grad_cam, paintings):
@@ -206,7 +220,7 @@ def test_randomising_a_bundles_head_changes_its_maps(tiny_bundle, paintings, tmp
     randomised = save_bundle(str(tmp_path / "randomised"), bundle.manifest, head)
     explained = bundle_grad_cam(bundle)(paintings)  # each painting's own top style, whose
     styles, learnt = explained.styles, explained.heatmaps  # evidence is there to be found
-    assert all(np.ptp(heatmap) > 0 for heatmap in learnt), f"flat maps; logits {explained.logits}"
+    assert all(np.ptp(heatmap) > 0 for heatmap in learnt), f"flat maps; scores {explained.scores}"
     shuffled = bundle_grad_cam(randomised)(paintings, styles).heatmaps
     assert spearmanr(learnt.ravel(), shuffled.ravel()).statistic < 0.5
     again = bundle_grad_cam(bundle)(paintings, styles).heatmaps
@@ -227,7 +241,7 @@ def test_the_shipped_model_on_real_paintings():
     images = np.stack([decode_image((WIKIART16 / u).read_bytes(), size=224) for u in uris])
     grad_cam = bundle_grad_cam(bundle)
     explained = grad_cam(images)
-    probabilities = calibrated_probabilities(explained.logits, bundle.manifest.head.temperature)
+    probabilities = softmax(explained.scores)
     expected = bundle.classifier().predict_on_batch(images.astype("float32"))
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     alone = grad_cam(images[2:3], explained.styles[2:3]).heatmaps[0]

@@ -60,6 +60,9 @@ def test_train_then_predict_agree_on_the_held_out_split(labelled_catalog):
         "same_picture_distance": SAME_PICTURE_DISTANCE,
     }
     assert manifest.scores["out_of_fold"].n_labelled == 18
+    vote = ModelBundle.load(str(bundle)).load_vote()  # --voters' default: every painting
+    assert saved["vote"] == vote.record() and saved["vote"]["paintings"] == 18
+    assert vote.voters == 17 and vote.temperature > 0  # all the others, at most
     assert len(manifest.training["catalog_sha256"]) == 64
     assert (labelled_catalog / "bundle.features").is_dir()
     val = manifest.scores["val"]
