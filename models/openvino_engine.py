@@ -261,12 +261,14 @@ def converted_file(
 def conversion_key(
     bundle: ModelBundle, backbone_weights: str | None, embeddings: bool = False
 ) -> str:
-    """What the converted files depend on: the bundle's manifest and head file as they are
-    now (fsspec's `ukey`: size and modification time, or an object store's checksum), the
-    backbone weights' file if one is named, the libraries that build and convert, and
-    whether the classifier gives embeddings too (another model, with two outputs)."""
+    """What the converted files depend on: the bundle's manifest, head and vote files as
+    they are now (fsspec's `ukey`: size and modification time, or an object store's
+    checksum), the backbone weights' file if one is named, the libraries that build and
+    convert, and whether the classifier gives embeddings too (another model, with two
+    outputs)."""
     files = [f"{bundle.path}/{MANIFEST_FILE}", f"{bundle.path}/{bundle.manifest.head.file}"]
     files += [f"{bundle.path}/{FINGERPRINT_FILE}"] if embeddings else []
+    files += [f"{bundle.path}/{bundle.manifest.vote['file']}"] if bundle.manifest.vote else []
     files += [backbone_weights] if backbone_weights else []
     parts = [bundle.id]
     for path in files:

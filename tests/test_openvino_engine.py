@@ -52,6 +52,23 @@ def test_the_conversion_is_cached_until_the_bundle_changes(
         load_openvino_classifier(str(bundle), None, "float32", batch_size=2)
 
 
+def test_a_changed_vote_file_is_converted_again(cache, projection_bundle, tmp_path, monkeypatch):
+    """The vote is inside the converted classifier: a bundle whose vote file is replaced
+    is another classifier."""
+    bundle = shutil.copytree(projection_bundle, tmp_path / "bundle")
+    load_openvino_classifier(str(bundle), None, "float32", batch_size=2)
+
+    def no_conversion(model):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(openvino_engine, "converted_model", no_conversion)
+    vote = ModelBundle.load(str(bundle)).manifest.vote
+    assert vote is not None
+    os.utime(bundle / vote["file"], (1_000_000, 1_000_000))
+    with pytest.raises(AssertionError, match="converted again"):
+        load_openvino_classifier(str(bundle), None, "float32", batch_size=2)
+
+
 def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_run(
     tiny_bundle, tmp_path, monkeypatch
 ):
