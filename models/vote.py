@@ -106,9 +106,8 @@ class TrainingVote:
         out-of-fold probabilities for them, each mixed with its vote from all the others."""
         from models.head import fit_temperature
 
-        uncalibrated = replace(self, temperature=1.0).mixture(out_of_fold, left_out_votes)
-        log_mixed = np.log(np.maximum(np.asarray(uncalibrated), 1e-12))
-        return replace(self, temperature=fit_temperature(log_mixed, labels))
+        log_mixed = replace(self, temperature=1.0).mixture_scores(out_of_fold, left_out_votes)
+        return replace(self, temperature=fit_temperature(np.asarray(log_mixed), labels))
 
     def left_out_votes(self) -> np.ndarray:
         """Each training painting's vote from all the others."""
