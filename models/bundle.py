@@ -304,14 +304,19 @@ class ModelBundle:
         a worker's traceback later."""
         self.load_head()
 
-    def check_features(self, head: keras.Model, features: Any) -> None:
-        """The head reads `features` (the extractor's output), else a BundleError (a head
-        fitted over other features)."""
+    def check_features(
+        self, head: keras.Model, features: Any, vote: TrainingVote | None = None
+    ) -> None:
+        """The head, and the vote where there is one, read `features` (the extractor's
+        output), else a BundleError (a head or a vote fitted over other features)."""
         wants, gets = head.inputs[0].shape[-1], features.shape[-1]
         if wants != gets:
             spec = self.manifest.backbone
             raise BundleError(f"{self.path}: its head reads {wants} features; {spec.name}'s "
                               f"{spec.feature_kind!r} features are {gets}")  # fmt: skip
+        if vote is not None and vote.mean.shape[0] != gets:
+            raise BundleError(f"{self.path}: its vote reads {vote.mean.shape[0]} features; "
+                              f"the head reads {gets}")  # fmt: skip
 
     def classifier(
         self,
@@ -345,11 +350,7 @@ class ModelBundle:
                 fingerprint_source=embeddings,
             )
         features = extractor.outputs[0]
-        self.check_features(head, features)
-        if vote is not None and vote.mean.shape[0] != features.shape[-1]:
-            raise BundleError(f"{self.path}: its vote reads {vote.mean.shape[0]} features; "
-                              f"the head reads {features.shape[-1]}")  # fmt: skip
-
+        self.check_features(head, features, vote)
         if fingerprint is None:
             probabilities = ops.softmax(self.scores(head(features), features, vote))
             return keras.Model(extractor.input, probabilities, name="style_classifier")

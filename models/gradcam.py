@@ -127,9 +127,10 @@ def bundle_grad_cam(bundle: ModelBundle, backbone_weights: str | None = None) ->
         extractor = feature_extractor(
             spec.name, spec.feature_kind, weights=spec.weights, weights_path=backbone_weights
         )
-        bundle.check_features(head, extractor.output)
+        vote = bundle.load_vote()
+        bundle.check_features(head, extractor.output, vote)
         features = head.inputs[0]
-        scores = keras.Model(features, bundle.scores(head(features), features, bundle.load_vote()))
+        scores = keras.Model(features, bundle.scores(head(features), features, vote))
         return split_at_feature_maps(extractor, scores, backbones_of(spec.name), spec.feature_kind)
 
 

@@ -23,7 +23,9 @@ from models.bundle import (
     load_classifier,
     save_bundle,
 )
+from models.settings import VoteConfig
 from models.torch_weights import imagenet_weights_path
+from models.vote import TrainingVote
 from pipeline import explain, report, train
 from pipeline.options import run_command
 from pipeline.predict import run
@@ -216,6 +218,21 @@ def test_a_head_over_other_features_is_found_before_it_is_joined_to_the_backbone
     message = "its head reads 100 features; efficientnet_lite0's 'pooled' features are 1280"
     with pytest.raises(BundleError, match=message):
         ModelBundle.load(str(bundle)).classifier()
+
+
+@pytest.mark.parametrize("build", ["classifier", "grad_cam"])
+def test_a_vote_over_other_features_is_found_before_it_is_joined_to_the_backbone(
+    tmp_path, projection_bundle, build
+):
+    from models.gradcam import bundle_grad_cam
+
+    bundle = shutil.copytree(projection_bundle, tmp_path / "bundle")
+    labels = np.arange(12) % 3
+    other = TrainingVote.fitted(np.eye(12, 10, dtype=np.float32), labels, 3, VoteConfig(voters=3))
+    other.save(str(bundle / "vote.npz"))
+    loaded = ModelBundle.load(str(bundle))
+    with pytest.raises(BundleError, match=r"its vote reads 10 features; the head reads 1280$"):
+        loaded.classifier() if build == "classifier" else bundle_grad_cam(loaded)
 
 
 class _RunsShell:
